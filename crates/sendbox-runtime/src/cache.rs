@@ -1,0 +1,116 @@
+//! Compiled-code cache: a component is compiled once and the native artifact
+//! kept on disk, keyed by the engine's compatibility hash and the component's
+//! SHA-256, so a restart or a reload of the same bytes never compiles again.
+//!
+//! The folder must be private to sendbox: artifacts are loaded as native code
+//! (that is what `Component::deserialize_file` means by unsafe). It is created
+//! with mode 0700 and files with 0600.
+
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use wasmtime::Engine;
+use wasmtime::component::Component;
+
+/// How a component was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompileSource {
+    /// Loaded from the on-disk cache without compiling.
+    Cache,
+    /// Compiled now (and written to the cache when one is configured).
+    Compiled,
+}
+
+/// The folder for this engine's artifacts under `root`.
+pub(crate) fn engine_dir(engine: &Engine, root: &Path) -> PathBuf {
+    // DefaultHasher::new() has fixed keys, so the value is stable for a given
+    // build; a new build may change it, which only means a recompile.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut h);
+    root.join(format!("engine-{:016x}", h.finish()))
+}
+
+/// SHA-256 of the component bytes, hex.
+pub fn content_hash(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(dir)
+}
+
+/// Writes `bytes` to `path` atomically: temp file, fsync, rename.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile_in(dir)?;
+    tmp.1.write_all(bytes)?;
+    tmp.1.sync_all()?;
+    std::fs::rename(&tmp.0, path)
+}
+
+fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let pid = std::process::id();
+    for n in 0u32.. {
+        let p = dir.join(format!(".tmp-{pid}-{n}"));
+        match opts.open(&p) {
+            Ok(f) => return Ok((p, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// Errors from [`load`]: compiling failed, or the cache folder is unusable.
+pub(crate) enum CacheError {
+    Compile(wasmtime::Error),
+    Io(PathBuf, std::io::Error),
+}
+
+/// Loads a component from the cache under `root`, or compiles it and stores
+/// the artifact there.
+pub(crate) fn load(
+    engine: &Engine,
+    root: Option<&Path>,
+    bytes: &[u8],
+    hash: &str,
+) -> Result<(Component, CompileSource), CacheError> {
+    let Some(root) = root else {
+        return Component::new(engine, bytes)
+            .map(|c| (c, CompileSource::Compiled))
+            .map_err(CacheError::Compile);
+    };
+    let dir = engine_dir(engine, root);
+    let path = dir.join(format!("{hash}.cwasm"));
+    if path.exists() {
+        // SAFETY: the artifact was written by this code into a folder only
+        // sendbox can write (0700), under a name that is the hash of its
+        // source; wasmtime checks the header and the engine's compatibility.
+        match unsafe { Component::deserialize_file(engine, &path) } {
+            Ok(c) => return Ok((c, CompileSource::Cache)),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring unusable compiled artifact; compiling again");
+            }
+        }
+    }
+    let compiled = engine
+        .precompile_component(bytes)
+        .map_err(CacheError::Compile)?;
+    create_private_dir(&dir).map_err(|e| CacheError::Io(dir.clone(), e))?;
+    write_atomic(&path, &compiled).map_err(|e| CacheError::Io(path.clone(), e))?;
+    // SAFETY: `compiled` was just produced by this engine.
+    let component =
+        unsafe { Component::deserialize(engine, &compiled) }.map_err(CacheError::Compile)?;
+    Ok((component, CompileSource::Compiled))
+}

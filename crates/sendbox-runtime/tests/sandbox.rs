@@ -1,0 +1,481 @@
+//! The sandbox against real components built from `plugins/` and
+//! `tests/plugins/`.
+//!
+//! - example plugins: each handles its sample event as documented;
+//! - hostile plugins: each attack is stopped or refused with a clear error,
+//!   and the same runtime handles a normal event right after;
+//! - loading: unsupported imports are refused by name, corrupt bytes are
+//!   refused, and the compiled-code cache is used on the second load.
+
+#[path = "../../../tests/support/wasm.rs"]
+mod wasm;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+
+use sendbox_runtime::{
+    CompileSource, Event, LoadError, MemoryState, Plugin, PluginSettings, RunFailure, Runtime,
+    RuntimeOptions, StateChange, StateStore,
+};
+
+fn runtime() -> &'static Runtime {
+    static RT: OnceLock<Runtime> = OnceLock::new();
+    RT.get_or_init(|| Runtime::new(RuntimeOptions::default()).expect("runtime starts"))
+}
+
+fn settings(pairs: &[(&str, &str)]) -> PluginSettings {
+    PluginSettings {
+        config: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+        ..PluginSettings::default()
+    }
+}
+
+fn example(name: &str, pairs: &[(&str, &str)]) -> Plugin {
+    runtime()
+        .load_file(name, &wasm::example(name), settings(pairs))
+        .expect("example plugin loads")
+}
+
+fn sample(plugin: &str) -> Event {
+    let path = wasm::repo_root()
+        .join("plugins")
+        .join(plugin)
+        .join("sample-event.json");
+    let text = std::fs::read_to_string(&path).expect("sample event exists");
+    serde_json::from_str(&text).expect("sample event parses")
+}
+
+fn webhook(body: &str) -> Event {
+    serde_json::from_value(serde_json::json!({"webhook": {"path": "/hooks/t", "body": body}}))
+        .unwrap()
+}
+
+fn hostile(mode: &str) -> Plugin {
+    runtime()
+        .load_file(
+            &format!("hostile-{mode}"),
+            &wasm::hostile("hostile"),
+            settings(&[("mode", mode)]),
+        )
+        .expect("hostile plugin loads")
+}
+
+/// After every attack the same runtime must still serve a normal event.
+fn assert_runtime_still_serves() {
+    let ok = hostile("ok");
+    let report = ok
+        .run(&webhook("{}"), "after", Arc::new(MemoryState::new()))
+        .expect("a normal event succeeds after the attack");
+    assert_eq!(report.outcome.emails.len(), 1);
+    assert_eq!(report.outcome.emails[0].subject, "ok");
+}
+
+fn run_hostile(mode: &str) -> sendbox_runtime::RunError {
+    let err = hostile(mode)
+        .run(
+            &webhook("{}"),
+            &format!("evt-{mode}"),
+            Arc::new(MemoryState::new()),
+        )
+        .expect_err("the attack must fail");
+    assert_eq!(err.plugin, format!("hostile-{mode}"));
+    assert_eq!(err.event_id, format!("evt-{mode}"));
+    assert_runtime_still_serves();
+    err
+}
+
+// ---- example plugins -------------------------------------------------------
+
+#[test]
+fn file_alert_attaches_the_file_and_renders_the_subject() {
+    let plugin = example(
+        "file-alert",
+        &[
+            ("to", "ops@example.com"),
+            ("subject", "New {change}: {path} ({size} B)"),
+        ],
+    );
+    let report = plugin
+        .run(&sample("file-alert"), "e1", Arc::new(MemoryState::new()))
+        .unwrap();
+    let email = &report.outcome.emails[0];
+    assert_eq!(email.to, ["ops@example.com"]);
+    assert_eq!(email.subject, "New created: reports/2026-11-27.csv (36 B)");
+    assert_eq!(email.attachments.len(), 1);
+    assert_eq!(email.attachments[0].filename, "2026-11-27.csv");
+    assert_eq!(email.attachments[0].content_type, "text/csv");
+    assert!(email.attachments[0].data.0.starts_with(b"region,orders"));
+}
+
+#[test]
+fn file_alert_describes_instead_of_attaching_over_its_size_cap() {
+    let plugin = example(
+        "file-alert",
+        &[("to", "ops@example.com"), ("max_attachment_bytes", "10")],
+    );
+    let report = plugin
+        .run(&sample("file-alert"), "e1", Arc::new(MemoryState::new()))
+        .unwrap();
+    let email = &report.outcome.emails[0];
+    assert!(email.attachments.is_empty());
+    assert!(
+        email
+            .text
+            .as_deref()
+            .unwrap()
+            .contains("over the 10-byte limit")
+    );
+}
+
+#[test]
+fn file_alert_without_recipient_fails_with_the_fix() {
+    let plugin = example("file-alert", &[]);
+    let err = plugin
+        .run(&sample("file-alert"), "e1", Arc::new(MemoryState::new()))
+        .unwrap_err();
+    assert!(err.to_string().contains("config `to` is missing"), "{err}");
+}
+
+fn bridge() -> Plugin {
+    example(
+        "webhook-bridge",
+        &[("to", "oncall@example.com, lead@example.com")],
+    )
+}
+
+#[test]
+fn webhook_bridge_turns_an_alert_list_into_text_and_html() {
+    let report = bridge()
+        .run(
+            &sample("webhook-bridge"),
+            "e1",
+            Arc::new(MemoryState::new()),
+        )
+        .unwrap();
+    let email = &report.outcome.emails[0];
+    assert_eq!(email.to, ["oncall@example.com", "lead@example.com"]);
+    assert_eq!(
+        email.subject,
+        "[webhook] FIRING: DiskFull (1 alert, 1 firing)"
+    );
+    assert!(
+        email
+            .text
+            .as_deref()
+            .unwrap()
+            .contains("Disk /var is 97% full")
+    );
+    assert!(
+        email
+            .html
+            .as_deref()
+            .unwrap()
+            .contains("<b>[firing] DiskFull</b>")
+    );
+    assert!(
+        email
+            .idempotency_key
+            .as_deref()
+            .unwrap()
+            .starts_with("alerts:")
+    );
+    assert!(report.outcome.response.is_none());
+}
+
+#[test]
+fn webhook_bridge_escapes_html_in_a_push() {
+    let path = wasm::repo_root().join("plugins/webhook-bridge/samples/push.json");
+    let event: Event = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let report = bridge()
+        .run(&event, "e1", Arc::new(MemoryState::new()))
+        .unwrap();
+    let email = &report.outcome.emails[0];
+    assert_eq!(
+        email.subject,
+        "[webhook] dana pushed 2 commits to acme/api:main"
+    );
+    let html = email.html.as_deref().unwrap();
+    assert!(html.contains("Fix &lt;script&gt; escaping"), "{html}");
+    assert!(!html.contains("<script>"));
+}
+
+#[test]
+fn webhook_bridge_answers_400_with_the_reason_and_sends_nothing() {
+    let report = bridge()
+        .run(
+            &webhook("this is not json"),
+            "e1",
+            Arc::new(MemoryState::new()),
+        )
+        .unwrap();
+    assert!(report.outcome.emails.is_empty());
+    let resp = report.outcome.response.unwrap();
+    assert_eq!(resp.status, 400);
+    let body: serde_json::Value = serde_json::from_slice(&resp.body.0).unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("not the expected JSON"),
+        "{body}"
+    );
+
+    let unknown = bridge()
+        .run(
+            &webhook(r#"{"hello": 1}"#),
+            "e2",
+            Arc::new(MemoryState::new()),
+        )
+        .unwrap();
+    assert_eq!(unknown.outcome.response.unwrap().status, 400);
+    assert!(unknown.outcome.emails.is_empty());
+}
+
+#[test]
+fn daily_digest_records_events_then_sends_one_digest_and_clears() {
+    let plugin = example("daily-digest", &[("to", "team@example.com")]);
+    let store = Arc::new(MemoryState::new());
+    let tick = sample("daily-digest");
+
+    // Nothing recorded: nothing sent.
+    let empty = plugin.run(&tick, "t0", store.clone()).unwrap();
+    assert!(empty.outcome.emails.is_empty());
+
+    for (i, ev) in [sample("file-alert"), webhook("{}")].iter().enumerate() {
+        let r = plugin.run(ev, &format!("e{i}"), store.clone()).unwrap();
+        assert!(r.outcome.emails.is_empty());
+        store.apply("daily-digest", &r.state_changes);
+    }
+    assert_eq!(store.keys("daily-digest", "entry/").unwrap().len(), 2);
+
+    let digest = plugin.run(&tick, "t1", store.clone()).unwrap();
+    assert_eq!(digest.outcome.emails.len(), 1);
+    let email = &digest.outcome.emails[0];
+    assert_eq!(email.subject, "Digest: 2 events");
+    let text = email.text.as_deref().unwrap();
+    assert!(
+        text.contains("file created in incoming: reports/2026-11-27.csv"),
+        "{text}"
+    );
+    assert!(text.contains("webhook POST /hooks/t"), "{text}");
+    store.apply("daily-digest", &digest.state_changes);
+    assert!(
+        store.entries("daily-digest").is_empty(),
+        "digest clears the state"
+    );
+
+    let again = plugin.run(&tick, "t2", store).unwrap();
+    assert!(again.outcome.emails.is_empty());
+}
+
+// ---- hostile plugins -------------------------------------------------------
+
+#[test]
+fn infinite_loop_is_stopped_at_the_cpu_limit() {
+    let err = run_hostile("loop");
+    assert!(
+        matches!(err.cause, RunFailure::Timeout { limit_ms: 1000 }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("CPU limit of 1000 ms"), "{err}");
+}
+
+#[test]
+fn endless_allocation_is_stopped_at_the_memory_limit() {
+    let err = run_hostile("memory");
+    assert!(
+        matches!(err.cause, RunFailure::MemoryLimit { limit_bytes } if limit_bytes == 64 << 20),
+        "{err}"
+    );
+}
+
+#[test]
+fn unbounded_recursion_traps() {
+    let err = run_hostile("recursion");
+    assert!(matches!(err.cause, RunFailure::Trap { .. }), "{err}");
+}
+
+#[test]
+fn environment_is_empty_inside_the_sandbox() {
+    // SAFETY: set before any thread of this test reads the environment.
+    unsafe { std::env::set_var("SENDBOX_TEST_SECRET", "hunter2-must-not-leak") };
+    let report = hostile("env")
+        .run(&webhook("{}"), "e1", Arc::new(MemoryState::new()))
+        .unwrap();
+    let body = report.outcome.emails[0].text.clone().unwrap();
+    assert!(!body.contains("hunter2"), "{body}");
+    assert!(body.contains("vars=[]"), "{body}");
+    assert!(body.contains("args=[]"), "{body}");
+}
+
+#[test]
+fn host_files_are_unreachable() {
+    let err = run_hostile("passwd");
+    match &err.cause {
+        RunFailure::Plugin(msg) => {
+            assert!(msg.starts_with("cannot read /etc/passwd"), "{msg}");
+            assert!(!msg.contains("root:"), "{msg}");
+        }
+        other => panic!("expected the read to fail inside the plugin, got {other}"),
+    }
+}
+
+#[test]
+fn a_hundred_thousand_emails_are_refused() {
+    let err = run_hostile("emails");
+    assert!(matches!(err.cause, RunFailure::Limit { .. }), "{err}");
+}
+
+#[test]
+fn a_fifty_megabyte_string_is_refused() {
+    let err = run_hostile("big-string");
+    assert!(
+        matches!(
+            err.cause,
+            RunFailure::Limit {
+                limit: "outcome_bytes",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn line_breaks_in_subject_or_header_are_refused() {
+    let err = run_hostile("crlf-subject");
+    assert!(matches!(err.cause, RunFailure::InvalidOutcome(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains("subject contains a carriage return"),
+        "{err}"
+    );
+    let err = run_hostile("crlf-header");
+    assert!(
+        err.to_string()
+            .contains("(X-Note) value contains a carriage return"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_panic_is_a_trap_quoting_the_panic_message() {
+    let err = run_hostile("panic");
+    assert!(matches!(err.cause, RunFailure::Trap { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("hostile plugin panicked on purpose"),
+        "{err}"
+    );
+}
+
+#[test]
+fn state_writes_of_a_failed_call_are_discarded() {
+    for mode in ["state-then-fail", "state-then-trap"] {
+        let store = Arc::new(MemoryState::new());
+        let err = hostile(mode)
+            .run(&webhook("{}"), "e1", store.clone())
+            .unwrap_err();
+        assert!(!err.to_string().is_empty());
+        assert_eq!(store.get(&format!("hostile-{mode}"), "leak").unwrap(), None);
+    }
+}
+
+#[test]
+fn the_state_quota_refuses_the_write() {
+    let err = run_hostile("state-hog");
+    assert!(err.to_string().contains("state quota exceeded"), "{err}");
+}
+
+#[test]
+fn log_floods_are_capped_and_the_event_still_succeeds() {
+    let report = hostile("log-flood")
+        .run(&webhook("{}"), "e1", Arc::new(MemoryState::new()))
+        .unwrap();
+    let kept: usize = report.logs.iter().map(|l| l.message.len()).sum();
+    assert!(kept <= 2 * (64 << 10) + 4096, "kept {kept} bytes of logs");
+    assert!(
+        report.log_bytes_dropped > 10_000_000,
+        "dropped {}",
+        report.log_bytes_dropped
+    );
+}
+
+#[test]
+fn a_tcp_client_is_refused_at_load_naming_the_socket_import() {
+    let err = runtime()
+        .load_file("hostile-tcp", &wasm::hostile("hostile-tcp"), settings(&[]))
+        .unwrap_err();
+    match &err {
+        LoadError::UnsupportedImport { import, .. } => {
+            assert!(import.starts_with("wasi:sockets/"), "{import}")
+        }
+        other => panic!("expected UnsupportedImport, got {other}"),
+    }
+    assert_runtime_still_serves();
+}
+
+#[test]
+fn an_unoffered_import_is_refused_by_name() {
+    let err = runtime()
+        .load_file(
+            "hostile-import",
+            &wasm::hostile("hostile-import"),
+            settings(&[]),
+        )
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("imports `evil:plugin/exfil`"), "{text}");
+    assert_runtime_still_serves();
+}
+
+#[test]
+fn corrupt_bytes_are_refused() {
+    let err = runtime()
+        .load("corrupt", b"\0asm not really a component", settings(&[]))
+        .unwrap_err();
+    assert!(matches!(err, LoadError::NotAComponent { .. }), "{err}");
+}
+
+#[test]
+fn state_changes_come_back_for_the_caller_to_commit() {
+    let plugin = example("daily-digest", &[("to", "team@example.com")]);
+    let store = Arc::new(MemoryState::new());
+    let r = plugin.run(&webhook("{}"), "e1", store.clone()).unwrap();
+    assert!(
+        r.state_changes
+            .iter()
+            .any(|c| matches!(c, StateChange::Set { key, .. } if key == "entry/000000000000"))
+    );
+    assert!(
+        store.entries("daily-digest").is_empty(),
+        "the runtime never writes"
+    );
+}
+
+#[test]
+fn second_load_comes_from_the_compiled_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::new(RuntimeOptions {
+        cache_dir: Some(dir.path().to_owned()),
+        ..RuntimeOptions::default()
+    })
+    .unwrap();
+    let path = wasm::example("file-alert");
+    let first = rt.load_file("a", &path, settings(&[])).unwrap();
+    assert_eq!(first.compile_source(), CompileSource::Compiled);
+    let second = rt.load_file("a", &path, settings(&[])).unwrap();
+    assert_eq!(second.compile_source(), CompileSource::Cache);
+
+    // A fresh runtime (a restart) also finds it.
+    let restarted = Runtime::new(RuntimeOptions {
+        cache_dir: Some(dir.path().to_owned()),
+        ..RuntimeOptions::default()
+    })
+    .unwrap();
+    let third = restarted.load_file("a", &path, settings(&[])).unwrap();
+    assert_eq!(third.compile_source(), CompileSource::Cache);
+}

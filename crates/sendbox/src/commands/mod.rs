@@ -1,0 +1,3 @@
+//! One module per subcommand; each command is a struct with `run(self)`.
+
+pub mod plugin;

@@ -1,0 +1,34 @@
+//! The `sendbox` command: parses arguments, loads config, wires the crates
+//! together and chooses the exit code. It holds no logic of its own beyond
+//! that; each subcommand is a struct in [`commands`] with a `run` method.
+//!
+//! It must not grow protocol or sandbox code: that lives in
+//! `sendbox-runtime` (plugins) and the crates after it in the data flow.
+
+pub mod cli;
+pub mod commands;
+pub mod exit;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Runs the command line and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    cli::init_logging(&cli.global);
+    match cli.command.run() {
+        Ok(code) => code,
+        Err(err) => {
+            let code = exit::code_for(&err);
+            if exit::is_broken_pipe(&err) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            code
+        }
+    }
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: installs what the tests need that cargo does
+# not (the wasm32-wasip2 target), then `cargo test` over the workspace.
+# Tests build the example and hostile plugins themselves.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if command -v rustup >/dev/null; then
+  rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+fi
+
+# --all-targets also builds and smoke-runs the benches (a few iterations),
+# so they cannot rot; doctests need their own pass.
+cargo test --workspace --all-targets --locked "$@"
+cargo test --workspace --doc --locked "$@"
