@@ -15,7 +15,8 @@
 //!   returns a [`Plugin`].
 //! - [`Plugin`]: a pre-instantiated component plus its name, config and
 //!   [`Limits`]. [`Plugin::run`] makes a fresh `Store` per event.
-//! - [`event`]: the host-side mirror of the WIT types, with a JSON form.
+//! - [`event`]: the host-side mirror of the WIT types, with a JSON form
+//!   (the `sendbox-types` crate).
 //! - [`state`]: the read view of plugin state and the changes a call makes.
 //! - [`validate`]: the contract check applied to every outcome.
 //!
@@ -37,7 +38,6 @@
 
 mod cache;
 mod error;
-pub mod event;
 mod limits;
 mod output;
 pub mod state;
@@ -56,10 +56,12 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 pub use cache::{CompileSource, content_hash};
 pub use error::{LoadError, RunError, RunFailure};
-pub use event::{
+pub use sendbox_types::{
     Attachment, Bytes, Email, Event, FileChange, FileEvent, HttpRequest, HttpResponse, Outcome,
     Tick,
 };
+/// The event and outcome types (re-exported from `sendbox-types`).
+pub use sendbox_types as event;
 pub use limits::{Limits, MAX_MEMORY_BYTES};
 pub use state::{MemoryState, StateChange, StateError, StateStore};
 

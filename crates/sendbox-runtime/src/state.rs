@@ -9,9 +9,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use serde::{Deserialize, Serialize};
-
-use crate::event::Bytes;
+pub use sendbox_types::StateChange;
+use sendbox_types::Bytes;
 
 /// Longest key a plugin may use, in bytes.
 pub const MAX_KEY_BYTES: usize = 256;
@@ -29,24 +28,6 @@ pub trait StateStore: Send + Sync {
     fn keys(&self, plugin: &str, prefix: &str) -> Result<Vec<String>, StateError>;
     /// Total bytes of keys and values the plugin keeps.
     fn usage_bytes(&self, plugin: &str) -> Result<u64, StateError>;
-}
-
-/// One change a call made.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "op")]
-pub enum StateChange {
-    /// Set `key` to `value`.
-    Set {
-        /// The key.
-        key: String,
-        /// The new value.
-        value: Bytes,
-    },
-    /// Remove `key`.
-    Delete {
-        /// The key.
-        key: String,
-    },
 }
 
 /// A state store in memory, for dry runs and tests.

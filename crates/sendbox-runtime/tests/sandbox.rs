@@ -479,3 +479,38 @@ fn second_load_comes_from_the_compiled_cache() {
     let third = restarted.load_file("a", &path, settings(&[])).unwrap();
     assert_eq!(third.compile_source(), CompileSource::Cache);
 }
+
+#[test]
+fn guest_output_becomes_tracing_events_tagged_with_plugin_and_event() {
+    #[derive(Clone, Default)]
+    struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .finish();
+    let plugin = hostile("panic");
+    tracing::subscriber::with_default(subscriber, || {
+        plugin
+            .run(&webhook("{}"), "evt-traced", Arc::new(MemoryState::new()))
+            .unwrap_err();
+    });
+    let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("hostile plugin panicked on purpose") && l.contains("source=\"stderr\""))
+        .unwrap_or_else(|| panic!("no stderr event in:\n{text}"));
+    assert!(line.contains("plugin=hostile-panic"), "{line}");
+    assert!(line.contains("event_id=\"evt-traced\""), "{line}");
+}

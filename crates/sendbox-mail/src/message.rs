@@ -1,0 +1,270 @@
+//! Turning a plugin's [`Email`] into an RFC 5322 message.
+//!
+//! Message-ID and Date are always set; From is the account's mailbox unless
+//! the email asks for another address the operator allowed; addresses are
+//! parsed; extra headers are checked again (no CR/LF, no header the host
+//! writes); text and html become multipart/alternative; attachments get
+//! their content types.
+
+use std::time::SystemTime;
+
+use lettre::message::header::{ContentType, HeaderName, HeaderValue};
+use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
+use sendbox_types::Email;
+
+/// A message ready for any transport: its envelope, its id and its bytes.
+#[derive(Clone)]
+pub struct Prepared {
+    /// `<...@domain>`, also the file name stem for the file transport.
+    pub message_id: String,
+    /// SMTP envelope: MAIL FROM and RCPT TO (bcc included).
+    pub envelope: lettre::address::Envelope,
+    /// The formatted message (bcc not included).
+    pub raw: Vec<u8>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("message_id", &self.message_id)
+            .field("bytes", &self.raw.len())
+            .finish()
+    }
+}
+
+/// Why an email cannot be turned into a message. Permanent: the same email
+/// will fail the same way.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot build the message: {0}")]
+pub struct BuildError(pub String);
+
+/// What the host decides, not the plugin.
+#[derive(Debug, Clone)]
+pub struct Envelope<'a> {
+    /// The account's mailbox, the default From.
+    pub account_mailbox: &'a str,
+    /// Other From addresses the operator allows for this plugin: exact
+    /// addresses or `*@domain`.
+    pub allowed_from: &'a [String],
+    /// The Message-ID to use, e.g. from [`new_message_id`].
+    pub message_id: &'a str,
+    /// The Date header.
+    pub date: SystemTime,
+}
+
+/// Headers the host writes; a plugin may not set them.
+const RESERVED: &[&str] = &[
+    "bcc", "cc", "content-transfer-encoding", "content-type", "date", "from", "message-id",
+    "mime-version", "reply-to", "return-path", "sender", "subject", "to",
+];
+
+/// Whether `address` matches an allow-list entry (`a@b.c` or `*@b.c`),
+/// case-insensitively.
+pub fn address_allowed(address: &str, allowed: &[String]) -> bool {
+    let address = address.to_ascii_lowercase();
+    allowed.iter().any(|pattern| {
+        let p = pattern.to_ascii_lowercase();
+        match p.strip_prefix("*@") {
+            Some(domain) => address
+                .rsplit_once('@')
+                .is_some_and(|(_, d)| d == domain),
+            None => p == address,
+        }
+    })
+}
+
+fn mailbox(what: &str, s: &str) -> Result<Mailbox, BuildError> {
+    s.parse::<Mailbox>()
+        .map_err(|e| BuildError(format!("{what} {s:?} is not a valid address: {e}")))
+}
+
+/// A new globally unique Message-ID for `domain`.
+pub fn new_message_id(domain: &str) -> String {
+    let mut rand = [0u8; 12];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rand);
+    let ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let hex: String = rand.iter().map(|b| format!("{b:02x}")).collect();
+    format!("<{ms}.{hex}@{domain}>")
+}
+
+/// The domain part of an address, for Message-IDs.
+pub fn domain_of(address: &str) -> &str {
+    address
+        .rsplit_once('@')
+        .map(|(_, d)| d.trim_end_matches('>'))
+        .unwrap_or("localhost")
+}
+
+/// Builds the message.
+pub fn build(email: &Email, env: &Envelope<'_>) -> Result<Prepared, BuildError> {
+    let from = match &email.sender {
+        None => mailbox("account mailbox", env.account_mailbox)?,
+        Some(s) => {
+            let m = mailbox("sender", s)?;
+            let addr = m.email.to_string();
+            if !addr.eq_ignore_ascii_case(env.account_mailbox.trim())
+                && !address_allowed(&addr, env.allowed_from)
+            {
+                return Err(BuildError(format!(
+                    "From {addr} is not allowed for this plugin: add it to the plugin's `allowed_from` (exact address or `*@domain`), or leave `sender` empty to use {}",
+                    env.account_mailbox
+                )));
+            }
+            m
+        }
+    };
+    if email.subject.contains(['\r', '\n']) {
+        return Err(BuildError("subject contains a line break".into()));
+    }
+    let mut b = lettre::Message::builder()
+        .message_id(Some(env.message_id.to_owned()))
+        .date(env.date)
+        .from(from)
+        .subject(email.subject.clone());
+    for a in &email.to {
+        b = b.to(mailbox("to", a)?);
+    }
+    for a in &email.cc {
+        b = b.cc(mailbox("cc", a)?);
+    }
+    for a in &email.bcc {
+        b = b.bcc(mailbox("bcc", a)?);
+    }
+    if let Some(r) = &email.reply_to {
+        b = b.reply_to(mailbox("reply_to", r)?);
+    }
+    for (name, value) in &email.headers {
+        if RESERVED.contains(&name.to_ascii_lowercase().as_str()) {
+            return Err(BuildError(format!("header {name} is set by the host")));
+        }
+        if value.contains(['\r', '\n']) {
+            return Err(BuildError(format!("header {name} contains a line break")));
+        }
+        let hn = HeaderName::new_from_ascii(name.clone())
+            .map_err(|_| BuildError(format!("{name:?} is not a valid header name")))?;
+        b = b.raw_header(HeaderValue::new(hn, value.clone()));
+    }
+
+    let body = match (&email.text, &email.html) {
+        (Some(t), Some(h)) => Some(MultiPart::alternative_plain_html(t.clone(), h.clone())),
+        _ => None,
+    };
+    let single = match (&email.text, &email.html) {
+        (Some(_), Some(_)) => None,
+        (None, Some(h)) => Some(SinglePart::html(h.clone())),
+        (Some(t), None) => Some(SinglePart::plain(t.clone())),
+        (None, None) => Some(SinglePart::plain(String::new())),
+    };
+    let message = if email.attachments.is_empty() {
+        match (body, single) {
+            (Some(m), _) => b.multipart(m),
+            (None, Some(s)) => b.singlepart(s),
+            (None, None) => b.body(String::new()),
+        }
+    } else {
+        let mut mixed = match (body, single) {
+            (Some(m), _) => MultiPart::mixed().multipart(m),
+            (None, Some(s)) => MultiPart::mixed().singlepart(s),
+            (None, None) => MultiPart::mixed().singlepart(SinglePart::plain(String::new())),
+        };
+        for a in &email.attachments {
+            let ct = ContentType::parse(&a.content_type).map_err(|e| {
+                BuildError(format!(
+                    "attachment {} has an invalid content type {:?}: {e}",
+                    a.filename, a.content_type
+                ))
+            })?;
+            mixed = mixed.singlepart(Attachment::new(a.filename.clone()).body(a.data.0.clone(), ct));
+        }
+        b.multipart(mixed)
+    }
+    .map_err(|e| BuildError(e.to_string()))?;
+    Ok(Prepared {
+        message_id: env.message_id.to_owned(),
+        envelope: message.envelope().clone(),
+        raw: message.formatted(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sendbox_types::{Attachment as Att, Bytes};
+
+    fn env<'a>(allowed: &'a [String]) -> Envelope<'a> {
+        Envelope {
+            account_mailbox: "alerts@example.com",
+            allowed_from: allowed,
+            message_id: "<1.abc@example.com>",
+            date: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    fn email() -> Email {
+        Email {
+            to: vec!["Ops <ops@example.com>".into()],
+            bcc: vec!["audit@example.com".into()],
+            subject: "Disk full".into(),
+            text: Some("plain".into()),
+            html: Some("<p>html</p>".into()),
+            attachments: vec![Att {
+                filename: "a.csv".into(),
+                content_type: "text/csv".into(),
+                data: Bytes(b"x,y\n".to_vec()),
+            }],
+            headers: vec![("X-Alert".into(), "disk".into())],
+            ..Email::default()
+        }
+    }
+
+    #[test]
+    fn builds_alternative_with_attachment_and_required_headers() {
+        let p = build(&email(), &env(&[])).unwrap();
+        let raw = String::from_utf8(p.raw).unwrap();
+        assert!(raw.contains("Message-ID: <1.abc@example.com>"), "{raw}");
+        assert!(raw.contains("Date: Thu, 01 Jan 1970"), "{raw}");
+        assert!(raw.contains("From: alerts@example.com"), "{raw}");
+        assert!(raw.contains("multipart/alternative"), "{raw}");
+        assert!(raw.contains("multipart/mixed"), "{raw}");
+        assert!(raw.contains("filename=\"a.csv\""), "{raw}");
+        assert!(raw.contains("X-Alert: disk"), "{raw}");
+        assert!(!raw.contains("audit@example.com"), "bcc must not be in headers");
+        let rcpts: Vec<String> = p.envelope.to().iter().map(|a| a.to_string()).collect();
+        assert_eq!(rcpts, ["ops@example.com", "audit@example.com"]);
+    }
+
+    #[test]
+    fn other_from_needs_the_operators_allowance() {
+        let mut e = email();
+        e.sender = Some("ceo@example.com".into());
+        let err = build(&e, &env(&[])).unwrap_err();
+        assert!(err.0.contains("not allowed"), "{err}");
+        let allowed = vec!["*@example.com".to_string()];
+        let p = build(&e, &env(&allowed)).unwrap();
+        assert!(String::from_utf8(p.raw).unwrap().contains("From: ceo@example.com"));
+    }
+
+    #[test]
+    fn bad_addresses_and_injected_headers_are_refused() {
+        let mut e = email();
+        e.to = vec!["not an address".into()];
+        assert!(build(&e, &env(&[])).unwrap_err().0.contains("not a valid address"));
+        let mut e = email();
+        e.headers = vec![("X-A".into(), "a\r\nBcc: x@y.z".into())];
+        assert!(build(&e, &env(&[])).unwrap_err().0.contains("line break"));
+        let mut e = email();
+        e.headers = vec![("Subject".into(), "x".into())];
+        assert!(build(&e, &env(&[])).unwrap_err().0.contains("set by the host"));
+    }
+
+    #[test]
+    fn allow_list_matches_exact_and_domain_wildcards() {
+        let allowed = vec!["noreply@a.com".to_string(), "*@b.com".to_string()];
+        assert!(address_allowed("NoReply@A.com", &allowed));
+        assert!(address_allowed("x@b.com", &allowed));
+        assert!(!address_allowed("x@evil-b.com", &allowed));
+        assert!(!address_allowed("x@a.com", &allowed));
+    }
+}
