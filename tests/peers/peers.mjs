@@ -15,6 +15,7 @@
 //
 // Options (environment): ACCESS_TOKEN_TTL seconds (default 3600).
 
+import './quiet.mjs'; // first: silences oidc-provider's dev notices before it loads
 import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
@@ -24,16 +25,6 @@ import { createPublicKey, randomUUID } from 'node:crypto';
 
 import Provider from 'oidc-provider';
 import { SMTPServer } from 'smtp-server';
-
-// stdout carries exactly one line, the addresses; everything else goes to
-// stderr, minus oidc-provider's development-mode notices.
-for (const level of ['log', 'info', 'warn']) {
-  console[level] = (...args) => {
-    const text = args.map(String).join(' ');
-    if (text.startsWith('oidc-provider WARNING') || text.startsWith('oidc-provider NOTICE')) return;
-    process.stderr.write(text + '\n');
-  };
-}
 
 const ttl = Number(process.env.ACCESS_TOKEN_TTL || 3600);
 const dir = mkdtempSync(join(tmpdir(), 'sendbox-peers-'));

@@ -176,18 +176,21 @@ impl Peers {
 
     /// Scripted replies: `[{"stage": "rcpt", "code": 451, "message": "4.3.0 later", "count": 2}]`.
     pub async fn faults(&self, faults: serde_json::Value) {
-        self.post("/faults", serde_json::json!({ "faults": faults })).await;
+        self.post("/faults", serde_json::json!({ "faults": faults }))
+            .await;
     }
 
     /// How a bad token is refused: `challenge` (334 then 535, Gmail) or
     /// `direct` (535 5.7.3, Microsoft).
     pub async fn auth_style(&self, style: &str) {
-        self.post("/auth-style", serde_json::json!({ "style": style })).await;
+        self.post("/auth-style", serde_json::json!({ "style": style }))
+            .await;
     }
 
     /// Makes the OAuth server answer 503 (or come back).
     pub async fn oauth_down(&self, down: bool) {
-        self.post("/oauth-down", serde_json::json!({ "down": down })).await;
+        self.post("/oauth-down", serde_json::json!({ "down": down }))
+            .await;
     }
 
     /// Revokes the last access token the SMTP peer saw.
@@ -198,7 +201,10 @@ impl Peers {
     /// Approves a device login through the provider's pages.
     pub async fn approve_device(&self, user_code: &str) {
         let r = self
-            .post("/approve-device", serde_json::json!({ "user_code": user_code }))
+            .post(
+                "/approve-device",
+                serde_json::json!({ "user_code": user_code }),
+            )
             .await;
         assert_eq!(r["ok"], true, "{r}");
     }

@@ -40,17 +40,50 @@ impl AuthError {
 pub fn explain(code: &str, description: Option<&str>) -> String {
     let d = description.unwrap_or_default();
     let aad = [
-        ("AADSTS7000215", "the client secret is wrong: copy the secret's *Value* (not its ID) from the app registration's Certificates & secrets page"),
-        ("AADSTS7000222", "the client secret has expired: create a new one in the app registration and update the secret file"),
-        ("AADSTS700016", "no application with this client id exists in the tenant: check `client_id` and `tenant`"),
-        ("AADSTS90002", "the tenant was not found: check `tenant` (a domain like contoso.onmicrosoft.com or the directory id)"),
-        ("AADSTS700027", "the client assertion signature did not verify: upload this certificate to the app registration, or point `certificate_file` at the one uploaded"),
-        ("AADSTS700082", "the refresh token expired from inactivity: run `sendbox login` for this account again"),
-        ("AADSTS70008", "the refresh token has expired or was revoked: run `sendbox login` for this account again"),
-        ("AADSTS50173", "the grant was revoked (password change or admin action): run `sendbox login` for this account again"),
-        ("AADSTS65001", "the app has no consent for the requested permission: grant admin consent in the app registration's API permissions"),
-        ("AADSTS7000218", "the request needs a client secret or certificate: configure `client_secret` or `private_key_file`"),
-        ("AADSTS70011", "the scope is invalid for this grant: app-only uses https://outlook.office365.com/.default, delegated uses https://outlook.office.com/SMTP.Send offline_access"),
+        (
+            "AADSTS7000215",
+            "the client secret is wrong: copy the secret's *Value* (not its ID) from the app registration's Certificates & secrets page",
+        ),
+        (
+            "AADSTS7000222",
+            "the client secret has expired: create a new one in the app registration and update the secret file",
+        ),
+        (
+            "AADSTS700016",
+            "no application with this client id exists in the tenant: check `client_id` and `tenant`",
+        ),
+        (
+            "AADSTS90002",
+            "the tenant was not found: check `tenant` (a domain like contoso.onmicrosoft.com or the directory id)",
+        ),
+        (
+            "AADSTS700027",
+            "the client assertion signature did not verify: upload this certificate to the app registration, or point `certificate_file` at the one uploaded",
+        ),
+        (
+            "AADSTS700082",
+            "the refresh token expired from inactivity: run `sendbox login` for this account again",
+        ),
+        (
+            "AADSTS70008",
+            "the refresh token has expired or was revoked: run `sendbox login` for this account again",
+        ),
+        (
+            "AADSTS50173",
+            "the grant was revoked (password change or admin action): run `sendbox login` for this account again",
+        ),
+        (
+            "AADSTS65001",
+            "the app has no consent for the requested permission: grant admin consent in the app registration's API permissions",
+        ),
+        (
+            "AADSTS7000218",
+            "the request needs a client secret or certificate: configure `client_secret` or `private_key_file`",
+        ),
+        (
+            "AADSTS70011",
+            "the scope is invalid for this grant: app-only uses https://outlook.office365.com/.default, delegated uses https://outlook.office.com/SMTP.Send offline_access",
+        ),
     ];
     if let Some((_, fix)) = aad.iter().find(|(c, _)| d.contains(c)) {
         return (*fix).to_owned();

@@ -245,7 +245,10 @@ fn map_token_error(e: TokenError) -> AuthError {
         RequestTokenError::Request(e) => AuthError::Unavailable(e.to_string()),
         RequestTokenError::Parse(e, body) => AuthError::Unavailable(format!(
             "unexpected answer ({e}): {}",
-            String::from_utf8_lossy(&body).chars().take(200).collect::<String>()
+            String::from_utf8_lossy(&body)
+                .chars()
+                .take(200)
+                .collect::<String>()
         )),
         RequestTokenError::Other(s) => AuthError::Unavailable(s),
     }
@@ -329,11 +332,10 @@ impl TokenProvider {
 
     async fn fetch(&self) -> Result<AccessToken, AuthError> {
         let started = Instant::now();
-        let token_url = TokenUrl::new(self.endpoints.token_url.clone()).map_err(|e| {
-            AuthError::Config {
+        let token_url =
+            TokenUrl::new(self.endpoints.token_url.clone()).map_err(|e| AuthError::Config {
                 message: format!("token_url: {e}"),
-            }
-        })?;
+            })?;
         let scopes = self.endpoints.scopes.iter().cloned().map(Scope::new);
         let base = BasicClient::new(ClientId::new(self.client_id.clone()))
             .set_auth_type(AuthType::RequestBody)
@@ -393,9 +395,7 @@ impl TokenProvider {
                 response
             }
         };
-        let lifetime = response
-            .expires_in()
-            .unwrap_or(Duration::from_secs(3600));
+        let lifetime = response.expires_in().unwrap_or(Duration::from_secs(3600));
         let generation = self.refreshes.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::info!(
             account = %self.account,
@@ -513,16 +513,14 @@ impl TokenProvider {
         >,
         AuthError,
     > {
-        let token_url = TokenUrl::new(self.endpoints.token_url.clone()).map_err(|e| {
-            AuthError::Config {
+        let token_url =
+            TokenUrl::new(self.endpoints.token_url.clone()).map_err(|e| AuthError::Config {
                 message: format!("token_url: {e}"),
-            }
-        })?;
-        let device = DeviceAuthorizationUrl::new(device_url.to_owned()).map_err(|e| {
-            AuthError::Config {
+            })?;
+        let device =
+            DeviceAuthorizationUrl::new(device_url.to_owned()).map_err(|e| AuthError::Config {
                 message: format!("device_url: {e}"),
-            }
-        })?;
+            })?;
         let mut client = BasicClient::new(ClientId::new(self.client_id.clone()))
             .set_auth_type(AuthType::RequestBody)
             .set_token_uri(token_url)
@@ -537,4 +535,3 @@ impl TokenProvider {
         Ok(client)
     }
 }
-

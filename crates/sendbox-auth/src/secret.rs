@@ -96,6 +96,10 @@ mod tests {
         let err = SecretSource::Env("SENDBOX_SURELY_UNSET_VAR".into())
             .resolve()
             .unwrap_err();
-        assert!(err.to_string().contains("SENDBOX_SURELY_UNSET_VAR is not set"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("SENDBOX_SURELY_UNSET_VAR is not set"),
+            "{err}"
+        );
     }
 }

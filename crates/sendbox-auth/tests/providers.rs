@@ -237,5 +237,8 @@ fn plain_http_is_refused_off_loopback_and_debug_hides_secrets() {
     .unwrap();
     let debug = format!("{provider:?}");
     assert!(!debug.contains("topsecret"), "{debug}");
-    assert!(debug.contains("login.microsoftonline.com/contoso.onmicrosoft.com"), "{debug}");
+    assert!(
+        debug.contains("login.microsoftonline.com/contoso.onmicrosoft.com"),
+        "{debug}"
+    );
 }

@@ -78,19 +78,27 @@ impl SendError {
         let (kind, fix) = match (code, e) {
             (535, "5.7.139") => (
                 FailureKind::Configuration,
-                Some("SMTP AUTH is disabled for this tenant or mailbox: run `Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false` (or enable it tenant-wide with `Set-TransportConfig -SmtpClientAuthenticationDisabled $false`) and wait up to an hour"),
+                Some(
+                    "SMTP AUTH is disabled for this tenant or mailbox: run `Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false` (or enable it tenant-wide with `Set-TransportConfig -SmtpClientAuthenticationDisabled $false`) and wait up to an hour",
+                ),
             ),
             (535, _) | (534, _) => (
                 FailureKind::Authentication,
-                Some("the server rejected the access token: check that the app has SMTP.SendAsApp (app-only) or SMTP.Send (delegated) permission, that the Exchange service principal has mailbox access, and that the mailbox name matches"),
+                Some(
+                    "the server rejected the access token: check that the app has SMTP.SendAsApp (app-only) or SMTP.Send (delegated) permission, that the Exchange service principal has mailbox access, and that the mailbox name matches",
+                ),
             ),
             (530, _) => (
                 FailureKind::Authentication,
-                Some("the server requires authentication before sending (530 5.7.57): the account must authenticate with XOAUTH2"),
+                Some(
+                    "the server requires authentication before sending (530 5.7.57): the account must authenticate with XOAUTH2",
+                ),
             ),
             (554, _) | (550, _) if text.contains("SendAsDenied") => (
                 FailureKind::Permanent,
-                Some("the mailbox has no Send As right for this From address: grant it with `Add-RecipientPermission`, or send from the account's own address"),
+                Some(
+                    "the mailbox has no Send As right for this From address: grant it with `Add-RecipientPermission`, or send from the account's own address",
+                ),
             ),
             (432, _) | (421, _) => (FailureKind::Transient, None),
             (400..=499, _) => (FailureKind::Transient, None),
@@ -127,7 +135,10 @@ mod tests {
 
     #[test]
     fn known_replies_are_classified_with_their_fix() {
-        let e = SendError::from_reply(535, "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.");
+        let e = SendError::from_reply(
+            535,
+            "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.",
+        );
         assert_eq!(e.kind(), FailureKind::Configuration);
         assert_eq!(e.enhanced.as_deref(), Some("5.7.139"));
         assert!(e.to_string().contains("Set-CASMailbox"), "{e}");
@@ -135,11 +146,20 @@ mod tests {
         let e = SendError::from_reply(535, "5.7.3 Authentication unsuccessful");
         assert_eq!(e.kind(), FailureKind::Authentication);
 
-        let e = SendError::from_reply(554, "5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied");
+        let e = SendError::from_reply(
+            554,
+            "5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied",
+        );
         assert!(e.is_permanent());
         assert!(e.fix.unwrap().contains("Send As"));
 
-        assert!(SendError::from_reply(432, "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded").is_transient());
+        assert!(
+            SendError::from_reply(
+                432,
+                "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded"
+            )
+            .is_transient()
+        );
         assert!(SendError::from_reply(421, "4.4.2 Connection dropped").is_transient());
         assert!(SendError::from_reply(451, "4.3.0 Try again later").is_transient());
         assert!(SendError::from_reply(550, "5.1.1 User unknown").is_permanent());

@@ -62,23 +62,35 @@ impl FileTransport {
 
 fn write(dir: &Path, message: &Prepared) -> Result<PathBuf, SendError> {
     let io = |e: std::io::Error, what: &str| {
-        SendError::new(FailureKind::Transient, format!("{what} in {}: {e}", dir.display()))
+        SendError::new(
+            FailureKind::Transient,
+            format!("{what} in {}: {e}", dir.display()),
+        )
     };
     let name = file_name(&message.message_id);
     let path = dir.join(&name);
     let tmp = dir.join(format!(".{name}.tmp"));
     let mut f = std::fs::File::create(&tmp).map_err(|e| io(e, "cannot create a temp file"))?;
     // Envelope first, as Return-Path/X-Envelope lines a reader can use.
-    let rcpts: Vec<String> = message.envelope.to().iter().map(ToString::to_string).collect();
+    let rcpts: Vec<String> = message
+        .envelope
+        .to()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     let from = message
         .envelope
         .from()
         .map(ToString::to_string)
         .unwrap_or_default();
-    write!(f, "Return-Path: <{from}>\r\nX-Envelope-To: {}\r\n", rcpts.join(", "))
-        .and_then(|_| f.write_all(&message.raw))
-        .and_then(|_| f.sync_all())
-        .map_err(|e| io(e, "cannot write the message"))?;
+    write!(
+        f,
+        "Return-Path: <{from}>\r\nX-Envelope-To: {}\r\n",
+        rcpts.join(", ")
+    )
+    .and_then(|_| f.write_all(&message.raw))
+    .and_then(|_| f.sync_all())
+    .map_err(|e| io(e, "cannot write the message"))?;
     drop(f);
     std::fs::rename(&tmp, &path).map_err(|e| io(e, "cannot move the message into place"))?;
     if let Ok(d) = std::fs::File::open(dir) {

@@ -54,8 +54,19 @@ pub struct Envelope<'a> {
 
 /// Headers the host writes; a plugin may not set them.
 const RESERVED: &[&str] = &[
-    "bcc", "cc", "content-transfer-encoding", "content-type", "date", "from", "message-id",
-    "mime-version", "reply-to", "return-path", "sender", "subject", "to",
+    "bcc",
+    "cc",
+    "content-transfer-encoding",
+    "content-type",
+    "date",
+    "from",
+    "message-id",
+    "mime-version",
+    "reply-to",
+    "return-path",
+    "sender",
+    "subject",
+    "to",
 ];
 
 /// Whether `address` matches an allow-list entry (`a@b.c` or `*@b.c`),
@@ -65,9 +76,7 @@ pub fn address_allowed(address: &str, allowed: &[String]) -> bool {
     allowed.iter().any(|pattern| {
         let p = pattern.to_ascii_lowercase();
         match p.strip_prefix("*@") {
-            Some(domain) => address
-                .rsplit_once('@')
-                .is_some_and(|(_, d)| d == domain),
+            Some(domain) => address.rsplit_once('@').is_some_and(|(_, d)| d == domain),
             None => p == address,
         }
     })
@@ -176,7 +185,8 @@ pub fn build(email: &Email, env: &Envelope<'_>) -> Result<Prepared, BuildError> 
                     a.filename, a.content_type
                 ))
             })?;
-            mixed = mixed.singlepart(Attachment::new(a.filename.clone()).body(a.data.0.clone(), ct));
+            mixed =
+                mixed.singlepart(Attachment::new(a.filename.clone()).body(a.data.0.clone(), ct));
         }
         b.multipart(mixed)
     }
@@ -230,7 +240,10 @@ mod tests {
         assert!(raw.contains("multipart/mixed"), "{raw}");
         assert!(raw.contains("filename=\"a.csv\""), "{raw}");
         assert!(raw.contains("X-Alert: disk"), "{raw}");
-        assert!(!raw.contains("audit@example.com"), "bcc must not be in headers");
+        assert!(
+            !raw.contains("audit@example.com"),
+            "bcc must not be in headers"
+        );
         let rcpts: Vec<String> = p.envelope.to().iter().map(|a| a.to_string()).collect();
         assert_eq!(rcpts, ["ops@example.com", "audit@example.com"]);
     }
@@ -243,20 +256,34 @@ mod tests {
         assert!(err.0.contains("not allowed"), "{err}");
         let allowed = vec!["*@example.com".to_string()];
         let p = build(&e, &env(&allowed)).unwrap();
-        assert!(String::from_utf8(p.raw).unwrap().contains("From: ceo@example.com"));
+        assert!(
+            String::from_utf8(p.raw)
+                .unwrap()
+                .contains("From: ceo@example.com")
+        );
     }
 
     #[test]
     fn bad_addresses_and_injected_headers_are_refused() {
         let mut e = email();
         e.to = vec!["not an address".into()];
-        assert!(build(&e, &env(&[])).unwrap_err().0.contains("not a valid address"));
+        assert!(
+            build(&e, &env(&[]))
+                .unwrap_err()
+                .0
+                .contains("not a valid address")
+        );
         let mut e = email();
         e.headers = vec![("X-A".into(), "a\r\nBcc: x@y.z".into())];
         assert!(build(&e, &env(&[])).unwrap_err().0.contains("line break"));
         let mut e = email();
         e.headers = vec![("Subject".into(), "x".into())];
-        assert!(build(&e, &env(&[])).unwrap_err().0.contains("set by the host"));
+        assert!(
+            build(&e, &env(&[]))
+                .unwrap_err()
+                .0
+                .contains("set by the host")
+        );
     }
 
     #[test]

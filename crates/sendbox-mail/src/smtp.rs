@@ -6,12 +6,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::time::Instant;
+
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
-use lettre::transport::smtp::PoolConfig;
-use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
+use lettre::transport::smtp::extension::ClientId;
 use sendbox_auth::{AccessToken, AuthError, TokenProvider};
-use tokio::sync::Mutex;
+use tokio::sync::Semaphore;
 
 use crate::error::{FailureKind, SendError};
 use crate::message::Prepared;
@@ -49,14 +50,29 @@ pub struct SmtpSettings {
 pub const MICROSOFT365_MAX_CONNECTIONS: u32 = 3;
 
 /// An SMTP transport for one account.
+///
+/// Connections are pooled here rather than in lettre: lettre's pool caps
+/// only idle connections and returns a connection to the pool on a spawned
+/// task, so a burst opens more connections than Exchange's 3 allows. Here a
+/// semaphore caps connections in use and idle ones are reused in place.
 pub struct SmtpTransport {
     settings: SmtpSettings,
     tls: TlsParameters,
+    hello: ClientId,
     tokens: Arc<TokenProvider>,
-    /// lettre fixes credentials when a transport is built, so a new token
-    /// means a new transport (and pool); keyed by the token's generation.
-    current: Mutex<Option<(u64, AsyncSmtpTransport<Tokio1Executor>)>>,
+    /// Authenticated connections not in use, most recent last.
+    idle: std::sync::Mutex<Vec<Idle>>,
+    /// One permit per connection the provider lets us open.
+    connections: Semaphore,
 }
+
+struct Idle {
+    conn: AsyncSmtpConnection,
+    since: Instant,
+}
+
+/// Idle connections older than this are closed rather than reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for SmtpTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -82,22 +98,27 @@ impl SmtpTransport {
     pub fn new(settings: SmtpSettings, tokens: Arc<TokenProvider>) -> Result<Self, SendError> {
         let mut tls = TlsParameters::builder(settings.host.clone());
         if let Some(ca) = &settings.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| {
-                config_error(format!("cannot read ca_file {}: {e}", ca.display()))
-            })?;
+            let pem = std::fs::read(ca)
+                .map_err(|e| config_error(format!("cannot read ca_file {}: {e}", ca.display())))?;
             let cert = Certificate::from_pem(&pem).map_err(|e| {
-                config_error(format!("ca_file {} is not a PEM certificate: {e}", ca.display()))
+                config_error(format!(
+                    "ca_file {} is not a PEM certificate: {e}",
+                    ca.display()
+                ))
             })?;
             tls = tls.add_root_certificate(cert);
         }
         let tls = tls
             .build_rustls()
             .map_err(|e| config_error(format!("TLS setup for {}: {e}", settings.host)))?;
+        let connections = Semaphore::new(settings.max_connections.max(1) as usize);
         Ok(SmtpTransport {
             settings,
             tls,
+            hello: ClientId::default(),
             tokens,
-            current: Mutex::new(None),
+            idle: std::sync::Mutex::new(Vec::new()),
+            connections,
         })
     }
 
@@ -106,79 +127,202 @@ impl SmtpTransport {
         &self.settings
     }
 
-    async fn transport(
-        &self,
-    ) -> Result<(AccessToken, AsyncSmtpTransport<Tokio1Executor>), SendError> {
-        let token = self.tokens.token().await.map_err(auth_to_send)?;
-        let mut current = self.current.lock().await;
-        if let Some((generation, t)) = current.as_ref()
-            && *generation == token.generation()
-        {
-            return Ok((token, t.clone()));
-        }
-        let tls = match self.settings.security {
-            Security::StartTls => Tls::Required(self.tls.clone()),
-            Security::ImplicitTls => Tls::Wrapper(self.tls.clone()),
-        };
-        let t = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(self.settings.host.clone())
-            .port(self.settings.port)
-            .tls(tls)
-            .timeout(Some(self.settings.timeout))
-            .authentication(vec![Mechanism::Xoauth2])
-            .credentials(Credentials::new(
-                self.settings.mailbox.clone(),
-                token.secret().expose().to_owned(),
-            ))
-            .pool_config(
-                PoolConfig::new()
-                    .max_size(self.settings.max_connections.max(1))
-                    .idle_timeout(Duration::from_secs(60)),
+    /// Connects, secures and authenticates one connection with `token`.
+    async fn open_with(&self, token: &AccessToken) -> Result<AsyncSmtpConnection, SendError> {
+        let mut conn = match self.settings.security {
+            Security::ImplicitTls => AsyncSmtpConnection::connect_tokio1(
+                (self.settings.host.as_str(), self.settings.port),
+                Some(self.settings.timeout),
+                &self.hello,
+                Some(self.tls.clone()),
+                None,
             )
-            .build();
-        *current = Some((token.generation(), t.clone()));
-        Ok((token, t))
-    }
-
-    /// Sends a message. On an authentication failure the token is dropped,
-    /// a new one fetched, and the send tried once more.
-    pub async fn send(&self, message: &Prepared) -> Result<Receipt, SendError> {
-        let (token, transport) = self.transport().await?;
-        match transport.send_raw(&message.envelope, &message.raw).await {
-            Ok(r) => Ok(receipt(&r)),
-            Err(e) => {
-                let err = classify(&e);
-                if err.kind() != FailureKind::Authentication {
-                    return Err(err);
-                }
-                tracing::warn!(account = %self.tokens.account(), message_id = %message.message_id, error = %err, "token rejected; refreshing once and retrying");
-                self.tokens.invalidate(&token).await;
-                let (_, transport) = self.transport().await?;
-                transport
-                    .send_raw(&message.envelope, &message.raw)
-                    .await
-                    .map(|r| receipt(&r))
-                    .map_err(|e| classify(&e))
+            .await
+            .map_err(|e| classify(&e))?,
+            Security::StartTls => {
+                // Our own socket, with Nagle off: SMTP is a ping-pong of
+                // small writes, and Nagle plus delayed ACKs costs ~40 ms
+                // per message otherwise.
+                let addr = (self.settings.host.as_str(), self.settings.port);
+                let tcp = tokio::time::timeout(
+                    self.settings.timeout,
+                    tokio::net::TcpStream::connect(addr),
+                )
+                .await
+                .map_err(|_| {
+                    SendError::new(
+                        FailureKind::Transient,
+                        format!(
+                            "connecting to {}:{} timed out",
+                            self.settings.host, self.settings.port
+                        ),
+                    )
+                })?
+                .map_err(|e| {
+                    SendError::new(
+                        FailureKind::Transient,
+                        format!(
+                            "cannot connect to {}:{}: {e}",
+                            self.settings.host, self.settings.port
+                        ),
+                    )
+                })?;
+                let _ = tcp.set_nodelay(true);
+                tokio::time::timeout(
+                    self.settings.timeout,
+                    AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello),
+                )
+                .await
+                .map_err(|_| SendError::new(FailureKind::Transient, "no SMTP greeting in time"))?
+                .map_err(|e| classify(&e))?
+            }
+        };
+        if self.settings.security == Security::StartTls {
+            let upgraded = self
+                .bounded("STARTTLS", conn.starttls(self.tls.clone(), &self.hello))
+                .await;
+            if let Err(e) = upgraded {
+                conn.abort().await;
+                return Err(e);
             }
         }
+        let credentials = Credentials::new(
+            self.settings.mailbox.clone(),
+            token.secret().expose().to_owned(),
+        );
+        let authed = self
+            .bounded("AUTH", conn.auth(&[Mechanism::Xoauth2], &credentials))
+            .await;
+        if let Err(e) = authed {
+            conn.abort().await;
+            return Err(e);
+        }
+        Ok(conn)
+    }
+
+    /// Runs one SMTP exchange under the command timeout.
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = Result<T, lettre::transport::smtp::Error>>,
+    ) -> Result<T, SendError> {
+        match tokio::time::timeout(self.settings.timeout, fut).await {
+            Ok(r) => r.map_err(|e| classify(&e)),
+            Err(_) => Err(SendError::new(
+                FailureKind::Transient,
+                format!(
+                    "{what} got no answer from {} within {:?}",
+                    self.settings.host, self.settings.timeout
+                ),
+            )),
+        }
+    }
+
+    /// A new authenticated connection. When the server rejects the token,
+    /// the token is dropped, a new one fetched and the login tried once
+    /// more.
+    async fn open(&self) -> Result<AsyncSmtpConnection, SendError> {
+        let token = self.tokens.token().await.map_err(auth_to_send)?;
+        match self.open_with(&token).await {
+            Err(err) if err.kind() == FailureKind::Authentication => {
+                tracing::warn!(account = %self.tokens.account(), error = %err, "token rejected; refreshing once and retrying");
+                self.tokens.invalidate(&token).await;
+                let token = self.tokens.token().await.map_err(auth_to_send)?;
+                self.open_with(&token).await
+            }
+            other => other,
+        }
+    }
+
+    fn take_idle(&self) -> Option<AsyncSmtpConnection> {
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while let Some(i) = idle.pop() {
+            if i.since.elapsed() < IDLE_TIMEOUT && !i.conn.has_broken() {
+                return Some(i.conn);
+            }
+            // Too old: let it drop (the server has likely closed it).
+        }
+        None
+    }
+
+    fn put_back(&self, conn: AsyncSmtpConnection) {
+        if conn.has_broken() {
+            return;
+        }
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        idle.push(Idle {
+            conn,
+            since: Instant::now(),
+        });
+    }
+
+    /// Sends a message over a pooled connection, or a new one.
+    pub async fn send(&self, message: &Prepared) -> Result<Receipt, SendError> {
+        let _permit = self
+            .connections
+            .acquire()
+            .await
+            .map_err(|e| SendError::new(FailureKind::Transient, e.to_string()))?;
+        if let Some(mut conn) = self.take_idle() {
+            match self
+                .bounded("sending", conn.send(&message.envelope, &message.raw))
+                .await
+            {
+                Ok(r) => {
+                    self.put_back(conn);
+                    return Ok(receipt(&r));
+                }
+                // A reply from the server is the answer for this message.
+                Err(e) if e.code.is_some() => {
+                    self.put_back(conn);
+                    return Err(e);
+                }
+                // The idle connection died (closed by the server): fall
+                // through to a fresh one.
+                Err(e) => {
+                    tracing::debug!(error = %e, "pooled connection failed; opening a new one");
+                }
+            }
+        }
+        let mut conn = self.open().await?;
+        let result = self
+            .bounded("sending", conn.send(&message.envelope, &message.raw))
+            .await;
+        if result.is_ok() || result.as_ref().is_err_and(|e| e.code.is_some()) {
+            self.put_back(conn);
+        }
+        result.map(|r| receipt(&r))
     }
 
     /// Connects, upgrades to TLS, authenticates and quits without sending:
     /// what `sendbox check` runs per account.
     pub async fn check(&self) -> Result<(), SendError> {
-        let (token, transport) = self.transport().await?;
-        match transport.test_connection().await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(SendError::new(
-                FailureKind::Transient,
-                "the server did not answer NOOP",
-            )),
-            Err(e) => {
-                let err = classify(&e);
-                if err.kind() == FailureKind::Authentication {
-                    self.tokens.invalidate(&token).await;
-                }
-                Err(err)
-            }
+        let _permit = self
+            .connections
+            .acquire()
+            .await
+            .map_err(|e| SendError::new(FailureKind::Transient, e.to_string()))?;
+        let mut conn = self.open().await?;
+        let _ = conn.quit().await;
+        Ok(())
+    }
+
+    /// Closes idle connections politely.
+    pub async fn close(&self) {
+        let idle: Vec<Idle> = std::mem::take(
+            &mut *self
+                .idle
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for mut i in idle {
+            let _ = i.conn.quit().await;
         }
     }
 }

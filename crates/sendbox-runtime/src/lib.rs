@@ -56,13 +56,13 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 pub use cache::{CompileSource, content_hash};
 pub use error::{LoadError, RunError, RunFailure};
+pub use limits::{Limits, MAX_MEMORY_BYTES};
+/// The event and outcome types (re-exported from `sendbox-types`).
+pub use sendbox_types as event;
 pub use sendbox_types::{
     Attachment, Bytes, Email, Event, FileChange, FileEvent, HttpRequest, HttpResponse, Outcome,
     Tick,
 };
-/// The event and outcome types (re-exported from `sendbox-types`).
-pub use sendbox_types as event;
-pub use limits::{Limits, MAX_MEMORY_BYTES};
 pub use state::{MemoryState, StateChange, StateError, StateStore};
 
 mod bindings {

@@ -9,8 +9,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-pub use sendbox_types::StateChange;
 use sendbox_types::Bytes;
+pub use sendbox_types::StateChange;
 
 /// Longest key a plugin may use, in bytes.
 pub const MAX_KEY_BYTES: usize = 256;

@@ -509,7 +509,9 @@ fn guest_output_becomes_tracing_events_tagged_with_plugin_and_event() {
     let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
     let line = text
         .lines()
-        .find(|l| l.contains("hostile plugin panicked on purpose") && l.contains("source=\"stderr\""))
+        .find(|l| {
+            l.contains("hostile plugin panicked on purpose") && l.contains("source=\"stderr\"")
+        })
         .unwrap_or_else(|| panic!("no stderr event in:\n{text}"));
     assert!(line.contains("plugin=hostile-panic"), "{line}");
     assert!(line.contains("event_id=\"evt-traced\""), "{line}");

@@ -39,4 +39,3 @@ pub enum StateChange {
         key: String,
     },
 }
-

@@ -1,0 +1,276 @@
+//! SMTP with XOAUTH2 against the real peers (smtp-server checking every
+//! token at oidc-provider's introspection endpoint), and the file transport.
+
+#[path = "../../../tests/support/peers.rs"]
+mod peers;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use peers::Peers;
+use sendbox_auth::{Credentials, Endpoints, Secret, TokenProvider};
+use sendbox_mail::message::{self, Envelope, Prepared};
+use sendbox_mail::smtp::{Security, SmtpSettings, SmtpTransport};
+use sendbox_mail::{FailureKind, file::FileTransport};
+use sendbox_types::Email;
+
+const MAILBOX: &str = "alerts@example.com";
+
+fn provider(p: &Peers, secret: &str) -> Arc<TokenProvider> {
+    Arc::new(
+        TokenProvider::new(
+            "alerts",
+            Endpoints {
+                token_url: p.info.token_endpoint.clone(),
+                device_url: None,
+                scopes: vec!["smtp".into()],
+            },
+            &p.info.clients.secret.client_id,
+            Credentials::ClientSecret(Secret::new(secret)),
+        )
+        .unwrap(),
+    )
+}
+
+fn transport(
+    p: &Peers,
+    port: u16,
+    security: Security,
+    tokens: Arc<TokenProvider>,
+) -> SmtpTransport {
+    SmtpTransport::new(
+        SmtpSettings {
+            host: "localhost".into(),
+            port,
+            security,
+            mailbox: MAILBOX.into(),
+            max_connections: 3,
+            timeout: Duration::from_secs(10),
+            ca_file: Some(p.info.ca_file.clone()),
+        },
+        tokens,
+    )
+    .unwrap()
+}
+
+fn starttls(p: &Peers) -> (SmtpTransport, Arc<TokenProvider>) {
+    let tokens = provider(p, &p.info.clients.secret.client_secret);
+    (
+        transport(
+            p,
+            p.info.smtp_starttls_port,
+            Security::StartTls,
+            tokens.clone(),
+        ),
+        tokens,
+    )
+}
+
+fn prepared(subject: &str) -> Prepared {
+    let email = Email {
+        to: vec!["ops@example.com".into()],
+        subject: subject.into(),
+        text: Some("body".into()),
+        ..Email::default()
+    };
+    let id = message::new_message_id("example.com");
+    message::build(
+        &email,
+        &Envelope {
+            account_mailbox: MAILBOX,
+            allowed_from: &[],
+            message_id: &id,
+            date: SystemTime::now(),
+        },
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn sends_over_starttls_with_xoauth2() {
+    let p = Peers::start();
+    let (smtp, _) = starttls(&p);
+    let msg = prepared("hello");
+    let reply = smtp.send(&msg).await.unwrap();
+    assert!(reply.reply.starts_with("250"), "{reply:?}");
+    let got = p.messages().await;
+    assert_eq!(got.len(), 1);
+    assert!(got[0].tls, "delivered over TLS");
+    assert_eq!(got[0].user.as_deref(), Some(MAILBOX));
+    assert_eq!(got[0].to, ["ops@example.com"]);
+    assert!(
+        got[0]
+            .raw
+            .contains(&format!("Message-ID: {}", msg.message_id))
+    );
+    assert!(got[0].raw.contains("Date: "));
+}
+
+#[tokio::test]
+async fn sends_over_implicit_tls() {
+    let p = Peers::start();
+    let tokens = provider(&p, &p.info.clients.secret.client_secret);
+    let smtp = transport(
+        &p,
+        p.info.smtp_implicit_tls_port,
+        Security::ImplicitTls,
+        tokens,
+    );
+    smtp.send(&prepared("wrapped")).await.unwrap();
+    assert!(p.messages().await[0].tls);
+}
+
+#[tokio::test]
+async fn a_server_without_starttls_is_refused_before_authenticating() {
+    let p = Peers::start();
+    let tokens = provider(&p, &p.info.clients.secret.client_secret);
+    let smtp = transport(&p, p.info.smtp_no_starttls_port, Security::StartTls, tokens);
+    let err = smtp.send(&prepared("plain")).await.unwrap_err();
+    assert_eq!(err.kind(), FailureKind::Configuration, "{err}");
+    assert!(err.to_string().contains("does not offer STARTTLS"), "{err}");
+    assert!(err.pauses_account());
+    assert!(p.messages().await.is_empty());
+    assert_eq!(
+        p.stats().await.auth_attempts,
+        0,
+        "the token was never shown"
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_client_secret_sends_nothing_and_says_why() {
+    let p = Peers::start();
+    let tokens = provider(&p, "wrong-secret");
+    let smtp = transport(&p, p.info.smtp_starttls_port, Security::StartTls, tokens);
+    let err = smtp.send(&prepared("nope")).await.unwrap_err();
+    assert_eq!(err.kind(), FailureKind::Authentication, "{err}");
+    assert!(err.to_string().contains("invalid_client"), "{err}");
+    assert!(p.messages().await.is_empty());
+}
+
+async fn revoked_token_is_refreshed_once(style: &str) {
+    let p = Peers::start();
+    p.auth_style(style).await;
+    let (smtp, tokens) = starttls(&p);
+    smtp.send(&prepared("first")).await.unwrap();
+    p.revoke_last_token().await;
+    // The pooled connection is already authenticated; a fresh connection
+    // must present the revoked token and get refused.
+    let smtp2 = SmtpTransport::new(smtp.settings().clone(), tokens.clone()).unwrap();
+    smtp2.send(&prepared("second")).await.unwrap();
+    assert_eq!(
+        tokens.refresh_count(),
+        2,
+        "exactly one refresh after the rejection"
+    );
+    let stats = p.stats().await;
+    assert_eq!(stats.auth_attempts, 3, "ok, refused, ok");
+    assert_eq!(p.messages().await.len(), 2);
+}
+
+#[tokio::test]
+async fn a_revoked_token_gets_535_then_one_refresh_then_success() {
+    revoked_token_is_refreshed_once("direct").await;
+}
+
+#[tokio::test]
+async fn a_334_challenge_then_535_is_an_auth_failure_too() {
+    revoked_token_is_refreshed_once("challenge").await;
+}
+
+#[tokio::test]
+async fn a_token_expiring_mid_run_is_refreshed() {
+    let p = Peers::start_with_ttl(3);
+    let (smtp, tokens) = starttls(&p);
+    smtp.send(&prepared("one")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    // The server closed the idle session meanwhile: the next login needs a
+    // token, and the cached one has expired.
+    smtp.close().await;
+    smtp.send(&prepared("two")).await.unwrap();
+    assert_eq!(tokens.refresh_count(), 2);
+    assert_eq!(p.messages().await.len(), 2);
+    let seen = p.tokens().await;
+    assert_eq!(seen.len(), 2);
+    assert_ne!(seen[0], seen[1], "the second login used a fresh token");
+}
+
+#[tokio::test]
+async fn replies_are_classified_with_their_codes() {
+    let p = Peers::start();
+    let (smtp, _) = starttls(&p);
+    for (stage, code, text, kind) in [
+        ("rcpt", 451, "4.3.0 Try again later", FailureKind::Transient),
+        (
+            "mail",
+            421,
+            "4.4.2 Service shutting down",
+            FailureKind::Transient,
+        ),
+        (
+            "data",
+            550,
+            "5.7.1 Message rejected as spam",
+            FailureKind::Permanent,
+        ),
+        ("rcpt", 550, "5.1.1 User unknown", FailureKind::Permanent),
+    ] {
+        p.faults(
+            serde_json::json!([{ "stage": stage, "code": code, "message": text, "count": 1 }]),
+        )
+        .await;
+        // A fresh transport per case: a 421 closes the connection.
+        let smtp = SmtpTransport::new(
+            smtp.settings().clone(),
+            provider(&p, &p.info.clients.secret.client_secret),
+        )
+        .unwrap();
+        let err = smtp.send(&prepared(stage)).await.unwrap_err();
+        assert_eq!(err.kind(), kind, "{code}: {err}");
+        assert_eq!(err.code, Some(code), "{err}");
+        assert_eq!(err.enhanced.as_deref(), text.split(' ').next(), "{err}");
+        assert!(
+            err.message.contains(text.split_once(' ').unwrap().1),
+            "{err}"
+        );
+    }
+    assert!(p.messages().await.is_empty());
+}
+
+#[tokio::test]
+async fn concurrent_sends_stay_within_the_connection_cap() {
+    let p = Peers::start();
+    let (smtp, _) = starttls(&p);
+    let smtp = Arc::new(smtp);
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let smtp = smtp.clone();
+            tokio::spawn(async move { smtp.send(&prepared(&format!("n{i}"))).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(p.messages().await.len(), 30);
+    let max = p.stats().await.max_connections;
+    assert!(max <= 3, "opened {max} connections at once, cap is 3");
+}
+
+#[tokio::test]
+async fn file_transport_writes_whole_eml_files_named_by_message_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = FileTransport::new(dir.path().join("outbox")).unwrap();
+    let msg = prepared("to a file");
+    let path = t.send(&msg).await.unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(&format!("Message-ID: {}", msg.message_id)));
+    assert!(text.contains("X-Envelope-To: ops@example.com"));
+    assert!(text.contains("Subject: to a file"));
+    // Sending the same message again rewrites the same file: no duplicate.
+    assert_eq!(t.send(&msg).await.unwrap(), path);
+    let names: Vec<_> = std::fs::read_dir(dir.path().join("outbox"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "no temp files left: {names:?}");
+}
