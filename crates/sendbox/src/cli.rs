@@ -46,6 +46,14 @@ pub enum Command {
     /// Work with plugin components: dry-run an event, inspect imports.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Validate the config, load the plugins, and for every account fetch a
+    /// token and log in to SMTP without sending.
+    Check(commands::accounts::CheckArgs),
+    /// Send one test message through an account, now.
+    SendTest(commands::accounts::SendTestArgs),
+    /// Sign in a delegated account with the device code flow and save its
+    /// refresh token.
+    Login(commands::accounts::LoginArgs),
 }
 
 /// `sendbox plugin ...`
@@ -64,6 +72,9 @@ impl Command {
         match self {
             Command::Plugin(PluginCommand::Run(c)) => c.run(),
             Command::Plugin(PluginCommand::Inspect(c)) => c.run(),
+            Command::Check(c) => c.run(),
+            Command::SendTest(c) => c.run(),
+            Command::Login(c) => c.run(),
         }
     }
 }

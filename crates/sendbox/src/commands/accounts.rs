@@ -1,0 +1,321 @@
+//! `sendbox check`, `sendbox send-test` and `sendbox login`: the commands
+//! that touch accounts, tokens and SMTP servers.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use clap::Args;
+use sendbox_auth::TokenProvider;
+use sendbox_mail::Transport;
+use sendbox_mail::file::FileTransport;
+use sendbox_mail::message::{self, Envelope};
+use sendbox_mail::smtp::SmtpTransport;
+use sendbox_types::Email;
+
+use crate::config::{self, Account, AccountKind, Config};
+use crate::exit::{self, coded};
+
+/// Loads the config, turning errors into exit code 78.
+pub fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
+    config::load(path).map_err(|e| coded(exit::EX_CONFIG, e.to_string()))
+}
+
+fn token_provider(
+    account: &str,
+    a: config::SmtpAccount,
+) -> anyhow::Result<(Arc<TokenProvider>, sendbox_mail::smtp::SmtpSettings)> {
+    let provider = TokenProvider::new(account, a.endpoints, &a.client_id, a.credentials)
+        .map_err(|e| coded(exit::EX_CONFIG, format!("account `{account}`: {e}")))?;
+    Ok((Arc::new(provider), a.smtp))
+}
+
+/// Builds the transport for an account.
+pub fn transport(account: Account) -> anyhow::Result<(Transport, Option<Arc<TokenProvider>>)> {
+    match account.kind {
+        AccountKind::File { dir } => Ok((
+            Transport::File(
+                FileTransport::new(dir).map_err(|e| coded(exit::EX_CONFIG, e.to_string()))?,
+            ),
+            None,
+        )),
+        AccountKind::Smtp(a) => {
+            let (tokens, settings) = token_provider(&account.name, *a)?;
+            let smtp = SmtpTransport::new(settings, tokens.clone())
+                .map_err(|e| coded(exit::EX_CONFIG, format!("account `{}`: {e}", account.name)))?;
+            Ok((Transport::Smtp(smtp), Some(tokens)))
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// `sendbox check --config FILE`
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The config file.
+    #[arg(long, short, env = "SENDBOX_CONFIG")]
+    pub config: PathBuf,
+    /// Only validate the file and load plugins; do not contact token
+    /// endpoints or SMTP servers.
+    #[arg(long)]
+    pub no_environment: bool,
+    /// Treat warnings (e.g. inline secrets) as failures.
+    #[arg(long)]
+    pub deny_warnings: bool,
+}
+
+impl CheckArgs {
+    /// Runs the stages, printing √ or x for each.
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        let mut failed = false;
+        let cfg = match config::load(&self.config) {
+            Ok(c) => {
+                println!("√ config {} parsed and validated", self.config.display());
+                c
+            }
+            Err(e) => {
+                println!("x config {}", self.config.display());
+                for line in &e.errors {
+                    println!("    {line}");
+                }
+                return Ok(ExitCode::from(exit::EX_CONFIG));
+            }
+        };
+        for w in &cfg.warnings {
+            println!("! warning: {w}");
+        }
+        if self.deny_warnings && !cfg.warnings.is_empty() {
+            failed = true;
+        }
+
+        // Plugins.
+        let rt = sendbox_runtime::Runtime::new(sendbox_runtime::RuntimeOptions {
+            cache_dir: cfg.cache_dir.clone().or_else(crate::cli::default_cache_dir),
+            max_concurrent_instances: 4,
+        })
+        .map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?;
+        for p in cfg.plugins.values() {
+            match rt.load_file(&p.name, &p.wasm, p.settings.clone()) {
+                Ok(_) => println!("√ plugin {} loads ({})", p.name, p.wasm.display()),
+                Err(e) => {
+                    failed = true;
+                    println!("x plugin {}: {e}", p.name);
+                }
+            }
+        }
+
+        if !self.no_environment {
+            let tokio = runtime()?;
+            for (name, account) in cfg.accounts {
+                let mailbox = account.mailbox.clone();
+                let ok = tokio.block_on(check_account(account));
+                match ok {
+                    Ok(lines) => {
+                        for l in lines {
+                            println!("√ account {name} ({mailbox}): {l}");
+                        }
+                    }
+                    Err(lines) => {
+                        failed = true;
+                        for l in lines {
+                            println!("x account {name} ({mailbox}): {l}");
+                        }
+                    }
+                }
+            }
+        }
+        Ok(ExitCode::from(if failed {
+            exit::EX_CONFIG
+        } else {
+            exit::OK
+        }))
+    }
+}
+
+/// Token, then SMTP connect + TLS + AUTH + QUIT, per account.
+async fn check_account(account: Account) -> Result<Vec<String>, Vec<String>> {
+    let mut done = Vec::new();
+    let name = account.name.clone();
+    let (transport, tokens) = match transport(account) {
+        Ok(t) => t,
+        Err(e) => return Err(vec![e.to_string()]),
+    };
+    if let Some(tokens) = &tokens {
+        match tokens.token().await {
+            Ok(t) => done.push(format!(
+                "token obtained, expires in {} min",
+                t.expires_in().as_secs() / 60
+            )),
+            Err(e) => return Err(vec![format!("token: {e}")]),
+        }
+    }
+    match &transport {
+        Transport::Smtp(smtp) => {
+            let s = smtp.settings();
+            match smtp.check().await {
+                Ok(()) => done.push(format!(
+                    "SMTP {}:{} TLS and XOAUTH2 login accepted",
+                    s.host, s.port
+                )),
+                Err(e) => {
+                    let mut lines = done;
+                    lines.push(format!("SMTP {}:{}: {e}", s.host, s.port));
+                    return Err(lines);
+                }
+            }
+        }
+        Transport::File(f) => done.push(format!("writes .eml files to {}", f.dir().display())),
+    }
+    tracing::debug!(account = %name, "check passed");
+    Ok(done)
+}
+
+/// `sendbox send-test --config FILE --account NAME --to ADDR`
+#[derive(Debug, Args)]
+pub struct SendTestArgs {
+    /// The config file.
+    #[arg(long, short, env = "SENDBOX_CONFIG")]
+    pub config: PathBuf,
+    /// The account to send from.
+    #[arg(long)]
+    pub account: String,
+    /// The recipient.
+    #[arg(long)]
+    pub to: String,
+}
+
+impl SendTestArgs {
+    /// Sends one message now, bypassing the outbox.
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        let mut cfg = load_config(&self.config)?;
+        let account = cfg.accounts.remove(&self.account).ok_or_else(|| {
+            let known: Vec<String> = cfg.accounts.keys().cloned().collect();
+            coded(
+                exit::EX_CONFIG,
+                format!(
+                    "no account named {:?} in {}; known: {}",
+                    self.account,
+                    self.config.display(),
+                    known.join(", ")
+                ),
+            )
+        })?;
+        let mailbox = account.mailbox.clone();
+        let email = Email {
+            to: vec![self.to.clone()],
+            subject: format!("sendbox test message from account {}", self.account),
+            text: Some(format!(
+                "This is a test message sent by `sendbox send-test` through account `{}` ({mailbox}).\n",
+                self.account
+            )),
+            ..Email::default()
+        };
+        let id = message::new_message_id(message::domain_of(&mailbox));
+        let prepared = message::build(
+            &email,
+            &Envelope {
+                account_mailbox: &mailbox,
+                allowed_from: &[],
+                message_id: &id,
+                date: SystemTime::now(),
+            },
+        )
+        .map_err(|e| coded(exit::EX_DATAERR, e.to_string()))?;
+        let (transport, _) = transport(account)?;
+        let result = runtime()?.block_on(transport.send(&prepared));
+        match result {
+            Ok(reply) => {
+                println!("sent {id} to {}: {reply}", self.to);
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("error: not sent: {e}");
+                Ok(ExitCode::from(if e.pauses_account() {
+                    exit::EX_CONFIG
+                } else {
+                    exit::EX_SOFTWARE
+                }))
+            }
+        }
+    }
+}
+
+/// `sendbox login --config FILE NAME`
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// The config file.
+    #[arg(long, short, env = "SENDBOX_CONFIG")]
+    pub config: PathBuf,
+    /// The delegated account to log in (one with `token_file`).
+    pub account: String,
+}
+
+impl LoginArgs {
+    /// Runs the device authorization grant and saves the refresh token.
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        let mut cfg = load_config(&self.config)?;
+        let account = cfg.accounts.remove(&self.account).ok_or_else(|| {
+            coded(
+                exit::EX_CONFIG,
+                format!(
+                    "no account named {:?} in {}",
+                    self.account,
+                    self.config.display()
+                ),
+            )
+        })?;
+        let AccountKind::Smtp(a) = account.kind else {
+            return Err(coded(
+                exit::EX_CONFIG,
+                format!(
+                    "account `{}` writes files; it has nothing to log in to",
+                    self.account
+                ),
+            ));
+        };
+        let (tokens, _) = token_provider(&self.account, *a)?;
+        let tokio = runtime()?;
+        let result: Result<PathBuf, sendbox_auth::AuthError> = tokio.block_on(async {
+            let (prompt, details) = tokens.start_device_login().await?;
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "To sign in account `{}`, open {}",
+                self.account, prompt.verification_uri
+            );
+            let _ = writeln!(out, "and enter the code: {}", prompt.user_code);
+            if let Some(c) = &prompt.verification_uri_complete {
+                let _ = writeln!(out, "(or open {c})");
+            }
+            let _ = writeln!(
+                out,
+                "Waiting up to {} minutes...",
+                prompt.expires_in.as_secs() / 60
+            );
+            let _ = out.flush();
+            drop(out);
+            tokens.finish_device_login(&details).await
+        });
+        match result {
+            Ok(path) => {
+                println!(
+                    "Signed in. Refresh token saved to {} (mode 0600).",
+                    path.display()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("error: login failed: {e}");
+                Ok(ExitCode::from(exit::EX_CONFIG))
+            }
+        }
+    }
+}

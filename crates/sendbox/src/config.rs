@@ -1,0 +1,679 @@
+//! The config file: what an operator writes (the `Raw*` structs, which are
+//! the documentation of every key) and what sendbox runs on ([`Config`],
+//! validated and with secrets resolved by reference).
+//!
+//! Every error names the file, the line and column, the key, and the fix;
+//! all errors are reported at once.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use sendbox_auth::{Credentials, Endpoints, Secret, SecretSource};
+use sendbox_runtime::Limits;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Daemon-wide settings.
+    #[serde(default)]
+    pub daemon: RawDaemon,
+    /// Mailboxes sendbox can send from, by name: `[accounts.alerts]`.
+    #[serde(default)]
+    pub accounts: BTreeMap<String, Spanned<RawAccount>>,
+    /// Plugins, by name: `[plugins.file-alert]`.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, Spanned<RawPlugin>>,
+}
+
+/// `[daemon]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDaemon {
+    /// Where compiled plugin code is cached, e.g. `"var/cache"`. Default:
+    /// `$XDG_CACHE_HOME/sendbox` or `~/.cache/sendbox`.
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// `[accounts.NAME]`: one mailbox and how to get its tokens.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccount {
+    /// `microsoft365`, `google`, `generic` (explicit endpoints) or `file`
+    /// (write `.eml` files; no OAuth, no SMTP).
+    pub provider: Spanned<String>,
+    /// The mailbox to send as, e.g. `"alerts@contoso.com"`: the XOAUTH2
+    /// user and the default From.
+    pub mailbox: Spanned<String>,
+    /// Microsoft 365: the tenant, e.g. `"contoso.onmicrosoft.com"` or the
+    /// directory id.
+    pub tenant: Option<Spanned<String>>,
+    /// The app registration's client id.
+    pub client_id: Option<Spanned<String>>,
+    /// The client secret, by reference: `{ file = "/etc/sendbox/alerts.secret" }`
+    /// or `{ env = "ALERTS_CLIENT_SECRET" }`.
+    pub client_secret: Option<Spanned<RawSecret>>,
+    /// Certificate credentials: the RSA private key (PEM) ...
+    pub private_key_file: Option<Spanned<PathBuf>>,
+    /// ... and the certificate uploaded to the app registration (PEM).
+    pub certificate_file: Option<Spanned<PathBuf>>,
+    /// Delegated credentials: where `sendbox login` keeps the refresh token,
+    /// e.g. `"var/alerts.token.json"` (written with mode 0600).
+    pub token_file: Option<Spanned<PathBuf>>,
+    /// `generic`: the token endpoint.
+    pub token_url: Option<Spanned<String>>,
+    /// `generic`: the device authorization endpoint, for `sendbox login`.
+    pub device_url: Option<Spanned<String>>,
+    /// Scopes to request; presets fill this in.
+    pub scopes: Option<Vec<String>>,
+    /// SMTP server; presets fill this in (`smtp.office365.com`,
+    /// `smtp.gmail.com`).
+    pub smtp_host: Option<String>,
+    /// SMTP port. Default 587 (465 with `security = "implicit_tls"`).
+    pub smtp_port: Option<u16>,
+    /// `starttls` (default) or `implicit_tls`.
+    pub security: Option<Spanned<String>>,
+    /// Extra CA certificate (PEM) to trust, for a private relay.
+    pub ca_file: Option<PathBuf>,
+    /// Most SMTP connections at once. Default 3 for `microsoft365`, else 5.
+    pub max_connections: Option<u32>,
+    /// Connect and command timeout in seconds. Default 30.
+    pub timeout_secs: Option<u64>,
+    /// `file`: the folder `.eml` files go to, e.g. `"var/mail"`.
+    pub dir: Option<PathBuf>,
+    /// Accept `client_secret = "..."` written inline (warned about).
+    #[serde(default)]
+    pub allow_inline_secret: bool,
+}
+
+/// A secret reference, or (refused unless opted in) an inline value.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawSecret {
+    /// `client_secret = "..."`
+    Inline(String),
+    /// `{ file = ... }` or `{ env = ... }`
+    Reference(RawSecretRef),
+}
+
+/// `{ file = "..." }` or `{ env = "..." }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSecretRef {
+    /// Read the secret from this file.
+    pub file: Option<PathBuf>,
+    /// Read the secret from this environment variable.
+    pub env: Option<String>,
+}
+
+/// `[plugins.NAME]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlugin {
+    /// The component file, e.g. `"plugins/file_alert.wasm"`.
+    pub wasm: Spanned<PathBuf>,
+    /// The account its emails go out through.
+    pub account: Spanned<String>,
+    /// Non-secret values the plugin reads with `config::get`.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+    /// Resource limits; see `sendbox_runtime::Limits`.
+    #[serde(default)]
+    pub limits: Limits,
+    /// From addresses the plugin may use besides the account's mailbox:
+    /// exact addresses or `*@domain`.
+    #[serde(default)]
+    pub allowed_from: Vec<String>,
+}
+
+/// A validated account.
+#[derive(Debug)]
+pub struct Account {
+    /// Its name in the config.
+    pub name: String,
+    /// The mailbox.
+    pub mailbox: String,
+    /// How it sends.
+    pub kind: AccountKind,
+}
+
+/// How an account sends.
+#[derive(Debug)]
+pub enum AccountKind {
+    /// Into a folder of `.eml` files.
+    File {
+        /// The folder.
+        dir: PathBuf,
+    },
+    /// SMTP with XOAUTH2.
+    Smtp(Box<SmtpAccount>),
+}
+
+/// The OAuth and SMTP side of an account.
+#[derive(Debug)]
+pub struct SmtpAccount {
+    /// The preset, for messages.
+    pub provider: String,
+    /// Where tokens come from.
+    pub endpoints: Endpoints,
+    /// The client id.
+    pub client_id: String,
+    /// How the client proves itself.
+    pub credentials: Credentials,
+    /// SMTP settings.
+    pub smtp: sendbox_mail::smtp::SmtpSettings,
+}
+
+/// A validated plugin.
+#[derive(Debug)]
+pub struct Plugin {
+    /// Its name.
+    pub name: String,
+    /// The component file, resolved against the config's folder.
+    pub wasm: PathBuf,
+    /// The account.
+    pub account: String,
+    /// Runtime settings.
+    pub settings: sendbox_runtime::PluginSettings,
+    /// Allowed From addresses.
+    pub allowed_from: Vec<String>,
+}
+
+/// The validated config.
+#[derive(Debug)]
+pub struct Config {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Compiled-code cache.
+    pub cache_dir: Option<PathBuf>,
+    /// Accounts by name.
+    pub accounts: BTreeMap<String, Account>,
+    /// Plugins by name.
+    pub plugins: BTreeMap<String, Plugin>,
+    /// Things that work but deserve attention (inline secrets...).
+    pub warnings: Vec<String>,
+}
+
+/// Everything wrong with a config file, each naming where and how to fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", errors.join("\n"))]
+pub struct ConfigErrors {
+    /// One line per problem.
+    pub errors: Vec<String>,
+}
+
+struct Ctx<'a> {
+    path: &'a Path,
+    source: &'a str,
+    errors: Vec<String>,
+    warnings: Vec<String>,
+}
+
+impl Ctx<'_> {
+    fn at(&self, offset: usize) -> String {
+        let before = &self.source[..offset.min(self.source.len())];
+        let line = before.matches('\n').count() + 1;
+        let col = before
+            .rfind('\n')
+            .map_or(before.len(), |i| before.len() - i - 1)
+            + 1;
+        format!("{}:{line}:{col}", self.path.display())
+    }
+    fn error(&mut self, offset: usize, key: &str, msg: impl std::fmt::Display) {
+        let at = self.at(offset);
+        self.errors.push(format!("{at}: `{key}`: {msg}"));
+    }
+    fn resolve_path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.path.parent().unwrap_or(Path::new(".")).join(p)
+        }
+    }
+}
+
+/// Reads, parses and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let source = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+        errors: vec![format!(
+            "{}: cannot read the config file: {e}",
+            path.display()
+        )],
+    })?;
+    parse(path, &source)
+}
+
+/// Parses and validates config text (`path` is used for messages and to
+/// resolve relative paths).
+pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
+    let raw: RawConfig = toml::from_str(source).map_err(|e| {
+        let at = e
+            .span()
+            .map(|s| {
+                let before = &source[..s.start.min(source.len())];
+                let line = before.matches('\n').count() + 1;
+                let col = before
+                    .rfind('\n')
+                    .map_or(before.len(), |i| before.len() - i - 1)
+                    + 1;
+                format!("{}:{line}:{col}", path.display())
+            })
+            .unwrap_or_else(|| path.display().to_string());
+        ConfigErrors {
+            errors: vec![format!("{at}: {}", e.message())],
+        }
+    })?;
+    let mut cx = Ctx {
+        path,
+        source,
+        errors: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let mut accounts = BTreeMap::new();
+    for (name, acct) in raw.accounts {
+        let offset = acct.span().start;
+        if let Some(a) = account(&mut cx, &name, acct.into_inner(), offset) {
+            accounts.insert(name, a);
+        }
+    }
+    let mut plugins = BTreeMap::new();
+    for (name, p) in raw.plugins {
+        let offset = p.span().start;
+        let p = p.into_inner();
+        let account_name = p.account.get_ref().clone();
+        if !accounts.contains_key(&account_name) {
+            let known: Vec<&str> = accounts.keys().map(String::as_str).collect();
+            cx.error(
+                p.account.span().start,
+                &format!("plugins.{name}.account"),
+                format!(
+                    "no account named {account_name:?}; define [accounts.{account_name}] or use one of: {}",
+                    if known.is_empty() { "(none defined)".into() } else { known.join(", ") }
+                ),
+            );
+        }
+        if let Err(e) = p.limits.validate() {
+            cx.error(offset, &format!("plugins.{name}.limits"), e);
+        }
+        plugins.insert(
+            name.clone(),
+            Plugin {
+                wasm: cx.resolve_path(p.wasm.get_ref()),
+                account: account_name,
+                settings: sendbox_runtime::PluginSettings {
+                    config: p.config,
+                    limits: p.limits,
+                },
+                allowed_from: p.allowed_from,
+                name,
+            },
+        );
+    }
+    if !cx.errors.is_empty() {
+        return Err(ConfigErrors { errors: cx.errors });
+    }
+    Ok(Config {
+        path: path.to_owned(),
+        cache_dir: raw.daemon.cache_dir.map(|d| cx.resolve_path(&d)),
+        accounts,
+        plugins,
+        warnings: cx.warnings,
+    })
+}
+
+fn required<T: Clone>(
+    cx: &mut Ctx<'_>,
+    v: &Option<Spanned<T>>,
+    offset: usize,
+    key: &str,
+    fix: &str,
+) -> Option<T> {
+    match v {
+        Some(s) => Some(s.get_ref().clone()),
+        None => {
+            cx.error(offset, key, format!("is required: {fix}"));
+            None
+        }
+    }
+}
+
+fn account(cx: &mut Ctx<'_>, name: &str, a: RawAccount, offset: usize) -> Option<Account> {
+    let key = |k: &str| format!("accounts.{name}.{k}");
+    let mailbox = a.mailbox.get_ref().clone();
+    if !mailbox.contains('@') {
+        cx.error(
+            a.mailbox.span().start,
+            &key("mailbox"),
+            "is not an email address, e.g. \"alerts@contoso.com\"",
+        );
+    }
+    let provider = a.provider.get_ref().as_str();
+    if provider == "file" {
+        let Some(dir) = a.dir.as_ref() else {
+            cx.error(offset, &key("dir"), "is required for provider = \"file\": the folder .eml files go to, e.g. dir = \"var/mail\"");
+            return None;
+        };
+        return Some(Account {
+            name: name.to_owned(),
+            mailbox,
+            kind: AccountKind::File {
+                dir: cx.resolve_path(dir),
+            },
+        });
+    }
+    let client_id = required(
+        cx,
+        &a.client_id,
+        offset,
+        &key("client_id"),
+        "the app registration's client (application) id",
+    )?;
+
+    // Credentials: exactly one kind.
+    let secret = match &a.client_secret {
+        None => None,
+        Some(s) => {
+            let at = s.span().start;
+            match s.get_ref() {
+                RawSecret::Inline(v) if a.allow_inline_secret => {
+                    cx.warnings.push(format!(
+                        "{}: `{}` is written inline in the config; move it to a file (client_secret = {{ file = \"...\" }}) or an environment variable",
+                        cx.at(at),
+                        key("client_secret")
+                    ));
+                    Some(SecretSource::Inline(Secret::new(v.clone())))
+                }
+                RawSecret::Inline(_) => {
+                    cx.error(at, &key("client_secret"), "secrets are not written into the config: use client_secret = { file = \"/etc/sendbox/NAME.secret\" } or { env = \"VAR\" } (or set allow_inline_secret = true to accept it, with a warning)");
+                    return None;
+                }
+                RawSecret::Reference(RawSecretRef {
+                    file: Some(f),
+                    env: None,
+                }) => Some(SecretSource::File(cx.resolve_path(f))),
+                RawSecret::Reference(RawSecretRef {
+                    file: None,
+                    env: Some(v),
+                }) => Some(SecretSource::Env(v.clone())),
+                RawSecret::Reference(_) => {
+                    cx.error(
+                        at,
+                        &key("client_secret"),
+                        "give exactly one of `file` or `env`",
+                    );
+                    return None;
+                }
+            }
+        }
+    };
+    let cert = match (&a.private_key_file, &a.certificate_file) {
+        (Some(k), Some(c)) => Some((
+            cx.resolve_path(k.get_ref()),
+            cx.resolve_path(c.get_ref()),
+            k.span().start,
+        )),
+        (Some(k), None) => {
+            cx.error(k.span().start, &key("certificate_file"), "is required with private_key_file: the certificate uploaded to the app registration");
+            return None;
+        }
+        (None, Some(c)) => {
+            cx.error(
+                c.span().start,
+                &key("private_key_file"),
+                "is required with certificate_file",
+            );
+            return None;
+        }
+        (None, None) => None,
+    };
+    let token_file = a.token_file.as_ref().map(|t| cx.resolve_path(t.get_ref()));
+    let resolve_secret = |cx: &mut Ctx<'_>, s: &SecretSource| match s.resolve() {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let at = a.client_secret.as_ref().map_or(offset, |s| s.span().start);
+            cx.error(at, &format!("accounts.{name}.client_secret"), e);
+            None
+        }
+    };
+    let (credentials, delegated) = match (&secret, &cert, &token_file) {
+        (_, Some(_), Some(_)) | (_, Some(_), _) if secret.is_some() => {
+            cx.error(
+                offset,
+                &key("client_secret"),
+                "give either client_secret or private_key_file/certificate_file, not both",
+            );
+            return None;
+        }
+        (_, Some((k, c, at)), None) => {
+            let read = |p: &Path| {
+                std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+            };
+            match read(k).and_then(|kp| read(c).map(|cp| (kp, cp))) {
+                Ok((kp, cp)) => match sendbox_auth::jwt::CertificateKey::from_pem(&kp, &cp) {
+                    Ok(key_pair) => (Credentials::Certificate(key_pair), false),
+                    Err(e) => {
+                        cx.error(*at, &key("private_key_file"), e);
+                        return None;
+                    }
+                },
+                Err(e) => {
+                    cx.error(*at, &key("private_key_file"), e);
+                    return None;
+                }
+            }
+        }
+        (s, None, Some(tf)) => {
+            let client_secret = match s {
+                Some(s) => Some(resolve_secret(cx, s)?),
+                None => None,
+            };
+            (
+                Credentials::RefreshToken {
+                    token_file: tf.clone(),
+                    client_secret,
+                },
+                true,
+            )
+        }
+        (Some(s), None, None) => (Credentials::ClientSecret(resolve_secret(cx, s)?), false),
+        (None, None, None) => {
+            cx.error(offset, &key("client_secret"), "no credentials: give client_secret (app-only), private_key_file + certificate_file (app-only with a certificate), or token_file (delegated, filled by `sendbox login`)");
+            return None;
+        }
+        _ => {
+            cx.error(offset, &key("client_secret"), "conflicting credentials");
+            return None;
+        }
+    };
+
+    let (endpoints, host, default_conns) = match provider {
+        "microsoft365" => {
+            let tenant = required(
+                cx,
+                &a.tenant,
+                offset,
+                &key("tenant"),
+                "the tenant, e.g. \"contoso.onmicrosoft.com\"",
+            )?;
+            let e = if delegated {
+                Endpoints::microsoft365_delegated(&tenant)
+            } else {
+                Endpoints::microsoft365_app_only(&tenant)
+            };
+            (
+                e,
+                "smtp.office365.com".to_string(),
+                sendbox_mail::smtp::MICROSOFT365_MAX_CONNECTIONS,
+            )
+        }
+        "google" => (Endpoints::google(), "smtp.gmail.com".to_string(), 5),
+        "generic" => {
+            let token_url = required(
+                cx,
+                &a.token_url,
+                offset,
+                &key("token_url"),
+                "the token endpoint URL",
+            )?;
+            let Some(host) = a.smtp_host.clone() else {
+                cx.error(
+                    offset,
+                    &key("smtp_host"),
+                    "is required for provider = \"generic\"",
+                );
+                return None;
+            };
+            (
+                Endpoints {
+                    token_url,
+                    device_url: a.device_url.as_ref().map(|d| d.get_ref().clone()),
+                    scopes: a.scopes.clone().unwrap_or_default(),
+                },
+                host,
+                5,
+            )
+        }
+        other => {
+            cx.error(
+                a.provider.span().start,
+                &key("provider"),
+                format!("unknown provider {other:?}: use microsoft365, google, generic or file"),
+            );
+            return None;
+        }
+    };
+    let mut endpoints = endpoints;
+    if let Some(scopes) = &a.scopes {
+        endpoints.scopes = scopes.clone();
+    }
+    if let Some(d) = &a.device_url {
+        endpoints.device_url = Some(d.get_ref().clone());
+    }
+    if let Some(t) = &a.token_url {
+        endpoints.token_url = t.get_ref().clone();
+    }
+    let security = match a.security.as_ref().map(|s| s.get_ref().as_str()) {
+        None | Some("starttls") => sendbox_mail::smtp::Security::StartTls,
+        Some("implicit_tls") => sendbox_mail::smtp::Security::ImplicitTls,
+        Some(other) => {
+            let at = a.security.as_ref().map_or(offset, |s| s.span().start);
+            cx.error(at, &key("security"), format!("unknown value {other:?}: use \"starttls\" (port 587) or \"implicit_tls\" (port 465)"));
+            return None;
+        }
+    };
+    let port = a.smtp_port.unwrap_or(match security {
+        sendbox_mail::smtp::Security::StartTls => 587,
+        sendbox_mail::smtp::Security::ImplicitTls => 465,
+    });
+    Some(Account {
+        name: name.to_owned(),
+        mailbox: mailbox.clone(),
+        kind: AccountKind::Smtp(Box::new(SmtpAccount {
+            provider: provider.to_owned(),
+            endpoints,
+            client_id,
+            credentials,
+            smtp: sendbox_mail::smtp::SmtpSettings {
+                host: a.smtp_host.clone().unwrap_or(host),
+                port,
+                security,
+                mailbox,
+                max_connections: a.max_connections.unwrap_or(default_conns),
+                timeout: std::time::Duration::from_secs(a.timeout_secs.unwrap_or(30)),
+                ca_file: a.ca_file.as_ref().map(|c| cx.resolve_path(c)),
+            },
+        })),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(src: &str) -> Vec<String> {
+        parse(Path::new("sendbox.toml"), src).unwrap_err().errors
+    }
+
+    #[test]
+    fn unknown_keys_name_file_line_and_column() {
+        let e = errors(
+            "[accounts.a]\nprovider = \"file\"\nmailbox = \"a@b.c\"\ndir = \"m\"\ncolour = 1\n",
+        );
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("sendbox.toml:"), "{e:?}");
+        assert!(e[0].contains("unknown field `colour`"), "{e:?}");
+    }
+
+    #[test]
+    fn inline_secrets_are_refused_with_the_fix() {
+        let e = errors(
+            "[accounts.m]\nprovider = \"microsoft365\"\nmailbox = \"a@b.c\"\ntenant = \"t\"\nclient_id = \"id\"\nclient_secret = \"hunter2\"\n",
+        );
+        assert!(
+            e[0].starts_with("sendbox.toml:6:17: `accounts.m.client_secret`"),
+            "{e:?}"
+        );
+        assert!(e[0].contains("{ file ="), "{e:?}");
+        assert!(!e[0].contains("hunter2"));
+    }
+
+    #[test]
+    fn inline_secret_opt_in_is_warned_about() {
+        let c = parse(
+            Path::new("s.toml"),
+            "[accounts.m]\nprovider = \"microsoft365\"\nmailbox = \"a@b.c\"\ntenant = \"t\"\nclient_id = \"id\"\nclient_secret = \"hunter2\"\nallow_inline_secret = true\n",
+        )
+        .unwrap();
+        assert_eq!(c.warnings.len(), 1);
+        assert!(!c.warnings[0].contains("hunter2"));
+        assert!(
+            !format!("{c:?}").contains("hunter2"),
+            "Debug hides the secret"
+        );
+    }
+
+    #[test]
+    fn all_errors_are_reported_at_once() {
+        let e = errors(
+            "[accounts.a]\nprovider = \"nope\"\nmailbox = \"x\"\nclient_id = \"i\"\nclient_secret = { env = \"SENDBOX_UNSET_FOR_TEST\" }\n\n[plugins.p]\nwasm = \"p.wasm\"\naccount = \"missing\"\n",
+        );
+        assert!(
+            e.iter().any(|l| l.contains("`accounts.a.mailbox`")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|l| l.contains("`plugins.p.account`: no account named \"missing\"")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn microsoft365_preset_fills_endpoints_and_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("s"), "x\n").unwrap();
+        let cfg = format!(
+            "[accounts.m]\nprovider = \"microsoft365\"\nmailbox = \"a@contoso.com\"\ntenant = \"contoso.onmicrosoft.com\"\nclient_id = \"id\"\nclient_secret = {{ file = \"{}\" }}\n",
+            dir.path().join("s").display()
+        );
+        let c = parse(Path::new("s.toml"), &cfg).unwrap();
+        let AccountKind::Smtp(s) = &c.accounts["m"].kind else {
+            panic!()
+        };
+        assert_eq!(s.smtp.host, "smtp.office365.com");
+        assert_eq!(s.smtp.port, 587);
+        assert_eq!(s.smtp.max_connections, 3);
+        assert_eq!(
+            s.endpoints.scopes,
+            ["https://outlook.office365.com/.default"]
+        );
+        assert!(
+            s.endpoints
+                .token_url
+                .contains("/contoso.onmicrosoft.com/oauth2/v2.0/token")
+        );
+    }
+}
