@@ -677,3 +677,59 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod example_files {
+    use super::*;
+
+    fn example(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples")
+            .join(name)
+    }
+
+    #[test]
+    fn every_example_config_loads() {
+        // SAFETY: set once, before anything reads them, in this test binary.
+        unsafe {
+            std::env::set_var("M365_CLIENT_SECRET", "example-secret");
+            std::env::set_var("GOOGLE_CLIENT_SECRET", "example-secret");
+        }
+        let m365 = load(&example("microsoft365-app-only.toml")).unwrap();
+        let AccountKind::Smtp(a) = &m365.accounts["alerts"].kind else {
+            panic!()
+        };
+        assert_eq!(a.smtp.host, "smtp.office365.com");
+        assert!(matches!(a.credentials, Credentials::ClientSecret(_)));
+
+        let delegated = load(&example("microsoft365-delegated.toml")).unwrap();
+        let AccountKind::Smtp(a) = &delegated.accounts["alerts"].kind else {
+            panic!()
+        };
+        assert_eq!(
+            a.endpoints.scopes,
+            ["https://outlook.office.com/SMTP.Send", "offline_access"]
+        );
+        assert!(
+            a.endpoints
+                .device_url
+                .as_deref()
+                .unwrap()
+                .ends_with("/devicecode")
+        );
+
+        let gmail = load(&example("gmail.toml")).unwrap();
+        let AccountKind::Smtp(a) = &gmail.accounts["gmail"].kind else {
+            panic!()
+        };
+        assert_eq!(a.smtp.host, "smtp.gmail.com");
+        assert_eq!(a.endpoints.scopes, ["https://mail.google.com/"]);
+        assert!(matches!(
+            a.credentials,
+            Credentials::RefreshToken {
+                client_secret: Some(_),
+                ..
+            }
+        ));
+    }
+}
