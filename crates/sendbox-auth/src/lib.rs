@@ -109,7 +109,7 @@ pub enum Credentials {
     ClientSecret(Secret),
     /// Client credentials grant with a JWT assertion signed by a
     /// certificate's key.
-    Certificate(jwt::CertificateKey),
+    Certificate(Box<jwt::CertificateKey>),
     /// Refresh-token grant; the refresh token lives in `token_file`, put
     /// there by `sendbox login` (device authorization grant). Public clients
     /// have no secret.

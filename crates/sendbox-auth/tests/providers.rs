@@ -71,7 +71,7 @@ async fn a_certificate_assertion_gets_a_token() {
         "cert",
         endpoints(&p, &["smtp"]),
         &p.info.clients.cert.client_id,
-        Credentials::Certificate(key),
+        Credentials::Certificate(Box::new(key)),
     )
     .unwrap();
     let token = provider.token().await.unwrap();

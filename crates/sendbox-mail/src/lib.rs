@@ -27,7 +27,7 @@ pub use message::{BuildError, Prepared};
 #[derive(Debug)]
 pub enum Transport {
     /// SMTP with XOAUTH2.
-    Smtp(smtp::SmtpTransport),
+    Smtp(Box<smtp::SmtpTransport>),
     /// `.eml` files in a folder.
     File(file::FileTransport),
 }

@@ -241,9 +241,12 @@ pub fn new_message_id(mailbox: &str) -> String {
 
 type Reply<T> = mpsc::SyncSender<Result<T, OutboxError>>;
 
+/// A write run on the writer thread's connection.
+type WriteFn = Box<dyn FnOnce(&mut Connection) -> Result<(), OutboxError> + Send>;
+
 enum Write {
     Commit(Box<Call>, Reply<Committed>),
-    Run(Box<dyn FnOnce(&mut Connection) -> Result<(), OutboxError> + Send>),
+    Run(WriteFn),
 }
 
 /// The outbox. Cheap to share behind an `Arc`; all methods block briefly

@@ -195,17 +195,17 @@ pub(crate) fn apply(c: &Connection, call: &Call) -> Result<Committed, OutboxErro
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
-            if let Some((id, created)) = earlier {
-                if created > retention_start {
-                    let message_id: String = c
-                        .query_row("SELECT message_id FROM messages WHERE id = ?1", [id], |r| {
-                            r.get(0)
-                        })
-                        .optional()?
-                        .unwrap_or_default();
-                    done.duplicates.push(Queued { id, message_id });
-                    continue;
-                }
+            if let Some((id, created)) = earlier
+                && created > retention_start
+            {
+                let message_id: String = c
+                    .query_row("SELECT message_id FROM messages WHERE id = ?1", [id], |r| {
+                        r.get(0)
+                    })
+                    .optional()?
+                    .unwrap_or_default();
+                done.duplicates.push(Queued { id, message_id });
+                continue;
             }
         }
         let message_id = crate::new_message_id(&mailbox);

@@ -54,6 +54,12 @@ pub enum Command {
     /// Sign in a delegated account with the device code flow and save its
     /// refresh token.
     Login(commands::accounts::LoginArgs),
+    /// Look into the outbox: list, show, retry, drop messages.
+    #[command(subcommand)]
+    Outbox(commands::outbox::OutboxCommand),
+    /// Addresses never to mail: add, remove, list.
+    #[command(subcommand)]
+    Suppress(commands::outbox::SuppressCommand),
 }
 
 /// `sendbox plugin ...`
@@ -75,6 +81,8 @@ impl Command {
             Command::Check(c) => c.run(),
             Command::SendTest(c) => c.run(),
             Command::Login(c) => c.run(),
+            Command::Outbox(c) => c.run(),
+            Command::Suppress(c) => c.run(),
         }
     }
 }

@@ -36,6 +36,9 @@ pub struct RawDaemon {
     /// Where compiled plugin code is cached, e.g. `"var/cache"`. Default:
     /// `$XDG_CACHE_HOME/sendbox` or `~/.cache/sendbox`.
     pub cache_dir: Option<PathBuf>,
+    /// The outbox database (SQLite), relative to this file. Default
+    /// `"var/sendbox.db"`.
+    pub store: Option<PathBuf>,
 }
 
 /// `[accounts.NAME]`: one mailbox and how to get its tokens.
@@ -189,6 +192,8 @@ pub struct Config {
     pub path: PathBuf,
     /// Compiled-code cache.
     pub cache_dir: Option<PathBuf>,
+    /// The outbox database.
+    pub store: PathBuf,
     /// Accounts by name.
     pub accounts: BTreeMap<String, Account>,
     /// Plugins by name.
@@ -318,6 +323,12 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
     Ok(Config {
         path: path.to_owned(),
         cache_dir: raw.daemon.cache_dir.map(|d| cx.resolve_path(&d)),
+        store: cx.resolve_path(
+            raw.daemon
+                .store
+                .as_deref()
+                .unwrap_or(Path::new("var/sendbox.db")),
+        ),
         accounts,
         plugins,
         warnings: cx.warnings,
@@ -453,7 +464,7 @@ fn account(cx: &mut Ctx<'_>, name: &str, a: RawAccount, offset: usize) -> Option
             };
             match read(k).and_then(|kp| read(c).map(|cp| (kp, cp))) {
                 Ok((kp, cp)) => match sendbox_auth::jwt::CertificateKey::from_pem(&kp, &cp) {
-                    Ok(key_pair) => (Credentials::Certificate(key_pair), false),
+                    Ok(key_pair) => (Credentials::Certificate(Box::new(key_pair)), false),
                     Err(e) => {
                         cx.error(*at, &key("private_key_file"), e);
                         return None;

@@ -44,7 +44,7 @@ pub fn transport(account: Account) -> anyhow::Result<(Transport, Option<Arc<Toke
             let (tokens, settings) = token_provider(&account.name, *a)?;
             let smtp = SmtpTransport::new(settings, tokens.clone())
                 .map_err(|e| coded(exit::EX_CONFIG, format!("account `{}`: {e}", account.name)))?;
-            Ok((Transport::Smtp(smtp), Some(tokens)))
+            Ok((Transport::Smtp(Box::new(smtp)), Some(tokens)))
         }
     }
 }

@@ -1,4 +1,5 @@
 //! One module per subcommand; each command is a struct with `run(self)`.
 
 pub mod accounts;
+pub mod outbox;
 pub mod plugin;

@@ -1,0 +1,259 @@
+//! `sendbox outbox ...` and `sendbox suppress ...`: look into and act on the
+//! outbox database named by the config.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use sendbox_outbox::{Outbox, OutboxError, State};
+
+use crate::commands::accounts::load_config;
+use crate::exit::{self, coded};
+
+/// The config file, shared by these commands.
+#[derive(Debug, Args)]
+pub struct ConfigArg {
+    /// The config file (its `[daemon] store` names the database).
+    #[arg(long, short, env = "SENDBOX_CONFIG")]
+    pub config: PathBuf,
+}
+
+fn open(c: &ConfigArg) -> anyhow::Result<Outbox> {
+    let cfg = load_config(&c.config)?;
+    Outbox::open(&cfg.store).map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))
+}
+
+fn not_found(e: OutboxError) -> anyhow::Error {
+    match e {
+        OutboxError::NotFound(id) => coded(
+            exit::EX_DATAERR,
+            format!("no message with id {id} (see `sendbox outbox list`)"),
+        ),
+        other => coded(exit::EX_SOFTWARE, other.to_string()),
+    }
+}
+
+/// `sendbox outbox ...`
+#[derive(Debug, Subcommand)]
+pub enum OutboxCommand {
+    /// List messages, newest first.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only this state: queued, sending, sent, retry or dead.
+        #[arg(long)]
+        state: Option<State>,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show one message and its audit trail.
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The message id from `list`.
+        id: i64,
+    },
+    /// Queue a message (or every dead one) for another attempt now.
+    Retry {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The message id.
+        #[arg(required_unless_present = "dead")]
+        id: Option<i64>,
+        /// Retry every dead message.
+        #[arg(long, conflicts_with = "id")]
+        dead: bool,
+    },
+    /// Delete a message and its audit trail.
+    Drop {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The message id.
+        id: i64,
+    },
+}
+
+fn ts(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+impl OutboxCommand {
+    /// Runs the subcommand.
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        let mut out = std::io::stdout().lock();
+        match self {
+            OutboxCommand::List {
+                config,
+                state,
+                json,
+                limit,
+            } => {
+                let outbox = open(&config)?;
+                for m in outbox.list(state, limit).map_err(not_found)? {
+                    if json {
+                        serde_json::to_writer(&mut out, &m)?;
+                        writeln!(out)?;
+                    } else {
+                        writeln!(
+                            out,
+                            "{:>6}  {:<7}  {}  {:<14}  {:<10}  {}  {:?}",
+                            m.id,
+                            m.state.as_str(),
+                            ts(m.created_ms),
+                            m.plugin,
+                            m.account,
+                            m.recipients,
+                            m.email.subject
+                        )?;
+                    }
+                }
+            }
+            OutboxCommand::Show { config, id } => {
+                let outbox = open(&config)?;
+                let m = outbox.get(id).map_err(not_found)?;
+                writeln!(out, "id:          {}", m.id)?;
+                writeln!(out, "message-id:  {}", m.message_id)?;
+                writeln!(
+                    out,
+                    "state:       {} (attempts: {})",
+                    m.state.as_str(),
+                    m.attempts
+                )?;
+                writeln!(
+                    out,
+                    "plugin:      {} ({} event {})",
+                    m.plugin, m.trigger, m.event_id
+                )?;
+                writeln!(out, "account:     {}", m.account)?;
+                writeln!(out, "recipients:  {}", m.recipients)?;
+                writeln!(out, "subject:     {}", m.email.subject)?;
+                if let Some(r) = &m.last_reply {
+                    writeln!(out, "last reply:  {r}")?;
+                }
+                writeln!(out, "history:")?;
+                for a in outbox.audit_trail(id).map_err(not_found)? {
+                    writeln!(
+                        out,
+                        "  {}  {} -> {}{}",
+                        ts(a.at_ms),
+                        a.from.as_deref().unwrap_or("-"),
+                        a.to,
+                        a.detail.map(|d| format!("  {d}")).unwrap_or_default()
+                    )?;
+                }
+            }
+            OutboxCommand::Retry { config, id, dead } => {
+                let outbox = open(&config)?;
+                let ids: Vec<i64> = if dead {
+                    outbox
+                        .list(Some(State::Dead), usize::MAX >> 1)
+                        .map_err(not_found)?
+                        .into_iter()
+                        .map(|m| m.id)
+                        .collect()
+                } else {
+                    id.into_iter().collect()
+                };
+                for id in &ids {
+                    outbox.retry_now(*id).map_err(not_found)?;
+                }
+                writeln!(out, "queued {} message(s) for another attempt", ids.len())?;
+            }
+            OutboxCommand::Drop { config, id } => {
+                open(&config)?.drop_message(id).map_err(not_found)?;
+                writeln!(out, "dropped message {id}")?;
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// `sendbox suppress ...`: addresses never to mail, honoured at enqueue.
+#[derive(Debug, Subcommand)]
+pub enum SuppressCommand {
+    /// Add an address.
+    Add {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The address.
+        address: String,
+        /// Why (shown by `list`).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Remove an address.
+    Remove {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The address.
+        address: String,
+    },
+    /// List the addresses.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+impl SuppressCommand {
+    /// Runs the subcommand.
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        let mut out = std::io::stdout().lock();
+        match self {
+            SuppressCommand::Add {
+                config,
+                address,
+                reason,
+            } => {
+                if !address.contains('@') {
+                    return Err(coded(
+                        exit::EX_DATAERR,
+                        format!("{address:?} is not an email address"),
+                    ));
+                }
+                open(&config)?
+                    .suppress(&address, reason.as_deref())
+                    .map_err(not_found)?;
+                writeln!(out, "suppressed {address}")?;
+            }
+            SuppressCommand::Remove { config, address } => {
+                if open(&config)?.unsuppress(&address).map_err(not_found)? {
+                    writeln!(out, "removed {address}")?;
+                } else {
+                    writeln!(out, "{address} was not suppressed")?;
+                }
+            }
+            SuppressCommand::List { config } => {
+                for (a, r) in open(&config)?.suppressions().map_err(not_found)? {
+                    writeln!(
+                        out,
+                        "{a}{}",
+                        r.map(|r| format!("  ({r})")).unwrap_or_default()
+                    )?;
+                }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
