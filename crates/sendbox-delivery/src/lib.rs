@@ -1,0 +1,367 @@
+//! Delivery workers: one per account, taking due messages from the outbox
+//! and sending them through the account's transport.
+//!
+//! This crate owns *when* to send: the account's rate, how many messages are
+//! in flight, exponential backoff with jitter for transient failures, the
+//! maximum age after which a message goes dead, and pausing an account whose
+//! credentials or configuration are refused instead of burning retries. It
+//! decides only from [`SendError`]'s own answers (`is_transient`,
+//! `is_permanent`, `pauses_account`). It must not know SQL (the outbox's
+//! methods are its whole view of storage) or SMTP (the transport's).
+//!
+//! ```no_run
+//! # async fn demo(outbox: std::sync::Arc<sendbox_outbox::Outbox>, transport: sendbox_mail::Transport) {
+//! use sendbox_delivery::{AccountWorker, DeliverySettings};
+//! let worker = AccountWorker::new("alerts", "alerts@example.com", transport, outbox, DeliverySettings::default());
+//! worker.run(tokio::signal::ctrl_c()).await;
+//! # }
+//! ```
+
+#![deny(missing_docs)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sendbox_mail::message::{self, Envelope};
+use sendbox_mail::{SendError, Transport};
+use sendbox_outbox::{Message, Outbox, State, now_ms};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// How one account's worker behaves.
+#[derive(Debug, Clone)]
+pub struct DeliverySettings {
+    /// Most messages per minute; `None` for no limit. Default 30, Exchange's
+    /// per-mailbox limit.
+    pub rate_per_minute: Option<u32>,
+    /// Messages in flight at once. Default 3.
+    pub concurrency: usize,
+    /// First retry delay; doubles per attempt. Default 30 s.
+    pub backoff_base: Duration,
+    /// Longest retry delay. Default 30 min.
+    pub backoff_max: Duration,
+    /// A message still failing this long after it was queued goes dead.
+    /// Default 24 h.
+    pub max_age: Duration,
+    /// How often to look for due messages when nothing wakes the worker.
+    /// Default 1 s.
+    pub poll_interval: Duration,
+    /// How long a paused account waits before trying again. Default 5 min.
+    pub pause_recheck: Duration,
+    /// From addresses each plugin may use besides the mailbox.
+    pub allowed_from: HashMap<String, Vec<String>>,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        DeliverySettings {
+            rate_per_minute: Some(30),
+            concurrency: 3,
+            backoff_base: Duration::from_secs(30),
+            backoff_max: Duration::from_secs(30 * 60),
+            max_age: Duration::from_secs(24 * 3600),
+            poll_interval: Duration::from_secs(1),
+            pause_recheck: Duration::from_secs(300),
+            allowed_from: HashMap::new(),
+        }
+    }
+}
+
+/// The delay before attempt `attempts + 1`: `base * 2^(attempts-1)`, capped,
+/// with ±20% jitter so many failing messages do not retry in lockstep.
+pub fn backoff(settings: &DeliverySettings, attempts: u32, seed: &str) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let exp = attempts.saturating_sub(1).min(20);
+    let raw = settings
+        .backoff_base
+        .saturating_mul(1u32 << exp)
+        .min(settings.backoff_max);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write(seed.as_bytes());
+    h.write_u32(attempts);
+    let jitter = (h.finish() % 401) as f64 / 1000.0 - 0.2; // -0.2 ..= +0.2
+    raw.mul_f64(1.0 + jitter)
+}
+
+/// What a worker reports about its account, for `check` and metrics.
+#[derive(Debug, Default)]
+pub struct WorkerStatus {
+    paused: AtomicBool,
+    reason: std::sync::Mutex<Option<String>>,
+}
+
+impl WorkerStatus {
+    /// Whether the account is paused, and why.
+    pub fn paused(&self) -> Option<String> {
+        if self.paused.load(Ordering::Relaxed) {
+            self.reason
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        } else {
+            None
+        }
+    }
+    fn set(&self, reason: Option<String>) {
+        self.paused.store(reason.is_some(), Ordering::Relaxed);
+        *self
+            .reason
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = reason;
+    }
+}
+
+/// Delivers one account's messages.
+pub struct AccountWorker {
+    account: String,
+    mailbox: String,
+    transport: Arc<Transport>,
+    outbox: Arc<Outbox>,
+    settings: DeliverySettings,
+    wake: Arc<Notify>,
+    status: Arc<WorkerStatus>,
+}
+
+/// The outcome of one attempt.
+enum Attempt {
+    Sent(String),
+    Failed(SendError),
+    Unbuildable(String),
+}
+
+impl AccountWorker {
+    /// A worker; nothing runs until [`AccountWorker::run`].
+    pub fn new(
+        account: &str,
+        mailbox: &str,
+        transport: Transport,
+        outbox: Arc<Outbox>,
+        settings: DeliverySettings,
+    ) -> Self {
+        AccountWorker {
+            account: account.to_owned(),
+            mailbox: mailbox.to_owned(),
+            transport: Arc::new(transport),
+            outbox,
+            settings,
+            wake: Arc::new(Notify::new()),
+            status: Arc::new(WorkerStatus::default()),
+        }
+    }
+
+    /// Call `notify_one` on this after queueing to skip the poll delay.
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// The account's status.
+    pub fn status(&self) -> Arc<WorkerStatus> {
+        self.status.clone()
+    }
+
+    /// Runs until `shutdown` resolves: then stops claiming, lets in-flight
+    /// sends finish, and returns.
+    pub async fn run(self, shutdown: impl Future) {
+        tokio::pin!(shutdown);
+        let mut next_slot = Instant::now();
+        let interval = self
+            .settings
+            .rate_per_minute
+            .filter(|r| *r > 0)
+            .map(|r| Duration::from_secs(60) / r);
+        loop {
+            if let Some(reason) = self.status.paused() {
+                tracing::warn!(account = %self.account, %reason, "account paused; retrying later");
+                tokio::select! {
+                    _ = &mut shutdown => return,
+                    _ = tokio::time::sleep(self.settings.pause_recheck) => {}
+                    _ = self.wake.notified() => {}
+                }
+                self.status.set(None);
+            }
+            let outbox = self.outbox.clone();
+            let account = self.account.clone();
+            let limit = self.settings.concurrency.max(1);
+            let claimed = tokio::task::spawn_blocking(move || outbox.claim(&account, limit))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            let batch = match claimed {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(account = %self.account, error = %e, "cannot claim messages");
+                    Vec::new()
+                }
+            };
+            if batch.is_empty() {
+                tokio::select! {
+                    _ = &mut shutdown => return,
+                    _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                    _ = self.wake.notified() => {}
+                }
+                continue;
+            }
+            let mut in_flight = tokio::task::JoinSet::new();
+            let mut pause: Option<String> = None;
+            for m in batch {
+                if pause.is_some() {
+                    self.release(m, "not attempted: the account is paused").await;
+                    continue;
+                }
+                if let Some(step) = interval {
+                    let now = Instant::now();
+                    if next_slot > now {
+                        tokio::time::sleep_until(next_slot).await;
+                    }
+                    next_slot = next_slot.max(now) + step;
+                }
+                let transport = self.transport.clone();
+                let prepared = self.prepare(&m);
+                in_flight.spawn(async move {
+                    let attempt = match prepared {
+                        Ok(p) => match transport.send(&p).await {
+                            Ok(reply) => Attempt::Sent(reply),
+                            Err(e) => Attempt::Failed(e),
+                        },
+                        Err(reason) => Attempt::Unbuildable(reason),
+                    };
+                    (m, attempt)
+                });
+                // Never more in flight than the concurrency.
+                while in_flight.len() >= self.settings.concurrency.max(1) {
+                    if let Some(Ok((m, a))) = in_flight.join_next().await
+                        && let Some(p) = self.settle(m, a).await
+                    {
+                        pause = Some(p);
+                    }
+                }
+            }
+            while let Some(done) = in_flight.join_next().await {
+                if let Ok((m, a)) = done
+                    && let Some(p) = self.settle(m, a).await
+                {
+                    pause = Some(p);
+                }
+            }
+            if let Some(p) = pause {
+                tracing::error!(account = %self.account, reason = %p, "pausing the account's queue; fix the account and run `sendbox check`");
+                self.status.set(Some(p));
+            }
+            // A finished batch may be followed right away by the next one.
+            if futures_ready(&mut shutdown).await {
+                return;
+            }
+        }
+    }
+
+    fn prepare(&self, m: &Message) -> Result<sendbox_mail::Prepared, String> {
+        let allowed = self
+            .settings
+            .allowed_from
+            .get(&m.plugin)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        message::build(
+            &m.email,
+            &Envelope {
+                account_mailbox: &self.mailbox,
+                allowed_from: allowed,
+                message_id: &m.message_id,
+                date: UNIX_EPOCH + Duration::from_millis(m.created_ms.max(0) as u64),
+            },
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    async fn release(&self, m: Message, why: &str) {
+        let why = why.to_owned();
+        let outbox = self.outbox.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            outbox.mark(m.id, State::Queued, Some(now_ms()), &why)
+        })
+        .await;
+    }
+
+    /// Records an attempt's result; returns a pause reason when the account
+    /// must stop.
+    async fn settle(&self, m: Message, attempt: Attempt) -> Option<String> {
+        let span = tracing::info_span!("deliver", account = %self.account, plugin = %m.plugin, event_id = %m.event_id, message_id = %m.message_id, id = m.id, attempt = m.attempts);
+        let _e = span.enter();
+        let (state, next, detail, pause) = match attempt {
+            Attempt::Sent(reply) => {
+                tracing::info!(%reply, "sent");
+                (State::Sent, None, reply, None)
+            }
+            Attempt::Unbuildable(reason) => {
+                tracing::warn!(%reason, "message cannot be built; dead");
+                (State::Dead, None, reason, None)
+            }
+            Attempt::Failed(e) if e.pauses_account() => {
+                tracing::error!(error = %e, "account refused; message requeued");
+                (State::Queued, Some(now_ms()), format!("account paused: {e}"), Some(e.to_string()))
+            }
+            Attempt::Failed(e) if e.is_permanent() => {
+                tracing::warn!(error = %e, "permanent failure; dead");
+                (State::Dead, None, e.to_string(), None)
+            }
+            Attempt::Failed(e) => {
+                let age = Duration::from_millis((now_ms() - m.created_ms).max(0) as u64);
+                if age >= self.settings.max_age {
+                    tracing::warn!(error = %e, ?age, "still failing after max_age; dead");
+                    (State::Dead, None, format!("gave up after {age:?}: {e}"), None)
+                } else {
+                    let wait = backoff(&self.settings, m.attempts, &m.message_id);
+                    tracing::info!(error = %e, retry_in = ?wait, "transient failure; will retry");
+                    (State::Retry, Some(now_ms() + wait.as_millis() as i64), e.to_string(), None)
+                }
+            }
+        };
+        let outbox = self.outbox.clone();
+        let id = m.id;
+        let result =
+            tokio::task::spawn_blocking(move || outbox.mark(id, state, next, &detail)).await;
+        if !matches!(result, Ok(Ok(()))) {
+            tracing::error!(id, "cannot record the delivery result; the message will be retried after a restart");
+        }
+        pause
+    }
+}
+
+/// Whether `fut` is already complete, without waiting.
+async fn futures_ready<F: Future + Unpin>(fut: &mut F) -> bool {
+    tokio::select! {
+        biased;
+        _ = fut => true,
+        _ = std::future::ready(()) => false,
+    }
+}
+
+/// Seconds since the Unix epoch (for logs).
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_caps_and_jitters() {
+        let s = DeliverySettings {
+            backoff_base: Duration::from_secs(10),
+            backoff_max: Duration::from_secs(60),
+            ..DeliverySettings::default()
+        };
+        let b1 = backoff(&s, 1, "m");
+        assert!(b1 >= Duration::from_secs(8) && b1 <= Duration::from_secs(12), "{b1:?}");
+        let b3 = backoff(&s, 3, "m");
+        assert!(b3 >= Duration::from_secs(32) && b3 <= Duration::from_secs(48), "{b3:?}");
+        let b9 = backoff(&s, 9, "m");
+        assert!(b9 <= Duration::from_secs(72), "{b9:?}");
+    }
+}

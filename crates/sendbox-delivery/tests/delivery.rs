@@ -1,0 +1,225 @@
+//! Delivery workers between a real SQLite outbox and the real SMTP/OAuth
+//! peers: delivery, retries on 4xx, dead on 5xx, waiting out an OAuth
+//! outage, pausing on refused credentials, the account's rate.
+
+#[path = "../../../tests/support/peers.rs"]
+mod peers;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use peers::Peers;
+use sendbox_auth::{Credentials, Endpoints, Secret, TokenProvider};
+use sendbox_delivery::{AccountWorker, DeliverySettings};
+use sendbox_mail::Transport;
+use sendbox_mail::smtp::{Security, SmtpSettings, SmtpTransport};
+use sendbox_outbox::{Call, Outbox, Policy, State};
+use sendbox_types::Email;
+
+fn transport(p: &Peers, secret: &str) -> Transport {
+    let tokens = Arc::new(
+        TokenProvider::new(
+            "alerts",
+            Endpoints {
+                token_url: p.info.token_endpoint.clone(),
+                device_url: None,
+                scopes: vec!["smtp".into()],
+            },
+            &p.info.clients.secret.client_id,
+            Credentials::ClientSecret(Secret::new(secret)),
+        )
+        .unwrap(),
+    );
+    Transport::Smtp(Box::new(
+        SmtpTransport::new(
+            SmtpSettings {
+                host: "localhost".into(),
+                port: p.info.smtp_starttls_port,
+                security: Security::StartTls,
+                mailbox: "alerts@example.com".into(),
+                max_connections: 3,
+                timeout: Duration::from_secs(10),
+                ca_file: Some(p.info.ca_file.clone()),
+            },
+            tokens,
+        )
+        .unwrap(),
+    ))
+}
+
+fn fast() -> DeliverySettings {
+    DeliverySettings {
+        rate_per_minute: None,
+        backoff_base: Duration::from_millis(200),
+        backoff_max: Duration::from_millis(400),
+        poll_interval: Duration::from_millis(50),
+        pause_recheck: Duration::from_secs(3600),
+        ..DeliverySettings::default()
+    }
+}
+
+fn enqueue(outbox: &Outbox, n: usize) -> Vec<i64> {
+    let emails = (0..n)
+        .map(|i| Email {
+            to: vec!["ops@example.com".into()],
+            subject: format!("message {i}"),
+            text: Some("body".into()),
+            ..Email::default()
+        })
+        .collect();
+    outbox
+        .commit(Call {
+            plugin: "p".into(),
+            trigger: "cli".into(),
+            event_id: "evt".into(),
+            account: "alerts".into(),
+            account_mailbox: "alerts@example.com".into(),
+            policy: Policy::default(),
+            emails,
+            state_changes: vec![],
+        })
+        .unwrap()
+        .queued
+        .into_iter()
+        .map(|q| q.id)
+        .collect()
+}
+
+fn open() -> (tempfile::TempDir, Arc<Outbox>) {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Arc::new(Outbox::open(&dir.path().join("o.db")).unwrap());
+    (dir, outbox)
+}
+
+/// Runs the worker until `done` holds or 20 s pass.
+async fn run_until(worker: AccountWorker, outbox: &Arc<Outbox>, done: impl Fn(&Outbox) -> bool) {
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let s = stop.clone();
+    let handle = tokio::spawn(worker.run(async move { s.notified().await }));
+    let start = Instant::now();
+    while !done(outbox) {
+        assert!(start.elapsed() < Duration::from_secs(20), "timed out: {:?}", outbox.depth().unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.notify_one();
+    handle.await.unwrap();
+}
+
+fn all_in(state: State, n: usize) -> impl Fn(&Outbox) -> bool {
+    move |o| o.list(Some(state), 10_000).unwrap().len() == n
+}
+
+#[tokio::test]
+async fn queued_messages_are_delivered_once_with_their_message_ids() {
+    let p = Peers::start();
+    let (_d, outbox) = open();
+    let ids = enqueue(&outbox, 10);
+    let worker = AccountWorker::new("alerts", "alerts@example.com", transport(&p, &p.info.clients.secret.client_secret), outbox.clone(), fast());
+    run_until(worker, &outbox, all_in(State::Sent, 10)).await;
+    let got = p.messages().await;
+    assert_eq!(got.len(), 10);
+    for id in ids {
+        let m = outbox.get(id).unwrap();
+        assert!(m.last_reply.as_deref().unwrap().starts_with("250"), "{:?}", m.last_reply);
+        assert_eq!(got.iter().filter(|r| r.raw.contains(&m.message_id)).count(), 1);
+    }
+}
+
+#[tokio::test]
+async fn a_451_is_retried_until_delivered() {
+    let p = Peers::start();
+    p.faults(serde_json::json!([{ "stage": "rcpt", "code": 451, "message": "4.3.0 Try again later", "count": 4 }])).await;
+    let (_d, outbox) = open();
+    let ids = enqueue(&outbox, 2);
+    let worker = AccountWorker::new("alerts", "alerts@example.com", transport(&p, &p.info.clients.secret.client_secret), outbox.clone(), fast());
+    run_until(worker, &outbox, all_in(State::Sent, 2)).await;
+    assert_eq!(p.messages().await.len(), 2);
+    let attempts: u32 = ids.iter().map(|id| outbox.get(*id).unwrap().attempts).sum();
+    assert_eq!(attempts, 6, "4 refused attempts and 2 good ones");
+    let trail = outbox.audit_trail(ids[0]).unwrap();
+    assert!(trail.iter().any(|a| a.to == "retry" && a.detail.as_deref().unwrap_or("").contains("451")));
+}
+
+#[tokio::test]
+async fn a_550_goes_dead_with_the_reply() {
+    let p = Peers::start();
+    p.faults(serde_json::json!([{ "stage": "rcpt", "code": 550, "message": "5.1.1 User unknown", "count": 1 }])).await;
+    let (_d, outbox) = open();
+    let ids = enqueue(&outbox, 1);
+    let worker = AccountWorker::new("alerts", "alerts@example.com", transport(&p, &p.info.clients.secret.client_secret), outbox.clone(), fast());
+    run_until(worker, &outbox, all_in(State::Dead, 1)).await;
+    let m = outbox.get(ids[0]).unwrap();
+    assert!(m.last_reply.unwrap().contains("5.1.1 User unknown"));
+    assert!(p.messages().await.is_empty());
+}
+
+#[tokio::test]
+async fn messages_wait_out_an_oauth_outage() {
+    let p = Peers::start();
+    p.oauth_down(true).await;
+    let (_d, outbox) = open();
+    enqueue(&outbox, 3);
+    let worker = AccountWorker::new("alerts", "alerts@example.com", transport(&p, &p.info.clients.secret.client_secret), outbox.clone(), fast());
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let s = stop.clone();
+    let handle = tokio::spawn(worker.run(async move { s.notified().await }));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(p.messages().await.is_empty());
+    assert!(outbox.list(Some(State::Dead), 10).unwrap().is_empty(), "an outage kills nothing");
+    assert!(!outbox.list(Some(State::Retry), 10).unwrap().is_empty(), "waiting to retry");
+    p.oauth_down(false).await;
+    let start = Instant::now();
+    while outbox.list(Some(State::Sent), 10).unwrap().len() < 3 {
+        assert!(start.elapsed() < Duration::from_secs(20), "not delivered after the outage");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.notify_one();
+    handle.await.unwrap();
+    assert_eq!(p.messages().await.len(), 3);
+}
+
+#[tokio::test]
+async fn refused_credentials_pause_the_account_without_burning_the_message() {
+    let p = Peers::start();
+    let (_d, outbox) = open();
+    let ids = enqueue(&outbox, 2);
+    let worker = AccountWorker::new("alerts", "alerts@example.com", transport(&p, "wrong-secret"), outbox.clone(), fast());
+    let status = worker.status();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let s = stop.clone();
+    let handle = tokio::spawn(worker.run(async move { s.notified().await }));
+    let start = Instant::now();
+    while status.paused().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(20), "never paused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(status.paused().unwrap().contains("invalid_client"));
+    let requests = p.stats().await.token_requests;
+    assert!(requests <= 3, "at most one per message in flight: {requests}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(p.stats().await.token_requests, requests, "paused: no more requests");
+    stop.notify_one();
+    handle.await.unwrap();
+    for id in ids {
+        let m = outbox.get(id).unwrap();
+        assert_eq!(m.state, State::Queued, "kept for after the fix");
+        assert!(m.attempts <= 1, "no retries burnt while paused: {}", m.attempts);
+    }
+}
+
+#[tokio::test]
+async fn the_account_rate_is_honoured() {
+    let p = Peers::start();
+    let (_d, outbox) = open();
+    enqueue(&outbox, 8);
+    let settings = DeliverySettings {
+        rate_per_minute: Some(300), // one every 200 ms
+        ..fast()
+    };
+    let worker = AccountWorker::new("alerts", "alerts@example.com", transport(&p, &p.info.clients.secret.client_secret), outbox.clone(), settings);
+    let start = Instant::now();
+    run_until(worker, &outbox, all_in(State::Sent, 8)).await;
+    // 8 sends at one per 200 ms cannot finish in under 7 intervals.
+    assert!(start.elapsed() >= Duration::from_millis(1400), "{:?}", start.elapsed());
+    assert_eq!(p.messages().await.len(), 8);
+}
