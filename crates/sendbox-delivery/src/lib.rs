@@ -208,7 +208,8 @@ impl AccountWorker {
             let mut pause: Option<String> = None;
             for m in batch {
                 if pause.is_some() {
-                    self.release(m, "not attempted: the account is paused").await;
+                    self.release(m, "not attempted: the account is paused")
+                        .await;
                     continue;
                 }
                 if let Some(step) = interval {
@@ -301,7 +302,12 @@ impl AccountWorker {
             }
             Attempt::Failed(e) if e.pauses_account() => {
                 tracing::error!(error = %e, "account refused; message requeued");
-                (State::Queued, Some(now_ms()), format!("account paused: {e}"), Some(e.to_string()))
+                (
+                    State::Queued,
+                    Some(now_ms()),
+                    format!("account paused: {e}"),
+                    Some(e.to_string()),
+                )
             }
             Attempt::Failed(e) if e.is_permanent() => {
                 tracing::warn!(error = %e, "permanent failure; dead");
@@ -311,11 +317,21 @@ impl AccountWorker {
                 let age = Duration::from_millis((now_ms() - m.created_ms).max(0) as u64);
                 if age >= self.settings.max_age {
                     tracing::warn!(error = %e, ?age, "still failing after max_age; dead");
-                    (State::Dead, None, format!("gave up after {age:?}: {e}"), None)
+                    (
+                        State::Dead,
+                        None,
+                        format!("gave up after {age:?}: {e}"),
+                        None,
+                    )
                 } else {
                     let wait = backoff(&self.settings, m.attempts, &m.message_id);
                     tracing::info!(error = %e, retry_in = ?wait, "transient failure; will retry");
-                    (State::Retry, Some(now_ms() + wait.as_millis() as i64), e.to_string(), None)
+                    (
+                        State::Retry,
+                        Some(now_ms() + wait.as_millis() as i64),
+                        e.to_string(),
+                        None,
+                    )
                 }
             }
         };
@@ -324,7 +340,10 @@ impl AccountWorker {
         let result =
             tokio::task::spawn_blocking(move || outbox.mark(id, state, next, &detail)).await;
         if !matches!(result, Ok(Ok(()))) {
-            tracing::error!(id, "cannot record the delivery result; the message will be retried after a restart");
+            tracing::error!(
+                id,
+                "cannot record the delivery result; the message will be retried after a restart"
+            );
         }
         pause
     }
@@ -358,9 +377,15 @@ mod tests {
             ..DeliverySettings::default()
         };
         let b1 = backoff(&s, 1, "m");
-        assert!(b1 >= Duration::from_secs(8) && b1 <= Duration::from_secs(12), "{b1:?}");
+        assert!(
+            b1 >= Duration::from_secs(8) && b1 <= Duration::from_secs(12),
+            "{b1:?}"
+        );
         let b3 = backoff(&s, 3, "m");
-        assert!(b3 >= Duration::from_secs(32) && b3 <= Duration::from_secs(48), "{b3:?}");
+        assert!(
+            b3 >= Duration::from_secs(32) && b3 <= Duration::from_secs(48),
+            "{b3:?}"
+        );
         let b9 = backoff(&s, 9, "m");
         assert!(b9 <= Duration::from_secs(72), "{b9:?}");
     }

@@ -98,7 +98,11 @@ async fn run_until(worker: AccountWorker, outbox: &Arc<Outbox>, done: impl Fn(&O
     let handle = tokio::spawn(worker.run(async move { s.notified().await }));
     let start = Instant::now();
     while !done(outbox) {
-        assert!(start.elapsed() < Duration::from_secs(20), "timed out: {:?}", outbox.depth().unwrap());
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out: {:?}",
+            outbox.depth().unwrap()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.notify_one();
@@ -114,14 +118,27 @@ async fn queued_messages_are_delivered_once_with_their_message_ids() {
     let p = Peers::start();
     let (_d, outbox) = open();
     let ids = enqueue(&outbox, 10);
-    let worker = AccountWorker::new("alerts", "alerts@example.com", transport(&p, &p.info.clients.secret.client_secret), outbox.clone(), fast());
+    let worker = AccountWorker::new(
+        "alerts",
+        "alerts@example.com",
+        transport(&p, &p.info.clients.secret.client_secret),
+        outbox.clone(),
+        fast(),
+    );
     run_until(worker, &outbox, all_in(State::Sent, 10)).await;
     let got = p.messages().await;
     assert_eq!(got.len(), 10);
     for id in ids {
         let m = outbox.get(id).unwrap();
-        assert!(m.last_reply.as_deref().unwrap().starts_with("250"), "{:?}", m.last_reply);
-        assert_eq!(got.iter().filter(|r| r.raw.contains(&m.message_id)).count(), 1);
+        assert!(
+            m.last_reply.as_deref().unwrap().starts_with("250"),
+            "{:?}",
+            m.last_reply
+        );
+        assert_eq!(
+            got.iter().filter(|r| r.raw.contains(&m.message_id)).count(),
+            1
+        );
     }
 }
 
@@ -131,13 +148,23 @@ async fn a_451_is_retried_until_delivered() {
     p.faults(serde_json::json!([{ "stage": "rcpt", "code": 451, "message": "4.3.0 Try again later", "count": 4 }])).await;
     let (_d, outbox) = open();
     let ids = enqueue(&outbox, 2);
-    let worker = AccountWorker::new("alerts", "alerts@example.com", transport(&p, &p.info.clients.secret.client_secret), outbox.clone(), fast());
+    let worker = AccountWorker::new(
+        "alerts",
+        "alerts@example.com",
+        transport(&p, &p.info.clients.secret.client_secret),
+        outbox.clone(),
+        fast(),
+    );
     run_until(worker, &outbox, all_in(State::Sent, 2)).await;
     assert_eq!(p.messages().await.len(), 2);
     let attempts: u32 = ids.iter().map(|id| outbox.get(*id).unwrap().attempts).sum();
     assert_eq!(attempts, 6, "4 refused attempts and 2 good ones");
     let trail = outbox.audit_trail(ids[0]).unwrap();
-    assert!(trail.iter().any(|a| a.to == "retry" && a.detail.as_deref().unwrap_or("").contains("451")));
+    assert!(
+        trail
+            .iter()
+            .any(|a| a.to == "retry" && a.detail.as_deref().unwrap_or("").contains("451"))
+    );
 }
 
 #[tokio::test]
@@ -146,7 +173,13 @@ async fn a_550_goes_dead_with_the_reply() {
     p.faults(serde_json::json!([{ "stage": "rcpt", "code": 550, "message": "5.1.1 User unknown", "count": 1 }])).await;
     let (_d, outbox) = open();
     let ids = enqueue(&outbox, 1);
-    let worker = AccountWorker::new("alerts", "alerts@example.com", transport(&p, &p.info.clients.secret.client_secret), outbox.clone(), fast());
+    let worker = AccountWorker::new(
+        "alerts",
+        "alerts@example.com",
+        transport(&p, &p.info.clients.secret.client_secret),
+        outbox.clone(),
+        fast(),
+    );
     run_until(worker, &outbox, all_in(State::Dead, 1)).await;
     let m = outbox.get(ids[0]).unwrap();
     assert!(m.last_reply.unwrap().contains("5.1.1 User unknown"));
@@ -159,18 +192,33 @@ async fn messages_wait_out_an_oauth_outage() {
     p.oauth_down(true).await;
     let (_d, outbox) = open();
     enqueue(&outbox, 3);
-    let worker = AccountWorker::new("alerts", "alerts@example.com", transport(&p, &p.info.clients.secret.client_secret), outbox.clone(), fast());
+    let worker = AccountWorker::new(
+        "alerts",
+        "alerts@example.com",
+        transport(&p, &p.info.clients.secret.client_secret),
+        outbox.clone(),
+        fast(),
+    );
     let stop = Arc::new(tokio::sync::Notify::new());
     let s = stop.clone();
     let handle = tokio::spawn(worker.run(async move { s.notified().await }));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(p.messages().await.is_empty());
-    assert!(outbox.list(Some(State::Dead), 10).unwrap().is_empty(), "an outage kills nothing");
-    assert!(!outbox.list(Some(State::Retry), 10).unwrap().is_empty(), "waiting to retry");
+    assert!(
+        outbox.list(Some(State::Dead), 10).unwrap().is_empty(),
+        "an outage kills nothing"
+    );
+    assert!(
+        !outbox.list(Some(State::Retry), 10).unwrap().is_empty(),
+        "waiting to retry"
+    );
     p.oauth_down(false).await;
     let start = Instant::now();
     while outbox.list(Some(State::Sent), 10).unwrap().len() < 3 {
-        assert!(start.elapsed() < Duration::from_secs(20), "not delivered after the outage");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "not delivered after the outage"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.notify_one();
@@ -183,7 +231,13 @@ async fn refused_credentials_pause_the_account_without_burning_the_message() {
     let p = Peers::start();
     let (_d, outbox) = open();
     let ids = enqueue(&outbox, 2);
-    let worker = AccountWorker::new("alerts", "alerts@example.com", transport(&p, "wrong-secret"), outbox.clone(), fast());
+    let worker = AccountWorker::new(
+        "alerts",
+        "alerts@example.com",
+        transport(&p, "wrong-secret"),
+        outbox.clone(),
+        fast(),
+    );
     let status = worker.status();
     let stop = Arc::new(tokio::sync::Notify::new());
     let s = stop.clone();
@@ -195,15 +249,26 @@ async fn refused_credentials_pause_the_account_without_burning_the_message() {
     }
     assert!(status.paused().unwrap().contains("invalid_client"));
     let requests = p.stats().await.token_requests;
-    assert!(requests <= 3, "at most one per message in flight: {requests}");
+    assert!(
+        requests <= 3,
+        "at most one per message in flight: {requests}"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(p.stats().await.token_requests, requests, "paused: no more requests");
+    assert_eq!(
+        p.stats().await.token_requests,
+        requests,
+        "paused: no more requests"
+    );
     stop.notify_one();
     handle.await.unwrap();
     for id in ids {
         let m = outbox.get(id).unwrap();
         assert_eq!(m.state, State::Queued, "kept for after the fix");
-        assert!(m.attempts <= 1, "no retries burnt while paused: {}", m.attempts);
+        assert!(
+            m.attempts <= 1,
+            "no retries burnt while paused: {}",
+            m.attempts
+        );
     }
 }
 
@@ -216,10 +281,20 @@ async fn the_account_rate_is_honoured() {
         rate_per_minute: Some(300), // one every 200 ms
         ..fast()
     };
-    let worker = AccountWorker::new("alerts", "alerts@example.com", transport(&p, &p.info.clients.secret.client_secret), outbox.clone(), settings);
+    let worker = AccountWorker::new(
+        "alerts",
+        "alerts@example.com",
+        transport(&p, &p.info.clients.secret.client_secret),
+        outbox.clone(),
+        settings,
+    );
     let start = Instant::now();
     run_until(worker, &outbox, all_in(State::Sent, 8)).await;
     // 8 sends at one per 200 ms cannot finish in under 7 intervals.
-    assert!(start.elapsed() >= Duration::from_millis(1400), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        start.elapsed()
+    );
     assert_eq!(p.messages().await.len(), 8);
 }

@@ -54,6 +54,8 @@ pub enum Command {
     /// Sign in a delegated account with the device code flow and save its
     /// refresh token.
     Login(commands::accounts::LoginArgs),
+    /// Deliver queued messages through every account until stopped.
+    Deliver(commands::deliver::DeliverArgs),
     /// Look into the outbox: list, show, retry, drop messages.
     #[command(subcommand)]
     Outbox(commands::outbox::OutboxCommand),
@@ -81,6 +83,7 @@ impl Command {
             Command::Check(c) => c.run(),
             Command::SendTest(c) => c.run(),
             Command::Login(c) => c.run(),
+            Command::Deliver(c) => c.run(),
             Command::Outbox(c) => c.run(),
             Command::Suppress(c) => c.run(),
         }

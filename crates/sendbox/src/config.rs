@@ -87,6 +87,12 @@ pub struct RawAccount {
     pub timeout_secs: Option<u64>,
     /// `file`: the folder `.eml` files go to, e.g. `"var/mail"`.
     pub dir: Option<PathBuf>,
+    /// Most messages per minute through this account. Default 30 for
+    /// `microsoft365` (Exchange's limit), none otherwise.
+    pub rate_per_minute: Option<u32>,
+    /// A message still failing this many hours after it was queued goes
+    /// dead. Default 24.
+    pub max_age_hours: Option<u32>,
     /// Accept `client_secret = "..."` written inline (warned about).
     #[serde(default)]
     pub allow_inline_secret: bool,
@@ -139,6 +145,10 @@ pub struct Account {
     pub name: String,
     /// The mailbox.
     pub mailbox: String,
+    /// Messages per minute, if limited.
+    pub rate_per_minute: Option<u32>,
+    /// Hours before a failing message goes dead.
+    pub max_age_hours: u32,
     /// How it sends.
     pub kind: AccountKind,
 }
@@ -370,6 +380,8 @@ fn account(cx: &mut Ctx<'_>, name: &str, a: RawAccount, offset: usize) -> Option
         return Some(Account {
             name: name.to_owned(),
             mailbox,
+            rate_per_minute: a.rate_per_minute,
+            max_age_hours: a.max_age_hours.unwrap_or(24),
             kind: AccountKind::File {
                 dir: cx.resolve_path(dir),
             },
@@ -582,6 +594,10 @@ fn account(cx: &mut Ctx<'_>, name: &str, a: RawAccount, offset: usize) -> Option
     Some(Account {
         name: name.to_owned(),
         mailbox: mailbox.clone(),
+        rate_per_minute: a
+            .rate_per_minute
+            .or((provider == "microsoft365").then_some(30)),
+        max_age_hours: a.max_age_hours.unwrap_or(24),
         kind: AccountKind::Smtp(Box::new(SmtpAccount {
             provider: provider.to_owned(),
             endpoints,

@@ -1,5 +1,6 @@
 //! One module per subcommand; each command is a struct with `run(self)`.
 
 pub mod accounts;
+pub mod deliver;
 pub mod outbox;
 pub mod plugin;

@@ -1,0 +1,142 @@
+//! `sendbox deliver`: run the delivery workers for every account until
+//! stopped (or, with `--until-empty`, until nothing is left to send).
+//!
+//! On start, messages a previous process left in `sending` are queued again
+//! with their Message-ID. On SIGTERM or SIGINT the workers stop claiming and
+//! finish what is in flight; a second signal quits at once (whatever was in
+//! flight is recovered at the next start).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use sendbox_delivery::{AccountWorker, DeliverySettings};
+use sendbox_outbox::{Outbox, State};
+
+use crate::commands::accounts::{load_config, transport};
+use crate::exit::{self, coded};
+
+/// `sendbox deliver --config FILE`
+#[derive(Debug, Args)]
+pub struct DeliverArgs {
+    /// The config file.
+    #[arg(long, short, env = "SENDBOX_CONFIG")]
+    pub config: PathBuf,
+    /// Exit once no message is queued, sending or waiting to retry.
+    #[arg(long)]
+    pub until_empty: bool,
+}
+
+impl DeliverArgs {
+    /// Runs the workers.
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        let cfg = load_config(&self.config)?;
+        let outbox = Arc::new(
+            Outbox::open(&cfg.store).map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?,
+        );
+        let recovered = outbox
+            .recover()
+            .map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?;
+        if recovered > 0 {
+            tracing::warn!(
+                recovered,
+                "requeued messages left in `sending` by the previous run"
+            );
+        }
+        let mut allowed_from = std::collections::HashMap::new();
+        for p in cfg.plugins.values() {
+            allowed_from.insert(p.name.clone(), p.allowed_from.clone());
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let outbox_for_workers = outbox.clone();
+        rt.block_on(async move {
+            let outbox = outbox_for_workers;
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let mut workers = tokio::task::JoinSet::new();
+            for (name, account) in cfg.accounts {
+                let mailbox = account.mailbox.clone();
+                let settings = DeliverySettings {
+                    rate_per_minute: account.rate_per_minute,
+                    max_age: Duration::from_secs(u64::from(account.max_age_hours) * 3600),
+                    allowed_from: allowed_from.clone(),
+                    ..DeliverySettings::default()
+                };
+                let (t, _) = transport(account)?;
+                let worker = AccountWorker::new(&name, &mailbox, t, outbox.clone(), settings);
+                let mut rx = stop_rx.clone();
+                workers.spawn(async move {
+                    worker.run(async move {
+                        let _ = rx.wait_for(|s| *s).await;
+                    })
+                    .await;
+                });
+            }
+            let pending = |o: &Outbox| -> bool {
+                o.depth().map_or(true, |d| {
+                    d.iter().any(|(s, n)| {
+                        *n > 0 && matches!(s, State::Queued | State::Sending | State::Retry)
+                    })
+                })
+            };
+            let mut signals = Signals::new()?;
+            loop {
+                tokio::select! {
+                    _ = signals.recv() => {
+                        tracing::info!("stopping: finishing messages in flight (signal again to quit now)");
+                        let _ = stop_tx.send(true);
+                        break;
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(200)), if self.until_empty => {
+                        let o = outbox.clone();
+                        if !tokio::task::spawn_blocking(move || pending(&o)).await.unwrap_or(true) {
+                            let _ = stop_tx.send(true);
+                            break;
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = async { while workers.join_next().await.is_some() {} } => {}
+                _ = signals.recv() => {
+                    tracing::warn!("second signal: quitting now; in-flight messages are requeued at the next start");
+                    std::process::exit(130);
+                }
+            }
+            anyhow::Ok(())
+        })?;
+        outbox.close();
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// SIGINT and SIGTERM as one stream.
+pub struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers.
+    pub fn new() -> anyhow::Result<Self> {
+        Ok(Signals {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?,
+        })
+    }
+
+    /// The next SIGINT or SIGTERM.
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = self.term.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
