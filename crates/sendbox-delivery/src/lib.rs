@@ -184,7 +184,10 @@ impl AccountWorker {
             }
             let outbox = self.outbox.clone();
             let account = self.account.clone();
-            let limit = self.settings.concurrency.max(1);
+            // Without a rate, claim a few rounds ahead so the connections
+            // never wait on a claim; with one, claim only what can go now,
+            // so nothing sits in `sending` waiting for its slot.
+            let limit = self.settings.concurrency.max(1) * if interval.is_some() { 1 } else { 8 };
             let claimed = tokio::task::spawn_blocking(move || outbox.claim(&account, limit))
                 .await
                 .map_err(|e| e.to_string())
