@@ -181,6 +181,7 @@ impl AccountWorker {
                     _ = self.wake.notified() => {}
                 }
                 self.status.set(None);
+                self.record_pause(None).await;
             }
             let outbox = self.outbox.clone();
             let account = self.account.clone();
@@ -252,6 +253,7 @@ impl AccountWorker {
             }
             if let Some(p) = pause {
                 tracing::error!(account = %self.account, reason = %p, "pausing the account's queue; fix the account and run `sendbox check`");
+                self.record_pause(Some(p.clone())).await;
                 self.status.set(Some(p));
             }
             // A finished batch may be followed right away by the next one.
@@ -259,6 +261,15 @@ impl AccountWorker {
                 return;
             }
         }
+    }
+
+    async fn record_pause(&self, reason: Option<String>) {
+        let outbox = self.outbox.clone();
+        let account = self.account.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            outbox.set_account_paused(&account, reason.as_deref())
+        })
+        .await;
     }
 
     fn prepare(&self, m: &Message) -> Result<sendbox_mail::Prepared, String> {

@@ -298,3 +298,52 @@ async fn the_account_rate_is_honoured() {
     );
     assert_eq!(p.messages().await.len(), 8);
 }
+
+#[tokio::test]
+async fn a_pause_is_recorded_for_check_and_a_transient_failure_past_max_age_goes_dead() {
+    let p = Peers::start();
+    let (_d, outbox) = open();
+    enqueue(&outbox, 1);
+    let worker = AccountWorker::new(
+        "alerts",
+        "alerts@example.com",
+        transport(&p, "wrong-secret"),
+        outbox.clone(),
+        fast(),
+    );
+    run_until(worker, &outbox, |o| {
+        !o.paused_accounts().unwrap().is_empty()
+    })
+    .await;
+    let paused = outbox.paused_accounts().unwrap();
+    assert_eq!(paused[0].0, "alerts");
+    assert!(paused[0].2.contains("invalid_client"), "{paused:?}");
+
+    // Max age: a 4xx on a message older than max_age is final.
+    let (_d2, outbox) = open();
+    p.faults(
+        serde_json::json!([{ "stage": "rcpt", "code": 451, "message": "4.3.0 later", "count": 1 }]),
+    )
+    .await;
+    let ids = enqueue(&outbox, 1);
+    let settings = DeliverySettings {
+        max_age: Duration::ZERO,
+        ..fast()
+    };
+    let worker = AccountWorker::new(
+        "alerts",
+        "alerts@example.com",
+        transport(&p, &p.info.clients.secret.client_secret),
+        outbox.clone(),
+        settings,
+    );
+    run_until(worker, &outbox, all_in(State::Dead, 1)).await;
+    assert!(
+        outbox
+            .get(ids[0])
+            .unwrap()
+            .last_reply
+            .unwrap()
+            .starts_with("gave up after")
+    );
+}

@@ -472,6 +472,39 @@ impl Outbox {
         })
     }
 
+    /// Records that delivery for `account` is paused (`Some(reason)`) or
+    /// running again (`None`), so `sendbox check` can say so.
+    pub fn set_account_paused(
+        &self,
+        account: &str,
+        reason: Option<&str>,
+    ) -> Result<(), OutboxError> {
+        let account = account.to_owned();
+        let reason = reason.map(str::to_owned);
+        self.write(move |conn| {
+            match reason {
+                Some(r) => conn.execute(
+                    "INSERT INTO account_status (account, paused_ms, reason) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (account) DO UPDATE SET paused_ms = excluded.paused_ms, reason = excluded.reason",
+                    params![account, now_ms(), r],
+                )?,
+                None => conn.execute("DELETE FROM account_status WHERE account = ?1", [account])?,
+            };
+            Ok(())
+        })
+    }
+
+    /// Paused accounts: (account, since ms, reason).
+    pub fn paused_accounts(&self) -> Result<Vec<(String, i64, String)>, OutboxError> {
+        self.read(|c| {
+            let mut st = c.prepare(
+                "SELECT account, paused_ms, reason FROM account_status ORDER BY account",
+            )?;
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect()
+        })
+    }
+
     /// Adds an address to the suppression list.
     pub fn suppress(&self, address: &str, reason: Option<&str>) -> Result<(), OutboxError> {
         let address = address.trim().to_ascii_lowercase();

@@ -61,6 +61,14 @@ const MIGRATIONS: &[&str] = &[
         reason    TEXT
     );
     "#,
+    // v2
+    r#"
+    CREATE TABLE account_status (
+        account     TEXT PRIMARY KEY,
+        paused_ms   INTEGER NOT NULL,
+        reason      TEXT NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

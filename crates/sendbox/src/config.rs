@@ -132,10 +132,10 @@ pub struct RawPlugin {
     /// Resource limits; see `sendbox_runtime::Limits`.
     #[serde(default)]
     pub limits: Limits,
-    /// From addresses the plugin may use besides the account's mailbox:
-    /// exact addresses or `*@domain`.
+    /// What the plugin may send: allowed From addresses and recipients,
+    /// sizes and rates, checked at enqueue (`[plugins.NAME.policy]`).
     #[serde(default)]
-    pub allowed_from: Vec<String>,
+    pub policy: sendbox_outbox::Policy,
 }
 
 /// A validated account.
@@ -191,8 +191,8 @@ pub struct Plugin {
     pub account: String,
     /// Runtime settings.
     pub settings: sendbox_runtime::PluginSettings,
-    /// Allowed From addresses.
-    pub allowed_from: Vec<String>,
+    /// What it may send.
+    pub policy: sendbox_outbox::Policy,
 }
 
 /// The validated config.
@@ -322,7 +322,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
                     config: p.config,
                     limits: p.limits,
                 },
-                allowed_from: p.allowed_from,
+                policy: p.policy,
                 name,
             },
         );

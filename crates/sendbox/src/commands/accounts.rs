@@ -111,6 +111,22 @@ impl CheckArgs {
             }
         }
 
+        // Delivery pauses recorded by a running `sendbox deliver`/`run`.
+        if cfg.store.exists() {
+            match sendbox_outbox::Outbox::open(&cfg.store).and_then(|o| o.paused_accounts()) {
+                Ok(paused) => {
+                    for (account, _since, reason) in paused {
+                        failed = true;
+                        println!("x account {account}: delivery is paused: {reason}");
+                    }
+                }
+                Err(e) => {
+                    failed = true;
+                    println!("x outbox {}: {e}", cfg.store.display());
+                }
+            }
+        }
+
         if !self.no_environment {
             let tokio = runtime()?;
             for (name, account) in cfg.accounts {

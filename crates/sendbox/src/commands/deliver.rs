@@ -47,7 +47,7 @@ impl DeliverArgs {
         }
         let mut allowed_from = std::collections::HashMap::new();
         for p in cfg.plugins.values() {
-            allowed_from.insert(p.name.clone(), p.allowed_from.clone());
+            allowed_from.insert(p.name.clone(), p.policy.allowed_from.clone());
         }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
