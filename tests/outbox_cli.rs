@@ -165,3 +165,28 @@ fn suppress_add_list_remove_and_enqueue_honours_it() {
             .is_empty()
     );
 }
+
+#[test]
+fn check_reports_an_account_whose_delivery_is_paused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, outbox) = setup(dir.path());
+    let ok = sendbox(&["check", "--config", &cfg, "--no-environment"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    outbox
+        .set_account_paused(
+            "local",
+            Some("Authentication failure (535 5.7.3): token rejected"),
+        )
+        .unwrap();
+    let out = sendbox(&["check", "--config", &cfg, "--no-environment"]);
+    assert_eq!(out.status.code(), Some(78));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("x account local: delivery is paused: Authentication failure (535 5.7.3)"),
+        "{text}"
+    );
+}
