@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Builds the example plugins and the sendbox binary, then runs each example
-# plugin on its sample event, printing what it would send. Nothing is sent.
+# Builds the example plugins and the sendbox binary, copies the plugins to
+# var/plugins/, and starts the daemon with examples/quickstart.toml: a
+# watched folder, two webhook routes and a schedule, writing every email as
+# an .eml file under var/quickstart/mail/. Ctrl-C stops it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,9 +15,15 @@ cargo build --release --locked --target wasm32-wasip2 \
   --manifest-path plugins/Cargo.toml --target-dir "$target/wasm-plugins"
 cargo build --release --locked -p sendbox
 
-wasm="$target/wasm-plugins/wasm32-wasip2/release"
-for p in file-alert webhook-bridge daily-digest; do
-  echo "== $p: plugins/$p/sample-event.json"
-  "$target/release/sendbox" plugin run "$wasm/${p//-/_}.wasm" \
-    --event "plugins/$p/sample-event.json" --config to=ops@example.com
-done
+mkdir -p var/plugins var/quickstart/incoming
+cp "$target"/wasm-plugins/wasm32-wasip2/release/{file_alert,webhook_bridge,daily_digest}.wasm var/plugins/
+
+cat <<'MSG'
+
+Try it (in another terminal):
+  echo "region,orders" > var/quickstart/incoming/report.csv
+  curl -s -X POST localhost:8025/hooks/alerts -H 'content-type: application/json' \
+       -d @plugins/webhook-bridge/samples/alert.json
+  ls var/quickstart/mail/
+MSG
+exec "$target/release/sendbox" --log info run --config examples/quickstart.toml

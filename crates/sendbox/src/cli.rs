@@ -54,6 +54,8 @@ pub enum Command {
     /// Sign in a delegated account with the device code flow and save its
     /// refresh token.
     Login(commands::accounts::LoginArgs),
+    /// Run the daemon: triggers, plugins, outbox and delivery.
+    Run(commands::run::RunArgs),
     /// Deliver queued messages through every account until stopped.
     Deliver(commands::deliver::DeliverArgs),
     /// Look into the outbox: list, show, retry, drop messages.
@@ -83,6 +85,7 @@ impl Command {
             Command::Check(c) => c.run(),
             Command::SendTest(c) => c.run(),
             Command::Login(c) => c.run(),
+            Command::Run(c) => c.run(),
             Command::Deliver(c) => c.run(),
             Command::Outbox(c) => c.run(),
             Command::Suppress(c) => c.run(),

@@ -39,6 +39,12 @@ pub struct RawDaemon {
     /// The outbox database (SQLite), relative to this file. Default
     /// `"var/sendbox.db"`.
     pub store: Option<PathBuf>,
+    /// Where webhooks are served, e.g. `"127.0.0.1:8025"`. Default
+    /// `"127.0.0.1:8025"`; port 0 picks a free one.
+    pub listen: Option<String>,
+    /// How long `sendbox run` waits for in-flight work on SIGTERM, in
+    /// seconds. Default 10.
+    pub shutdown_grace_secs: Option<u64>,
 }
 
 /// `[accounts.NAME]`: one mailbox and how to get its tokens.
@@ -136,6 +142,75 @@ pub struct RawPlugin {
     /// sizes and rates, checked at enqueue (`[plugins.NAME.policy]`).
     #[serde(default)]
     pub policy: sendbox_outbox::Policy,
+    /// A webhook route for this plugin.
+    pub webhook: Option<RawWebhook>,
+    /// Folders to watch: `[[plugins.NAME.watch]]`.
+    #[serde(default)]
+    pub watch: Vec<RawWatch>,
+    /// Schedules: `[[plugins.NAME.schedule]]`.
+    #[serde(default)]
+    pub schedule: Vec<RawSchedule>,
+}
+
+/// `[plugins.NAME.webhook]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhook {
+    /// The route, e.g. `"/hooks/alerts"`.
+    pub path: String,
+    /// HMAC-SHA256 secret, by reference (`{ env = "..." }` or `{ file = "..." }`).
+    pub secret: Option<RawSecretRef>,
+    /// Header carrying the signature. Default `X-Hub-Signature-256`.
+    pub signature_header: Option<String>,
+    /// Prefix before the hex digest. Default `sha256=`.
+    pub signature_prefix: Option<String>,
+    /// Bearer token, by reference, instead of a signature.
+    pub bearer_token: Option<RawSecretRef>,
+    /// Accept unauthenticated requests (only sensible on loopback).
+    #[serde(default)]
+    pub unauthenticated: bool,
+    /// Largest body, in bytes. Default 1 MiB.
+    pub max_body_bytes: Option<usize>,
+    /// Requests handled at once. Default 16.
+    pub concurrency: Option<usize>,
+}
+
+/// `[[plugins.NAME.watch]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWatch {
+    /// The watch's name, passed to the plugin, e.g. `"incoming"`.
+    pub name: String,
+    /// The folder, relative to this file.
+    pub dir: PathBuf,
+    /// Watch subfolders too. Default false.
+    #[serde(default)]
+    pub recursive: bool,
+    /// Only paths matching these globs, e.g. `["*.csv"]`. Default: all.
+    #[serde(default)]
+    pub include: Vec<String>,
+    /// Never paths matching these globs, e.g. `["*.tmp", ".*"]`.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Quiet time after the last write before the event fires, ms. Default 500.
+    pub debounce_ms: Option<u64>,
+    /// Files up to this size are passed with their contents. Default 5 MiB.
+    pub max_contents_bytes: Option<u64>,
+    /// Emit `created` for files present at start. Default false.
+    #[serde(default)]
+    pub process_existing: bool,
+}
+
+/// `[[plugins.NAME.schedule]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSchedule {
+    /// The schedule's name, passed to the plugin, e.g. `"daily"`.
+    pub name: String,
+    /// Cron expression: 5 fields (`"0 8 * * *"`) or 6 with seconds first.
+    pub cron: String,
+    /// IANA time zone. Default `"UTC"`.
+    pub timezone: Option<String>,
 }
 
 /// A validated account.
@@ -193,6 +268,14 @@ pub struct Plugin {
     pub settings: sendbox_runtime::PluginSettings,
     /// What it may send.
     pub policy: sendbox_outbox::Policy,
+    /// Its webhook route.
+    pub webhook: Option<sendbox_triggers::webhook::Route>,
+    /// The webhook path.
+    pub webhook_path: Option<String>,
+    /// Its watched folders.
+    pub watches: Vec<sendbox_triggers::watch::Watch>,
+    /// Its schedules.
+    pub schedules: Vec<sendbox_triggers::cron::Schedule>,
 }
 
 /// The validated config.
@@ -204,6 +287,10 @@ pub struct Config {
     pub cache_dir: Option<PathBuf>,
     /// The outbox database.
     pub store: PathBuf,
+    /// Webhook listen address.
+    pub listen: String,
+    /// Drain deadline on SIGTERM.
+    pub shutdown_grace: std::time::Duration,
     /// Accounts by name.
     pub accounts: BTreeMap<String, Account>,
     /// Plugins by name.
@@ -313,6 +400,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
         if let Err(e) = p.limits.validate() {
             cx.error(offset, &format!("plugins.{name}.limits"), e);
         }
+        let triggers = triggers(&mut cx, &name, &p, offset);
         plugins.insert(
             name.clone(),
             Plugin {
@@ -323,9 +411,25 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
                     limits: p.limits,
                 },
                 policy: p.policy,
+                webhook_path: p.webhook.as_ref().map(|w| w.path.clone()),
+                webhook: triggers.0,
+                watches: triggers.1,
+                schedules: triggers.2,
                 name,
             },
         );
+    }
+    let mut paths = std::collections::HashMap::new();
+    for p in plugins.values() {
+        if let Some(path) = &p.webhook_path
+            && let Some(other) = paths.insert(path.clone(), p.name.clone())
+        {
+            cx.errors.push(format!(
+                "{}: `plugins.{}.webhook.path`: {path} is also the path of plugin `{other}`; give each plugin its own path",
+                path_display(cx.path),
+                p.name
+            ));
+        }
     }
     if !cx.errors.is_empty() {
         return Err(ConfigErrors { errors: cx.errors });
@@ -333,6 +437,10 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
     Ok(Config {
         path: path.to_owned(),
         cache_dir: raw.daemon.cache_dir.map(|d| cx.resolve_path(&d)),
+        listen: raw.daemon.listen.unwrap_or_else(|| "127.0.0.1:8025".into()),
+        shutdown_grace: std::time::Duration::from_secs(
+            raw.daemon.shutdown_grace_secs.unwrap_or(10),
+        ),
         store: cx.resolve_path(
             raw.daemon
                 .store
@@ -343,6 +451,119 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
         plugins,
         warnings: cx.warnings,
     })
+}
+
+fn path_display(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn secret_bytes(cx: &mut Ctx<'_>, offset: usize, key: &str, r: &RawSecretRef) -> Option<Vec<u8>> {
+    let src = match (&r.file, &r.env) {
+        (Some(f), None) => SecretSource::File(cx.resolve_path(f)),
+        (None, Some(v)) => SecretSource::Env(v.clone()),
+        _ => {
+            cx.error(offset, key, "give exactly one of `file` or `env`");
+            return None;
+        }
+    };
+    match src.resolve() {
+        Ok(s) => Some(s.expose().as_bytes().to_vec()),
+        Err(e) => {
+            cx.error(offset, key, e);
+            None
+        }
+    }
+}
+
+type Triggers = (
+    Option<sendbox_triggers::webhook::Route>,
+    Vec<sendbox_triggers::watch::Watch>,
+    Vec<sendbox_triggers::cron::Schedule>,
+);
+
+fn globs(cx: &mut Ctx<'_>, offset: usize, key: &str, pats: &[String]) -> globset::GlobSet {
+    let mut b = globset::GlobSetBuilder::new();
+    for p in pats {
+        match globset::Glob::new(p) {
+            Ok(g) => {
+                b.add(g);
+            }
+            Err(e) => cx.error(offset, key, format!("bad glob {p:?}: {e}")),
+        }
+    }
+    b.build().unwrap_or_else(|_| globset::GlobSet::empty())
+}
+
+fn triggers(cx: &mut Ctx<'_>, name: &str, p: &RawPlugin, offset: usize) -> Triggers {
+    use sendbox_triggers::webhook::{Auth, Route};
+    let webhook = p.webhook.as_ref().and_then(|w| {
+        let key = format!("plugins.{name}.webhook");
+        if !w.path.starts_with('/') || w.path == "/healthz" || w.path == "/metrics" {
+            cx.error(offset, &format!("{key}.path"), "must start with `/` and not be /healthz or /metrics, e.g. \"/hooks/alerts\"");
+            return None;
+        }
+        let auth = match (&w.secret, &w.bearer_token, w.unauthenticated) {
+            (Some(s), None, false) => Auth::Hmac {
+                secret: secret_bytes(cx, offset, &format!("{key}.secret"), s)?,
+                header: w.signature_header.clone().unwrap_or_else(|| "X-Hub-Signature-256".into()).to_ascii_lowercase(),
+                prefix: w.signature_prefix.clone().unwrap_or_else(|| "sha256=".into()),
+            },
+            (None, Some(t), false) => Auth::Bearer {
+                token: secret_bytes(cx, offset, &format!("{key}.bearer_token"), t)?,
+            },
+            (None, None, true) => Auth::None,
+            _ => {
+                cx.error(offset, &key, "choose one of `secret` (HMAC signature), `bearer_token`, or `unauthenticated = true`");
+                return None;
+            }
+        };
+        Some(Route {
+            plugin: name.to_owned(),
+            auth,
+            max_body_bytes: w.max_body_bytes.unwrap_or(1 << 20),
+            concurrency: w.concurrency.unwrap_or(16),
+        })
+    });
+    let mut watches = Vec::new();
+    for (i, w) in p.watch.iter().enumerate() {
+        let key = format!("plugins.{name}.watch[{i}]");
+        let dir = cx.resolve_path(&w.dir);
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            cx.error(
+                offset,
+                &format!("{key}.dir"),
+                format!("cannot create {}: {e}", dir.display()),
+            );
+            continue;
+        }
+        let Ok(dir) = dir.canonicalize() else {
+            continue;
+        };
+        watches.push(sendbox_triggers::watch::Watch {
+            plugin: name.to_owned(),
+            name: w.name.clone(),
+            dir,
+            recursive: w.recursive,
+            include: globs(cx, offset, &format!("{key}.include"), &w.include),
+            exclude: globs(cx, offset, &format!("{key}.exclude"), &w.exclude),
+            debounce: std::time::Duration::from_millis(w.debounce_ms.unwrap_or(500)),
+            max_contents_bytes: w.max_contents_bytes.unwrap_or(5 << 20),
+            process_existing: w.process_existing,
+        });
+    }
+    let mut schedules = Vec::new();
+    for (i, s) in p.schedule.iter().enumerate() {
+        match sendbox_triggers::cron::parse(&s.cron, s.timezone.as_deref().unwrap_or("UTC")) {
+            Ok((cron, tz)) => schedules.push(sendbox_triggers::cron::Schedule {
+                plugin: name.to_owned(),
+                name: s.name.clone(),
+                cron,
+                tz,
+            }),
+            Err(e) => cx.error(offset, &format!("plugins.{name}.schedule[{i}]"), e),
+        }
+    }
+    (webhook, watches, schedules)
 }
 
 fn required<T: Clone>(

@@ -6,6 +6,7 @@
 //! finish what is in flight; a second signal quits at once (whatever was in
 //! flight is recovered at the next start).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -45,10 +46,7 @@ impl DeliverArgs {
                 "requeued messages left in `sending` by the previous run"
             );
         }
-        let mut allowed_from = std::collections::HashMap::new();
-        for p in cfg.plugins.values() {
-            allowed_from.insert(p.name.clone(), p.policy.allowed_from.clone());
-        }
+        let allowed_from = allowed_from(&cfg);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -57,25 +55,7 @@ impl DeliverArgs {
         rt.block_on(async move {
             let outbox = outbox_for_workers;
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            let mut workers = tokio::task::JoinSet::new();
-            for (name, account) in cfg.accounts {
-                let mailbox = account.mailbox.clone();
-                let settings = DeliverySettings {
-                    rate_per_minute: account.rate_per_minute,
-                    max_age: Duration::from_secs(u64::from(account.max_age_hours) * 3600),
-                    allowed_from: allowed_from.clone(),
-                    ..DeliverySettings::default()
-                };
-                let (t, _) = transport(account)?;
-                let worker = AccountWorker::new(&name, &mailbox, t, outbox.clone(), settings);
-                let mut rx = stop_rx.clone();
-                workers.spawn(async move {
-                    worker.run(async move {
-                        let _ = rx.wait_for(|s| *s).await;
-                    })
-                    .await;
-                });
-            }
+            let (mut workers, _wakers) = start_workers(cfg.accounts, &outbox, &allowed_from, &stop_rx)?;
             let pending = |o: &Outbox| -> bool {
                 o.depth().map_or(true, |d| {
                     d.iter().any(|(s, n)| {
@@ -112,6 +92,50 @@ impl DeliverArgs {
         outbox.close();
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// Each plugin's allowed From addresses, for message building.
+pub fn allowed_from(cfg: &crate::config::Config) -> HashMap<String, Vec<String>> {
+    cfg.plugins
+        .values()
+        .map(|p| (p.name.clone(), p.policy.allowed_from.clone()))
+        .collect()
+}
+
+/// Starts one delivery worker per account; they stop when `stop` turns
+/// true. Returns the tasks and each account's waker.
+pub fn start_workers(
+    accounts: std::collections::BTreeMap<String, crate::config::Account>,
+    outbox: &Arc<Outbox>,
+    allowed_from: &HashMap<String, Vec<String>>,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<(
+    tokio::task::JoinSet<()>,
+    HashMap<String, Arc<tokio::sync::Notify>>,
+)> {
+    let mut workers = tokio::task::JoinSet::new();
+    let mut wakers = HashMap::new();
+    for (name, account) in accounts {
+        let mailbox = account.mailbox.clone();
+        let settings = DeliverySettings {
+            rate_per_minute: account.rate_per_minute,
+            max_age: Duration::from_secs(u64::from(account.max_age_hours) * 3600),
+            allowed_from: allowed_from.clone(),
+            ..DeliverySettings::default()
+        };
+        let (t, _) = transport(account)?;
+        let worker = AccountWorker::new(&name, &mailbox, t, outbox.clone(), settings);
+        wakers.insert(name, worker.waker());
+        let mut rx = stop.clone();
+        workers.spawn(async move {
+            worker
+                .run(async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await;
+        });
+    }
+    Ok((workers, wakers))
 }
 
 /// SIGINT and SIGTERM as one stream.

@@ -4,3 +4,4 @@ pub mod accounts;
 pub mod deliver;
 pub mod outbox;
 pub mod plugin;
+pub mod run;
