@@ -968,10 +968,16 @@ mod example_files {
 
         let quick = load(&example("quickstart.toml")).unwrap();
         assert_eq!(quick.plugins.len(), 3);
-        assert!(matches!(quick.accounts["local"].kind, AccountKind::File { .. }));
+        assert!(matches!(
+            quick.accounts["local"].kind,
+            AccountKind::File { .. }
+        ));
         assert_eq!(quick.plugins["file-alert"].watches.len(), 1);
         assert_eq!(quick.plugins["daily-digest"].schedules.len(), 1);
-        assert_eq!(quick.plugins["webhook-bridge"].webhook_path.as_deref(), Some("/hooks/alerts"));
+        assert_eq!(
+            quick.plugins["webhook-bridge"].webhook_path.as_deref(),
+            Some("/hooks/alerts")
+        );
 
         let gmail = load(&example("gmail.toml")).unwrap();
         let AccountKind::Smtp(a) = &gmail.accounts["gmail"].kind else {

@@ -34,18 +34,7 @@ impl DeliverArgs {
     /// Runs the workers.
     pub fn run(self) -> anyhow::Result<ExitCode> {
         let cfg = load_config(&self.config)?;
-        let outbox = Arc::new(
-            Outbox::open(&cfg.store).map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?,
-        );
-        let recovered = outbox
-            .recover()
-            .map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?;
-        if recovered > 0 {
-            tracing::warn!(
-                recovered,
-                "requeued messages left in `sending` by the previous run"
-            );
-        }
+        let outbox = open_and_recover(&cfg.store)?;
         let allowed_from = allowed_from(&cfg);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -92,6 +81,22 @@ impl DeliverArgs {
         outbox.close();
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// Opens the outbox and requeues what a previous run left in `sending`.
+pub fn open_and_recover(store: &std::path::Path) -> anyhow::Result<Arc<Outbox>> {
+    let outbox =
+        Arc::new(Outbox::open(store).map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?);
+    let recovered = outbox
+        .recover()
+        .map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?;
+    if recovered > 0 {
+        tracing::warn!(
+            recovered,
+            "requeued messages left in `sending` by the previous run"
+        );
+    }
+    Ok(outbox)
 }
 
 /// Each plugin's allowed From addresses, for message building.

@@ -20,7 +20,7 @@ use sendbox_triggers::{Dispatch, Dispatched, Job};
 use tokio::sync::Notify;
 
 use crate::commands::accounts::load_config;
-use crate::commands::deliver::{Signals, allowed_from, start_workers};
+use crate::commands::deliver::{Signals, allowed_from, open_and_recover, start_workers};
 use crate::exit::{self, coded};
 
 /// `sendbox run --config FILE`
@@ -70,18 +70,7 @@ impl RunArgs {
             ..RuntimeOptions::default()
         })
         .map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?;
-        let outbox = Arc::new(
-            Outbox::open(&cfg.store).map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?,
-        );
-        let recovered = outbox
-            .recover()
-            .map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?;
-        if recovered > 0 {
-            tracing::warn!(
-                recovered,
-                "requeued messages left in `sending` by the previous run"
-            );
-        }
+        let outbox = open_and_recover(&cfg.store)?;
 
         // Plugins: a bad one is logged and skipped; the rest serve.
         let mut plugins: HashMap<String, Loaded> = HashMap::new();
