@@ -1,0 +1,134 @@
+//! The file trigger on a real folder with real inotify events: debouncing,
+//! globs, relative paths, symlinks out of the root, files present at start,
+//! and events queued while the plugin is busy.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use sendbox_triggers::watch::{self, Watch};
+use sendbox_triggers::{Dispatch, Dispatched, Job};
+use sendbox_types::{Event, FileChange, FileEvent};
+
+fn globs(p: &[&str]) -> GlobSet {
+    let mut b = GlobSetBuilder::new();
+    for g in p {
+        b.add(Glob::new(g).unwrap());
+    }
+    b.build().unwrap()
+}
+
+/// Records every job; each takes `busy` to "run".
+fn recorder(busy: Duration) -> (Dispatch, Arc<Mutex<Vec<FileEvent>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let d: Dispatch = Arc::new(move |job: Job| {
+        let s = s.clone();
+        Box::pin(async move {
+            tokio::time::sleep(busy).await;
+            if let Event::File(f) = job.event {
+                s.lock().unwrap().push(f);
+            }
+            Dispatched::Committed { queued: vec![], response: None }
+        })
+    });
+    (d, seen)
+}
+
+fn watch(dir: &Path, recursive: bool, process_existing: bool) -> Watch {
+    Watch {
+        plugin: "p".into(),
+        name: "incoming".into(),
+        dir: dir.canonicalize().unwrap(),
+        recursive,
+        include: GlobSet::empty(),
+        exclude: globs(&["*.tmp"]),
+        debounce: Duration::from_millis(300),
+        max_contents_bytes: 1024,
+        process_existing,
+    }
+}
+
+async fn until(seen: &Arc<Mutex<Vec<FileEvent>>>, n: usize) -> Vec<FileEvent> {
+    let start = Instant::now();
+    while seen.lock().unwrap().len() < n {
+        assert!(start.elapsed() < Duration::from_secs(10), "got {:?}", seen.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Anything extra would arrive within a debounce period.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    seen.lock().unwrap().clone()
+}
+
+fn spawn(w: Watch, d: Dispatch) -> tokio::sync::oneshot::Sender<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        watch::run(w, d, async move {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    tx
+}
+
+#[tokio::test]
+async fn a_file_written_in_pieces_fires_once_after_it_settles() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, seen) = recorder(Duration::ZERO);
+    let _stop = spawn(watch(dir.path(), false, false), d);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let path = dir.path().join("report.csv");
+    for i in 0..5 {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).unwrap();
+        writeln!(f, "line {i}").unwrap();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    std::fs::write(dir.path().join("skip.tmp"), "x").unwrap();
+    let got = until(&seen, 1).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].path, "report.csv");
+    assert_eq!(got[0].change, FileChange::Created);
+    assert_eq!(got[0].contents.as_ref().unwrap().0.len(), 35, "the whole settled file");
+}
+
+#[tokio::test]
+async fn paths_are_relative_and_symlinks_out_of_the_root_are_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret.txt"), "do not send").unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    let (d, seen) = recorder(Duration::ZERO);
+    let _stop = spawn(watch(dir.path(), true, false), d);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    std::os::unix::fs::symlink(outside.path().join("secret.txt"), dir.path().join("link.txt")).unwrap();
+    std::fs::write(dir.path().join("sub/inner.txt"), "hello").unwrap();
+    let got = until(&seen, 1).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].path, "sub/inner.txt");
+    assert_eq!(got[0].contents.as_ref().unwrap().0, b"hello");
+}
+
+#[tokio::test]
+async fn files_present_at_start_and_events_during_a_busy_plugin_are_not_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("old.txt"), "old").unwrap();
+    // Each event keeps the "plugin" busy for 300 ms.
+    let (d, seen) = recorder(Duration::from_millis(300));
+    let _stop = spawn(watch(dir.path(), false, true), d);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for i in 0..4 {
+        std::fs::write(dir.path().join(format!("new{i}.txt")), "n").unwrap();
+    }
+    std::fs::remove_file(dir.path().join("old.txt")).unwrap();
+    let got = until(&seen, 6).await;
+    let mut names: Vec<(String, FileChange)> = got.iter().map(|e| (e.path.clone(), e.change)).collect();
+    names.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(names.contains(&("old.txt".into(), FileChange::Created)), "{names:?}");
+    assert!(names.contains(&("old.txt".into(), FileChange::Removed)), "{names:?}");
+    for i in 0..4 {
+        assert!(names.iter().any(|(n, _)| n == &format!("new{i}.txt")), "{names:?}");
+    }
+}
