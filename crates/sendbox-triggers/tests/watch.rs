@@ -30,7 +30,10 @@ fn recorder(busy: Duration) -> (Dispatch, Arc<Mutex<Vec<FileEvent>>>) {
             if let Event::File(f) = job.event {
                 s.lock().unwrap().push(f);
             }
-            Dispatched::Committed { queued: vec![], response: None }
+            Dispatched::Committed {
+                queued: vec![],
+                response: None,
+            }
         })
     });
     (d, seen)
@@ -53,7 +56,11 @@ fn watch(dir: &Path, recursive: bool, process_existing: bool) -> Watch {
 async fn until(seen: &Arc<Mutex<Vec<FileEvent>>>, n: usize) -> Vec<FileEvent> {
     let start = Instant::now();
     while seen.lock().unwrap().len() < n {
-        assert!(start.elapsed() < Duration::from_secs(10), "got {:?}", seen.lock().unwrap());
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "got {:?}",
+            seen.lock().unwrap()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Anything extra would arrive within a debounce period.
@@ -82,7 +89,11 @@ async fn a_file_written_in_pieces_fires_once_after_it_settles() {
     let path = dir.path().join("report.csv");
     for i in 0..5 {
         use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
         writeln!(f, "line {i}").unwrap();
         tokio::time::sleep(Duration::from_millis(60)).await;
     }
@@ -91,7 +102,11 @@ async fn a_file_written_in_pieces_fires_once_after_it_settles() {
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].path, "report.csv");
     assert_eq!(got[0].change, FileChange::Created);
-    assert_eq!(got[0].contents.as_ref().unwrap().0.len(), 35, "the whole settled file");
+    assert_eq!(
+        got[0].contents.as_ref().unwrap().0.len(),
+        35,
+        "the whole settled file"
+    );
 }
 
 #[tokio::test]
@@ -103,7 +118,11 @@ async fn paths_are_relative_and_symlinks_out_of_the_root_are_ignored() {
     let (d, seen) = recorder(Duration::ZERO);
     let _stop = spawn(watch(dir.path(), true, false), d);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    std::os::unix::fs::symlink(outside.path().join("secret.txt"), dir.path().join("link.txt")).unwrap();
+    std::os::unix::fs::symlink(
+        outside.path().join("secret.txt"),
+        dir.path().join("link.txt"),
+    )
+    .unwrap();
     std::fs::write(dir.path().join("sub/inner.txt"), "hello").unwrap();
     let got = until(&seen, 1).await;
     assert_eq!(got.len(), 1, "{got:?}");
@@ -124,11 +143,21 @@ async fn files_present_at_start_and_events_during_a_busy_plugin_are_not_lost() {
     }
     std::fs::remove_file(dir.path().join("old.txt")).unwrap();
     let got = until(&seen, 6).await;
-    let mut names: Vec<(String, FileChange)> = got.iter().map(|e| (e.path.clone(), e.change)).collect();
+    let mut names: Vec<(String, FileChange)> =
+        got.iter().map(|e| (e.path.clone(), e.change)).collect();
     names.sort_by(|a, b| a.0.cmp(&b.0));
-    assert!(names.contains(&("old.txt".into(), FileChange::Created)), "{names:?}");
-    assert!(names.contains(&("old.txt".into(), FileChange::Removed)), "{names:?}");
+    assert!(
+        names.contains(&("old.txt".into(), FileChange::Created)),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&("old.txt".into(), FileChange::Removed)),
+        "{names:?}"
+    );
     for i in 0..4 {
-        assert!(names.iter().any(|(n, _)| n == &format!("new{i}.txt")), "{names:?}");
+        assert!(
+            names.iter().any(|(n, _)| n == &format!("new{i}.txt")),
+            "{names:?}"
+        );
     }
 }

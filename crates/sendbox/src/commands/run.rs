@@ -32,7 +32,7 @@ pub struct RunArgs {
 }
 
 /// Plugin state, read from the outbox's database.
-struct OutboxState(Arc<Outbox>);
+pub struct OutboxState(pub Arc<Outbox>);
 
 fn state_err(e: OutboxError) -> StateError {
     StateError(e.to_string())
@@ -50,11 +50,16 @@ impl StateStore for OutboxState {
     }
 }
 
-struct Loaded {
-    plugin: Plugin,
-    account: String,
-    mailbox: String,
-    policy: sendbox_outbox::Policy,
+/// A loaded plugin with what its commits need.
+pub struct Loaded {
+    /// The plugin.
+    pub plugin: Plugin,
+    /// Its account.
+    pub account: String,
+    /// The account's mailbox.
+    pub mailbox: String,
+    /// Its policy.
+    pub policy: sendbox_outbox::Policy,
 }
 
 impl RunArgs {
@@ -183,7 +188,7 @@ impl RunArgs {
 
 /// Runs a job: plugin in a blocking thread, then one outbox commit, then a
 /// nudge to the account's delivery worker.
-fn dispatcher(
+pub fn dispatcher(
     plugins: Arc<HashMap<String, Loaded>>,
     outbox: Arc<Outbox>,
     wakers: Arc<HashMap<String, Arc<Notify>>>,
