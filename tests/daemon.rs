@@ -5,6 +5,7 @@
 //! - a signed webhook → 202 with the queued id → an email; a bad signature →
 //!   401 and nothing queued; a 2 MiB body → 413;
 //! - a schedule every second → the digest of what was recorded;
+//! - `/metrics` counts events by trigger, plugin and result;
 //! - SIGTERM → a clean exit with nothing left mid-send.
 
 #[path = "support/wasm.rs"]
@@ -255,6 +256,14 @@ async fn the_daemon_turns_files_webhooks_and_schedules_into_mail() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401, "no bearer token");
+
+    // Metrics in Prometheus text format.
+    let metrics = http.get(format!("{}/metrics", d.base)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("sendbox_events_total{trigger=\"webhook\",plugin=\"webhook-bridge\",result=\"committed\"} 2"), "{metrics}");
+    assert!(metrics.contains("sendbox_events_total{trigger=\"file\",plugin=\"file-alert\",result=\"committed\"} 1"), "{metrics}");
+    assert!(metrics.contains("sendbox_plugin_duration_seconds_count{plugin=\"file-alert\"} 1"), "{metrics}");
+    assert!(metrics.contains("sendbox_outbox_messages{state=\"sent\"}"), "{metrics}");
+    assert!(metrics.contains("# TYPE sendbox_token_refreshes_total counter"), "{metrics}");
 
     // SIGTERM: a clean exit, nothing left mid-send.
     let mut d = d;

@@ -79,9 +79,13 @@ struct RouteState {
     permits: Semaphore,
 }
 
+/// Renders `/metrics` (Prometheus text format).
+pub type MetricsFn = Arc<dyn Fn() -> String + Send + Sync>;
+
 struct App {
     routes: HashMap<String, RouteState>,
     dispatch: Dispatch,
+    metrics: Option<MetricsFn>,
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response {
@@ -134,6 +138,20 @@ async fn handle(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
     let path = req.uri().path().to_owned();
     if path == "/healthz" {
         return (StatusCode::OK, "ok\n").into_response();
+    }
+    if path == "/metrics"
+        && let Some(m) = &app.metrics
+    {
+        let m = m.clone();
+        let text = tokio::task::spawn_blocking(move || m())
+            .await
+            .unwrap_or_default();
+        return (
+            StatusCode::OK,
+            [("content-type", "text/plain; version=0.0.4")],
+            text,
+        )
+            .into_response();
     }
     let Some(rs) = app.routes.get(&path) else {
         return json(
@@ -261,6 +279,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     routes: HashMap<String, Route>,
     dispatch: Dispatch,
+    metrics: Option<MetricsFn>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Arc::new(App {
@@ -272,6 +291,7 @@ pub async fn serve(
             })
             .collect(),
         dispatch,
+        metrics,
     });
     let router = axum::Router::new().fallback(handle).with_state(app);
     axum::serve(listener, router.into_make_service())

@@ -103,7 +103,12 @@ async fn main() {
             },
         },
     );
-    let real = dispatcher(Arc::new(plugins), outbox.clone(), Arc::new(HashMap::new()));
+    let real = dispatcher(
+        Arc::new(plugins),
+        outbox.clone(),
+        Arc::new(HashMap::new()),
+        Arc::new(sendbox::metrics::Metrics::default()),
+    );
     let dispatch: Dispatch = Arc::new(move |job: Job| {
         if job.plugin == "bare" {
             Box::pin(async {
@@ -132,6 +137,7 @@ async fn main() {
         listener,
         routes,
         dispatch,
+        None,
         std::future::pending(),
     ));
     let body =

@@ -44,7 +44,7 @@ impl DeliverArgs {
         rt.block_on(async move {
             let outbox = outbox_for_workers;
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            let (mut workers, _wakers) = start_workers(cfg.accounts, &outbox, &allowed_from, &stop_rx)?;
+            let (mut workers, _wakers) = start_workers(cfg.accounts, &outbox, &allowed_from, &stop_rx, None)?;
             let pending = |o: &Outbox| -> bool {
                 o.depth().map_or(true, |d| {
                     d.iter().any(|(s, n)| {
@@ -114,6 +114,7 @@ pub fn start_workers(
     outbox: &Arc<Outbox>,
     allowed_from: &HashMap<String, Vec<String>>,
     stop: &tokio::sync::watch::Receiver<bool>,
+    metrics: Option<&crate::metrics::Metrics>,
 ) -> anyhow::Result<(
     tokio::task::JoinSet<()>,
     HashMap<String, Arc<tokio::sync::Notify>>,
@@ -128,7 +129,10 @@ pub fn start_workers(
             allowed_from: allowed_from.clone(),
             ..DeliverySettings::default()
         };
-        let (t, _) = transport(account)?;
+        let (t, tokens) = transport(account)?;
+        if let (Some(m), Some(tokens)) = (metrics, tokens) {
+            m.token_provider(&name, tokens);
+        }
         let worker = AccountWorker::new(&name, &mailbox, t, outbox.clone(), settings);
         wakers.insert(name, worker.waker());
         let mut rx = stop.clone();

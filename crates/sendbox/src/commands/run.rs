@@ -124,8 +124,13 @@ impl RunArgs {
             let outbox = outbox_for_run;
             let (stop_workers_tx, stop_workers_rx) = tokio::sync::watch::channel(false);
             let (stop_triggers_tx, stop_triggers_rx) = tokio::sync::watch::channel(false);
-            let (mut workers, wakers) = start_workers(cfg.accounts, &outbox, &allowed, &stop_workers_rx)?;
-            let dispatch = dispatcher(Arc::new(plugins), outbox.clone(), Arc::new(wakers));
+            let metrics = Arc::new(crate::metrics::Metrics::default());
+            let (mut workers, wakers) = start_workers(cfg.accounts, &outbox, &allowed, &stop_workers_rx, Some(&metrics))?;
+            let dispatch = dispatcher(Arc::new(plugins), outbox.clone(), Arc::new(wakers), metrics.clone());
+            let render: sendbox_triggers::webhook::MetricsFn = {
+                let (m, o) = (metrics.clone(), outbox.clone());
+                Arc::new(move || m.render(&o))
+            };
 
             let stopped = |rx: &tokio::sync::watch::Receiver<bool>| {
                 let mut rx = rx.clone();
@@ -142,7 +147,7 @@ impl RunArgs {
                 let d = dispatch.clone();
                 let s = stopped(&stop_triggers_rx);
                 triggers.spawn(async move {
-                    if let Err(e) = sendbox_triggers::webhook::serve(listener, routes, d, s).await {
+                    if let Err(e) = sendbox_triggers::webhook::serve(listener, routes, d, Some(render), s).await {
                         tracing::error!(error = %e, "webhook server stopped");
                     }
                 });
@@ -192,63 +197,90 @@ pub fn dispatcher(
     plugins: Arc<HashMap<String, Loaded>>,
     outbox: Arc<Outbox>,
     wakers: Arc<HashMap<String, Arc<Notify>>>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> Dispatch {
     Arc::new(move |job: Job| {
         let plugins = plugins.clone();
         let outbox = outbox.clone();
         let wakers = wakers.clone();
+        let metrics = metrics.clone();
         Box::pin(async move {
-            let Some(loaded) = plugins.get(&job.plugin) else {
-                return Dispatched::NoPlugin;
+            let trigger = job.event.kind();
+            let plugin_name = job.plugin.clone();
+            let result = run_job(job, &plugins, &outbox, &wakers, &metrics).await;
+            let label = match &result {
+                Dispatched::Committed { .. } => "committed",
+                Dispatched::PluginFailed(_) => "plugin_failed",
+                Dispatched::Refused(_) => "refused",
+                Dispatched::StoreFailed(_) => "store_failed",
+                Dispatched::NoPlugin => "no_plugin",
             };
-            let plugin = loaded.plugin.clone();
-            let state: Arc<dyn StateStore> = Arc::new(OutboxState(outbox.clone()));
-            let (event, event_id) = (job.event.clone(), job.event_id.clone());
-            let trigger = event.kind().to_owned();
-            let ran =
-                tokio::task::spawn_blocking(move || plugin.run(&event, &event_id, state)).await;
-            let report = match ran {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => return Dispatched::PluginFailed(e.to_string()),
-                Err(e) => return Dispatched::PluginFailed(format!("plugin task failed: {e}")),
-            };
-            let call = Call {
-                plugin: job.plugin.clone(),
-                trigger,
-                event_id: job.event_id.clone(),
-                account: loaded.account.clone(),
-                account_mailbox: loaded.mailbox.clone(),
-                policy: loaded.policy.clone(),
-                emails: report.outcome.emails,
-                state_changes: report.state_changes,
-            };
-            let committed = {
-                let outbox = outbox.clone();
-                tokio::task::spawn_blocking(move || outbox.commit(call)).await
-            };
-            match committed {
-                Ok(Ok(done)) => {
-                    if !done.queued.is_empty()
-                        && let Some(w) = wakers.get(&loaded.account)
-                    {
-                        w.notify_one();
-                    }
-                    tracing::info!(plugin = %job.plugin, event_id = %job.event_id, queued = done.queued.len(), duplicates = done.duplicates.len(), suppressed = done.suppressed.len(), "event committed");
-                    Dispatched::Committed {
-                        queued: done.queued.iter().map(|q| q.id).collect(),
-                        response: report.outcome.response,
-                    }
-                }
-                Ok(Err(OutboxError::Policy(reason))) => {
-                    tracing::warn!(plugin = %job.plugin, event_id = %job.event_id, %reason, "outcome refused by policy; nothing queued");
-                    Dispatched::Refused(reason)
-                }
-                Ok(Err(e)) => {
-                    tracing::error!(plugin = %job.plugin, event_id = %job.event_id, error = %e, "outbox commit failed; nothing queued");
-                    Dispatched::StoreFailed(e.to_string())
-                }
-                Err(e) => Dispatched::StoreFailed(e.to_string()),
-            }
+            metrics.event(trigger, &plugin_name, label);
+            result
         })
     })
+}
+
+async fn run_job(
+    job: Job,
+    plugins: &HashMap<String, Loaded>,
+    outbox: &Arc<Outbox>,
+    wakers: &HashMap<String, Arc<Notify>>,
+    metrics: &crate::metrics::Metrics,
+) -> Dispatched {
+    {
+        let Some(loaded) = plugins.get(&job.plugin) else {
+            return Dispatched::NoPlugin;
+        };
+        let plugin = loaded.plugin.clone();
+        let state: Arc<dyn StateStore> = Arc::new(OutboxState(outbox.clone()));
+        let (event, event_id) = (job.event.clone(), job.event_id.clone());
+        let trigger = event.kind().to_owned();
+        let ran = tokio::task::spawn_blocking(move || plugin.run(&event, &event_id, state)).await;
+        let report = match ran {
+            Ok(Ok(r)) => {
+                metrics.duration(&job.plugin, r.duration_us as f64 / 1e6);
+                r
+            }
+            Ok(Err(e)) => return Dispatched::PluginFailed(e.to_string()),
+            Err(e) => return Dispatched::PluginFailed(format!("plugin task failed: {e}")),
+        };
+        let call = Call {
+            plugin: job.plugin.clone(),
+            trigger,
+            event_id: job.event_id.clone(),
+            account: loaded.account.clone(),
+            account_mailbox: loaded.mailbox.clone(),
+            policy: loaded.policy.clone(),
+            emails: report.outcome.emails,
+            state_changes: report.state_changes,
+        };
+        let committed = {
+            let outbox = outbox.clone();
+            tokio::task::spawn_blocking(move || outbox.commit(call)).await
+        };
+        match committed {
+            Ok(Ok(done)) => {
+                if !done.queued.is_empty()
+                    && let Some(w) = wakers.get(&loaded.account)
+                {
+                    w.notify_one();
+                }
+                tracing::info!(plugin = %job.plugin, event_id = %job.event_id, queued = done.queued.len(), duplicates = done.duplicates.len(), suppressed = done.suppressed.len(), "event committed");
+                Dispatched::Committed {
+                    queued: done.queued.iter().map(|q| q.id).collect(),
+                    response: report.outcome.response,
+                }
+            }
+            Ok(Err(OutboxError::Policy(reason))) => {
+                tracing::warn!(plugin = %job.plugin, event_id = %job.event_id, %reason, "outcome refused by policy; nothing queued");
+                Dispatched::Refused(reason)
+            }
+            Ok(Err(e)) => {
+                tracing::error!(plugin = %job.plugin, event_id = %job.event_id, error = %e, "outbox commit failed; nothing queued");
+                Dispatched::StoreFailed(e.to_string())
+            }
+            Err(e) => Dispatched::StoreFailed(e.to_string()),
+        }
+    }
 }

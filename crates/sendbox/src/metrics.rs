@@ -1,0 +1,153 @@
+//! Counters for `/metrics`, in Prometheus text format: events by trigger,
+//! plugin and result; plugin run time as a histogram; outbox depth by state;
+//! token refreshes by account.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use sendbox_auth::TokenProvider;
+use sendbox_outbox::Outbox;
+
+/// Upper bounds of the plugin duration histogram, in seconds.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+#[derive(Default)]
+struct Histogram {
+    counts: Vec<u64>,
+    sum: f64,
+    total: u64,
+}
+
+/// The daemon's counters.
+#[derive(Default)]
+pub struct Metrics {
+    events: Mutex<BTreeMap<(String, String, String), u64>>,
+    durations: Mutex<BTreeMap<String, Histogram>>,
+    tokens: Mutex<BTreeMap<String, Arc<TokenProvider>>>,
+}
+
+impl Metrics {
+    /// Counts one event's result (`committed`, `plugin_failed`, `refused`,
+    /// `store_failed`).
+    pub fn event(&self, trigger: &str, plugin: &str, result: &str) {
+        let mut e = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+        *e.entry((trigger.into(), plugin.into(), result.into()))
+            .or_default() += 1;
+    }
+
+    /// Records a plugin run's duration.
+    pub fn duration(&self, plugin: &str, secs: f64) {
+        let mut d = self
+            .durations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let h = d.entry(plugin.into()).or_insert_with(|| Histogram {
+            counts: vec![0; BUCKETS.len()],
+            ..Histogram::default()
+        });
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if secs <= *b {
+                h.counts[i] += 1;
+            }
+        }
+        h.sum += secs;
+        h.total += 1;
+    }
+
+    /// Reports token refreshes for an account.
+    pub fn token_provider(&self, account: &str, p: Arc<TokenProvider>) {
+        self.tokens
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(account.into(), p);
+    }
+
+    /// The text exposition.
+    pub fn render(&self, outbox: &Outbox) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP sendbox_events_total Events handled, by trigger, plugin and result."
+        );
+        let _ = writeln!(out, "# TYPE sendbox_events_total counter");
+        for ((t, p, r), n) in self
+            .events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "sendbox_events_total{{trigger=\"{t}\",plugin=\"{p}\",result=\"{r}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sendbox_plugin_duration_seconds Plugin run time (fresh instance + handle)."
+        );
+        let _ = writeln!(out, "# TYPE sendbox_plugin_duration_seconds histogram");
+        for (p, h) in self
+            .durations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            for (b, c) in BUCKETS.iter().zip(&h.counts) {
+                let _ = writeln!(
+                    out,
+                    "sendbox_plugin_duration_seconds_bucket{{plugin=\"{p}\",le=\"{b}\"}} {c}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "sendbox_plugin_duration_seconds_bucket{{plugin=\"{p}\",le=\"+Inf\"}} {}",
+                h.total
+            );
+            let _ = writeln!(
+                out,
+                "sendbox_plugin_duration_seconds_sum{{plugin=\"{p}\"}} {}",
+                h.sum
+            );
+            let _ = writeln!(
+                out,
+                "sendbox_plugin_duration_seconds_count{{plugin=\"{p}\"}} {}",
+                h.total
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sendbox_outbox_messages Messages in the outbox, by state (sent and dead are delivery results)."
+        );
+        let _ = writeln!(out, "# TYPE sendbox_outbox_messages gauge");
+        if let Ok(depth) = outbox.depth() {
+            for (s, n) in depth {
+                let _ = writeln!(
+                    out,
+                    "sendbox_outbox_messages{{state=\"{}\"}} {n}",
+                    s.as_str()
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sendbox_token_refreshes_total Access tokens fetched, by account."
+        );
+        let _ = writeln!(out, "# TYPE sendbox_token_refreshes_total counter");
+        for (a, p) in self
+            .tokens
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "sendbox_token_refreshes_total{{account=\"{a}\"}} {}",
+                p.refresh_count()
+            );
+        }
+        out
+    }
+}
