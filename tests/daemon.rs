@@ -258,12 +258,33 @@ async fn the_daemon_turns_files_webhooks_and_schedules_into_mail() {
     assert_eq!(r.status(), 401, "no bearer token");
 
     // Metrics in Prometheus text format.
-    let metrics = http.get(format!("{}/metrics", d.base)).send().await.unwrap().text().await.unwrap();
+    let metrics = http
+        .get(format!("{}/metrics", d.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains("sendbox_events_total{trigger=\"webhook\",plugin=\"webhook-bridge\",result=\"committed\"} 2"), "{metrics}");
-    assert!(metrics.contains("sendbox_events_total{trigger=\"file\",plugin=\"file-alert\",result=\"committed\"} 1"), "{metrics}");
-    assert!(metrics.contains("sendbox_plugin_duration_seconds_count{plugin=\"file-alert\"} 1"), "{metrics}");
-    assert!(metrics.contains("sendbox_outbox_messages{state=\"sent\"}"), "{metrics}");
-    assert!(metrics.contains("# TYPE sendbox_token_refreshes_total counter"), "{metrics}");
+    assert!(
+        metrics.contains(
+            "sendbox_events_total{trigger=\"file\",plugin=\"file-alert\",result=\"committed\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sendbox_plugin_duration_seconds_count{plugin=\"file-alert\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sendbox_outbox_messages{state=\"sent\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("# TYPE sendbox_token_refreshes_total counter"),
+        "{metrics}"
+    );
 
     // SIGTERM: a clean exit, nothing left mid-send.
     let mut d = d;

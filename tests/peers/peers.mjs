@@ -136,11 +136,10 @@ const provider = new Provider(issuer, {
   },
 });
 provider.on('server_error', (ctx, err) => console.error('oidc server_error', err));
-oauthServer.on('request', provider.callback());
 let oauthDown = false;
+let tokenRequests = 0;
 // A switch for "the OAuth server is down": the socket stays, requests get 503.
 const realHandler = provider.callback();
-oauthServer.removeAllListeners('request');
 oauthServer.on('request', (req, res) => {
   if (oauthDown) {
     res.writeHead(503, { 'content-type': 'text/plain' });
@@ -150,7 +149,6 @@ oauthServer.on('request', (req, res) => {
   tokenRequests += req.url.startsWith('/token') ? 1 : 0;
   realHandler(req, res);
 });
-let tokenRequests = 0;
 
 async function introspect(token) {
   const res = await fetch(`${issuer}/token/introspection`, {

@@ -9,14 +9,14 @@
 
 #[path = "../../../tests/support/peers.rs"]
 mod peers;
+#[path = "../../../tests/support/smtp_peer.rs"]
+mod smtp_peer;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sendbox_auth::{Credentials, Endpoints, Secret, TokenProvider};
 use sendbox_delivery::{AccountWorker, DeliverySettings};
 use sendbox_mail::Transport;
-use sendbox_mail::smtp::{Security, SmtpSettings, SmtpTransport};
 use sendbox_outbox::{Call, Outbox, Policy, State};
 use sendbox_types::Email;
 
@@ -48,34 +48,12 @@ async fn main() {
             })
             .unwrap();
     }
-    let tokens = Arc::new(
-        TokenProvider::new(
-            "a",
-            Endpoints {
-                token_url: p.info.token_endpoint.clone(),
-                device_url: None,
-                scopes: vec!["smtp".into()],
-            },
-            &p.info.clients.secret.client_id,
-            Credentials::ClientSecret(Secret::new(p.info.clients.secret.client_secret.clone())),
-        )
-        .unwrap(),
+    let (smtp, _) = smtp_peer::starttls(
+        &p,
+        "bench@example.com",
+        &p.info.clients.secret.client_secret,
     );
-    let transport = Transport::Smtp(Box::new(
-        SmtpTransport::new(
-            SmtpSettings {
-                host: "localhost".into(),
-                port: p.info.smtp_starttls_port,
-                security: Security::StartTls,
-                mailbox: "bench@example.com".into(),
-                max_connections: 3,
-                timeout: Duration::from_secs(30),
-                ca_file: Some(p.info.ca_file.clone()),
-            },
-            tokens,
-        )
-        .unwrap(),
-    ));
+    let transport = Transport::Smtp(Box::new(smtp));
     let settings = DeliverySettings {
         rate_per_minute: None,
         concurrency: 3,

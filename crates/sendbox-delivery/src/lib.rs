@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use sendbox_mail::message::{self, Envelope};
 use sendbox_mail::{SendError, Transport};
@@ -370,13 +370,6 @@ async fn futures_ready<F: Future + Unpin>(fut: &mut F) -> bool {
         _ = fut => true,
         _ = std::future::ready(()) => false,
     }
-}
-
-/// Seconds since the Unix epoch (for logs).
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

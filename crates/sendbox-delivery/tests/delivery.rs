@@ -4,46 +4,21 @@
 
 #[path = "../../../tests/support/peers.rs"]
 mod peers;
+#[path = "../../../tests/support/smtp_peer.rs"]
+mod smtp_peer;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use peers::Peers;
-use sendbox_auth::{Credentials, Endpoints, Secret, TokenProvider};
 use sendbox_delivery::{AccountWorker, DeliverySettings};
 use sendbox_mail::Transport;
-use sendbox_mail::smtp::{Security, SmtpSettings, SmtpTransport};
 use sendbox_outbox::{Call, Outbox, Policy, State};
 use sendbox_types::Email;
 
 fn transport(p: &Peers, secret: &str) -> Transport {
-    let tokens = Arc::new(
-        TokenProvider::new(
-            "alerts",
-            Endpoints {
-                token_url: p.info.token_endpoint.clone(),
-                device_url: None,
-                scopes: vec!["smtp".into()],
-            },
-            &p.info.clients.secret.client_id,
-            Credentials::ClientSecret(Secret::new(secret)),
-        )
-        .unwrap(),
-    );
     Transport::Smtp(Box::new(
-        SmtpTransport::new(
-            SmtpSettings {
-                host: "localhost".into(),
-                port: p.info.smtp_starttls_port,
-                security: Security::StartTls,
-                mailbox: "alerts@example.com".into(),
-                max_connections: 3,
-                timeout: Duration::from_secs(10),
-                ca_file: Some(p.info.ca_file.clone()),
-            },
-            tokens,
-        )
-        .unwrap(),
+        smtp_peer::starttls(p, "alerts@example.com", secret).0,
     ))
 }
 

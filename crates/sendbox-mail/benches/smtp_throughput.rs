@@ -9,13 +9,13 @@
 
 #[path = "../../../tests/support/peers.rs"]
 mod peers;
+#[path = "../../../tests/support/smtp_peer.rs"]
+mod smtp_peer;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
-use sendbox_auth::{Credentials, Endpoints, Secret, TokenProvider};
 use sendbox_mail::message::{self, Envelope};
-use sendbox_mail::smtp::{Security, SmtpSettings, SmtpTransport};
 use sendbox_types::Email;
 
 #[tokio::main]
@@ -23,34 +23,12 @@ async fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let total: usize = if full { 3000 } else { 30 };
     let p = peers::Peers::start();
-    let tokens = Arc::new(
-        TokenProvider::new(
-            "bench",
-            Endpoints {
-                token_url: p.info.token_endpoint.clone(),
-                device_url: None,
-                scopes: vec!["smtp".into()],
-            },
-            &p.info.clients.secret.client_id,
-            Credentials::ClientSecret(Secret::new(p.info.clients.secret.client_secret.clone())),
-        )
-        .unwrap(),
+    let (smtp, _) = smtp_peer::starttls(
+        &p,
+        "bench@example.com",
+        &p.info.clients.secret.client_secret,
     );
-    let smtp = Arc::new(
-        SmtpTransport::new(
-            SmtpSettings {
-                host: "localhost".into(),
-                port: p.info.smtp_starttls_port,
-                security: Security::StartTls,
-                mailbox: "bench@example.com".into(),
-                max_connections: 3,
-                timeout: Duration::from_secs(30),
-                ca_file: Some(p.info.ca_file.clone()),
-            },
-            tokens,
-        )
-        .unwrap(),
-    );
+    let smtp = Arc::new(smtp);
     let email = Email {
         to: vec!["ops@example.com".into()],
         subject: "throughput".into(),

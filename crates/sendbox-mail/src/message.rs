@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
-use sendbox_types::Email;
+use sendbox_types::{Email, RESERVED_HEADERS};
 
 /// A message ready for any transport: its envelope, its id and its bytes.
 #[derive(Clone)]
@@ -52,35 +52,9 @@ pub struct Envelope<'a> {
     pub date: SystemTime,
 }
 
-/// Headers the host writes; a plugin may not set them.
-const RESERVED: &[&str] = &[
-    "bcc",
-    "cc",
-    "content-transfer-encoding",
-    "content-type",
-    "date",
-    "from",
-    "message-id",
-    "mime-version",
-    "reply-to",
-    "return-path",
-    "sender",
-    "subject",
-    "to",
-];
-
 /// Whether `address` matches an allow-list entry (`a@b.c` or `*@b.c`),
 /// case-insensitively.
-pub fn address_allowed(address: &str, allowed: &[String]) -> bool {
-    let address = address.to_ascii_lowercase();
-    allowed.iter().any(|pattern| {
-        let p = pattern.to_ascii_lowercase();
-        match p.strip_prefix("*@") {
-            Some(domain) => address.rsplit_once('@').is_some_and(|(_, d)| d == domain),
-            None => p == address,
-        }
-    })
-}
+pub use sendbox_types::address_matches as address_allowed;
 
 fn mailbox(what: &str, s: &str) -> Result<Mailbox, BuildError> {
     s.parse::<Mailbox>()
@@ -145,7 +119,7 @@ pub fn build(email: &Email, env: &Envelope<'_>) -> Result<Prepared, BuildError> 
         b = b.reply_to(mailbox("reply_to", r)?);
     }
     for (name, value) in &email.headers {
-        if RESERVED.contains(&name.to_ascii_lowercase().as_str()) {
+        if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
             return Err(BuildError(format!("header {name} is set by the host")));
         }
         if value.contains(['\r', '\n']) {

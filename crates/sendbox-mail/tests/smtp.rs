@@ -3,33 +3,22 @@
 
 #[path = "../../../tests/support/peers.rs"]
 mod peers;
+#[path = "../../../tests/support/smtp_peer.rs"]
+mod smtp_peer;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use peers::Peers;
-use sendbox_auth::{Credentials, Endpoints, Secret, TokenProvider};
-use sendbox_mail::message::{self, Envelope, Prepared};
-use sendbox_mail::smtp::{Security, SmtpSettings, SmtpTransport};
+use sendbox_auth::TokenProvider;
+use sendbox_mail::message::Prepared;
+use sendbox_mail::smtp::{Security, SmtpTransport};
 use sendbox_mail::{FailureKind, file::FileTransport};
-use sendbox_types::Email;
 
 const MAILBOX: &str = "alerts@example.com";
 
 fn provider(p: &Peers, secret: &str) -> Arc<TokenProvider> {
-    Arc::new(
-        TokenProvider::new(
-            "alerts",
-            Endpoints {
-                token_url: p.info.token_endpoint.clone(),
-                device_url: None,
-                scopes: vec!["smtp".into()],
-            },
-            &p.info.clients.secret.client_id,
-            Credentials::ClientSecret(Secret::new(secret)),
-        )
-        .unwrap(),
-    )
+    smtp_peer::provider(p, "alerts", secret)
 }
 
 fn transport(
@@ -38,52 +27,15 @@ fn transport(
     security: Security,
     tokens: Arc<TokenProvider>,
 ) -> SmtpTransport {
-    SmtpTransport::new(
-        SmtpSettings {
-            host: "localhost".into(),
-            port,
-            security,
-            mailbox: MAILBOX.into(),
-            max_connections: 3,
-            timeout: Duration::from_secs(10),
-            ca_file: Some(p.info.ca_file.clone()),
-        },
-        tokens,
-    )
-    .unwrap()
+    SmtpTransport::new(smtp_peer::settings(p, port, security, MAILBOX), tokens).unwrap()
 }
 
 fn starttls(p: &Peers) -> (SmtpTransport, Arc<TokenProvider>) {
-    let tokens = provider(p, &p.info.clients.secret.client_secret);
-    (
-        transport(
-            p,
-            p.info.smtp_starttls_port,
-            Security::StartTls,
-            tokens.clone(),
-        ),
-        tokens,
-    )
+    smtp_peer::starttls(p, MAILBOX, &p.info.clients.secret.client_secret)
 }
 
 fn prepared(subject: &str) -> Prepared {
-    let email = Email {
-        to: vec!["ops@example.com".into()],
-        subject: subject.into(),
-        text: Some("body".into()),
-        ..Email::default()
-    };
-    let id = message::new_message_id("example.com");
-    message::build(
-        &email,
-        &Envelope {
-            account_mailbox: MAILBOX,
-            allowed_from: &[],
-            message_id: &id,
-            date: SystemTime::now(),
-        },
-    )
-    .unwrap()
+    smtp_peer::prepared(MAILBOX, subject)
 }
 
 #[tokio::test]

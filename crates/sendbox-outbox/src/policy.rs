@@ -3,6 +3,8 @@
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
+use sendbox_types::{address_matches as matches, bare_address};
+
 use crate::{Call, Committed, OutboxError, Queued, now_ms};
 
 /// What an operator allows one plugin to send. A violation rejects the
@@ -61,26 +63,6 @@ impl Default for Policy {
             idempotency_hours: default_idempotency_hours(),
         }
     }
-}
-
-/// The bare address of `Name <a@b.c>` or `a@b.c`, lower-cased.
-pub fn bare_address(s: &str) -> String {
-    let s = s.trim();
-    let inner = match (s.rfind('<'), s.rfind('>')) {
-        (Some(a), Some(b)) if a < b => &s[a + 1..b],
-        _ => s,
-    };
-    inner.trim().to_ascii_lowercase()
-}
-
-fn matches(address: &str, patterns: &[String]) -> bool {
-    patterns.iter().any(|p| {
-        let p = p.trim().to_ascii_lowercase();
-        match p.strip_prefix("*@") {
-            Some(domain) => address.rsplit_once('@').is_some_and(|(_, d)| d == domain),
-            None => p == address,
-        }
-    })
 }
 
 fn count_since(c: &Connection, plugin: &str, since_ms: i64) -> rusqlite::Result<u64> {
@@ -262,17 +244,4 @@ pub(crate) fn apply(c: &Connection, call: &Call) -> Result<Committed, OutboxErro
         }
     }
     Ok(done)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bare_addresses_and_patterns() {
-        assert_eq!(bare_address("Ops <OPS@Example.com>"), "ops@example.com");
-        assert!(matches("a@x.org", &["*@X.org".into()]));
-        assert!(!matches("a@evilx.org", &["*@x.org".into()]));
-        assert!(matches("a@x.org", &["a@x.org".into()]));
-    }
 }

@@ -61,15 +61,21 @@ fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
     let pid = std::process::id();
-    for n in 0u32.. {
+    for n in 0u32..1000 {
         let p = dir.join(format!(".tmp-{pid}-{n}"));
         match opts.open(&p) {
             Ok(f) => return Ok((p, f)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
         }
     }
-    unreachable!("the loop returns")
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AlreadyExists,
+        format!(
+            "1000 stale temp files in {}: remove .tmp-* there",
+            dir.display()
+        ),
+    ))
 }
 
 /// Errors from [`load`]: compiling failed, or the cache folder is unusable.

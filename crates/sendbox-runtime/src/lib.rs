@@ -236,10 +236,25 @@ impl Runtime {
         let started = Instant::now();
         let hash = content_hash(bytes);
         let (component, source) = self.compile(name, bytes, &hash)?;
-        check_imports(&self.engine, name, &component)?;
+        let plugin = self.prepare(name, &component, hash, source, settings)?;
+        tracing::debug!(plugin = name, ?source, hash = %plugin.inner.hash, elapsed_ms = started.elapsed().as_millis() as u64, "plugin loaded");
+        Ok(plugin)
+    }
+
+    /// Checks a compiled component's imports and world, and
+    /// pre-instantiates it.
+    fn prepare(
+        &self,
+        name: &str,
+        component: &Component,
+        hash: String,
+        source: CompileSource,
+        settings: PluginSettings,
+    ) -> Result<Plugin, LoadError> {
+        check_imports(&self.engine, name, component)?;
         let pre = self
             .linker
-            .instantiate_pre(&component)
+            .instantiate_pre(component)
             .map_err(|e| LoadError::WrongWorld {
                 plugin: name.to_owned(),
                 reason: format!("{e:#}"),
@@ -248,7 +263,6 @@ impl Runtime {
             plugin: name.to_owned(),
             reason: format!("{e:#}"),
         })?;
-        tracing::debug!(plugin = name, ?source, hash = %hash, elapsed_ms = started.elapsed().as_millis() as u64, "plugin loaded");
         Ok(Plugin {
             inner: Arc::new(PluginInner {
                 name: name.to_owned(),
@@ -370,7 +384,7 @@ impl Runtime {
     /// Describes a component without running it.
     pub fn inspect(&self, name: &str, bytes: &[u8]) -> Result<Inspection, LoadError> {
         let hash = content_hash(bytes);
-        let (component, _) = self.compile(name, bytes, &hash)?;
+        let (component, source) = self.compile(name, bytes, &hash)?;
         let ty = component.component_type();
         let imports = ty
             .imports(&self.engine)
@@ -383,10 +397,17 @@ impl Runtime {
             .exports(&self.engine)
             .map(|(n, _)| n.to_owned())
             .collect();
-        let problem = match self.load(name, bytes, PluginSettings::default()) {
-            Ok(_) => None,
-            Err(e) => Some(e.to_string()),
-        };
+        // The same compiled component: inspecting never compiles twice.
+        let problem = self
+            .prepare(
+                name,
+                &component,
+                hash.clone(),
+                source,
+                PluginSettings::default(),
+            )
+            .err()
+            .map(|e| e.to_string());
         Ok(Inspection {
             world: WORLD,
             implements_world: problem.is_none(),

@@ -7,24 +7,7 @@
 use crate::error::RunFailure;
 use crate::event::{Email, HttpResponse, Outcome};
 use crate::limits::Limits;
-
-/// Headers the host writes itself; a plugin sets them through the email's
-/// fields or not at all.
-const RESERVED_HEADERS: &[&str] = &[
-    "bcc",
-    "cc",
-    "content-transfer-encoding",
-    "content-type",
-    "date",
-    "from",
-    "message-id",
-    "mime-version",
-    "reply-to",
-    "return-path",
-    "sender",
-    "subject",
-    "to",
-];
+use sendbox_types::RESERVED_HEADERS;
 
 /// Longest idempotency key, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 200;

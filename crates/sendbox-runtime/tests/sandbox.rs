@@ -7,6 +7,8 @@
 //! - loading: unsupported imports are refused by name, corrupt bytes are
 //!   refused, and the compiled-code cache is used on the second load.
 
+#[path = "../../../tests/support/capture.rs"]
+mod capture;
 #[path = "../../../tests/support/wasm.rs"]
 mod wasm;
 
@@ -482,31 +484,15 @@ fn second_load_comes_from_the_compiled_cache() {
 
 #[test]
 fn guest_output_becomes_tracing_events_tagged_with_plugin_and_event() {
-    #[derive(Clone, Default)]
-    struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let capture = Capture::default();
-    let writer = capture.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .finish();
+    let capture = capture::Capture::default();
+    let subscriber = capture.subscriber(tracing::Level::INFO);
     let plugin = hostile("panic");
     tracing::subscriber::with_default(subscriber, || {
         plugin
             .run(&webhook("{}"), "evt-traced", Arc::new(MemoryState::new()))
             .unwrap_err();
     });
-    let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let text = capture.text();
     let line = text
         .lines()
         .find(|l| {

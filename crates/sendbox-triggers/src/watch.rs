@@ -25,7 +25,8 @@ pub struct Watch {
     pub plugin: String,
     /// The watch's name, passed in events.
     pub name: String,
-    /// The folder (canonical).
+    /// The folder; created if missing and resolved (symlinks, `..`) when
+    /// the watch starts.
     pub dir: PathBuf,
     /// Watch subfolders too.
     pub recursive: bool,
@@ -116,10 +117,12 @@ fn existing(dir: &Path, recursive: bool, out: &mut Vec<PathBuf>) {
 /// Watches until `shutdown`. Returns an error if the folder cannot be
 /// watched.
 pub async fn run(
-    w: Watch,
+    mut w: Watch,
     dispatch: Dispatch,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), notify::Error> {
+    std::fs::create_dir_all(&w.dir).map_err(notify::Error::io)?;
+    w.dir = w.dir.canonicalize().map_err(notify::Error::io)?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res {

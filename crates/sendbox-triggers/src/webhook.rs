@@ -10,7 +10,6 @@
 //! commit. `/healthz` answers `ok`.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -212,14 +211,12 @@ async fn handle(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
     };
     match (app.dispatch)(job).await {
         Dispatched::Committed {
-            queued,
-            response: Some(r),
+            response: Some(r), ..
         } => {
             let mut resp = Response::builder().status(r.status);
             for (n, v) in &r.headers {
                 resp = resp.header(n.as_str(), v.as_str());
             }
-            let _ = queued;
             resp.body(Body::from(r.body.0))
                 .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
         }
@@ -297,11 +294,6 @@ pub async fn serve(
     axum::serve(listener, router.into_make_service())
         .with_graceful_shutdown(shutdown)
         .await
-}
-
-/// The address a listener is bound to, for logs.
-pub fn describe(addr: SocketAddr) -> String {
-    format!("http://{addr}")
 }
 
 #[cfg(test)]

@@ -39,3 +39,57 @@ pub enum StateChange {
         key: String,
     },
 }
+
+/// Headers the host writes itself; a plugin sets them through the email's
+/// fields or not at all. Lower-case.
+pub const RESERVED_HEADERS: &[&str] = &[
+    "bcc",
+    "cc",
+    "content-transfer-encoding",
+    "content-type",
+    "date",
+    "from",
+    "message-id",
+    "mime-version",
+    "reply-to",
+    "return-path",
+    "sender",
+    "subject",
+    "to",
+];
+
+/// The bare address of `Name <a@b.c>` or `a@b.c`, lower-cased.
+pub fn bare_address(s: &str) -> String {
+    let s = s.trim();
+    let inner = match (s.rfind('<'), s.rfind('>')) {
+        (Some(a), Some(b)) if a < b => &s[a + 1..b],
+        _ => s,
+    };
+    inner.trim().to_ascii_lowercase()
+}
+
+/// Whether a bare address matches an operator's allow-list entry: an exact
+/// address or `*@domain`, case-insensitively.
+pub fn address_matches(address: &str, patterns: &[String]) -> bool {
+    let address = address.to_ascii_lowercase();
+    patterns.iter().any(|p| {
+        let p = p.trim().to_ascii_lowercase();
+        match p.strip_prefix("*@") {
+            Some(domain) => address.rsplit_once('@').is_some_and(|(_, d)| d == domain),
+            None => p == address,
+        }
+    })
+}
+
+#[cfg(test)]
+mod address_tests {
+    use super::*;
+
+    #[test]
+    fn bare_addresses_and_patterns() {
+        assert_eq!(bare_address("Ops <OPS@Example.com>"), "ops@example.com");
+        assert!(address_matches("a@x.org", &["*@X.org".into()]));
+        assert!(!address_matches("a@evilx.org", &["*@x.org".into()]));
+        assert!(address_matches("A@x.org", &["a@x.org".into()]));
+    }
+}

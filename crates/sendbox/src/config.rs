@@ -457,15 +457,25 @@ fn path_display(p: &Path) -> String {
     p.display().to_string()
 }
 
-fn secret_bytes(cx: &mut Ctx<'_>, offset: usize, key: &str, r: &RawSecretRef) -> Option<Vec<u8>> {
-    let src = match (&r.file, &r.env) {
-        (Some(f), None) => SecretSource::File(cx.resolve_path(f)),
-        (None, Some(v)) => SecretSource::Env(v.clone()),
+/// The source a `{ file = ... }` / `{ env = ... }` reference names.
+fn secret_ref(
+    cx: &mut Ctx<'_>,
+    offset: usize,
+    key: &str,
+    r: &RawSecretRef,
+) -> Option<SecretSource> {
+    match (&r.file, &r.env) {
+        (Some(f), None) => Some(SecretSource::File(cx.resolve_path(f))),
+        (None, Some(v)) => Some(SecretSource::Env(v.clone())),
         _ => {
             cx.error(offset, key, "give exactly one of `file` or `env`");
-            return None;
+            None
         }
-    };
+    }
+}
+
+fn secret_bytes(cx: &mut Ctx<'_>, offset: usize, key: &str, r: &RawSecretRef) -> Option<Vec<u8>> {
+    let src = secret_ref(cx, offset, key, r)?;
     match src.resolve() {
         Ok(s) => Some(s.expose().as_bytes().to_vec()),
         Err(e) => {
@@ -527,18 +537,8 @@ fn triggers(cx: &mut Ctx<'_>, name: &str, p: &RawPlugin, offset: usize) -> Trigg
     let mut watches = Vec::new();
     for (i, w) in p.watch.iter().enumerate() {
         let key = format!("plugins.{name}.watch[{i}]");
+        // Created and resolved when the watch starts, not while checking.
         let dir = cx.resolve_path(&w.dir);
-        if let Err(e) = std::fs::create_dir_all(&dir) {
-            cx.error(
-                offset,
-                &format!("{key}.dir"),
-                format!("cannot create {}: {e}", dir.display()),
-            );
-            continue;
-        }
-        let Ok(dir) = dir.canonicalize() else {
-            continue;
-        };
         watches.push(sendbox_triggers::watch::Watch {
             plugin: name.to_owned(),
             name: w.name.clone(),
@@ -634,22 +634,7 @@ fn account(cx: &mut Ctx<'_>, name: &str, a: RawAccount, offset: usize) -> Option
                     cx.error(at, &key("client_secret"), "secrets are not written into the config: use client_secret = { file = \"/etc/sendbox/NAME.secret\" } or { env = \"VAR\" } (or set allow_inline_secret = true to accept it, with a warning)");
                     return None;
                 }
-                RawSecret::Reference(RawSecretRef {
-                    file: Some(f),
-                    env: None,
-                }) => Some(SecretSource::File(cx.resolve_path(f))),
-                RawSecret::Reference(RawSecretRef {
-                    file: None,
-                    env: Some(v),
-                }) => Some(SecretSource::Env(v.clone())),
-                RawSecret::Reference(_) => {
-                    cx.error(
-                        at,
-                        &key("client_secret"),
-                        "give exactly one of `file` or `env`",
-                    );
-                    return None;
-                }
+                RawSecret::Reference(r) => Some(secret_ref(cx, at, &key("client_secret"), r)?),
             }
         }
     };

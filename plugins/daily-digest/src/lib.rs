@@ -7,10 +7,10 @@
 //! `max_entries` (default 1000: older entries are dropped first, and the
 //! digest says how many).
 
-use serde::{Deserialize, Serialize};
 use sendbox_pdk::{
     Email, FileEvent, HttpRequest, Outcome, Plugin, Tick, config, export_plugin, log, state,
 };
+use serde::{Deserialize, Serialize};
 
 struct DailyDigest;
 
@@ -36,7 +36,10 @@ fn record(what: String) -> Result<Outcome, String> {
     // Zero-padded so keys sort in arrival order.
     state::set_json(
         &format!("{ENTRY_PREFIX}{seq:012}"),
-        &Entry { at_ms: now_ms(), what },
+        &Entry {
+            at_ms: now_ms(),
+            what,
+        },
     )?;
     state::set_json(SEQ_KEY, &(seq + 1))?;
     let max: usize = config::parse("max_entries")?.unwrap_or(1000);
@@ -54,7 +57,10 @@ fn record(what: String) -> Result<Outcome, String> {
 
 impl Plugin for DailyDigest {
     fn on_file(event: FileEvent) -> Result<Outcome, String> {
-        let size = event.size.map(|s| format!(" ({s} bytes)")).unwrap_or_default();
+        let size = event
+            .size
+            .map(|s| format!(" ({s} bytes)"))
+            .unwrap_or_default();
         record(format!(
             "file {} in {}: {}{size}",
             event.change.as_str(),
@@ -64,7 +70,12 @@ impl Plugin for DailyDigest {
     }
 
     fn on_webhook(req: HttpRequest) -> Result<Outcome, String> {
-        record(format!("webhook {} {} ({} bytes)", req.method, req.path, req.body.len()))
+        record(format!(
+            "webhook {} {} ({} bytes)",
+            req.method,
+            req.path,
+            req.body.len()
+        ))
     }
 
     fn on_schedule(tick: Tick) -> Result<Outcome, String> {
@@ -82,7 +93,9 @@ impl Plugin for DailyDigest {
             state::delete(k);
         }
         if dropped > 0 {
-            text.push_str(&format!("\n{dropped} older events were dropped (max_entries).\n"));
+            text.push_str(&format!(
+                "\n{dropped} older events were dropped (max_entries).\n"
+            ));
         }
         state::delete(DROPPED_KEY);
         state::delete(SEQ_KEY);

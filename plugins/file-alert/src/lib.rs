@@ -34,7 +34,12 @@ impl Plugin for FileAlert {
         let subject = render(&config::get_or("subject", DEFAULT_SUBJECT), &event, size);
         let name = file_name(&event.path);
         let mut email = Email::to(to.split(',').next().unwrap_or_default().trim());
-        for extra in to.split(',').skip(1).map(str::trim).filter(|s| !s.is_empty()) {
+        for extra in to
+            .split(',')
+            .skip(1)
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
             email = email.to(extra);
         }
         let mut body = format!(
@@ -77,7 +82,10 @@ fn render(template: &str, event: &FileEvent, size: Option<u64>) -> String {
 }
 
 fn file_name(path: &str) -> &str {
-    path.rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or("file")
+    path.rsplit('/')
+        .next()
+        .filter(|n| !n.is_empty())
+        .unwrap_or("file")
 }
 
 fn content_type(name: &str) -> &'static str {

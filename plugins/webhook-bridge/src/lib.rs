@@ -9,9 +9,9 @@
 //! Config: `to` (required, comma-separated), `subject_prefix` (default
 //! `[webhook]`).
 
+use sendbox_pdk::{Email, HttpRequest, Outcome, Plugin, Response, config, export_plugin};
 use serde::Deserialize;
 use serde_json::Value;
-use sendbox_pdk::{Email, HttpRequest, Outcome, Plugin, Response, config, export_plugin};
 
 struct WebhookBridge;
 
@@ -128,7 +128,12 @@ fn bad_request(reason: &str) -> Outcome {
 }
 
 fn one_line(s: &str) -> String {
-    s.lines().next().unwrap_or_default().chars().take(200).collect()
+    s.lines()
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .take(200)
+        .collect()
 }
 
 fn escape(s: &str) -> String {
@@ -159,7 +164,11 @@ fn alerts(list: AlertList) -> Body {
     let subject = format!(
         "{}: {} ({} alert{}, {firing} firing)",
         list.status.to_uppercase(),
-        if unique.is_empty() { "alerts".to_string() } else { unique.join(", ") },
+        if unique.is_empty() {
+            "alerts".to_string()
+        } else {
+            unique.join(", ")
+        },
         list.alerts.len(),
         if list.alerts.len() == 1 { "" } else { "s" }
     );
@@ -194,8 +203,15 @@ fn alerts(list: AlertList) -> Body {
         ));
     }
     html.push_str("</ul>\n");
-    let key = list.group_key.map(|g| format!("alerts:{g}:{}", list.status));
-    Body { subject, text, html, key }
+    let key = list
+        .group_key
+        .map(|g| format!("alerts:{g}:{}", list.status));
+    Body {
+        subject,
+        text,
+        html,
+        key,
+    }
 }
 
 fn push(p: Push) -> Body {
@@ -219,15 +235,29 @@ fn push(p: Push) -> Body {
             Some(u) => format!("<a href=\"{}\">{}</a>", escape(u), escape(&short)),
             None => escape(&short),
         };
-        html.push_str(&format!("<li>{link} {} <small>({})</small></li>\n", escape(&title), escape(author)));
+        html.push_str(&format!(
+            "<li>{link} {} <small>({})</small></li>\n",
+            escape(&title),
+            escape(author)
+        ));
     }
     html.push_str("</ul>\n");
     if let Some(compare) = &p.compare {
         text.push_str(&format!("\nCompare: {compare}\n"));
-        html.push_str(&format!("<p><a href=\"{0}\">{0}</a></p>\n", escape(compare)));
+        html.push_str(&format!(
+            "<p><a href=\"{0}\">{0}</a></p>\n",
+            escape(compare)
+        ));
     }
-    let key = p.after.map(|sha| format!("push:{}:{sha}", p.repository.full_name));
-    Body { subject, text, html, key }
+    let key = p
+        .after
+        .map(|sha| format!("push:{}:{sha}", p.repository.full_name));
+    Body {
+        subject,
+        text,
+        html,
+        key,
+    }
 }
 
 export_plugin!(WebhookBridge);

@@ -49,7 +49,9 @@ pub fn transport(account: Account) -> anyhow::Result<(Transport, Option<Arc<Toke
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+/// The tokio runtime every async command uses: two workers, as the
+/// machines this runs on have two cores.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

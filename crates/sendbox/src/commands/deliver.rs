@@ -36,10 +36,7 @@ impl DeliverArgs {
         let cfg = load_config(&self.config)?;
         let outbox = open_and_recover(&cfg.store)?;
         let allowed_from = allowed_from(&cfg);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
+        let rt = crate::commands::accounts::runtime()?;
         let outbox_for_workers = outbox.clone();
         rt.block_on(async move {
             let outbox = outbox_for_workers;
@@ -107,6 +104,12 @@ pub fn allowed_from(cfg: &crate::config::Config) -> HashMap<String, Vec<String>>
         .collect()
 }
 
+/// The running workers and each account's waker.
+pub type Workers = (
+    tokio::task::JoinSet<()>,
+    HashMap<String, Arc<tokio::sync::Notify>>,
+);
+
 /// Starts one delivery worker per account; they stop when `stop` turns
 /// true. Returns the tasks and each account's waker.
 pub fn start_workers(
@@ -115,10 +118,7 @@ pub fn start_workers(
     allowed_from: &HashMap<String, Vec<String>>,
     stop: &tokio::sync::watch::Receiver<bool>,
     metrics: Option<&crate::metrics::Metrics>,
-) -> anyhow::Result<(
-    tokio::task::JoinSet<()>,
-    HashMap<String, Arc<tokio::sync::Notify>>,
-)> {
+) -> anyhow::Result<Workers> {
     let mut workers = tokio::task::JoinSet::new();
     let mut wakers = HashMap::new();
     for (name, account) in accounts {

@@ -115,10 +115,7 @@ impl RunArgs {
         let listen = cfg.listen.clone();
         let grace = cfg.shutdown_grace;
 
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
+        let rt = crate::commands::accounts::runtime()?;
         let outbox_for_run = outbox.clone();
         rt.block_on(async move {
             let outbox = outbox_for_run;
@@ -153,6 +150,10 @@ impl RunArgs {
                 });
             }
             for w in watches {
+                // Before `ready`, so a caller can drop files in right away.
+                if let Err(e) = std::fs::create_dir_all(&w.dir) {
+                    tracing::error!(plugin = %w.plugin, dir = %w.dir.display(), error = %e, "cannot create watched folder");
+                }
                 let (d, s) = (dispatch.clone(), stopped(&stop_triggers_rx));
                 triggers.spawn(async move {
                     let (plugin, dir) = (w.plugin.clone(), w.dir.clone());

@@ -10,9 +10,12 @@ struct Tcp;
 impl Plugin for Tcp {
     fn on_webhook(_req: HttpRequest) -> Result<Outcome, String> {
         let addr = config::get_or("addr", "127.0.0.1:9");
-        let mut s = std::net::TcpStream::connect(&addr).map_err(|e| format!("connect {addr}: {e}"))?;
+        let mut s =
+            std::net::TcpStream::connect(&addr).map_err(|e| format!("connect {addr}: {e}"))?;
         s.write_all(b"exfiltrated").map_err(|e| e.to_string())?;
-        Ok(Outcome::email(Email::to("ok@example.com").subject("connected").build()))
+        Ok(Outcome::email(
+            Email::to("ok@example.com").subject("connected").build(),
+        ))
     }
 }
 

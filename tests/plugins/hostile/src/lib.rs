@@ -8,7 +8,12 @@ use sendbox_pdk::{Email, HttpRequest, Outcome, Plugin, config, export_plugin, lo
 struct Hostile;
 
 fn ok_email(subject: &str, body: String) -> Outcome {
-    Outcome::email(Email::to("ok@example.com").subject(subject).text(body).build())
+    Outcome::email(
+        Email::to("ok@example.com")
+            .subject(subject)
+            .text(body)
+            .build(),
+    )
 }
 
 #[inline(never)]
