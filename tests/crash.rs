@@ -17,31 +17,8 @@ use sendbox_types::Email;
 
 fn config(p: &Peers, dir: &Path) -> String {
     let path = dir.join("sendbox.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"[daemon]
-store = "var/outbox.db"
-
-[accounts.app]
-provider = "generic"
-mailbox = "alerts@example.com"
-client_id = "{id}"
-client_secret = {{ env = "SENDBOX_TEST_APP_SECRET" }}
-token_url = "{token}"
-scopes = ["smtp"]
-smtp_host = "localhost"
-smtp_port = {port}
-ca_file = "{ca}"
-max_connections = 3
-"#,
-            id = p.info.clients.secret.client_id,
-            token = p.info.token_endpoint,
-            port = p.info.smtp_starttls_port,
-            ca = p.info.ca_file.display(),
-        ),
-    )
-    .unwrap();
+    let text = format!("[daemon]\nstore = \"var/outbox.db\"\n{}", p.app_account());
+    std::fs::write(&path, text).unwrap();
     path.to_str().unwrap().to_owned()
 }
 

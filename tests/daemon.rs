@@ -8,144 +8,35 @@
 //! - `/metrics` counts events by trigger, plugin and result;
 //! - SIGTERM → a clean exit with nothing left mid-send.
 
+#[path = "support/daemon.rs"]
+mod daemon;
 #[path = "support/wasm.rs"]
 mod wasm;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
+use daemon::{Daemon, wait_for_mail};
 use sendbox_outbox::{Outbox, State};
 
 const SECRET: &str = "webhook-secret-for-tests";
 
-struct Daemon {
-    child: Child,
-    base: String,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start() -> Daemon {
+fn start() -> (Daemon, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("sendbox.toml");
-    let w = |n: &str| wasm::example(n).display().to_string();
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"[daemon]
-listen = "127.0.0.1:0"
-store = "var/sendbox.db"
-cache_dir = "{cache}"
-
-[accounts.local]
-provider = "file"
-mailbox = "sendbox@localhost"
-dir = "mail"
-
-[plugins.file-alert]
-wasm = "{fa}"
-account = "local"
-[plugins.file-alert.config]
-to = "ops@example.com"
-[[plugins.file-alert.watch]]
-name = "incoming"
-dir = "incoming"
-exclude = ["*.tmp"]
-debounce_ms = 200
-
-[plugins.webhook-bridge]
-wasm = "{wb}"
-account = "local"
-[plugins.webhook-bridge.config]
-to = "oncall@example.com"
-[plugins.webhook-bridge.webhook]
-path = "/hooks/alerts"
-secret = {{ env = "SENDBOX_TEST_WEBHOOK_SECRET" }}
-
-[plugins.daily-digest]
-wasm = "{dd}"
-account = "local"
-[plugins.daily-digest.config]
-to = "team@example.com"
-[plugins.daily-digest.webhook]
-path = "/hooks/digest"
-bearer_token = {{ env = "SENDBOX_TEST_WEBHOOK_SECRET" }}
-[[plugins.daily-digest.schedule]]
-name = "every-second"
-cron = "* * * * * *"
-"#,
-            cache = wasm::wasm_target_dir().join("sendbox-cache").display(),
-            fa = w("file-alert"),
-            wb = w("webhook-bridge"),
-            dd = w("daily-digest"),
+    let cfg = daemon::write_config(
+        dir.path(),
+        &format!(
+            "{}{}",
+            daemon::FILE_ACCOUNT,
+            daemon::example_plugins("local")
         ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sendbox"))
-        .args(["run", "--config", cfg.to_str().unwrap()])
-        .env("SENDBOX_TEST_WEBHOOK_SECRET", SECRET)
-        .env("SENDBOX_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("sendbox printed its ready line");
-    let base = line
-        .split("webhooks on ")
-        .nth(1)
-        .unwrap_or_else(|| panic!("unexpected ready line {line:?}"))
-        .trim()
-        .to_owned();
-    Daemon { child, base, dir }
+    );
+    let d = Daemon::start(&cfg, &[("SENDBOX_TEST_WEBHOOK_SECRET", SECRET)]);
+    (d, dir)
 }
 
 fn sign(body: &[u8]) -> String {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET.as_bytes());
-    format!(
-        "sha256={}",
-        hex::encode(ring::hmac::sign(&key, body).as_ref())
-    )
-}
-
-/// Waits for an .eml file containing `needle`; returns its text.
-fn wait_for_mail(dir: &Path, needle: &str) -> String {
-    let start = Instant::now();
-    loop {
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for e in entries.flatten() {
-                let p: PathBuf = e.path();
-                if p.extension().is_some_and(|x| x == "eml")
-                    && let Ok(text) = std::fs::read_to_string(&p)
-                    && text.contains(needle)
-                {
-                    return text;
-                }
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no mail containing {needle:?} in {}",
-            dir.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    daemon::sign(SECRET, body)
 }
 
 fn count(store: &Path) -> usize {
@@ -158,9 +49,9 @@ fn count(store: &Path) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_turns_files_webhooks_and_schedules_into_mail() {
-    let d = start();
-    let mail = d.dir.path().join("mail");
-    let store = d.dir.path().join("var/sendbox.db");
+    let (mut d, dir) = start();
+    let mail = dir.path().join("mail");
+    let store = dir.path().join("var/sendbox.db");
     let http = reqwest::Client::new();
 
     // Health.
@@ -172,7 +63,7 @@ async fn the_daemon_turns_files_webhooks_and_schedules_into_mail() {
     assert_eq!(ok.status(), 200);
 
     // A file dropped into the watched folder: written, then settled.
-    let incoming = d.dir.path().join("incoming");
+    let incoming = dir.path().join("incoming");
     std::fs::write(incoming.join("ignored.tmp"), "x").unwrap();
     std::fs::write(incoming.join("report.csv"), "region,orders\nnorth,1\n").unwrap();
     let text = wait_for_mail(&mail, "report.csv");
@@ -205,26 +96,8 @@ async fn the_daemon_turns_files_webhooks_and_schedules_into_mail() {
         State::Sent
     );
 
-    // A bad signature: 401, and the plugin never runs.
+    // (Bad signatures and oversized bodies: tests/daemon_peers.rs.)
     let before = count(&store);
-    let r = http
-        .post(format!("{}/hooks/alerts", d.base))
-        .header("x-hub-signature-256", sign(b"something else"))
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
-    // A 2 MiB body: 413.
-    let big = vec![b'x'; 2 << 20];
-    let r = http
-        .post(format!("{}/hooks/alerts", d.base))
-        .header("x-hub-signature-256", sign(&big))
-        .body(big)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 413);
     // A body the plugin cannot parse: its own 400, nothing queued.
     let junk = b"not json".to_vec();
     let r = http
@@ -287,23 +160,7 @@ async fn the_daemon_turns_files_webhooks_and_schedules_into_mail() {
     );
 
     // SIGTERM: a clean exit, nothing left mid-send.
-    let mut d = d;
-    let pid = d.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = d.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = d.terminate(Duration::from_secs(20));
     assert!(status.success(), "{status:?}");
     assert!(
         Outbox::open(&store)
@@ -311,5 +168,95 @@ async fn the_daemon_turns_files_webhooks_and_schedules_into_mail() {
             .list(Some(State::Sending), 10)
             .unwrap()
             .is_empty()
+    );
+}
+
+/// A config with one schedule on the hostile plugin (whose schedule handler
+/// does nothing, so each tick is just counted).
+fn schedule_config(dir: &Path, cron: &str, catch_up: &str) -> std::path::PathBuf {
+    daemon::write_config(
+        dir,
+        &format!(
+            r#"{account}
+[plugins.ticker]
+wasm = "{wasm}"
+account = "local"
+[[plugins.ticker.schedule]]
+name = "nightly"
+cron = "{cron}"
+timezone = "UTC"
+catch_up = "{catch_up}"
+"#,
+            account = daemon::FILE_ACCOUNT,
+            wasm = wasm::hostile("hostile").display(),
+        ),
+    )
+}
+
+fn last_run(store: &Path) -> Option<i64> {
+    Outbox::open(store)
+        .unwrap()
+        .schedule_run("ticker", "nightly")
+        .unwrap()
+}
+
+/// A 6-field cron expression for the second `at_ms` falls in, daily.
+fn daily_at(at_ms: i64) -> String {
+    let t = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(at_ms).unwrap();
+    use chrono::Timelike;
+    format!("{} {} {} * * *", t.second(), t.minute(), t.hour())
+}
+
+#[test]
+fn a_run_missed_while_down_runs_once_at_start_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("var/sendbox.db");
+
+    // Up for a moment with an every-second schedule: its last run is kept.
+    let cfg = schedule_config(dir.path(), "* * * * * *", "once");
+    let mut d = Daemon::start(&cfg, &[]);
+    let began = std::time::Instant::now();
+    while last_run(&store).is_none() {
+        assert!(began.elapsed() < Duration::from_secs(30), "never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(d.terminate(Duration::from_secs(20)).success());
+    let ran = last_run(&store).unwrap();
+
+    // Down while a daily run falls due (two seconds ago), then `skip`: it
+    // stays missed.
+    std::thread::sleep(Duration::from_millis(3500));
+    let missed = (chrono::Utc::now().timestamp_millis() / 1000 - 2) * 1000;
+    assert!(missed > ran);
+    schedule_config(dir.path(), &daily_at(missed), "skip");
+    let mut d = Daemon::start(&cfg, &[]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(d.terminate(Duration::from_secs(20)).success());
+    assert_eq!(
+        last_run(&store),
+        Some(ran),
+        "skip: the missed run did not run"
+    );
+    assert_eq!(d.count_logged("catching up"), 0);
+
+    // The same again with `once`: it runs at start, for its own time.
+    let missed = (chrono::Utc::now().timestamp_millis() / 1000 - 2) * 1000;
+    schedule_config(dir.path(), &daily_at(missed), "once");
+    let mut d = Daemon::start(&cfg, &[]);
+    let began = std::time::Instant::now();
+    while last_run(&store) != Some(missed) {
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "the missed run did not run: last run {:?}, missed {missed}",
+            last_run(&store)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d.wait_logged("catching up on a run missed while down", 1);
+    assert!(d.terminate(Duration::from_secs(20)).success());
+    assert_eq!(
+        d.count_logged("catching up"),
+        1,
+        "once, not once per missed day"
     );
 }

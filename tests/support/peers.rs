@@ -127,6 +127,40 @@ impl Peers {
         }
     }
 
+    /// `[accounts.app]`: the client-secret client sending as
+    /// `alerts@example.com` through the STARTTLS server (at most 3
+    /// connections), its secret read from the env var
+    /// `SENDBOX_TEST_APP_SECRET` (see [`Peers::app_env`]).
+    pub fn app_account(&self) -> String {
+        format!(
+            r#"
+[accounts.app]
+provider = "generic"
+mailbox = "alerts@example.com"
+client_id = "{id}"
+client_secret = {{ env = "SENDBOX_TEST_APP_SECRET" }}
+token_url = "{token}"
+scopes = ["smtp"]
+smtp_host = "localhost"
+smtp_port = {port}
+ca_file = "{ca}"
+max_connections = 3
+"#,
+            id = self.info.clients.secret.client_id,
+            token = self.info.token_endpoint,
+            port = self.info.smtp_starttls_port,
+            ca = self.info.ca_file.display(),
+        )
+    }
+
+    /// The env var [`Peers::app_account`] reads its secret from.
+    pub fn app_env(&self) -> (&'static str, String) {
+        (
+            "SENDBOX_TEST_APP_SECRET",
+            self.info.clients.secret.client_secret.clone(),
+        )
+    }
+
     /// Starts the peers with hour-long tokens.
     pub fn start() -> Peers {
         Self::start_with_ttl(3600)

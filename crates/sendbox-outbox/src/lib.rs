@@ -494,6 +494,38 @@ impl Outbox {
         })
     }
 
+    /// Records that a schedule ran for the tick due at `scheduled_at_ms`, so
+    /// a restart can tell which runs it missed.
+    pub fn set_schedule_run(
+        &self,
+        plugin: &str,
+        schedule: &str,
+        scheduled_at_ms: i64,
+    ) -> Result<(), OutboxError> {
+        let (plugin, schedule) = (plugin.to_owned(), schedule.to_owned());
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO schedule_runs (plugin, schedule, last_ms) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (plugin, schedule) DO UPDATE SET last_ms = max(last_ms, excluded.last_ms)",
+                params![plugin, schedule, scheduled_at_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// When a schedule last ran (its tick's `scheduled_at_ms`), if ever.
+    pub fn schedule_run(&self, plugin: &str, schedule: &str) -> Result<Option<i64>, OutboxError> {
+        let (plugin, schedule) = (plugin.to_owned(), schedule.to_owned());
+        self.read(move |c| {
+            c.query_row(
+                "SELECT last_ms FROM schedule_runs WHERE plugin = ?1 AND schedule = ?2",
+                params![plugin, schedule],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+    }
+
     /// Paused accounts: (account, since ms, reason).
     pub fn paused_accounts(&self) -> Result<Vec<(String, i64, String)>, OutboxError> {
         self.read(|c| {

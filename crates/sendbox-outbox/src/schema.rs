@@ -69,6 +69,15 @@ const MIGRATIONS: &[&str] = &[
         reason      TEXT NOT NULL
     );
     "#,
+    // v3
+    r#"
+    CREATE TABLE schedule_runs (
+        plugin      TEXT NOT NULL,
+        schedule    TEXT NOT NULL,
+        last_ms     INTEGER NOT NULL,
+        PRIMARY KEY (plugin, schedule)
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -10,7 +10,7 @@
 //! commit. `/healthz` answers `ok`.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -26,7 +26,7 @@ use crate::{Dispatch, Dispatched, Job, new_event_id};
 pub const TYPE: &str = "webhook";
 
 /// How a route authenticates callers.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Auth {
     /// No authentication (only sensible on loopback).
     None,
@@ -61,7 +61,7 @@ impl std::fmt::Debug for Auth {
 }
 
 /// One plugin's route.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     /// The plugin.
     pub plugin: String,
@@ -71,6 +71,9 @@ pub struct Route {
     pub max_body_bytes: usize,
     /// Requests handled at once.
     pub concurrency: usize,
+    /// How long a request beyond `concurrency` waits for a free slot
+    /// before it is answered 503.
+    pub queue_wait: Duration,
 }
 
 struct RouteState {
@@ -81,8 +84,61 @@ struct RouteState {
 /// Renders `/metrics` (Prometheus text format).
 pub type MetricsFn = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// The routes a server answers, keyed by path; replaced while it runs
+/// (hot reload). Cheap to clone; clones share the table.
+#[derive(Clone, Default)]
+pub struct RouteTable(Arc<RwLock<Arc<Routes>>>);
+
+type Routes = HashMap<String, Arc<RouteState>>;
+
+impl RouteTable {
+    /// A table with these routes.
+    pub fn new(routes: HashMap<String, Route>) -> Self {
+        let table = RouteTable::default();
+        table.replace(routes);
+        table
+    }
+
+    /// Replaces every route. A route that did not change keeps its
+    /// concurrency permits, so requests in flight still count against it;
+    /// a changed route starts afresh while its in-flight requests finish
+    /// on the old one.
+    pub fn replace(&self, routes: HashMap<String, Route>) {
+        let old = self.snapshot();
+        let new = routes
+            .into_iter()
+            .map(|(path, route)| {
+                let state = match old.get(&path) {
+                    Some(rs) if rs.route == route => rs.clone(),
+                    _ => Arc::new(RouteState {
+                        permits: Semaphore::new(route.concurrency.max(1)),
+                        route,
+                    }),
+                };
+                (path, state)
+            })
+            .collect();
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+    }
+
+    /// The paths served now, sorted.
+    pub fn paths(&self) -> Vec<String> {
+        let mut p: Vec<String> = self.snapshot().keys().cloned().collect();
+        p.sort();
+        p
+    }
+
+    fn snapshot(&self) -> Arc<Routes> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn get(&self, path: &str) -> Option<Arc<RouteState>> {
+        self.snapshot().get(path).cloned()
+    }
+}
+
 struct App {
-    routes: HashMap<String, RouteState>,
+    routes: RouteTable,
     dispatch: Dispatch,
     metrics: Option<MetricsFn>,
 }
@@ -158,12 +214,16 @@ async fn handle(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
             serde_json::json!({"error": format!("no webhook at {path}")}),
         );
     };
-    let Ok(_permit) = tokio::time::timeout(Duration::from_secs(10), rs.permits.acquire()).await
+    let Ok(Ok(_permit)) = tokio::time::timeout(rs.route.queue_wait, rs.permits.acquire()).await
     else {
-        return json(
+        tracing::warn!(plugin = %rs.route.plugin, %path, concurrency = rs.route.concurrency, "webhook refused: route saturated");
+        let mut resp = json(
             StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({"error": "too many requests in flight for this route"}),
+            serde_json::json!({"error": "too many requests in flight for this route; retry later"}),
         );
+        resp.headers_mut()
+            .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        return resp;
     };
     let method = req.method().to_string();
     let query = req.uri().query().unwrap_or_default().to_owned();
@@ -271,22 +331,17 @@ async fn read_limited(body: Body, limit: usize) -> Result<Vec<u8>, ()> {
     if seen > limit { Err(()) } else { Ok(buf) }
 }
 
-/// Serves the routes (keyed by path) on `listener` until `shutdown`.
+/// Serves the routes in `routes` on `listener` until `shutdown`; the table
+/// may be replaced while it serves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    routes: HashMap<String, Route>,
+    routes: RouteTable,
     dispatch: Dispatch,
     metrics: Option<MetricsFn>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Arc::new(App {
-        routes: routes
-            .into_iter()
-            .map(|(p, r)| {
-                let permits = Semaphore::new(r.concurrency.max(1));
-                (p, RouteState { route: r, permits })
-            })
-            .collect(),
+        routes,
         dispatch,
         metrics,
     });

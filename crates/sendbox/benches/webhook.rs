@@ -17,9 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sendbox::commands::run::{Loaded, dispatcher};
+use sendbox::reload::Registry;
 use sendbox_outbox::{Outbox, Policy};
 use sendbox_runtime::{PluginSettings, Runtime, RuntimeOptions};
-use sendbox_triggers::webhook::{Auth, Route};
+use sendbox_triggers::webhook::{Auth, Route, RouteTable};
 use sendbox_triggers::{Dispatch, Dispatched, Job};
 
 async fn load(
@@ -95,6 +96,7 @@ async fn main() {
         "webhook-bridge".to_string(),
         Loaded {
             plugin,
+            plugin_path: wasm::example("webhook-bridge"),
             account: "local".into(),
             mailbox: "sendbox@localhost".into(),
             policy: Policy {
@@ -104,7 +106,7 @@ async fn main() {
         },
     );
     let real = dispatcher(
-        Arc::new(plugins),
+        Arc::new(Registry::new(plugins)),
         outbox.clone(),
         Arc::new(HashMap::new()),
         Arc::new(sendbox::metrics::Metrics::default()),
@@ -126,6 +128,7 @@ async fn main() {
         auth: Auth::None,
         max_body_bytes: 1 << 20,
         concurrency: 64,
+        queue_wait: std::time::Duration::from_secs(10),
     };
     let routes = HashMap::from([
         ("/hooks/alerts".to_string(), route("webhook-bridge")),
@@ -135,7 +138,7 @@ async fn main() {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(sendbox_triggers::webhook::serve(
         listener,
-        routes,
+        RouteTable::new(routes),
         dispatch,
         None,
         std::future::pending(),

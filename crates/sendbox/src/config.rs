@@ -143,13 +143,13 @@ pub struct RawPlugin {
     #[serde(default)]
     pub policy: sendbox_outbox::Policy,
     /// A webhook route for this plugin.
-    pub webhook: Option<RawWebhook>,
+    pub webhook: Option<Spanned<RawWebhook>>,
     /// Folders to watch: `[[plugins.NAME.watch]]`.
     #[serde(default)]
-    pub watch: Vec<RawWatch>,
+    pub watch: Vec<Spanned<RawWatch>>,
     /// Schedules: `[[plugins.NAME.schedule]]`.
     #[serde(default)]
-    pub schedule: Vec<RawSchedule>,
+    pub schedule: Vec<Spanned<RawSchedule>>,
 }
 
 /// `[plugins.NAME.webhook]`
@@ -157,15 +157,15 @@ pub struct RawPlugin {
 #[serde(deny_unknown_fields)]
 pub struct RawWebhook {
     /// The route, e.g. `"/hooks/alerts"`.
-    pub path: String,
+    pub path: Spanned<String>,
     /// HMAC-SHA256 secret, by reference (`{ env = "..." }` or `{ file = "..." }`).
-    pub secret: Option<RawSecretRef>,
+    pub secret: Option<Spanned<RawSecretRef>>,
     /// Header carrying the signature. Default `X-Hub-Signature-256`.
     pub signature_header: Option<String>,
     /// Prefix before the hex digest. Default `sha256=`.
     pub signature_prefix: Option<String>,
     /// Bearer token, by reference, instead of a signature.
-    pub bearer_token: Option<RawSecretRef>,
+    pub bearer_token: Option<Spanned<RawSecretRef>>,
     /// Accept unauthenticated requests (only sensible on loopback).
     #[serde(default)]
     pub unauthenticated: bool,
@@ -173,6 +173,9 @@ pub struct RawWebhook {
     pub max_body_bytes: Option<usize>,
     /// Requests handled at once. Default 16.
     pub concurrency: Option<usize>,
+    /// How long a request beyond `concurrency` waits for a slot before it
+    /// is answered `503` with `Retry-After`, in ms. Default 2000.
+    pub queue_ms: Option<u64>,
 }
 
 /// `[[plugins.NAME.watch]]`
@@ -187,11 +190,9 @@ pub struct RawWatch {
     #[serde(default)]
     pub recursive: bool,
     /// Only paths matching these globs, e.g. `["*.csv"]`. Default: all.
-    #[serde(default)]
-    pub include: Vec<String>,
+    pub include: Option<Spanned<Vec<String>>>,
     /// Never paths matching these globs, e.g. `["*.tmp", ".*"]`.
-    #[serde(default)]
-    pub exclude: Vec<String>,
+    pub exclude: Option<Spanned<Vec<String>>>,
     /// Quiet time after the last write before the event fires, ms. Default 500.
     pub debounce_ms: Option<u64>,
     /// Files up to this size are passed with their contents. Default 5 MiB.
@@ -208,9 +209,12 @@ pub struct RawSchedule {
     /// The schedule's name, passed to the plugin, e.g. `"daily"`.
     pub name: String,
     /// Cron expression: 5 fields (`"0 8 * * *"`) or 6 with seconds first.
-    pub cron: String,
+    pub cron: Spanned<String>,
     /// IANA time zone. Default `"UTC"`.
-    pub timezone: Option<String>,
+    pub timezone: Option<Spanned<String>>,
+    /// Runs missed while the daemon was down: `"skip"` them (default) or
+    /// run the latest one `"once"` at start.
+    pub catch_up: Option<Spanned<String>>,
 }
 
 /// A validated account.
@@ -276,6 +280,18 @@ pub struct Plugin {
     pub watches: Vec<sendbox_triggers::watch::Watch>,
     /// Its schedules.
     pub schedules: Vec<sendbox_triggers::cron::Schedule>,
+    /// What a reload compares to tell whether this plugin changed: its
+    /// config text without the triggers, and the triggers' text.
+    pub fingerprint: Fingerprint,
+}
+
+/// The text of a config section, for telling what a reload changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fingerprint {
+    /// Everything but the triggers (wasm path, account, config, limits, policy).
+    pub plugin: String,
+    /// `webhook`, `watch` and `schedule`.
+    pub triggers: String,
 }
 
 /// The validated config.
@@ -297,6 +313,9 @@ pub struct Config {
     pub plugins: BTreeMap<String, Plugin>,
     /// Things that work but deserve attention (inline secrets...).
     pub warnings: Vec<String>,
+    /// The text of `[daemon]` and `[accounts]`: a reload that changes them
+    /// needs a restart.
+    pub restart_fingerprint: String,
 }
 
 /// Everything wrong with a config file, each naming where and how to fix.
@@ -374,6 +393,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
         errors: Vec::new(),
         warnings: Vec::new(),
     };
+    let mut fingerprints = fingerprints(source);
     let mut accounts = BTreeMap::new();
     for (name, acct) in raw.accounts {
         let offset = acct.span().start;
@@ -400,7 +420,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
         if let Err(e) = p.limits.validate() {
             cx.error(offset, &format!("plugins.{name}.limits"), e);
         }
-        let triggers = triggers(&mut cx, &name, &p, offset);
+        let triggers = triggers(&mut cx, &name, &p);
         plugins.insert(
             name.clone(),
             Plugin {
@@ -411,10 +431,14 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
                     limits: p.limits,
                 },
                 policy: p.policy,
-                webhook_path: p.webhook.as_ref().map(|w| w.path.clone()),
+                webhook_path: p
+                    .webhook
+                    .as_ref()
+                    .map(|w| w.get_ref().path.get_ref().clone()),
                 webhook: triggers.0,
                 watches: triggers.1,
                 schedules: triggers.2,
+                fingerprint: fingerprints.plugins.remove(&name).unwrap_or_default(),
                 name,
             },
         );
@@ -450,7 +474,46 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
         accounts,
         plugins,
         warnings: cx.warnings,
+        restart_fingerprint: fingerprints.restart,
     })
+}
+
+struct Fingerprints {
+    restart: String,
+    plugins: BTreeMap<String, Fingerprint>,
+}
+
+/// Canonical text of each section (comments and layout do not count).
+fn fingerprints(source: &str) -> Fingerprints {
+    let mut table: toml::Table = toml::from_str(source).unwrap_or_default();
+    let text = |v: Option<toml::Value>| v.map(|v| v.to_string()).unwrap_or_default();
+    let mut plugins = BTreeMap::new();
+    if let Some(toml::Value::Table(ps)) = table.remove("plugins") {
+        for (name, p) in ps {
+            let toml::Value::Table(mut p) = p else {
+                continue;
+            };
+            let mut triggers = toml::Table::new();
+            for key in ["webhook", "watch", "schedule"] {
+                if let Some(v) = p.remove(key) {
+                    triggers.insert(key.into(), v);
+                }
+            }
+            plugins.insert(
+                name,
+                Fingerprint {
+                    plugin: p.to_string(),
+                    triggers: triggers.to_string(),
+                },
+            );
+        }
+    }
+    let restart = format!(
+        "{}\n{}",
+        text(table.remove("daemon")),
+        text(table.remove("accounts"))
+    );
+    Fingerprints { restart, plugins }
 }
 
 fn path_display(p: &Path) -> String {
@@ -491,9 +554,13 @@ type Triggers = (
     Vec<sendbox_triggers::cron::Schedule>,
 );
 
-fn globs(cx: &mut Ctx<'_>, offset: usize, key: &str, pats: &[String]) -> globset::GlobSet {
+fn globs(cx: &mut Ctx<'_>, key: &str, pats: Option<&Spanned<Vec<String>>>) -> globset::GlobSet {
     let mut b = globset::GlobSetBuilder::new();
-    for p in pats {
+    let Some(pats) = pats else {
+        return globset::GlobSet::empty();
+    };
+    let offset = pats.span().start;
+    for p in pats.get_ref() {
         match globset::Glob::new(p) {
             Ok(g) => {
                 b.add(g);
@@ -504,22 +571,25 @@ fn globs(cx: &mut Ctx<'_>, offset: usize, key: &str, pats: &[String]) -> globset
     b.build().unwrap_or_else(|_| globset::GlobSet::empty())
 }
 
-fn triggers(cx: &mut Ctx<'_>, name: &str, p: &RawPlugin, offset: usize) -> Triggers {
+fn triggers(cx: &mut Ctx<'_>, name: &str, p: &RawPlugin) -> Triggers {
     use sendbox_triggers::webhook::{Auth, Route};
     let webhook = p.webhook.as_ref().and_then(|w| {
+        let offset = w.span().start;
+        let w = w.get_ref();
         let key = format!("plugins.{name}.webhook");
-        if !w.path.starts_with('/') || w.path == "/healthz" || w.path == "/metrics" {
-            cx.error(offset, &format!("{key}.path"), "must start with `/` and not be /healthz or /metrics, e.g. \"/hooks/alerts\"");
+        let path = w.path.get_ref();
+        if !path.starts_with('/') || path == "/healthz" || path == "/metrics" {
+            cx.error(w.path.span().start, &format!("{key}.path"), "must start with `/` and not be /healthz or /metrics, e.g. \"/hooks/alerts\"");
             return None;
         }
         let auth = match (&w.secret, &w.bearer_token, w.unauthenticated) {
             (Some(s), None, false) => Auth::Hmac {
-                secret: secret_bytes(cx, offset, &format!("{key}.secret"), s)?,
+                secret: secret_bytes(cx, s.span().start, &format!("{key}.secret"), s.get_ref())?,
                 header: w.signature_header.clone().unwrap_or_else(|| "X-Hub-Signature-256".into()).to_ascii_lowercase(),
                 prefix: w.signature_prefix.clone().unwrap_or_else(|| "sha256=".into()),
             },
             (None, Some(t), false) => Auth::Bearer {
-                token: secret_bytes(cx, offset, &format!("{key}.bearer_token"), t)?,
+                token: secret_bytes(cx, t.span().start, &format!("{key}.bearer_token"), t.get_ref())?,
             },
             (None, None, true) => Auth::None,
             _ => {
@@ -532,10 +602,12 @@ fn triggers(cx: &mut Ctx<'_>, name: &str, p: &RawPlugin, offset: usize) -> Trigg
             auth,
             max_body_bytes: w.max_body_bytes.unwrap_or(1 << 20),
             concurrency: w.concurrency.unwrap_or(16),
+            queue_wait: std::time::Duration::from_millis(w.queue_ms.unwrap_or(2000)),
         })
     });
     let mut watches = Vec::new();
     for (i, w) in p.watch.iter().enumerate() {
+        let w = w.get_ref();
         let key = format!("plugins.{name}.watch[{i}]");
         // Created and resolved when the watch starts, not while checking.
         let dir = cx.resolve_path(&w.dir);
@@ -544,8 +616,8 @@ fn triggers(cx: &mut Ctx<'_>, name: &str, p: &RawPlugin, offset: usize) -> Trigg
             name: w.name.clone(),
             dir,
             recursive: w.recursive,
-            include: globs(cx, offset, &format!("{key}.include"), &w.include),
-            exclude: globs(cx, offset, &format!("{key}.exclude"), &w.exclude),
+            include: globs(cx, &format!("{key}.include"), w.include.as_ref()),
+            exclude: globs(cx, &format!("{key}.exclude"), w.exclude.as_ref()),
             debounce: std::time::Duration::from_millis(w.debounce_ms.unwrap_or(500)),
             max_contents_bytes: w.max_contents_bytes.unwrap_or(5 << 20),
             process_existing: w.process_existing,
@@ -553,14 +625,43 @@ fn triggers(cx: &mut Ctx<'_>, name: &str, p: &RawPlugin, offset: usize) -> Trigg
     }
     let mut schedules = Vec::new();
     for (i, s) in p.schedule.iter().enumerate() {
-        match sendbox_triggers::cron::parse(&s.cron, s.timezone.as_deref().unwrap_or("UTC")) {
-            Ok((cron, tz)) => schedules.push(sendbox_triggers::cron::Schedule {
+        let s = s.get_ref();
+        let key = format!("plugins.{name}.schedule[{i}]");
+        let cron = match sendbox_triggers::cron::parse_expr(s.cron.get_ref()) {
+            Ok(cron) => Some(cron),
+            Err(e) => {
+                cx.error(s.cron.span().start, &format!("{key}.cron"), e);
+                None
+            }
+        };
+        let tz = match &s.timezone {
+            None => sendbox_triggers::cron::parse_zone("UTC").ok(),
+            Some(tz) => match sendbox_triggers::cron::parse_zone(tz.get_ref()) {
+                Ok(tz) => Some(tz),
+                Err(e) => {
+                    cx.error(tz.span().start, &format!("{key}.timezone"), e);
+                    None
+                }
+            },
+        };
+        let catch_up = match &s.catch_up {
+            None => Some(sendbox_triggers::cron::CatchUp::Skip),
+            Some(c) => match c.get_ref().parse() {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    cx.error(c.span().start, &format!("{key}.catch_up"), e);
+                    None
+                }
+            },
+        };
+        if let (Some(cron), Some(tz), Some(catch_up)) = (cron, tz, catch_up) {
+            schedules.push(sendbox_triggers::cron::Schedule {
                 plugin: name.to_owned(),
                 name: s.name.clone(),
                 cron,
                 tz,
-            }),
-            Err(e) => cx.error(offset, &format!("plugins.{name}.schedule[{i}]"), e),
+                catch_up,
+            });
         }
     }
     (webhook, watches, schedules)
@@ -865,6 +966,39 @@ mod tests {
         assert!(
             !format!("{c:?}").contains("hunter2"),
             "Debug hides the secret"
+        );
+    }
+
+    #[test]
+    fn trigger_errors_point_at_the_key() {
+        let e = errors(concat!(
+            "[accounts.local]\nprovider = \"file\"\nmailbox = \"a@b.c\"\ndir = \"mail\"\n",
+            "[plugins.p]\nwasm = \"p.wasm\"\naccount = \"local\"\n",
+            "[plugins.p.webhook]\npath = \"hooks\"\nunauthenticated = true\n",
+            "[[plugins.p.watch]]\nname = \"in\"\ndir = \"in\"\nexclude = [\"[\"]\n",
+            "[[plugins.p.schedule]]\nname = \"s\"\ncron = \"0 8 * *\"\n",
+            "[[plugins.p.schedule]]\nname = \"t\"\ncron = \"0 8 * * *\"\ntimezone = \"Mars/Base\"\ncatch_up = \"always\"\n",
+        ));
+        let has = |at: &str, key: &str| e.iter().any(|l| l.starts_with(at) && l.contains(key));
+        assert!(
+            has("sendbox.toml:9:8:", "`plugins.p.webhook.path`"),
+            "{e:?}"
+        );
+        assert!(
+            has("sendbox.toml:14:11:", "`plugins.p.watch[0].exclude`"),
+            "{e:?}"
+        );
+        assert!(
+            has("sendbox.toml:17:8:", "`plugins.p.schedule[0].cron`"),
+            "{e:?}"
+        );
+        assert!(
+            has("sendbox.toml:21:12:", "`plugins.p.schedule[1].timezone`"),
+            "{e:?}"
+        );
+        assert!(
+            has("sendbox.toml:22:12:", "`plugins.p.schedule[1].catch_up`"),
+            "{e:?}"
         );
     }
 

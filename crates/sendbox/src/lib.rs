@@ -10,6 +10,7 @@ pub mod commands;
 pub mod config;
 pub mod exit;
 pub mod metrics;
+pub mod reload;
 
 use std::process::ExitCode;
 

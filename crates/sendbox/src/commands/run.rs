@@ -4,6 +4,9 @@
 //! then one outbox commit of its emails and state, then (for a webhook) the
 //! answer.
 //!
+//! Changes to the config file or a plugin's `.wasm` (or SIGHUP) reload only
+//! what changed; see [`crate::reload`].
+//!
 //! Shutdown, in pipeline order: SIGTERM/SIGINT stops the triggers, in-flight
 //! events finish and commit, then the delivery workers finish their sends,
 //! all within `shutdown_grace_secs`; a second signal quits at once.
@@ -15,13 +18,16 @@ use std::sync::Arc;
 
 use clap::Args;
 use sendbox_outbox::{Call, Outbox, OutboxError};
-use sendbox_runtime::{Plugin, Runtime, RuntimeOptions, StateError, StateStore};
+use sendbox_runtime::{Runtime, RuntimeOptions, StateError, StateStore};
+use sendbox_triggers::webhook::RouteTable;
 use sendbox_triggers::{Dispatch, Dispatched, Job};
 use tokio::sync::Notify;
 
 use crate::commands::accounts::load_config;
 use crate::commands::deliver::{Signals, allowed_from, open_and_recover, start_workers};
 use crate::exit::{self, coded};
+pub use crate::reload::Loaded;
+use crate::reload::{FileChanges, Registry, Supervisor};
 
 /// `sendbox run --config FILE`
 #[derive(Debug, Args)]
@@ -50,18 +56,6 @@ impl StateStore for OutboxState {
     }
 }
 
-/// A loaded plugin with what its commits need.
-pub struct Loaded {
-    /// The plugin.
-    pub plugin: Plugin,
-    /// Its account.
-    pub account: String,
-    /// The account's mailbox.
-    pub mailbox: String,
-    /// Its policy.
-    pub policy: sendbox_outbox::Policy,
-}
-
 impl RunArgs {
     /// Runs the daemon until a signal.
     pub fn run(self) -> anyhow::Result<ExitCode> {
@@ -76,107 +70,73 @@ impl RunArgs {
         })
         .map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?;
         let outbox = open_and_recover(&cfg.store)?;
-
-        // Plugins: a bad one is logged and skipped; the rest serve.
-        let mut plugins: HashMap<String, Loaded> = HashMap::new();
-        let mut routes = HashMap::new();
-        let mut watches = Vec::new();
-        let mut schedules = Vec::new();
-        for p in cfg.plugins.values() {
-            match runtime.load_file(&p.name, &p.wasm, p.settings.clone()) {
-                Ok(plugin) => {
-                    tracing::info!(plugin = %p.name, wasm = %p.wasm.display(), "plugin loaded");
-                    let mailbox = cfg
-                        .accounts
-                        .get(&p.account)
-                        .map(|a| a.mailbox.clone())
-                        .unwrap_or_default();
-                    plugins.insert(
-                        p.name.clone(),
-                        Loaded {
-                            plugin,
-                            account: p.account.clone(),
-                            mailbox,
-                            policy: p.policy.clone(),
-                        },
-                    );
-                    if let (Some(route), Some(path)) = (&p.webhook, &p.webhook_path) {
-                        routes.insert(path.clone(), route.clone());
-                    }
-                    watches.extend(p.watches.iter().cloned());
-                    schedules.extend(p.schedules.iter().cloned());
-                }
-                Err(e) => {
-                    tracing::error!(plugin = %p.name, error = %e, "plugin not loaded; its triggers stay off")
-                }
-            }
-        }
         let allowed = allowed_from(&cfg);
         let listen = cfg.listen.clone();
         let grace = cfg.shutdown_grace;
+        let config_path = self.config.clone();
 
         let rt = crate::commands::accounts::runtime()?;
         let outbox_for_run = outbox.clone();
         rt.block_on(async move {
             let outbox = outbox_for_run;
+            let mut cfg = cfg;
             let (stop_workers_tx, stop_workers_rx) = tokio::sync::watch::channel(false);
-            let (stop_triggers_tx, stop_triggers_rx) = tokio::sync::watch::channel(false);
+            let (stop_server_tx, mut stop_server_rx) = tokio::sync::watch::channel(false);
             let metrics = Arc::new(crate::metrics::Metrics::default());
-            let (mut workers, wakers) = start_workers(cfg.accounts, &outbox, &allowed, &stop_workers_rx, Some(&metrics))?;
-            let dispatch = dispatcher(Arc::new(plugins), outbox.clone(), Arc::new(wakers), metrics.clone());
+            let plugins = std::mem::take(&mut cfg.plugins);
+            let mailboxes = crate::reload::mailboxes(&cfg);
+            let registry = Arc::new(Registry::default());
+            let routes = RouteTable::default();
+            let (mut workers, wakers) = start_workers(std::mem::take(&mut cfg.accounts), &outbox, &allowed, &stop_workers_rx, Some(&metrics))?;
+            let dispatch = dispatcher(registry.clone(), outbox.clone(), Arc::new(wakers), metrics.clone());
             let render: sendbox_triggers::webhook::MetricsFn = {
                 let (m, o) = (metrics.clone(), outbox.clone());
                 Arc::new(move || m.render(&o))
             };
+            let mut supervisor = Supervisor::new(runtime, outbox.clone(), registry, routes.clone(), dispatch.clone(), mailboxes, cfg.restart_fingerprint.clone());
+            // Plugins: a bad one is logged and skipped; the rest serve.
+            supervisor.apply(plugins).await;
 
-            let stopped = |rx: &tokio::sync::watch::Receiver<bool>| {
-                let mut rx = rx.clone();
-                async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                }
-            };
-            let mut triggers = tokio::task::JoinSet::new();
             let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| {
                 coded(exit::EX_CONFIG, format!("cannot listen on {listen}: {e} (set [daemon] listen)"))
             })?;
             let addr = listener.local_addr()?;
-            {
-                let d = dispatch.clone();
-                let s = stopped(&stop_triggers_rx);
-                triggers.spawn(async move {
-                    if let Err(e) = sendbox_triggers::webhook::serve(listener, routes, d, Some(render), s).await {
-                        tracing::error!(error = %e, "webhook server stopped");
-                    }
-                });
-            }
-            for w in watches {
-                // Before `ready`, so a caller can drop files in right away.
-                if let Err(e) = std::fs::create_dir_all(&w.dir) {
-                    tracing::error!(plugin = %w.plugin, dir = %w.dir.display(), error = %e, "cannot create watched folder");
+            let server = tokio::spawn(async move {
+                let stopped = async move {
+                    let _ = stop_server_rx.wait_for(|s| *s).await;
+                };
+                if let Err(e) = sendbox_triggers::webhook::serve(listener, routes, dispatch, Some(render), stopped).await {
+                    tracing::error!(error = %e, "webhook server stopped");
                 }
-                let (d, s) = (dispatch.clone(), stopped(&stop_triggers_rx));
-                triggers.spawn(async move {
-                    let (plugin, dir) = (w.plugin.clone(), w.dir.clone());
-                    if let Err(e) = sendbox_triggers::watch::run(w, d, s).await {
-                        tracing::error!(%plugin, dir = %dir.display(), error = %e, "cannot watch folder");
-                    }
-                });
-            }
-            for sch in schedules {
-                let (d, s) = (dispatch.clone(), stopped(&stop_triggers_rx));
-                triggers.spawn(sendbox_triggers::cron::run(sch, d, s));
-            }
+            });
+            let mut changes = FileChanges::new(&supervisor.watched_files(&config_path));
             // The line scripts and tests wait for.
             println!("sendbox ready in {} ms: webhooks on http://{addr}", started.elapsed().as_millis());
             use std::io::Write;
             let _ = std::io::stdout().flush();
 
             let mut signals = Signals::new()?;
-            signals.recv().await;
+            let mut hangup = Hangup::new()?;
+            loop {
+                tokio::select! {
+                    _ = signals.recv() => break,
+                    _ = changes.next(RELOAD_QUIET) => {
+                        tracing::info!(config = %config_path.display(), "files changed: reloading");
+                    }
+                    _ = hangup.recv() => {
+                        tracing::info!(config = %config_path.display(), "SIGHUP: reloading");
+                    }
+                }
+                if let Some(applied) = supervisor.reload(&config_path).await {
+                    tracing::info!(loaded = ?applied.loaded, retriggered = ?applied.retriggered, removed = ?applied.removed, failed = ?applied.failed, "reload done");
+                }
+                changes.set_files(&supervisor.watched_files(&config_path));
+            }
             tracing::info!("stopping: triggers first, then delivery (signal again to quit now)");
-            let _ = stop_triggers_tx.send(true);
             let drain = async {
-                while triggers.join_next().await.is_some() {}
+                let _ = stop_server_tx.send(true);
+                supervisor.stop().await;
+                let _ = server.await;
                 let _ = stop_workers_tx.send(true);
                 while workers.join_next().await.is_some() {}
             };
@@ -192,10 +152,36 @@ impl RunArgs {
     }
 }
 
+/// How long the config and plugin files must be quiet after a change
+/// before a reload reads them.
+const RELOAD_QUIET: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// SIGHUP, the conventional "reload your config".
+struct Hangup {
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Hangup {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Hangup {
+            #[cfg(unix)]
+            hup: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        self.hup.recv().await;
+        #[cfg(not(unix))]
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Runs a job: plugin in a blocking thread, then one outbox commit, then a
 /// nudge to the account's delivery worker.
 pub fn dispatcher(
-    plugins: Arc<HashMap<String, Loaded>>,
+    plugins: Arc<Registry>,
     outbox: Arc<Outbox>,
     wakers: Arc<HashMap<String, Arc<Notify>>>,
     metrics: Arc<crate::metrics::Metrics>,
@@ -208,7 +194,22 @@ pub fn dispatcher(
         Box::pin(async move {
             let trigger = job.event.kind();
             let plugin_name = job.plugin.clone();
+            let tick = match &job.event {
+                sendbox_types::Event::Schedule(t) => Some(t.clone()),
+                _ => None,
+            };
             let result = run_job(job, &plugins, &outbox, &wakers, &metrics).await;
+            if let Some(tick) = tick {
+                // Remembered so a restart can catch up on runs it missed.
+                let (o, p) = (outbox.clone(), plugin_name.clone());
+                let saved = tokio::task::spawn_blocking(move || {
+                    o.set_schedule_run(&p, &tick.schedule, tick.scheduled_at_ms)
+                })
+                .await;
+                if let Ok(Err(e)) = saved {
+                    tracing::warn!(plugin = %plugin_name, error = %e, "cannot record the schedule's run");
+                }
+            }
             let label = match &result {
                 Dispatched::Committed { .. } => "committed",
                 Dispatched::PluginFailed(_) => "plugin_failed",
@@ -224,12 +225,14 @@ pub fn dispatcher(
 
 async fn run_job(
     job: Job,
-    plugins: &HashMap<String, Loaded>,
+    plugins: &Registry,
     outbox: &Arc<Outbox>,
     wakers: &HashMap<String, Arc<Notify>>,
     metrics: &crate::metrics::Metrics,
 ) -> Dispatched {
     {
+        // This version serves the event to the end, even if a reload
+        // replaces it meanwhile.
         let Some(loaded) = plugins.get(&job.plugin) else {
             return Dispatched::NoPlugin;
         };

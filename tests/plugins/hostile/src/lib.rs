@@ -1,5 +1,6 @@
 //! A plugin that misbehaves in the way its `mode` config value names. Each
-//! mode is one attack the sandbox must stop or refuse; `ok` is the control.
+//! mode is one attack the sandbox must stop or refuse; `ok` and `slow` are
+//! well-behaved controls.
 
 use std::hint::black_box;
 
@@ -28,6 +29,17 @@ impl Plugin for Hostile {
         let mode = config::get_or("mode", "ok");
         match mode.as_str() {
             "ok" => Ok(ok_email("ok", format!("handled {}", req.path))),
+            // Not an attack: takes `sleep_ms` and answers with `label`, for
+            // tests of what happens to events in flight.
+            "slow" => {
+                let ms: u64 = config::get_or("sleep_ms", "500").parse().unwrap_or(500);
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                let label = config::get_or("label", "slow");
+                Ok(ok_email(
+                    &label,
+                    format!("handled {} after {ms} ms", req.path),
+                ))
+            }
             "loop" => {
                 let mut n: u64 = 0;
                 loop {

@@ -1,0 +1,502 @@
+//! What runs, and hot reload: the loaded plugins ([`Registry`]), their
+//! triggers, and swapping only what changed when the config file or a
+//! plugin's `.wasm` changes (or on SIGHUP).
+//!
+//! [`Supervisor::apply`] compares a newly loaded config with what runs,
+//! plugin by plugin:
+//! - its section (wasm path, account, config, limits, policy) or its `.wasm`
+//!   bytes changed → load the new version (compiled code comes from the
+//!   cache when it can); if that fails, the previous version keeps serving
+//!   and the reason is logged;
+//! - its triggers changed → its watches and schedules restart and its
+//!   webhook route is swapped in the route table;
+//! - gone from the config → its triggers stop and it is removed.
+//!
+//! `[daemon]` and `[accounts]` changes need a restart (logged as such). An
+//! event already dispatched holds the version it started with and finishes
+//! on it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use sendbox_outbox::Outbox;
+use sendbox_runtime::{Plugin, Runtime};
+use sendbox_triggers::Dispatch;
+use sendbox_triggers::webhook::{Route, RouteTable};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::{self, Fingerprint};
+
+/// A loaded plugin with what its commits need.
+pub struct Loaded {
+    /// The plugin.
+    pub plugin: Plugin,
+    /// The `.wasm` file it came from.
+    pub plugin_path: PathBuf,
+    /// Its account.
+    pub account: String,
+    /// The account's mailbox.
+    pub mailbox: String,
+    /// Its policy.
+    pub policy: sendbox_outbox::Policy,
+}
+
+/// The plugins that serve events now, by name. Readers take a snapshot of
+/// one plugin; a reload swaps the whole map.
+#[derive(Default)]
+pub struct Registry(RwLock<Arc<HashMap<String, Arc<Loaded>>>>);
+
+impl Registry {
+    /// A registry holding these plugins.
+    pub fn new(plugins: HashMap<String, Loaded>) -> Self {
+        let map = plugins.into_iter().map(|(n, l)| (n, Arc::new(l))).collect();
+        Registry(RwLock::new(Arc::new(map)))
+    }
+
+    /// The current version of a plugin.
+    pub fn get(&self, name: &str) -> Option<Arc<Loaded>> {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    fn set(&self, map: HashMap<String, Arc<Loaded>>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
+    }
+}
+
+/// One plugin's watches and schedules.
+struct TriggerTasks {
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl TriggerTasks {
+    /// Tells them to stop now; `retiring` waits for each to finish the
+    /// event it is handling.
+    fn retire(self, retiring: &mut JoinSet<()>) {
+        let TriggerTasks { stop, mut tasks } = self;
+        let _ = stop.send(true);
+        retiring.spawn(async move { while tasks.join_next().await.is_some() {} });
+    }
+}
+
+impl TriggerTasks {
+    fn idle() -> Self {
+        TriggerTasks {
+            stop: watch::channel(true).0,
+            tasks: JoinSet::new(),
+        }
+    }
+}
+
+struct Running {
+    loaded: Arc<Loaded>,
+    fingerprint: Fingerprint,
+    route: Option<(String, Route)>,
+    triggers: TriggerTasks,
+}
+
+/// Owns what runs: loads plugins, starts and stops their triggers, and
+/// applies config changes.
+pub struct Supervisor {
+    runtime: Runtime,
+    outbox: Arc<Outbox>,
+    registry: Arc<Registry>,
+    routes: RouteTable,
+    dispatch: Dispatch,
+    /// Account name → mailbox, as started (accounts change only on restart).
+    mailboxes: BTreeMap<String, String>,
+    restart_fingerprint: String,
+    running: HashMap<String, Running>,
+    /// Every configured plugin's `.wasm`, loaded or not.
+    wasm_files: Vec<PathBuf>,
+    /// Trigger tasks being stopped after a reload.
+    retiring: JoinSet<()>,
+}
+
+/// What one reload did, for logs and tests.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Plugins loaded (new or new version).
+    pub loaded: Vec<String>,
+    /// Plugins whose triggers restarted.
+    pub retriggered: Vec<String>,
+    /// Plugins removed.
+    pub removed: Vec<String>,
+    /// Plugins that failed to load (the previous version, if any, serves).
+    pub failed: Vec<String>,
+}
+
+enum Prepared {
+    Unchanged,
+    Ready(Plugin),
+    Failed(String),
+}
+
+impl Supervisor {
+    /// A supervisor with nothing running yet; [`Supervisor::apply`] starts
+    /// the plugins. `mailboxes` maps account names to their mailbox
+    /// ([`mailboxes`]); `restart_fingerprint` is the config's.
+    pub fn new(
+        runtime: Runtime,
+        outbox: Arc<Outbox>,
+        registry: Arc<Registry>,
+        routes: RouteTable,
+        dispatch: Dispatch,
+        mailboxes: BTreeMap<String, String>,
+        restart_fingerprint: String,
+    ) -> Self {
+        Supervisor {
+            runtime,
+            outbox,
+            registry,
+            routes,
+            dispatch,
+            mailboxes,
+            restart_fingerprint,
+            running: HashMap::new(),
+            wasm_files: Vec::new(),
+            retiring: JoinSet::new(),
+        }
+    }
+
+    /// The files whose changes trigger a reload: the config and every
+    /// plugin's `.wasm`.
+    pub fn watched_files(&self, config_path: &Path) -> Vec<PathBuf> {
+        let mut files = vec![config_path.to_owned()];
+        files.extend(self.wasm_files.iter().cloned());
+        files
+    }
+
+    /// Re-reads the config and applies it. A config that does not load
+    /// changes nothing.
+    pub async fn reload(&mut self, config_path: &Path) -> Option<Applied> {
+        let path = config_path.to_owned();
+        let loaded = tokio::task::spawn_blocking(move || config::load(&path)).await;
+        let cfg = match loaded {
+            Ok(Ok(cfg)) => cfg,
+            Ok(Err(e)) => {
+                for line in &e.errors {
+                    tracing::error!(config = %config_path.display(), "{line}");
+                }
+                tracing::error!(config = %config_path.display(), "config not reloaded; everything keeps running as it was");
+                return None;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "config reload failed");
+                return None;
+            }
+        };
+        for w in &cfg.warnings {
+            tracing::warn!("{w}");
+        }
+        if cfg.restart_fingerprint != self.restart_fingerprint {
+            tracing::warn!(config = %config_path.display(), "[daemon] or [accounts] changed: those changes take effect at the next restart");
+        }
+        Some(self.apply(cfg.plugins).await)
+    }
+
+    /// Makes the running plugins match `plugins`, changing only what
+    /// differs.
+    pub async fn apply(&mut self, plugins: BTreeMap<String, config::Plugin>) -> Applied {
+        let mut applied = Applied::default();
+        self.wasm_files = plugins.values().map(|p| p.wasm.clone()).collect();
+        for (name, p) in plugins.iter() {
+            let _span = tracing::info_span!("reload", plugin = %name).entered();
+            let Some(mailbox) = self.mailboxes.get(&p.account).cloned() else {
+                tracing::error!(account = %p.account, "plugin not loaded: its account is new; accounts are added at restart");
+                applied.failed.push(name.clone());
+                continue;
+            };
+            let current = self.running.get(name);
+            let (old_hash, same_section) = match current {
+                Some(r) => (
+                    Some(r.loaded.plugin.sha256().to_owned()),
+                    r.fingerprint.plugin == p.fingerprint.plugin && r.loaded.plugin_path == p.wasm,
+                ),
+                None => (None, false),
+            };
+            let prepared = {
+                let (runtime, name, wasm, settings) = (
+                    self.runtime.clone(),
+                    name.clone(),
+                    p.wasm.clone(),
+                    p.settings.clone(),
+                );
+                tokio::task::spawn_blocking(move || {
+                    prepare(&runtime, &name, &wasm, settings, old_hash, same_section)
+                })
+                .await
+                .unwrap_or_else(|e| Prepared::Failed(format!("load task failed: {e}")))
+            };
+            let loaded = match prepared {
+                Prepared::Unchanged => None,
+                Prepared::Ready(plugin) => {
+                    tracing::info!(wasm = %p.wasm.display(), sha256 = %plugin.sha256(), replaced = current.is_some(), "plugin loaded");
+                    applied.loaded.push(name.clone());
+                    Some(Arc::new(Loaded {
+                        plugin,
+                        plugin_path: p.wasm.clone(),
+                        account: p.account.clone(),
+                        mailbox,
+                        policy: p.policy.clone(),
+                    }))
+                }
+                Prepared::Failed(why) => {
+                    if current.is_some() {
+                        tracing::error!(wasm = %p.wasm.display(), reason = %why, "new version not loaded; the previous version keeps serving");
+                    } else {
+                        tracing::error!(wasm = %p.wasm.display(), reason = %why, "plugin not loaded; its triggers stay off");
+                    }
+                    applied.failed.push(name.clone());
+                    continue;
+                }
+            };
+            let triggers_changed =
+                current.is_none_or(|r| r.fingerprint.triggers != p.fingerprint.triggers);
+            match self.running.remove(name) {
+                Some(mut r) => {
+                    if let Some(l) = loaded {
+                        r.loaded = l;
+                    }
+                    if triggers_changed {
+                        // The old ones stop before the new ones start, so a
+                        // folder is never watched twice.
+                        let old = std::mem::replace(&mut r.triggers, TriggerTasks::idle());
+                        old.retire(&mut self.retiring);
+                        r.triggers = self.start_triggers(p);
+                        r.route = route_of(p);
+                        applied.retriggered.push(name.clone());
+                    }
+                    r.fingerprint = p.fingerprint.clone();
+                    self.running.insert(name.clone(), r);
+                }
+                None => {
+                    let Some(loaded) = loaded else { continue };
+                    let triggers = self.start_triggers(p);
+                    self.running.insert(
+                        name.clone(),
+                        Running {
+                            loaded,
+                            fingerprint: p.fingerprint.clone(),
+                            route: route_of(p),
+                            triggers,
+                        },
+                    );
+                    applied.retriggered.push(name.clone());
+                }
+            }
+        }
+        let gone: Vec<String> = self
+            .running
+            .keys()
+            .filter(|n| !plugins.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(r) = self.running.remove(&name) {
+                tracing::info!(plugin = %name, "plugin removed from the config; its triggers stop");
+                r.triggers.retire(&mut self.retiring);
+                applied.removed.push(name);
+            }
+        }
+        self.registry.set(
+            self.running
+                .iter()
+                .map(|(n, r)| (n.clone(), r.loaded.clone()))
+                .collect(),
+        );
+        self.routes.replace(
+            self.running
+                .values()
+                .filter_map(|r| r.route.clone())
+                .collect(),
+        );
+        // Reap retired trigger tasks that have finished.
+        while self.retiring.try_join_next().is_some() {}
+        applied
+    }
+
+    fn start_triggers(&self, p: &config::Plugin) -> TriggerTasks {
+        let (stop, rx) = watch::channel(false);
+        let stopped = move || {
+            let mut rx = rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+        let mut tasks = JoinSet::new();
+        for w in p.watches.iter().cloned() {
+            // Created before `ready`, so a caller can drop files in at once.
+            if let Err(e) = std::fs::create_dir_all(&w.dir) {
+                tracing::error!(plugin = %w.plugin, dir = %w.dir.display(), error = %e, "cannot create watched folder");
+            }
+            let (d, s) = (self.dispatch.clone(), stopped());
+            tasks.spawn(async move {
+                let (plugin, dir) = (w.plugin.clone(), w.dir.clone());
+                if let Err(e) = sendbox_triggers::watch::run(w, d, s).await {
+                    tracing::error!(%plugin, dir = %dir.display(), error = %e, "cannot watch folder");
+                }
+            });
+        }
+        for sch in p.schedules.iter().cloned() {
+            let last = match self.outbox.schedule_run(&sch.plugin, &sch.name) {
+                Ok(last) => last,
+                Err(e) => {
+                    tracing::error!(plugin = %sch.plugin, schedule = %sch.name, error = %e, "cannot read the schedule's last run; missed runs are skipped");
+                    None
+                }
+            };
+            tasks.spawn(sendbox_triggers::cron::run(
+                sch,
+                last,
+                self.dispatch.clone(),
+                stopped(),
+            ));
+        }
+        TriggerTasks { stop, tasks }
+    }
+
+    /// Stops every trigger; each finishes the event it is handling.
+    pub async fn stop(mut self) {
+        for (_, r) in self.running.drain() {
+            r.triggers.retire(&mut self.retiring);
+        }
+        self.routes.replace(HashMap::new());
+        while self.retiring.join_next().await.is_some() {}
+    }
+}
+
+/// Account name → mailbox.
+pub fn mailboxes(cfg: &config::Config) -> BTreeMap<String, String> {
+    cfg.accounts
+        .iter()
+        .map(|(n, a)| (n.clone(), a.mailbox.clone()))
+        .collect()
+}
+
+fn route_of(p: &config::Plugin) -> Option<(String, Route)> {
+    Some((p.webhook_path.clone()?, p.webhook.clone()?))
+}
+
+/// Loads `wasm` unless its bytes and section are what already runs.
+fn prepare(
+    runtime: &Runtime,
+    name: &str,
+    wasm: &Path,
+    settings: sendbox_runtime::PluginSettings,
+    old_hash: Option<String>,
+    same_section: bool,
+) -> Prepared {
+    let bytes = match std::fs::read(wasm) {
+        Ok(b) => b,
+        Err(e) => return Prepared::Failed(format!("cannot read {}: {e}", wasm.display())),
+    };
+    if same_section && old_hash.as_deref() == Some(sendbox_runtime::content_hash(&bytes).as_str()) {
+        return Prepared::Unchanged;
+    }
+    match runtime.load(name, &bytes, settings) {
+        Ok(p) => Prepared::Ready(p),
+        Err(e) => Prepared::Failed(e.to_string()),
+    }
+}
+
+/// Watches the files a reload depends on and sends once per burst of
+/// changes (editors and `cp` write in several steps).
+pub struct FileChanges {
+    _watcher: Option<notify::RecommendedWatcher>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<PathBuf>,
+    files: Vec<PathBuf>,
+}
+
+impl FileChanges {
+    /// Watches the folders holding `files`. If watching fails, reloads
+    /// still happen on SIGHUP.
+    pub fn new(files: &[PathBuf]) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if let Ok(ev) = res
+                && !matches!(ev.kind, notify::EventKind::Access(_))
+            {
+                for p in ev.paths {
+                    let _ = tx.send(p);
+                }
+            }
+        });
+        let mut me = FileChanges {
+            _watcher: None,
+            rx,
+            files: Vec::new(),
+        };
+        match watcher {
+            Ok(w) => me._watcher = Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the config and plugin files; reload with SIGHUP")
+            }
+        }
+        me.set_files(files);
+        me
+    }
+
+    /// Replaces the set of files watched (after a reload).
+    pub fn set_files(&mut self, files: &[PathBuf]) {
+        use notify::Watcher;
+        let canonical: Vec<PathBuf> = files.iter().map(|f| canonical_file(f)).collect();
+        if let Some(w) = &mut self._watcher {
+            let mut dirs: Vec<PathBuf> = canonical
+                .iter()
+                .filter_map(|f| f.parent().map(Path::to_owned))
+                .collect();
+            dirs.sort();
+            dirs.dedup();
+            for d in dirs {
+                // Watching a folder twice is harmless; a missing one is logged.
+                if let Err(e) = w.watch(&d, notify::RecursiveMode::NonRecursive) {
+                    tracing::warn!(dir = %d.display(), error = %e, "cannot watch folder for reloads");
+                }
+            }
+        }
+        self.files = canonical;
+    }
+
+    /// Waits for a change to one of the files, then for `quiet` without
+    /// further changes.
+    pub async fn next(&mut self, quiet: Duration) {
+        loop {
+            let Some(p) = self.rx.recv().await else {
+                return std::future::pending().await;
+            };
+            if self.files.contains(&canonical_file(&p)) {
+                break;
+            }
+        }
+        loop {
+            match tokio::time::timeout(quiet, self.rx.recv()).await {
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return,
+            }
+        }
+    }
+}
+
+/// The file's path with its folder resolved (the file itself may not
+/// exist between a delete and a rename).
+fn canonical_file(f: &Path) -> PathBuf {
+    match (f.parent(), f.file_name()) {
+        (Some(dir), Some(name)) => (if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        })
+        .canonicalize()
+        .map(|d| d.join(name))
+        .unwrap_or_else(|_| f.to_owned()),
+        _ => f.to_owned(),
+    }
+}

@@ -1,0 +1,228 @@
+#![allow(dead_code)] // each test binary uses part of this
+//! Starts the real `sendbox run` binary on a config and watches its output:
+//! the ready line on stdout (which carries the webhook address) and every
+//! log line on stderr, kept so a test can wait for or grep what was logged.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A running daemon; killed when dropped.
+pub struct Daemon {
+    pub child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    logs: Arc<Mutex<String>>,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    /// Starts `sendbox run --config CONFIG` with `env` and waits for ready.
+    pub fn start(config: &Path, env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sendbox"));
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .env("SENDBOX_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("sendbox starts");
+        let logs = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr piped");
+        {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    eprintln!("[sendbox] {line}");
+                    let mut l = logs.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        let stdout = child.stdout.take().expect("stdout piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("sendbox printed its ready line");
+        let base = line
+            .split("webhooks on ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("unexpected ready line {line:?}"))
+            .trim()
+            .to_owned();
+        Daemon { child, base, logs }
+    }
+
+    /// Everything logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// How many log lines contain `needle`.
+    pub fn count_logged(&self, needle: &str) -> usize {
+        self.logs().lines().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Waits until `needle` has been logged `n` times in all.
+    pub fn wait_logged(&self, needle: &str, n: usize) {
+        let start = Instant::now();
+        while self.count_logged(needle) < n {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{needle:?} not logged {n} times; logs:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Sends SIGTERM and waits (up to `limit`) for the exit.
+    pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid}");
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait works") {
+                return s;
+            }
+            assert!(start.elapsed() < limit, "sendbox did not stop in {limit:?}");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+/// Waits for an `.eml` file in `dir` containing `needle`; returns its text.
+pub fn wait_for_mail(dir: &Path, needle: &str) -> String {
+    let start = Instant::now();
+    loop {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let p: PathBuf = e.path();
+                if p.extension().is_some_and(|x| x == "eml")
+                    && let Ok(text) = std::fs::read_to_string(&p)
+                    && text.contains(needle)
+                {
+                    return text;
+                }
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no mail containing {needle:?} in {}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Writes `contents` to `path` the way deploy tools do: a temporary file in
+/// the same folder, then a rename over the old one.
+pub fn replace_file(path: &Path, contents: &[u8]) {
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// `[daemon]` for tests: a free port, the outbox in `var/`, and the
+/// compiled-code cache shared by all tests.
+pub fn daemon_section() -> String {
+    format!(
+        "[daemon]\nlisten = \"127.0.0.1:0\"\nstore = \"var/sendbox.db\"\ncache_dir = \"{}\"\n",
+        crate::wasm::wasm_target_dir()
+            .join("sendbox-cache")
+            .display()
+    )
+}
+
+/// An account named `local` that writes `.eml` files into `mail/`.
+pub const FILE_ACCOUNT: &str = r#"
+[accounts.local]
+provider = "file"
+mailbox = "sendbox@localhost"
+dir = "mail"
+"#;
+
+/// The three example plugins on `account`, as the quickstart wires them:
+/// file-alert watching `incoming/`, webhook-bridge on `/hooks/alerts`
+/// (HMAC with the env var `SENDBOX_TEST_WEBHOOK_SECRET`), daily-digest on
+/// `/hooks/digest` (that secret as bearer token) with a schedule every
+/// second.
+pub fn example_plugins(account: &str) -> String {
+    let w = |n: &str| crate::wasm::example(n).display().to_string();
+    format!(
+        r#"
+[plugins.file-alert]
+wasm = "{fa}"
+account = "{account}"
+[plugins.file-alert.config]
+to = "ops@example.com"
+[[plugins.file-alert.watch]]
+name = "incoming"
+dir = "incoming"
+exclude = ["*.tmp"]
+debounce_ms = 200
+
+[plugins.webhook-bridge]
+wasm = "{wb}"
+account = "{account}"
+[plugins.webhook-bridge.config]
+to = "oncall@example.com"
+[plugins.webhook-bridge.policy]
+# Tests post the same alert many times; each must queue.
+idempotency_hours = 0
+[plugins.webhook-bridge.webhook]
+path = "/hooks/alerts"
+secret = {{ env = "SENDBOX_TEST_WEBHOOK_SECRET" }}
+concurrency = 64
+
+[plugins.daily-digest]
+wasm = "{dd}"
+account = "{account}"
+[plugins.daily-digest.config]
+to = "team@example.com"
+[plugins.daily-digest.webhook]
+path = "/hooks/digest"
+bearer_token = {{ env = "SENDBOX_TEST_WEBHOOK_SECRET" }}
+[[plugins.daily-digest.schedule]]
+name = "every-second"
+cron = "* * * * * *"
+"#,
+        fa = w("file-alert"),
+        wb = w("webhook-bridge"),
+        dd = w("daily-digest"),
+    )
+}
+
+/// Writes `sendbox.toml` into `dir`: [`daemon_section`] then `body`.
+pub fn write_config(dir: &Path, body: &str) -> PathBuf {
+    let path = dir.join("sendbox.toml");
+    std::fs::write(&path, format!("{}{body}", daemon_section())).unwrap();
+    path
+}
+
+/// `sha256=<hex>`: GitHub's `X-Hub-Signature-256` of `body` under `secret`.
+pub fn sign(secret: &str, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    format!(
+        "sha256={}",
+        hex::encode(ring::hmac::sign(&key, body).as_ref())
+    )
+}
