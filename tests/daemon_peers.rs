@@ -7,6 +7,7 @@
 //! - a signed webhook → an email arrives; a bad signature → 401 and nothing
 //!   queued; a 2 MiB body → 413;
 //! - a schedule every second → the digest arrives;
+//! - `/metrics` counts delivery attempts by result and token refreshes;
 //! - SIGTERM under load → every request answered 202 is delivered (after
 //!   a restart, if it was still queued): nothing lost;
 //! - no access token ever appears in the logs.
@@ -156,6 +157,50 @@ async fn files_webhooks_and_schedules_arrive_at_the_real_smtp_server() {
     assert_eq!(r.status(), 202);
     let m = wait_received(&p, "Digest: 1 events").await;
     assert!(m.to.contains(&"team@example.com".to_owned()));
+
+    // One transient refusal: counted as a delivery attempt to retry.
+    p.faults(serde_json::json!([{"stage": "rcpt", "code": 451, "message": "4.3.0 try later", "count": 1}]))
+        .await;
+    let body = alert();
+    let r = http
+        .post(format!("{}/hooks/alerts", d.base))
+        .header("x-hub-signature-256", sign(&body))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let began = Instant::now();
+    let metrics = loop {
+        let m = http
+            .get(format!("{}/metrics", d.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if m.contains(r#"sendbox_delivery_attempts_total{account="app",result="retry"} 1"#) {
+            break m;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "no retry counted:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let sent: u64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(r#"sendbox_delivery_attempts_total{account="app",result="sent"} "#)
+        })
+        .and_then(|n| n.parse().ok())
+        .expect("sent attempts counted");
+    assert!(sent >= 3, "file, alert and digest were sent: {metrics}");
+    assert!(
+        metrics.contains(r#"sendbox_token_refreshes_total{account="app"} 1"#),
+        "{metrics}"
+    );
 
     // The tokens the SMTP server was shown never reach the logs.
     let status = d.terminate(Duration::from_secs(40));

@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
 use sendbox_mail::message::{self, Envelope};
@@ -91,9 +91,32 @@ pub fn backoff(settings: &DeliverySettings, attempts: u32, seed: &str) -> Durati
 pub struct WorkerStatus {
     paused: AtomicBool,
     reason: std::sync::Mutex<Option<String>>,
+    attempts: [AtomicU64; ATTEMPT_RESULTS.len()],
 }
 
+/// How a delivery attempt ended, as counted by [`WorkerStatus::attempts`]:
+/// `sent`; `retry` (transient failure, tried again later); `dead`
+/// (permanent failure, unbuildable, or too old); `account_refused` (the
+/// server or the token endpoint refused the account: requeued, account
+/// paused).
+pub const ATTEMPT_RESULTS: [&str; 4] = ["sent", "retry", "dead", "account_refused"];
+
 impl WorkerStatus {
+    /// Attempts so far, by result (see [`ATTEMPT_RESULTS`]).
+    pub fn attempts(&self) -> Vec<(&'static str, u64)> {
+        ATTEMPT_RESULTS
+            .iter()
+            .zip(&self.attempts)
+            .map(|(r, n)| (*r, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    fn count(&self, result: &str) {
+        if let Some(i) = ATTEMPT_RESULTS.iter().position(|r| *r == result) {
+            self.attempts[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Whether the account is paused, and why.
     pub fn paused(&self) -> Option<String> {
         if self.paused.load(Ordering::Relaxed) {
@@ -349,6 +372,12 @@ impl AccountWorker {
                 }
             }
         };
+        self.status.count(match (state, &pause) {
+            (_, Some(_)) => "account_refused",
+            (State::Sent, _) => "sent",
+            (State::Dead, _) => "dead",
+            _ => "retry",
+        });
         let outbox = self.outbox.clone();
         let id = m.id;
         let result =

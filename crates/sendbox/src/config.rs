@@ -280,12 +280,13 @@ pub struct Plugin {
     pub watches: Vec<sendbox_triggers::watch::Watch>,
     /// Its schedules.
     pub schedules: Vec<sendbox_triggers::cron::Schedule>,
-    /// What a reload compares to tell whether this plugin changed: its
-    /// config text without the triggers, and the triggers' text.
+    /// What a reload compares to tell whether this plugin changed: hashes
+    /// of its section without the triggers, and of the triggers.
     pub fingerprint: Fingerprint,
 }
 
-/// The text of a config section, for telling what a reload changed.
+/// SHA-256 of a config section's canonical text, for telling what a
+/// reload changed (a hash, so an inline secret never shows in `Debug`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Fingerprint {
     /// Everything but the triggers (wasm path, account, config, limits, policy).
@@ -313,7 +314,7 @@ pub struct Config {
     pub plugins: BTreeMap<String, Plugin>,
     /// Things that work but deserve attention (inline secrets...).
     pub warnings: Vec<String>,
-    /// The text of `[daemon]` and `[accounts]`: a reload that changes them
+    /// Hash of `[daemon]` and `[accounts]`: a reload that changes them
     /// needs a restart.
     pub restart_fingerprint: String,
 }
@@ -483,7 +484,12 @@ struct Fingerprints {
     plugins: BTreeMap<String, Fingerprint>,
 }
 
-/// Canonical text of each section (comments and layout do not count).
+fn hash(text: &str) -> String {
+    sendbox_runtime::content_hash(text.as_bytes())
+}
+
+/// Hashes of each section's canonical text (comments and layout do not
+/// count).
 fn fingerprints(source: &str) -> Fingerprints {
     let mut table: toml::Table = toml::from_str(source).unwrap_or_default();
     let text = |v: Option<toml::Value>| v.map(|v| v.to_string()).unwrap_or_default();
@@ -502,17 +508,17 @@ fn fingerprints(source: &str) -> Fingerprints {
             plugins.insert(
                 name,
                 Fingerprint {
-                    plugin: p.to_string(),
-                    triggers: triggers.to_string(),
+                    plugin: hash(&p.to_string()),
+                    triggers: hash(&triggers.to_string()),
                 },
             );
         }
     }
-    let restart = format!(
+    let restart = hash(&format!(
         "{}\n{}",
         text(table.remove("daemon")),
         text(table.remove("accounts"))
-    );
+    ));
     Fingerprints { restart, plugins }
 }
 

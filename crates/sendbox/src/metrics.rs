@@ -1,12 +1,13 @@
 //! Counters for `/metrics`, in Prometheus text format: events by trigger,
 //! plugin and result; plugin run time as a histogram; outbox depth by state;
-//! token refreshes by account.
+//! delivery attempts by account and result; token refreshes by account.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use sendbox_auth::TokenProvider;
+use sendbox_delivery::WorkerStatus;
 use sendbox_outbox::Outbox;
 
 /// Upper bounds of the plugin duration histogram, in seconds.
@@ -27,6 +28,7 @@ pub struct Metrics {
     events: Mutex<BTreeMap<(String, String, String), u64>>,
     durations: Mutex<BTreeMap<String, Histogram>>,
     tokens: Mutex<BTreeMap<String, Arc<TokenProvider>>>,
+    workers: Mutex<BTreeMap<String, Arc<WorkerStatus>>>,
 }
 
 impl Metrics {
@@ -63,6 +65,14 @@ impl Metrics {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(account.into(), p);
+    }
+
+    /// Reports an account's delivery attempts.
+    pub fn worker(&self, account: &str, status: Arc<WorkerStatus>) {
+        self.workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(account.into(), status);
     }
 
     /// The text exposition.
@@ -128,6 +138,24 @@ impl Metrics {
                     out,
                     "sendbox_outbox_messages{{state=\"{}\"}} {n}",
                     s.as_str()
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sendbox_delivery_attempts_total Delivery attempts, by account and result (sent, retry, dead, account_refused)."
+        );
+        let _ = writeln!(out, "# TYPE sendbox_delivery_attempts_total counter");
+        for (a, w) in self
+            .workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            for (result, n) in w.attempts() {
+                let _ = writeln!(
+                    out,
+                    "sendbox_delivery_attempts_total{{account=\"{a}\",result=\"{result}\"}} {n}"
                 );
             }
         }

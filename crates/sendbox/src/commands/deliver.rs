@@ -134,6 +134,9 @@ pub fn start_workers(
             m.token_provider(&name, tokens);
         }
         let worker = AccountWorker::new(&name, &mailbox, t, outbox.clone(), settings);
+        if let Some(m) = metrics {
+            m.worker(&name, worker.status());
+        }
         wakers.insert(name, worker.waker());
         let mut rx = stop.clone();
         workers.spawn(async move {
