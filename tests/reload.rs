@@ -182,8 +182,7 @@ async fn a_replaced_plugin_serves_without_a_restart_and_a_corrupt_one_is_refused
     let last = d
         .logs()
         .lines()
-        .filter(|l| l.contains("reload done"))
-        .last()
+        .rfind(|l| l.contains("reload done"))
         .unwrap()
         .to_owned();
     assert!(
