@@ -245,8 +245,27 @@ type Reply<T> = mpsc::SyncSender<Result<T, OutboxError>>;
 type WriteFn = Box<dyn FnOnce(&mut Connection) -> Result<(), OutboxError> + Send>;
 
 enum Write {
-    Commit(Box<Call>, Reply<Committed>),
+    Commit(Box<Call>, CommitReply),
     Run(WriteFn),
+}
+
+/// Where a commit's result goes: a blocked thread or an awaiting task.
+enum CommitReply {
+    Blocking(Reply<Committed>),
+    Async(tokio::sync::oneshot::Sender<Result<Committed, OutboxError>>),
+}
+
+impl CommitReply {
+    fn send(self, r: Result<Committed, OutboxError>) {
+        match self {
+            CommitReply::Blocking(tx) => {
+                let _ = tx.send(r);
+            }
+            CommitReply::Async(tx) => {
+                let _ = tx.send(r);
+            }
+        }
+    }
 }
 
 /// The outbox. Cheap to share behind an `Arc`; all methods block briefly
@@ -340,8 +359,34 @@ impl Outbox {
     /// `Ok`. On `Err` nothing of the call was stored.
     pub fn commit(&self, call: Call) -> Result<Committed, OutboxError> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.send(Write::Commit(Box::new(call), tx))?;
+        self.send(Write::Commit(Box::new(call), CommitReply::Blocking(tx)))?;
         rx.recv().map_err(|_| OutboxError::Closed)?
+    }
+
+    /// [`Outbox::commit`] for async code: the same commit, awaited without
+    /// holding a thread (a blocking thread is used only if thousands of
+    /// commits are already waiting).
+    pub async fn commit_async(
+        self: &std::sync::Arc<Self>,
+        call: Call,
+    ) -> Result<Committed, OutboxError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let w = Write::Commit(Box::new(call), CommitReply::Async(tx));
+        let full = {
+            let guard = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+            match guard.as_ref().ok_or(OutboxError::Closed)?.try_send(w) {
+                Ok(()) => None,
+                Err(mpsc::TrySendError::Full(w)) => Some(w),
+                Err(mpsc::TrySendError::Disconnected(_)) => return Err(OutboxError::Closed),
+            }
+        };
+        if let Some(w) = full {
+            let me = self.clone();
+            tokio::task::spawn_blocking(move || me.send(w))
+                .await
+                .map_err(|_| OutboxError::Closed)??;
+        }
+        rx.await.map_err(|_| OutboxError::Closed)?
     }
 
     /// Runs a write on the writer thread and waits for it.
@@ -755,16 +800,16 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Write>) {
 
 /// Commits a group of calls in one transaction, each in its own savepoint
 /// so a policy refusal drops only that call.
-fn commit_group(conn: &mut Connection, group: Vec<(Box<Call>, Reply<Committed>)>) {
-    let mut results: Vec<(Reply<Committed>, Result<Committed, OutboxError>)> = Vec::new();
+fn commit_group(conn: &mut Connection, group: Vec<(Box<Call>, CommitReply)>) {
+    let mut results: Vec<Result<Committed, OutboxError>> = Vec::with_capacity(group.len());
     let outcome = (|| -> rusqlite::Result<()> {
         let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        for (call, reply) in group.iter().map(|(c, r)| (c, r.clone())) {
+        for (call, _) in &group {
             let mut sp = tx.savepoint()?;
             match policy::apply(&sp, call) {
                 Ok(done) => {
                     sp.commit()?;
-                    results.push((reply, Ok(done)));
+                    results.push(Ok(done));
                 }
                 // A storage failure (disk full, I/O) may already have rolled
                 // the whole transaction back: fail the group with it.
@@ -772,7 +817,7 @@ fn commit_group(conn: &mut Connection, group: Vec<(Box<Call>, Reply<Committed>)>
                 Err(e) => {
                     sp.rollback()?;
                     drop(sp);
-                    results.push((reply, Err(e)));
+                    results.push(Err(e));
                 }
             }
         }
@@ -780,14 +825,14 @@ fn commit_group(conn: &mut Connection, group: Vec<(Box<Call>, Reply<Committed>)>
     })();
     match outcome {
         Ok(()) => {
-            for (reply, r) in results {
-                let _ = reply.send(r);
+            for ((_, reply), r) in group.into_iter().zip(results) {
+                reply.send(r);
             }
         }
         Err(e) => {
             tracing::error!(error = %e, calls = group.len(), "outbox commit failed; nothing of these calls was stored");
             for (_, reply) in group {
-                let _ = reply.send(Err(OutboxError::Storage(clone_err(&e))));
+                reply.send(Err(OutboxError::Storage(clone_err(&e))));
             }
         }
     }

@@ -66,12 +66,9 @@ impl Default for Policy {
 }
 
 fn count_since(c: &Connection, plugin: &str, since_ms: i64) -> rusqlite::Result<u64> {
-    c.query_row(
-        "SELECT COUNT(*) FROM messages WHERE plugin = ?1 AND created_ms > ?2",
-        params![plugin, since_ms],
-        |r| r.get::<_, i64>(0),
-    )
-    .map(|n| n as u64)
+    c.prepare_cached("SELECT COUNT(*) FROM messages WHERE plugin = ?1 AND created_ms > ?2")?
+        .query_row(params![plugin, since_ms], |r| r.get::<_, i64>(0))
+        .map(|n| n as u64)
 }
 
 /// Checks the call against its policy and stores it. Runs inside a
@@ -151,11 +148,8 @@ pub(crate) fn apply(c: &Connection, call: &Call) -> Result<Committed, OutboxErro
             for r in list.drain(..) {
                 let bare = bare_address(&r);
                 let suppressed: bool = c
-                    .query_row(
-                        "SELECT 1 FROM suppressions WHERE address = ?1",
-                        [&bare],
-                        |_| Ok(true),
-                    )
+                    .prepare_cached("SELECT 1 FROM suppressions WHERE address = ?1")?
+                    .query_row([&bare], |_| Ok(true))
                     .optional()?
                     .unwrap_or(false);
                 if suppressed {
@@ -171,11 +165,10 @@ pub(crate) fn apply(c: &Connection, call: &Call) -> Result<Committed, OutboxErro
         }
         if let Some(key) = &email.idempotency_key {
             let earlier: Option<(i64, i64)> = c
-                .query_row(
+                .prepare_cached(
                     "SELECT message, created_ms FROM idempotency WHERE plugin = ?1 AND key = ?2",
-                    params![call.plugin, key],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
+                )?
+                .query_row(params![call.plugin, key], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
             if let Some((id, created)) = earlier
                 && created > retention_start
@@ -194,11 +187,10 @@ pub(crate) fn apply(c: &Connection, call: &Call) -> Result<Committed, OutboxErro
         let recipients: Vec<String> = email.recipients().map(bare_address).collect();
         let json = serde_json::to_string(&email)
             .map_err(|e| OutboxError::Policy(format!("email cannot be stored: {e}")))?;
-        c.execute(
-            "INSERT INTO messages (message_id, plugin, trigger, event_id, account, state, attempts, \
+        c.prepare_cached("INSERT INTO messages (message_id, plugin, trigger, event_id, account, state, attempts, \
              next_attempt_ms, created_ms, updated_ms, recipients, bytes, email_json, idempotency_key) \
-             VALUES (?1, ?2, ?3, ?4, ?5, 'queued', 0, ?6, ?6, ?6, ?7, ?8, ?9, ?10)",
-            params![
+             VALUES (?1, ?2, ?3, ?4, ?5, 'queued', 0, ?6, ?6, ?6, ?7, ?8, ?9, ?10)")?
+            .execute(params![
                 message_id,
                 call.plugin,
                 call.trigger,
@@ -209,19 +201,14 @@ pub(crate) fn apply(c: &Connection, call: &Call) -> Result<Committed, OutboxErro
                 email.content_bytes() as i64,
                 json,
                 email.idempotency_key
-            ],
-        )?;
+            ])?;
         let id = c.last_insert_rowid();
-        c.execute(
-            "INSERT INTO audit (message, at_ms, from_state, to_state, detail) VALUES (?1, ?2, NULL, 'queued', ?3)",
-            params![id, now, format!("plugin {} event {} ({})", call.plugin, call.event_id, call.trigger)],
-        )?;
+        c.prepare_cached("INSERT INTO audit (message, at_ms, from_state, to_state, detail) VALUES (?1, ?2, NULL, 'queued', ?3)")?
+            .execute(params![id, now, format!("plugin {} event {} ({})", call.plugin, call.event_id, call.trigger)])?;
         if let Some(key) = &email.idempotency_key {
-            c.execute(
-                "INSERT INTO idempotency (plugin, key, message, created_ms) VALUES (?1, ?2, ?3, ?4) \
-                 ON CONFLICT (plugin, key) DO UPDATE SET message = excluded.message, created_ms = excluded.created_ms",
-                params![call.plugin, key, id, now],
-            )?;
+            c.prepare_cached("INSERT INTO idempotency (plugin, key, message, created_ms) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (plugin, key) DO UPDATE SET message = excluded.message, created_ms = excluded.created_ms")?
+            .execute(params![call.plugin, key, id, now])?;
         }
         done.queued.push(Queued { id, message_id });
     }
@@ -229,17 +216,15 @@ pub(crate) fn apply(c: &Connection, call: &Call) -> Result<Committed, OutboxErro
     for change in &call.state_changes {
         match change {
             sendbox_types::StateChange::Set { key, value } => {
-                c.execute(
+                c.prepare_cached(
                     "INSERT INTO plugin_state (plugin, key, value) VALUES (?1, ?2, ?3) \
                      ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value",
-                    params![call.plugin, key, value.0],
-                )?;
+                )?
+                .execute(params![call.plugin, key, value.0])?;
             }
             sendbox_types::StateChange::Delete { key } => {
-                c.execute(
-                    "DELETE FROM plugin_state WHERE plugin = ?1 AND key = ?2",
-                    params![call.plugin, key],
-                )?;
+                c.prepare_cached("DELETE FROM plugin_state WHERE plugin = ?1 AND key = ?2")?
+                    .execute(params![call.plugin, key])?;
             }
         }
     }

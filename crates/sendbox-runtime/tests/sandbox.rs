@@ -276,6 +276,19 @@ fn daily_digest_records_events_then_sends_one_digest_and_clears() {
 // ---- hostile plugins -------------------------------------------------------
 
 #[test]
+fn nothing_an_event_leaves_in_memory_reaches_the_next() {
+    // Instance memory is reset in place rather than unmapped (see
+    // `engine_config`); every event must still start from the image.
+    let p = hostile("leftovers");
+    for _ in 0..5 {
+        let report = p
+            .run(&webhook("{}"), "evt", Arc::new(MemoryState::new()))
+            .unwrap();
+        assert_eq!(report.outcome.emails[0].subject, "events=1 low=0 high=0");
+    }
+}
+
+#[test]
 fn infinite_loop_is_stopped_at_the_cpu_limit() {
     let err = run_hostile("loop");
     assert!(

@@ -259,12 +259,8 @@ async fn run_job(
             emails: report.outcome.emails,
             state_changes: report.state_changes,
         };
-        let committed = {
-            let outbox = outbox.clone();
-            tokio::task::spawn_blocking(move || outbox.commit(call)).await
-        };
-        match committed {
-            Ok(Ok(done)) => {
+        match outbox.commit_async(call).await {
+            Ok(done) => {
                 if !done.queued.is_empty()
                     && let Some(w) = wakers.get(&loaded.account)
                 {
@@ -276,15 +272,14 @@ async fn run_job(
                     response: report.outcome.response,
                 }
             }
-            Ok(Err(OutboxError::Policy(reason))) => {
+            Err(OutboxError::Policy(reason)) => {
                 tracing::warn!(plugin = %job.plugin, event_id = %job.event_id, %reason, "outcome refused by policy; nothing queued");
                 Dispatched::Refused(reason)
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 tracing::error!(plugin = %job.plugin, event_id = %job.event_id, error = %e, "outbox commit failed; nothing queued");
                 Dispatched::StoreFailed(e.to_string())
             }
-            Err(e) => Dispatched::StoreFailed(e.to_string()),
         }
     }
 }

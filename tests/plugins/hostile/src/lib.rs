@@ -3,10 +3,14 @@
 //! well-behaved controls.
 
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use sendbox_pdk::{Email, HttpRequest, Outcome, Plugin, config, export_plugin, log, state};
 
 struct Hostile;
+
+static EVENTS: AtomicU64 = AtomicU64::new(0);
+static BIG: [AtomicU8; 2 << 20] = [const { AtomicU8::new(0) }; 2 << 20];
 
 fn ok_email(subject: &str, body: String) -> Outcome {
     Outcome::email(
@@ -29,6 +33,18 @@ impl Plugin for Hostile {
         let mode = config::get_or("mode", "ok");
         match mode.as_str() {
             "ok" => Ok(ok_email("ok", format!("handled {}", req.path))),
+            // Looks for what an earlier event left in memory: a counter,
+            // and bytes low and high in a 2 MiB static. A fresh instance
+            // per event reports "events=1 low=0 high=0" every time.
+            "leftovers" => {
+                let n = EVENTS.fetch_add(1, Ordering::Relaxed) + 1;
+                let low = BIG[100].swap(7, Ordering::Relaxed);
+                let high = BIG[BIG.len() - 100].swap(9, Ordering::Relaxed);
+                Ok(ok_email(
+                    &format!("events={n} low={low} high={high}"),
+                    "x".into(),
+                ))
+            }
             // Not an attack: takes `sleep_ms` and answers with `label`, for
             // tests of what happens to events in flight.
             "slow" => {
