@@ -30,13 +30,16 @@ impl Daemon {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sendbox"));
         cmd.args(["run", "--config"])
             .arg(config)
-            .env("SENDBOX_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .env("SENDBOX_LOG", "info");
         for (k, v) in env {
             cmd.env(k, v);
         }
+        Daemon::spawn(cmd)
+    }
+
+    /// Starts a prepared `sendbox ... run` command and waits for ready.
+    pub fn spawn(mut cmd: Command) -> Daemon {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("sendbox starts");
         let logs = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().expect("stderr piped");
