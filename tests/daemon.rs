@@ -23,14 +23,7 @@ const SECRET: &str = "webhook-secret-for-tests";
 
 fn start() -> (Daemon, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = daemon::write_config(
-        dir.path(),
-        &format!(
-            "{}{}",
-            daemon::FILE_ACCOUNT,
-            daemon::example_plugins("local")
-        ),
-    );
+    let cfg = daemon::write_examples_config(dir.path());
     let d = Daemon::start(&cfg, &[("SENDBOX_TEST_WEBHOOK_SECRET", SECRET)]);
     (d, dir)
 }
@@ -231,7 +224,9 @@ fn a_run_missed_while_down_runs_once_at_start_when_asked() {
     schedule_config(dir.path(), &daily_at(missed), "skip");
     let mut d = Daemon::start(&cfg, &[]);
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(d.terminate(Duration::from_secs(20)).success());
+    // Ctrl-C stops it as cleanly as SIGTERM.
+    assert!(d.interrupt(Duration::from_secs(20)).success());
+    assert!(d.logs().contains("stopped cleanly"), "{}", d.logs());
     assert_eq!(
         last_run(&store),
         Some(ran),

@@ -56,14 +56,7 @@ fn command(line: &str, env: &HashMap<String, String>) -> Command {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_systemd_unit_verifies_starts_reloads_and_drains() {
     let dir = tempfile::tempdir().unwrap();
-    let config = daemon::write_config(
-        dir.path(),
-        &format!(
-            "{}{}",
-            daemon::FILE_ACCOUNT,
-            daemon::example_plugins("local")
-        ),
-    );
+    let config = daemon::write_examples_config(dir.path());
     let secrets = dir.path().join("secrets.env");
     std::fs::write(
         &secrets,

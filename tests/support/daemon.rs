@@ -98,9 +98,20 @@ impl Daemon {
 
     /// Sends SIGTERM and waits (up to `limit`) for the exit.
     pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
+        self.signal("TERM", limit)
+    }
+
+    /// Sends SIGINT (Ctrl-C) and waits (up to `limit`) for the exit.
+    pub fn interrupt(&mut self, limit: Duration) -> ExitStatus {
+        self.signal("INT", limit)
+    }
+
+    fn signal(&mut self, name: &str, limit: Duration) -> ExitStatus {
         let pid = self.child.id().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status();
-        assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid}");
+        let sent = Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -{name} {pid}");
         let start = Instant::now();
         loop {
             if let Some(s) = self.child.try_wait().expect("wait works") {
@@ -219,6 +230,12 @@ pub fn write_config(dir: &Path, body: &str) -> PathBuf {
     let path = dir.join("sendbox.toml");
     std::fs::write(&path, format!("{}{body}", daemon_section())).unwrap();
     path
+}
+
+/// Writes `sendbox.toml` into `dir`: the file account and the three
+/// example plugins on it.
+pub fn write_examples_config(dir: &Path) -> PathBuf {
+    write_config(dir, &format!("{FILE_ACCOUNT}{}", example_plugins("local")))
 }
 
 /// `sha256=<hex>`: GitHub's `X-Hub-Signature-256` of `body` under `secret`.
