@@ -88,6 +88,19 @@ async fn the_daemon_turns_files_webhooks_and_schedules_into_mail() {
         Outbox::open(&store).unwrap().get(id).unwrap().state,
         State::Sent
     );
+    // The same alert again: accepted, but an idempotent duplicate of the
+    // first (webhook-bridge keys alerts by group and status).
+    let r = http
+        .post(format!("{}/hooks/alerts", d.base))
+        .header("x-hub-signature-256", sign(&body))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(v["queued"], serde_json::json!([]));
+    assert_eq!(v["duplicates"], serde_json::json!([id]));
 
     // (Bad signatures and oversized bodies: tests/daemon_peers.rs.)
     let before = count(&store);
@@ -132,7 +145,7 @@ async fn the_daemon_turns_files_webhooks_and_schedules_into_mail() {
         .text()
         .await
         .unwrap();
-    assert!(metrics.contains("sendbox_events_total{trigger=\"webhook\",plugin=\"webhook-bridge\",result=\"committed\"} 2"), "{metrics}");
+    assert!(metrics.contains("sendbox_events_total{trigger=\"webhook\",plugin=\"webhook-bridge\",result=\"committed\"} 3"), "{metrics}");
     assert!(
         metrics.contains(
             "sendbox_events_total{trigger=\"file\",plugin=\"file-alert\",result=\"committed\"} 1"

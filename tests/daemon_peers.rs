@@ -72,6 +72,15 @@ async fn wait_received(p: &Peers, needle: &str) -> peers::Received {
     }
 }
 
+/// The sample alert in its own alert group, so it is not an idempotent
+/// duplicate of the sample.
+fn alert_in_group(group: &str) -> Vec<u8> {
+    String::from_utf8(alert())
+        .unwrap()
+        .replace(r#""groupKey": ""#, &format!(r#""groupKey": "{group}-"#))
+        .into_bytes()
+}
+
 fn alert() -> Vec<u8> {
     std::fs::read(wasm::repo_root().join("plugins/webhook-bridge/samples/alert.json")).unwrap()
 }
@@ -161,7 +170,7 @@ async fn files_webhooks_and_schedules_arrive_at_the_real_smtp_server() {
     // One transient refusal: counted as a delivery attempt to retry.
     p.faults(serde_json::json!([{"stage": "rcpt", "code": 451, "message": "4.3.0 try later", "count": 1}]))
         .await;
-    let body = alert();
+    let body = alert_in_group("retry-test");
     let r = http
         .post(format!("{}/hooks/alerts", d.base))
         .header("x-hub-signature-256", sign(&body))
@@ -223,22 +232,25 @@ async fn sigterm_under_load_loses_nothing() {
     let mut d = start(&p, &config);
     let store = dir.path().join("var/sendbox.db");
 
-    // 16 clients post signed alerts as fast as they can.
+    // 16 clients post signed alerts as fast as they can, each a different
+    // alert group (the same one again would be an idempotent duplicate).
     let url = format!("{}/hooks/alerts", d.base);
-    let body = alert();
-    let sig = sign(&body);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
-    for _ in 0..16 {
-        let (url, body, sig, stop) = (url.clone(), body.clone(), sig.clone(), stop.clone());
+    for client in 0..16 {
+        let (url, stop) = (url.clone(), stop.clone());
         clients.push(tokio::spawn(async move {
             let http = reqwest::Client::new();
             let (mut accepted, mut refused) = (Vec::new(), 0u32);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            for n in 0.. {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let body = alert_in_group(&format!("load-{client}-{n}"));
                 let r = http
                     .post(&url)
-                    .header("x-hub-signature-256", &sig)
-                    .body(body.clone())
+                    .header("x-hub-signature-256", sign(&body))
+                    .body(body)
                     .send()
                     .await;
                 match r {

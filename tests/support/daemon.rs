@@ -199,9 +199,6 @@ wasm = "{wb}"
 account = "{account}"
 [plugins.webhook-bridge.config]
 to = "oncall@example.com"
-[plugins.webhook-bridge.policy]
-# Tests post the same alert many times; each must queue.
-idempotency_hours = 0
 [plugins.webhook-bridge.webhook]
 path = "/hooks/alerts"
 secret = {{ env = "SENDBOX_TEST_WEBHOOK_SECRET" }}

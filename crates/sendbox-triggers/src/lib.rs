@@ -39,6 +39,9 @@ pub enum Dispatched {
     Committed {
         /// Outbox ids of the queued messages.
         queued: Vec<i64>,
+        /// Outbox ids of earlier messages with the same idempotency key
+        /// (not queued again).
+        duplicates: Vec<i64>,
         /// The plugin's own webhook answer, if any.
         response: Option<HttpResponse>,
     },

@@ -6,8 +6,9 @@
 //! configurable) or a bearer token, both compared in constant time — with
 //! 401 and no plugin call on failure, and a concurrency limit (503 when
 //! saturated). The answer comes after the commit: `202` with the queued ids
-//! as JSON, or the plugin's own response; `503` when the outbox cannot
-//! commit. `/healthz` answers `ok`.
+//! (and the ids of earlier messages it duplicated) as JSON, or the plugin's
+//! own response; `503` when the outbox cannot commit. `/healthz` answers
+//! `ok`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -282,10 +283,11 @@ async fn handle(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
         }
         Dispatched::Committed {
             queued,
+            duplicates,
             response: None,
         } => json(
             StatusCode::ACCEPTED,
-            serde_json::json!({"event_id": event_id, "queued": queued}),
+            serde_json::json!({"event_id": event_id, "queued": queued, "duplicates": duplicates}),
         ),
         Dispatched::PluginFailed(e) => json(
             StatusCode::INTERNAL_SERVER_ERROR,

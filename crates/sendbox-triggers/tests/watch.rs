@@ -32,6 +32,7 @@ fn recorder(busy: Duration) -> (Dispatch, Arc<Mutex<Vec<FileEvent>>>) {
             }
             Dispatched::Committed {
                 queued: vec![],
+                duplicates: vec![],
                 response: None,
             }
         })

@@ -116,6 +116,7 @@ async fn main() {
             Box::pin(async {
                 Dispatched::Committed {
                     queued: vec![],
+                    duplicates: vec![],
                     response: None,
                 }
             })

@@ -269,6 +269,7 @@ async fn run_job(
                 tracing::info!(plugin = %job.plugin, event_id = %job.event_id, queued = done.queued.len(), duplicates = done.duplicates.len(), suppressed = done.suppressed.len(), "event committed");
                 Dispatched::Committed {
                     queued: done.queued.iter().map(|q| q.id).collect(),
+                    duplicates: done.duplicates.iter().map(|q| q.id).collect(),
                     response: report.outcome.response,
                 }
             }
