@@ -303,3 +303,66 @@ async fn a_config_edit_reloads_only_what_changed_and_in_flight_events_finish_on_
     let (status, _) = post(&http, &format!("{}/hooks/b", d.base), alert(), &s.store()).await;
     assert_eq!(status, 202);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_picks_up_a_rotated_webhook_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("hook.token");
+    std::fs::write(&token, "old-token").unwrap();
+    let config = daemon::write_config(
+        dir.path(),
+        &format!(
+            r#"{account}
+[plugins.hook]
+wasm = "{wasm}"
+account = "local"
+[plugins.hook.config]
+to = "oncall@example.com"
+[plugins.hook.webhook]
+path = "/hooks/a"
+bearer_token = {{ file = "hook.token" }}
+"#,
+            account = daemon::FILE_ACCOUNT,
+            wasm = wasm::example("webhook-bridge").display(),
+        ),
+    );
+    let d = Daemon::start(&config, &[]);
+    let http = reqwest::Client::new();
+    let url = format!("{}/hooks/a", d.base);
+    let status = |token: &'static str| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            http.post(&url)
+                .bearer_auth(token)
+                .body(alert())
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(status("old-token").await, 202);
+
+    // The token file is rotated; `systemctl reload` sends SIGHUP.
+    std::fs::write(&token, "new-token").unwrap();
+    let pid = d.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    d.wait_logged("reload done", 1);
+    let done = d
+        .logs()
+        .lines()
+        .find(|l| l.contains("reload done"))
+        .unwrap()
+        .to_owned();
+    assert!(done.contains(r#"loaded=[] retriggered=["hook"]"#), "{done}");
+    assert_eq!(status("old-token").await, 401);
+    assert_eq!(status("new-token").await, 202);
+    assert!(!d.logs().contains("new-token"), "the token was logged");
+}

@@ -258,8 +258,11 @@ impl Supervisor {
                     continue;
                 }
             };
-            let triggers_changed =
-                current.is_none_or(|r| r.fingerprint.triggers != p.fingerprint.triggers);
+            // The route is compared resolved too, so a rotated webhook
+            // secret (its file or variable) counts as a change on reload.
+            let triggers_changed = current.is_none_or(|r| {
+                r.fingerprint.triggers != p.fingerprint.triggers || r.route != route_of(p)
+            });
             match self.running.remove(name) {
                 Some(mut r) => {
                     if let Some(l) = loaded {
