@@ -37,6 +37,7 @@
 #![deny(missing_docs)]
 
 mod cache;
+mod clock;
 mod error;
 mod limits;
 mod output;
@@ -185,6 +186,7 @@ impl Runtime {
             .map_err(|e| RuntimeError(format!("{e:#}")))?;
         bindings::Hook::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| RuntimeError(format!("{e:#}")))?;
+        clock::bound_sleeps(&mut linker).map_err(|e| RuntimeError(format!("{e:#}")))?;
 
         let stop = Arc::new(AtomicBool::new(false));
         let weak = engine.weak();
@@ -533,6 +535,12 @@ struct HostState {
     log_bytes_dropped: u64,
     /// Set when the state store failed; the call traps and reports it.
     state_error: Option<StateError>,
+    /// When the event started, the origin of the plugin's monotonic clock.
+    started: Instant,
+    /// When its time budget ends; sleeps wake by then (see `clock`).
+    deadline: Instant,
+    /// A sleep was cut short at the deadline: the event timed out.
+    slept_past_deadline: bool,
 }
 
 impl WasiView for HostState {
@@ -719,6 +727,7 @@ impl Plugin {
         let stderr = output::BoundedPipe::new(limits.log_bytes_per_event as usize);
         // An empty context: no env, args, preopens, stdin or network.
         let wasi = WasiCtx::builder()
+            .monotonic_clock(clock::EventClock::new(started))
             .stdout(stdout.clone())
             .stderr(stderr.clone())
             .allow_tcp(false)
@@ -742,6 +751,9 @@ impl Plugin {
                 log_bytes: 0,
                 log_bytes_dropped: 0,
                 state_error: None,
+                started,
+                deadline: started + Duration::from_millis(limits.cpu_ms_per_event),
+                slept_past_deadline: false,
             },
         );
         store.limiter(|s| &mut s.limiter);
@@ -775,6 +787,14 @@ impl Plugin {
         }
 
         let outcome = match result {
+            Ok(_) if store.data().slept_past_deadline => {
+                let logs = std::mem::take(&mut store.data_mut().logs);
+                let cause = RunFailure::Timeout {
+                    limit_ms: limits.cpu_ms_per_event,
+                };
+                tracing::warn!(kind = cause.kind(), error = %cause, "plugin slept past its time limit");
+                return Err(fail(cause, logs));
+            }
             Ok(Ok(outcome)) => from_wit_outcome(outcome),
             Ok(Err(message)) => {
                 let logs = std::mem::take(&mut store.data_mut().logs);

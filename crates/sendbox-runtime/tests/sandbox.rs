@@ -289,6 +289,42 @@ fn nothing_an_event_leaves_in_memory_reaches_the_next() {
 }
 
 #[test]
+fn an_hour_long_sleep_is_stopped_at_the_time_limit() {
+    // Sleeping is not computing, so epochs alone would let the plugin hold
+    // its thread for the whole hour.
+    let p = runtime()
+        .load_file(
+            "hostile-sleep",
+            &wasm::hostile("hostile"),
+            settings(&[("mode", "slow"), ("sleep_ms", "3600000")]),
+        )
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = p
+        .run(&webhook("{}"), "evt-sleep", Arc::new(MemoryState::new()))
+        .expect_err("an hour's sleep must not finish");
+    assert_eq!(err.cause.kind(), "timeout", "{err}");
+    // The default limit is 1 s; an hour would be 3,600.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    // A short sleep inside the budget still works.
+    let ok = runtime()
+        .load_file(
+            "hostile-nap",
+            &wasm::hostile("hostile"),
+            settings(&[("mode", "slow"), ("sleep_ms", "20"), ("label", "rested")]),
+        )
+        .unwrap()
+        .run(&webhook("{}"), "evt-nap", Arc::new(MemoryState::new()))
+        .unwrap();
+    assert_eq!(ok.outcome.emails[0].subject, "rested");
+    assert_runtime_still_serves();
+}
+
+#[test]
 fn infinite_loop_is_stopped_at_the_cpu_limit() {
     let err = run_hostile("loop");
     assert!(
