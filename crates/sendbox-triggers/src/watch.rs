@@ -3,7 +3,8 @@
 //!
 //! A file still being written fires once, `debounce` after its last change.
 //! Symlinks leading out of the watched folder are not followed. Events that
-//! arrive while the plugin is busy wait in a queue; none are dropped.
+//! arrive while the plugin is busy wait in a queue; none are dropped, and a
+//! stop (shutdown or reload) still sends the changes already seen.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -114,8 +115,9 @@ fn existing(dir: &Path, recursive: bool, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// Watches until `shutdown`. Returns an error if the folder cannot be
-/// watched.
+/// Watches until `shutdown`, then stops taking changes but still sends the
+/// ones already seen once they settle, so none is lost to a reload or a
+/// stop. Returns an error if the folder cannot be watched.
 pub async fn run(
     mut w: Watch,
     dispatch: Dispatch,
@@ -147,10 +149,15 @@ pub async fn run(
         }
     }
     let tick = (w.debounce / 4).max(Duration::from_millis(10));
+    let mut watcher = Some(watcher);
     loop {
         tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            Some(ev) = rx.recv() => {
+            _ = &mut shutdown, if watcher.is_some() => {
+                // No new changes from here; what is pending still goes out.
+                watcher = None;
+                rx.close();
+            }
+            Some(ev) = rx.recv(), if watcher.is_some() => {
                 let change = match ev.kind {
                     EventKind::Create(_) => FileChange::Created,
                     EventKind::Modify(_) => FileChange::Modified,
@@ -188,6 +195,9 @@ pub async fn run(
             };
             let result = dispatch(job).await;
             tracing::debug!(plugin = %w.plugin, path = %path.display(), ?result, "file event handled");
+        }
+        if watcher.is_none() && pending.is_empty() {
+            return Ok(());
         }
     }
 }

@@ -162,3 +162,37 @@ async fn files_present_at_start_and_events_during_a_busy_plugin_are_not_lost() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_stop_sends_what_was_already_seen_and_nothing_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, seen) = recorder(Duration::ZERO);
+    let w = watch(dir.path(), false, false);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(watch::run(w, d, async move {
+        let _ = stop_rx.await;
+    }));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::fs::write(dir.path().join("seen.csv"), "a").unwrap();
+    // Stop (a reload or SIGTERM) inside the 300 ms debounce window.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stop_tx.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    std::fs::write(dir.path().join("after.csv"), "b").unwrap();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the watch ends once what it saw is sent")
+        .unwrap()
+        .unwrap();
+    let got: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|f| f.path.clone())
+        .collect();
+    assert_eq!(
+        got,
+        ["seen.csv"],
+        "the pending file is sent; a change after the stop is not"
+    );
+}
