@@ -335,3 +335,65 @@ async fn sigterm_under_load_loses_nothing() {
         accepted.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_account_proves_new_credentials_before_replacing_the_old() {
+    let p = Peers::start();
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("app.secret");
+    std::fs::write(&secret_file, &p.info.clients.secret.client_secret).unwrap();
+    let account = |extra: &str| {
+        p.app_account().replace(
+            r#"client_secret = { env = "SENDBOX_TEST_APP_SECRET" }"#,
+            &format!("client_secret = {{ file = \"app.secret\" }}\n{extra}"),
+        )
+    };
+    let body = |account: String| format!("{account}{}", daemon::example_plugins("app"));
+    let config = daemon::write_config(dir.path(), &body(account("")));
+    let d = Daemon::start(&config, &[("SENDBOX_TEST_WEBHOOK_SECRET", WEBHOOK_SECRET)]);
+    let http = reqwest::Client::new();
+    let store = dir.path().join("var/sendbox.db");
+    // Posts an alert; returns the Message-ID of the email it queued.
+    let post = |group: &'static str| {
+        let (http, url, store) = (
+            http.clone(),
+            format!("{}/hooks/alerts", d.base),
+            store.clone(),
+        );
+        async move {
+            let body = alert_in_group(group);
+            let r = http
+                .post(url)
+                .header("x-hub-signature-256", sign(&body))
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202);
+            let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+            let id = v["queued"][0].as_i64().expect("a queued id");
+            Outbox::open(&store).unwrap().get(id).unwrap().message_id
+        }
+    };
+
+    // A wrong secret in the file, then `systemctl reload`: the token
+    // endpoint refuses it, so the running worker keeps sending.
+    std::fs::write(&secret_file, "not-the-secret").unwrap();
+    d.hangup();
+    d.wait_logged("reload done", 1);
+    assert!(
+        d.logs()
+            .contains("account not changed: the new settings do not work"),
+        "{}",
+        d.logs()
+    );
+    wait_received(&p, &post("after-bad-secret").await).await;
+
+    // The right secret and a changed setting: the worker restarts on them.
+    std::fs::write(&secret_file, &p.info.clients.secret.client_secret).unwrap();
+    daemon::write_config(dir.path(), &body(account("rate_per_minute = 600")));
+    let done = d.reload_done(2);
+    assert!(done.contains(r#"accounts=["app"]"#), "{done}");
+    wait_received(&p, &post("after-restart").await).await;
+    assert!(!d.logs().contains(&p.info.clients.secret.client_secret));
+}

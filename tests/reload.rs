@@ -170,21 +170,8 @@ async fn a_replaced_plugin_serves_without_a_restart_and_a_corrupt_one_is_refused
     }
     // SIGHUP reloads too; with nothing changed, nothing is loaded again.
     let reloads = d.count_logged("reload done");
-    let pid = d.child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    d.wait_logged("reload done", reloads + 1);
-    let last = d
-        .logs()
-        .lines()
-        .rfind(|l| l.contains("reload done"))
-        .unwrap()
-        .to_owned();
+    d.hangup();
+    let last = d.reload_done(reloads + 1);
     assert!(
         last.contains("loaded=[] retriggered=[] removed=[] failed=[]"),
         "{last}"
@@ -220,13 +207,11 @@ async fn a_config_edit_reloads_only_what_changed_and_in_flight_events_finish_on_
 
     // ...while the config changes its label to v2.
     write_config(&s, config_text("/hooks/a", "v2", true));
-    d.wait_logged("reload done", 1);
+    let done = d.reload_done(1);
     assert!(
         !in_flight.is_finished(),
         "the reload happened while the event was in flight"
     );
-    let logs = d.logs();
-    let done = logs.lines().find(|l| l.contains("reload done")).unwrap();
     assert!(
         done.contains(r#"loaded=["slow"]"#),
         "only slow reloads: {done}"
@@ -254,14 +239,7 @@ async fn a_config_edit_reloads_only_what_changed_and_in_flight_events_finish_on_
     // Move hook's route and drop `slow`: /hooks/a is gone, /hooks/b serves,
     // /hooks/slow is gone.
     write_config(&s, config_text("/hooks/b", "v2", false));
-    d.wait_logged("reload done", 2);
-    let done = d
-        .logs()
-        .lines()
-        .filter(|l| l.contains("reload done"))
-        .nth(1)
-        .unwrap()
-        .to_owned();
+    let done = d.reload_done(2);
     assert!(
         done.contains(r#"retriggered=["hook"]"#) && done.contains(r#"removed=["slow"]"#),
         "{done}"
@@ -346,23 +324,35 @@ bearer_token = {{ file = "hook.token" }}
 
     // The token file is rotated; `systemctl reload` sends SIGHUP.
     std::fs::write(&token, "new-token").unwrap();
-    let pid = d.child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    d.wait_logged("reload done", 1);
-    let done = d
-        .logs()
-        .lines()
-        .find(|l| l.contains("reload done"))
-        .unwrap()
-        .to_owned();
+    d.hangup();
+    let done = d.reload_done(1);
     assert!(done.contains(r#"loaded=[] retriggered=["hook"]"#), "{done}");
     assert_eq!(status("old-token").await, 401);
     assert_eq!(status("new-token").await, 202);
     assert!(!d.logs().contains("new-token"), "the token was logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_account_restarts_its_worker_and_its_plugins_follow() {
+    let s = setup();
+    let d = Daemon::start(&s.config, &[]);
+    let http = reqwest::Client::new();
+    let url = format!("{}/hooks/a", d.base);
+    let (status, _) = post(&http, &url, alert(), &s.store()).await;
+    assert_eq!(status, 202);
+    daemon::wait_for_mail(&s.dir.path().join("mail"), "DiskFull");
+
+    // A new mailbox and mail folder for the account.
+    let text = config_text("/hooks/a", "v1", true)
+        .replace("sendbox@localhost", "relay@localhost")
+        .replace("dir = \"mail\"", "dir = \"mail2\"");
+    write_config(&s, text);
+    let done = d.reload_done(1);
+    assert!(done.contains(r#"accounts=["local"]"#), "{done}");
+    // Both plugins on the account reload for its new mailbox.
+    assert!(done.contains(r#"loaded=["hook", "slow"]"#), "{done}");
+    let (status, _) = post(&http, &url, alert(), &s.store()).await;
+    assert_eq!(status, 202);
+    let text = daemon::wait_for_mail(&s.dir.path().join("mail2"), "DiskFull");
+    assert!(text.contains("From: relay@localhost"), "{text}");
 }

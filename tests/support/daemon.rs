@@ -96,6 +96,24 @@ impl Daemon {
         }
     }
 
+    /// Waits for the `n`th (from 1) `reload done` line and returns it.
+    pub fn reload_done(&self, n: usize) -> String {
+        self.wait_logged("reload done", n);
+        self.logs()
+            .lines()
+            .filter(|l| l.contains("reload done"))
+            .nth(n - 1)
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Sends SIGHUP: reload.
+    pub fn hangup(&self) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-HUP", &pid]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -HUP {pid}");
+    }
+
     /// Sends SIGTERM and waits (up to `limit`) for the exit.
     pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
         self.signal("TERM", limit)

@@ -52,7 +52,37 @@ pub struct DeliverySettings {
     /// How long a paused account waits before trying again. Default 5 min.
     pub pause_recheck: Duration,
     /// From addresses each plugin may use besides the mailbox.
-    pub allowed_from: HashMap<String, Vec<String>>,
+    pub allowed_from: AllowedFrom,
+}
+
+/// From addresses each plugin may use besides its account's mailbox, by
+/// plugin. Shared: a reload replaces them under running workers.
+#[derive(Debug, Clone, Default)]
+pub struct AllowedFrom(Arc<std::sync::RwLock<HashMap<String, Vec<String>>>>);
+
+impl AllowedFrom {
+    /// These addresses, by plugin name.
+    pub fn new(by_plugin: HashMap<String, Vec<String>>) -> Self {
+        AllowedFrom(Arc::new(std::sync::RwLock::new(by_plugin)))
+    }
+
+    /// Replaces them all.
+    pub fn set(&self, by_plugin: HashMap<String, Vec<String>>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = by_plugin;
+    }
+
+    /// A plugin's addresses.
+    pub fn of(&self, plugin: &str) -> Vec<String> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(plugin)
+            .cloned()
+            .unwrap_or_default()
+    }
 }
 
 impl Default for DeliverySettings {
@@ -65,7 +95,7 @@ impl Default for DeliverySettings {
             max_age: Duration::from_secs(24 * 3600),
             poll_interval: Duration::from_secs(1),
             pause_recheck: Duration::from_secs(300),
-            allowed_from: HashMap::new(),
+            allowed_from: AllowedFrom::default(),
         }
     }
 }
@@ -296,17 +326,12 @@ impl AccountWorker {
     }
 
     fn prepare(&self, m: &Message) -> Result<sendbox_mail::Prepared, String> {
-        let allowed = self
-            .settings
-            .allowed_from
-            .get(&m.plugin)
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
+        let allowed = self.settings.allowed_from.of(&m.plugin);
         message::build(
             &m.email,
             &Envelope {
                 account_mailbox: &self.mailbox,
-                allowed_from: allowed,
+                allowed_from: &allowed,
                 message_id: &m.message_id,
                 date: UNIX_EPOCH + Duration::from_millis(m.created_ms.max(0) as u64),
             },

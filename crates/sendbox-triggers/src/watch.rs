@@ -115,30 +115,64 @@ fn existing(dir: &Path, recursive: bool, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// A folder being watched, not yet handing out events: changes from the
+/// moment [`Started::new`] returns are kept for [`Started::run`].
+pub struct Started {
+    w: Watch,
+    watcher: notify::RecommendedWatcher,
+    rx: tokio::sync::mpsc::UnboundedReceiver<notify::Event>,
+}
+
+impl Started {
+    /// Creates and resolves the folder and starts watching it. Fails if
+    /// the folder cannot be created or watched.
+    pub fn new(mut w: Watch) -> Result<Started, notify::Error> {
+        std::fs::create_dir_all(&w.dir).map_err(notify::Error::io)?;
+        w.dir = w.dir.canonicalize().map_err(notify::Error::io)?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut watcher =
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                if let Ok(ev) = res {
+                    let _ = tx.send(ev);
+                }
+            })?;
+        watcher.watch(
+            &w.dir,
+            if w.recursive {
+                RecursiveMode::Recursive
+            } else {
+                RecursiveMode::NonRecursive
+            },
+        )?;
+        Ok(Started { w, watcher, rx })
+    }
+
+    /// Hands events to `dispatch` until `shutdown`; see [`run`].
+    pub async fn run(self, dispatch: Dispatch, shutdown: impl std::future::Future<Output = ()>) {
+        let Started { w, watcher, rx } = self;
+        serve(w, watcher, rx, dispatch, shutdown).await;
+    }
+}
+
 /// Watches until `shutdown`, then stops taking changes but still sends the
 /// ones already seen once they settle, so none is lost to a reload or a
 /// stop. Returns an error if the folder cannot be watched.
 pub async fn run(
-    mut w: Watch,
+    w: Watch,
     dispatch: Dispatch,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), notify::Error> {
-    std::fs::create_dir_all(&w.dir).map_err(notify::Error::io)?;
-    w.dir = w.dir.canonicalize().map_err(notify::Error::io)?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(ev) = res {
-            let _ = tx.send(ev);
-        }
-    })?;
-    watcher.watch(
-        &w.dir,
-        if w.recursive {
-            RecursiveMode::Recursive
-        } else {
-            RecursiveMode::NonRecursive
-        },
-    )?;
+    Started::new(w)?.run(dispatch, shutdown).await;
+    Ok(())
+}
+
+async fn serve(
+    w: Watch,
+    watcher: notify::RecommendedWatcher,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<notify::Event>,
+    dispatch: Dispatch,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     let mut pending: HashMap<PathBuf, (FileChange, Instant)> = HashMap::new();
     if w.process_existing {
@@ -197,7 +231,7 @@ pub async fn run(
             tracing::debug!(plugin = %w.plugin, path = %path.display(), ?result, "file event handled");
         }
         if watcher.is_none() && pending.is_empty() {
-            return Ok(());
+            return;
         }
     }
 }

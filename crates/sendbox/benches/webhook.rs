@@ -108,7 +108,7 @@ async fn main() {
     let real = dispatcher(
         Arc::new(Registry::new(plugins)),
         outbox.clone(),
-        Arc::new(HashMap::new()),
+        Arc::new(sendbox::reload::Wakers::default()),
         Arc::new(sendbox::metrics::Metrics::default()),
     );
     let dispatch: Dispatch = Arc::new(move |job: Job| {

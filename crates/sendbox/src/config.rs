@@ -230,6 +230,9 @@ pub struct Account {
     pub max_age_hours: u32,
     /// How it sends.
     pub kind: AccountKind,
+    /// Hash of its section and of the secrets it resolved: a reload
+    /// restarts the account's worker when this changes.
+    pub fingerprint: String,
 }
 
 /// How an account sends.
@@ -314,8 +317,7 @@ pub struct Config {
     pub plugins: BTreeMap<String, Plugin>,
     /// Things that work but deserve attention (inline secrets...).
     pub warnings: Vec<String>,
-    /// Hash of `[daemon]` and `[accounts]`: a reload that changes them
-    /// needs a restart.
+    /// Hash of `[daemon]`: a reload that changes it needs a restart.
     pub restart_fingerprint: String,
 }
 
@@ -398,7 +400,9 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
     let mut accounts = BTreeMap::new();
     for (name, acct) in raw.accounts {
         let offset = acct.span().start;
-        if let Some(a) = account(&mut cx, &name, acct.into_inner(), offset) {
+        if let Some(mut a) = account(&mut cx, &name, acct.into_inner(), offset) {
+            let section = fingerprints.accounts.remove(&name).unwrap_or_default();
+            a.fingerprint = hash(&format!("{section}\n{}", secret_material(&a.kind)));
             accounts.insert(name, a);
         }
     }
@@ -481,6 +485,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
 
 struct Fingerprints {
     restart: String,
+    accounts: BTreeMap<String, String>,
     plugins: BTreeMap<String, Fingerprint>,
 }
 
@@ -514,12 +519,18 @@ fn fingerprints(source: &str) -> Fingerprints {
             );
         }
     }
-    let restart = hash(&format!(
-        "{}\n{}",
-        text(table.remove("daemon")),
-        text(table.remove("accounts"))
-    ));
-    Fingerprints { restart, plugins }
+    let mut accounts = BTreeMap::new();
+    if let Some(toml::Value::Table(accts)) = table.remove("accounts") {
+        for (name, a) in accts {
+            accounts.insert(name, a.to_string());
+        }
+    }
+    let restart = hash(&text(table.remove("daemon")));
+    Fingerprints {
+        restart,
+        accounts,
+        plugins,
+    }
 }
 
 fn path_display(p: &Path) -> String {
@@ -713,6 +724,7 @@ fn account(cx: &mut Ctx<'_>, name: &str, a: RawAccount, offset: usize) -> Option
             kind: AccountKind::File {
                 dir: cx.resolve_path(dir),
             },
+            fingerprint: String::new(),
         });
     }
     let client_id = required(
@@ -926,7 +938,25 @@ fn account(cx: &mut Ctx<'_>, name: &str, a: RawAccount, offset: usize) -> Option
                 ca_file: a.ca_file.as_ref().map(|c| cx.resolve_path(c)),
             },
         })),
+        fingerprint: String::new(),
     })
+}
+
+/// What an account's credentials resolved to, for its fingerprint only
+/// (hashed, never kept or shown).
+fn secret_material(kind: &AccountKind) -> String {
+    use sendbox_auth::Credentials;
+    match kind {
+        AccountKind::File { .. } => String::new(),
+        AccountKind::Smtp(a) => match &a.credentials {
+            Credentials::ClientSecret(s) => s.expose().to_owned(),
+            Credentials::Certificate(k) => k.thumbprint_s256().to_owned(),
+            Credentials::RefreshToken { client_secret, .. } => client_secret
+                .as_ref()
+                .map(|s| s.expose().to_owned())
+                .unwrap_or_default(),
+        },
+    }
 }
 
 #[cfg(test)]

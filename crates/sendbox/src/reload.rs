@@ -12,23 +12,29 @@
 //!   webhook route is swapped in the route table;
 //! - gone from the config → its triggers stop and it is removed.
 //!
-//! `[daemon]` and `[accounts]` changes need a restart (logged as such). An
-//! event already dispatched holds the version it started with and finishes
-//! on it.
+//! [`Supervisor::apply_accounts`] does the same for accounts: a new or
+//! changed account (its section, or a secret it resolves, re-read on every
+//! reload) gets a new delivery worker once the old one finished its sends;
+//! settings that do not work keep the old worker. `[daemon]` changes need a
+//! restart (logged as such). An event already dispatched holds the plugin
+//! version it started with and finishes on it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use sendbox_delivery::AllowedFrom;
 use sendbox_outbox::Outbox;
 use sendbox_runtime::{Plugin, Runtime};
 use sendbox_triggers::Dispatch;
 use sendbox_triggers::webhook::{Route, RouteTable};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
+use crate::commands::deliver::{account_worker, run_worker};
 use crate::config::{self, Fingerprint};
+use crate::metrics::Metrics;
 
 /// A loaded plugin with what its commits need.
 pub struct Loaded {
@@ -110,9 +116,13 @@ pub struct Supervisor {
     registry: Arc<Registry>,
     routes: RouteTable,
     dispatch: Dispatch,
-    /// Account name → mailbox, as started (accounts change only on restart).
-    mailboxes: BTreeMap<String, String>,
+    metrics: Arc<Metrics>,
+    /// Each account's worker waker, shared with the dispatcher.
+    wakers: Arc<Wakers>,
+    /// Each plugin's allowed From addresses, shared with the workers.
+    allowed_from: AllowedFrom,
     restart_fingerprint: String,
+    accounts: HashMap<String, RunningAccount>,
     running: HashMap<String, Running>,
     /// Every configured plugin's `.wasm`, loaded or not.
     wasm_files: Vec<PathBuf>,
@@ -123,6 +133,8 @@ pub struct Supervisor {
 /// What one reload did, for logs and tests.
 #[derive(Debug, Default)]
 pub struct Applied {
+    /// Accounts whose delivery worker (re)started.
+    pub accounts: Vec<String>,
     /// Plugins loaded (new or new version).
     pub loaded: Vec<String>,
     /// Plugins whose triggers restarted.
@@ -133,33 +145,119 @@ pub struct Applied {
     pub failed: Vec<String>,
 }
 
+/// How long a changed account's new credentials may take to get a token.
+const TOKEN_CHECK: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What [`Supervisor::apply_accounts`] did.
+#[derive(Debug, Default)]
+pub struct AccountsApplied {
+    /// Accounts whose worker (re)started.
+    pub restarted: Vec<String>,
+    /// Accounts that could not be built, with why.
+    pub failed: Vec<(String, String)>,
+}
+
+/// A running delivery worker.
+struct RunningAccount {
+    fingerprint: String,
+    mailbox: String,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningAccount {
+    /// Stops claiming, and waits for the sends in flight.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Each account's delivery worker waker, by account name: the dispatcher
+/// nudges the right worker after a commit.
+#[derive(Default)]
+pub struct Wakers(RwLock<HashMap<String, Arc<Notify>>>);
+
+impl Wakers {
+    /// The account's waker, if its worker runs.
+    pub fn get(&self, account: &str) -> Option<Arc<Notify>> {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(account)
+            .cloned()
+    }
+
+    fn set(&self, account: &str, waker: Arc<Notify>) {
+        self.0
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(account.to_owned(), waker);
+    }
+
+    fn remove(&self, account: &str) {
+        self.0
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(account);
+    }
+}
+
 enum Prepared {
     Unchanged,
     Ready(Plugin),
     Failed(String),
 }
 
+/// What the dispatcher and the supervisor share: where plugins, routes,
+/// worker wakers and allowed From addresses live.
+pub struct Shared {
+    /// The plugins that serve.
+    pub registry: Arc<Registry>,
+    /// The webhook routes.
+    pub routes: RouteTable,
+    /// The delivery workers' wakers.
+    pub wakers: Arc<Wakers>,
+    /// Allowed From addresses by plugin.
+    pub allowed_from: AllowedFrom,
+    /// The daemon's counters.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            registry: Arc::new(Registry::default()),
+            routes: RouteTable::default(),
+            wakers: Arc::new(Wakers::default()),
+            allowed_from: AllowedFrom::default(),
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+}
+
 impl Supervisor {
-    /// A supervisor with nothing running yet; [`Supervisor::apply`] starts
-    /// the plugins. `mailboxes` maps account names to their mailbox
-    /// ([`mailboxes`]); `restart_fingerprint` is the config's.
+    /// A supervisor with nothing running yet: [`Supervisor::apply_accounts`]
+    /// then [`Supervisor::apply`] start the workers and the plugins.
+    /// `restart_fingerprint` is the config's.
     pub fn new(
         runtime: Runtime,
         outbox: Arc<Outbox>,
-        registry: Arc<Registry>,
-        routes: RouteTable,
+        shared: &Shared,
         dispatch: Dispatch,
-        mailboxes: BTreeMap<String, String>,
         restart_fingerprint: String,
     ) -> Self {
         Supervisor {
             runtime,
             outbox,
-            registry,
-            routes,
+            registry: shared.registry.clone(),
+            routes: shared.routes.clone(),
             dispatch,
-            mailboxes,
+            metrics: shared.metrics.clone(),
+            wakers: shared.wakers.clone(),
+            allowed_from: shared.allowed_from.clone(),
             restart_fingerprint,
+            accounts: HashMap::new(),
             running: HashMap::new(),
             wasm_files: Vec::new(),
             retiring: JoinSet::new(),
@@ -197,9 +295,112 @@ impl Supervisor {
             tracing::warn!("{w}");
         }
         if cfg.restart_fingerprint != self.restart_fingerprint {
-            tracing::warn!(config = %config_path.display(), "[daemon] or [accounts] changed: those changes take effect at the next restart");
+            tracing::warn!(config = %config_path.display(), "[daemon] changed: that takes effect at the next restart");
         }
-        Some(self.apply(cfg.plugins).await)
+        let accounts = self.apply_accounts(cfg.accounts).await;
+        let mut applied = self.apply(cfg.plugins).await;
+        applied.accounts = accounts.restarted;
+        applied.failed.extend(
+            accounts
+                .failed
+                .into_iter()
+                .map(|(name, _)| format!("accounts.{name}")),
+        );
+        Some(applied)
+    }
+
+    /// Makes the running delivery workers match `accounts`: an account that
+    /// is new or changed (its section, or a secret it resolves) gets a new
+    /// worker once the old one has finished its sends; one that cannot be
+    /// built keeps its old worker (if any) and is reported.
+    pub async fn apply_accounts(
+        &mut self,
+        accounts: BTreeMap<String, config::Account>,
+    ) -> AccountsApplied {
+        let mut applied = AccountsApplied::default();
+        let gone: Vec<String> = self
+            .accounts
+            .keys()
+            .filter(|n| !accounts.contains_key(*n))
+            .cloned()
+            .collect();
+        for (name, account) in accounts {
+            if self
+                .accounts
+                .get(&name)
+                .is_some_and(|r| r.fingerprint == account.fingerprint)
+            {
+                continue;
+            }
+            let (mailbox, fingerprint) = (account.mailbox.clone(), account.fingerprint.clone());
+            // Built without metrics first: a change that fails must leave
+            // the running worker's counters in place.
+            let built = account_worker(account, &self.outbox, &self.allowed_from, None);
+            let checked = match built {
+                Ok((worker, Some(tokens))) if self.accounts.contains_key(&name) => {
+                    // A changed account proves its new credentials before it
+                    // replaces one that works.
+                    match tokio::time::timeout(TOKEN_CHECK, tokens.token()).await {
+                        Ok(Ok(_)) => Ok((worker, Some(tokens))),
+                        Ok(Err(e)) => Err(anyhow::anyhow!("the new credentials were refused: {e}")),
+                        Err(_) => Err(anyhow::anyhow!(
+                            "the token endpoint did not answer within {TOKEN_CHECK:?}"
+                        )),
+                    }
+                }
+                other => other,
+            };
+            let worker = match checked {
+                Ok((w, tokens)) => {
+                    if let Some(t) = tokens {
+                        self.metrics.token_provider(&name, t);
+                    }
+                    self.metrics.worker(&name, w.status());
+                    w
+                }
+                Err(e) => {
+                    if self.accounts.contains_key(&name) {
+                        tracing::error!(account = %name, error = %e, "account not changed: the new settings do not work; the running worker keeps sending");
+                    } else {
+                        tracing::error!(account = %name, error = %e, "account not started");
+                    }
+                    applied.failed.push((name, e.to_string()));
+                    continue;
+                }
+            };
+            if let Some(old) = self.accounts.remove(&name) {
+                tracing::info!(account = %name, "account changed: its worker restarts after the sends in flight");
+                old.stop().await;
+            }
+            let (stop, rx) = watch::channel(false);
+            self.wakers.set(&name, worker.waker());
+            let task = tokio::spawn(run_worker(worker, rx));
+            self.accounts.insert(
+                name.clone(),
+                RunningAccount {
+                    fingerprint,
+                    mailbox,
+                    stop,
+                    task,
+                },
+            );
+            applied.restarted.push(name);
+        }
+        for name in gone {
+            if let Some(old) = self.accounts.remove(&name) {
+                tracing::warn!(account = %name, "account removed from the config: its worker stops; messages queued for it wait until it is configured again");
+                self.wakers.remove(&name);
+                old.stop().await;
+            }
+        }
+        applied
+    }
+
+    /// Stops every delivery worker after its sends in flight.
+    pub async fn stop_delivery(&mut self) {
+        for (_, a) in self.accounts.drain() {
+            a.stop().await;
+        }
     }
 
     /// Makes the running plugins match `plugins`, changing only what
@@ -208,9 +409,8 @@ impl Supervisor {
         let mut applied = Applied::default();
         self.wasm_files = plugins.values().map(|p| p.wasm.clone()).collect();
         for (name, p) in plugins.iter() {
-            let _span = tracing::info_span!("reload", plugin = %name).entered();
-            let Some(mailbox) = self.mailboxes.get(&p.account).cloned() else {
-                tracing::error!(account = %p.account, "plugin not loaded: its account is new; accounts are added at restart");
+            let Some(mailbox) = self.accounts.get(&p.account).map(|a| a.mailbox.clone()) else {
+                tracing::error!(plugin = %name, account = %p.account, "plugin not loaded: its account is not running (see the account's error above)");
                 applied.failed.push(name.clone());
                 continue;
             };
@@ -218,7 +418,9 @@ impl Supervisor {
             let (old_hash, same_section) = match current {
                 Some(r) => (
                     Some(r.loaded.plugin.sha256().to_owned()),
-                    r.fingerprint.plugin == p.fingerprint.plugin && r.loaded.plugin_path == p.wasm,
+                    r.fingerprint.plugin == p.fingerprint.plugin
+                        && r.loaded.plugin_path == p.wasm
+                        && r.loaded.mailbox == mailbox,
                 ),
                 None => (None, false),
             };
@@ -238,7 +440,7 @@ impl Supervisor {
             let loaded = match prepared {
                 Prepared::Unchanged => None,
                 Prepared::Ready(plugin) => {
-                    tracing::info!(wasm = %p.wasm.display(), sha256 = %plugin.sha256(), replaced = current.is_some(), "plugin loaded");
+                    tracing::info!(plugin = %name, wasm = %p.wasm.display(), sha256 = %plugin.sha256(), replaced = current.is_some(), "plugin loaded");
                     applied.loaded.push(name.clone());
                     Some(Arc::new(Loaded {
                         plugin,
@@ -250,9 +452,9 @@ impl Supervisor {
                 }
                 Prepared::Failed(why) => {
                     if current.is_some() {
-                        tracing::error!(wasm = %p.wasm.display(), reason = %why, "new version not loaded; the previous version keeps serving");
+                        tracing::error!(plugin = %name, wasm = %p.wasm.display(), reason = %why, "new version not loaded; the previous version keeps serving");
                     } else {
-                        tracing::error!(wasm = %p.wasm.display(), reason = %why, "plugin not loaded; its triggers stay off");
+                        tracing::error!(plugin = %name, wasm = %p.wasm.display(), reason = %why, "plugin not loaded; its triggers stay off");
                     }
                     applied.failed.push(name.clone());
                     continue;
@@ -315,6 +517,12 @@ impl Supervisor {
                 .map(|(n, r)| (n.clone(), r.loaded.clone()))
                 .collect(),
         );
+        self.allowed_from.set(
+            self.running
+                .iter()
+                .map(|(n, r)| (n.clone(), r.loaded.policy.allowed_from.clone()))
+                .collect(),
+        );
         self.routes.replace(
             self.running
                 .values()
@@ -336,17 +544,16 @@ impl Supervisor {
         };
         let mut tasks = JoinSet::new();
         for w in p.watches.iter().cloned() {
-            // Created before `ready`, so a caller can drop files in at once.
-            if let Err(e) = std::fs::create_dir_all(&w.dir) {
-                tracing::error!(plugin = %w.plugin, dir = %w.dir.display(), error = %e, "cannot create watched folder");
-            }
-            let (d, s) = (self.dispatch.clone(), stopped());
-            tasks.spawn(async move {
-                let (plugin, dir) = (w.plugin.clone(), w.dir.clone());
-                if let Err(e) = sendbox_triggers::watch::run(w, d, s).await {
+            // Watching before `ready`, so a caller can drop files in at once.
+            let (plugin, dir) = (w.plugin.clone(), w.dir.clone());
+            match sendbox_triggers::watch::Started::new(w) {
+                Ok(started) => {
+                    tasks.spawn(started.run(self.dispatch.clone(), stopped()));
+                }
+                Err(e) => {
                     tracing::error!(%plugin, dir = %dir.display(), error = %e, "cannot watch folder");
                 }
-            });
+            }
         }
         for sch in p.schedules.iter().cloned() {
             let last = match self.outbox.schedule_run(&sch.plugin, &sch.name) {
@@ -367,21 +574,13 @@ impl Supervisor {
     }
 
     /// Stops every trigger; each finishes the event it is handling.
-    pub async fn stop(mut self) {
+    pub async fn stop_triggers(&mut self) {
         for (_, r) in self.running.drain() {
             r.triggers.retire(&mut self.retiring);
         }
         self.routes.replace(HashMap::new());
         while self.retiring.join_next().await.is_some() {}
     }
-}
-
-/// Account name → mailbox.
-pub fn mailboxes(cfg: &config::Config) -> BTreeMap<String, String> {
-    cfg.accounts
-        .iter()
-        .map(|(n, a)| (n.clone(), a.mailbox.clone()))
-        .collect()
 }
 
 fn route_of(p: &config::Plugin) -> Option<(String, Route)> {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use sendbox_delivery::{AccountWorker, DeliverySettings};
+use sendbox_delivery::{AccountWorker, AllowedFrom, DeliverySettings};
 use sendbox_outbox::{Outbox, State};
 
 use crate::commands::accounts::{load_config, transport};
@@ -35,7 +35,7 @@ impl DeliverArgs {
     pub fn run(self) -> anyhow::Result<ExitCode> {
         let cfg = load_config(&self.config)?;
         let outbox = open_and_recover(&cfg.store)?;
-        let allowed_from = allowed_from(&cfg);
+        let allowed_from = AllowedFrom::new(allowed_from(&cfg));
         let rt = crate::commands::accounts::runtime()?;
         let outbox_for_workers = outbox.clone();
         rt.block_on(async move {
@@ -110,42 +110,57 @@ pub type Workers = (
     HashMap<String, Arc<tokio::sync::Notify>>,
 );
 
+/// An account's delivery worker (not started): its transport, its settings
+/// from the config, and its counters registered with `metrics`; with the
+/// account's token provider, if it has one.
+pub fn account_worker(
+    account: crate::config::Account,
+    outbox: &Arc<Outbox>,
+    allowed_from: &AllowedFrom,
+    metrics: Option<&crate::metrics::Metrics>,
+) -> anyhow::Result<(AccountWorker, Option<Arc<sendbox_auth::TokenProvider>>)> {
+    let (name, mailbox) = (account.name.clone(), account.mailbox.clone());
+    let settings = DeliverySettings {
+        rate_per_minute: account.rate_per_minute,
+        max_age: Duration::from_secs(u64::from(account.max_age_hours) * 3600),
+        allowed_from: allowed_from.clone(),
+        ..DeliverySettings::default()
+    };
+    let (t, tokens) = transport(account)?;
+    let worker = AccountWorker::new(&name, &mailbox, t, outbox.clone(), settings);
+    if let Some(m) = metrics {
+        if let Some(tokens) = &tokens {
+            m.token_provider(&name, tokens.clone());
+        }
+        m.worker(&name, worker.status());
+    }
+    Ok((worker, tokens))
+}
+
+/// Runs `worker` until `stop` turns true.
+pub async fn run_worker(worker: AccountWorker, mut stop: tokio::sync::watch::Receiver<bool>) {
+    worker
+        .run(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+}
+
 /// Starts one delivery worker per account; they stop when `stop` turns
 /// true. Returns the tasks and each account's waker.
 pub fn start_workers(
     accounts: std::collections::BTreeMap<String, crate::config::Account>,
     outbox: &Arc<Outbox>,
-    allowed_from: &HashMap<String, Vec<String>>,
+    allowed_from: &AllowedFrom,
     stop: &tokio::sync::watch::Receiver<bool>,
     metrics: Option<&crate::metrics::Metrics>,
 ) -> anyhow::Result<Workers> {
     let mut workers = tokio::task::JoinSet::new();
     let mut wakers = HashMap::new();
     for (name, account) in accounts {
-        let mailbox = account.mailbox.clone();
-        let settings = DeliverySettings {
-            rate_per_minute: account.rate_per_minute,
-            max_age: Duration::from_secs(u64::from(account.max_age_hours) * 3600),
-            allowed_from: allowed_from.clone(),
-            ..DeliverySettings::default()
-        };
-        let (t, tokens) = transport(account)?;
-        if let (Some(m), Some(tokens)) = (metrics, tokens) {
-            m.token_provider(&name, tokens);
-        }
-        let worker = AccountWorker::new(&name, &mailbox, t, outbox.clone(), settings);
-        if let Some(m) = metrics {
-            m.worker(&name, worker.status());
-        }
+        let (worker, _) = account_worker(account, outbox, allowed_from, metrics)?;
         wakers.insert(name, worker.waker());
-        let mut rx = stop.clone();
-        workers.spawn(async move {
-            worker
-                .run(async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                })
-                .await;
-        });
+        workers.spawn(run_worker(worker, stop.clone()));
     }
     Ok((workers, wakers))
 }

@@ -11,7 +11,6 @@
 //! events finish and commit, then the delivery workers finish their sends,
 //! all within `shutdown_grace_secs`; a second signal quits at once.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -19,15 +18,13 @@ use std::sync::Arc;
 use clap::Args;
 use sendbox_outbox::{Call, Outbox, OutboxError};
 use sendbox_runtime::{Runtime, RuntimeOptions, StateError, StateStore};
-use sendbox_triggers::webhook::RouteTable;
 use sendbox_triggers::{Dispatch, Dispatched, Job};
-use tokio::sync::Notify;
 
 use crate::commands::accounts::load_config;
-use crate::commands::deliver::{Signals, allowed_from, open_and_recover, start_workers};
+use crate::commands::deliver::{Signals, open_and_recover};
 use crate::exit::{self, coded};
 pub use crate::reload::Loaded;
-use crate::reload::{FileChanges, Registry, Supervisor};
+use crate::reload::{FileChanges, Registry, Shared, Supervisor, Wakers};
 
 /// `sendbox run --config FILE`
 #[derive(Debug, Args)]
@@ -70,7 +67,6 @@ impl RunArgs {
         })
         .map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?;
         let outbox = open_and_recover(&cfg.store)?;
-        let allowed = allowed_from(&cfg);
         let listen = cfg.listen.clone();
         let grace = cfg.shutdown_grace;
         let config_path = self.config.clone();
@@ -80,22 +76,24 @@ impl RunArgs {
         rt.block_on(async move {
             let outbox = outbox_for_run;
             let mut cfg = cfg;
-            let (stop_workers_tx, stop_workers_rx) = tokio::sync::watch::channel(false);
             let (stop_server_tx, mut stop_server_rx) = tokio::sync::watch::channel(false);
-            let metrics = Arc::new(crate::metrics::Metrics::default());
-            let plugins = std::mem::take(&mut cfg.plugins);
-            let mailboxes = crate::reload::mailboxes(&cfg);
-            let registry = Arc::new(Registry::default());
-            let routes = RouteTable::default();
-            let (mut workers, wakers) = start_workers(std::mem::take(&mut cfg.accounts), &outbox, &allowed, &stop_workers_rx, Some(&metrics))?;
-            let dispatch = dispatcher(registry.clone(), outbox.clone(), Arc::new(wakers), metrics.clone());
+            let shared = Shared::default();
+            let dispatch = dispatcher(shared.registry.clone(), outbox.clone(), shared.wakers.clone(), shared.metrics.clone());
             let render: sendbox_triggers::webhook::MetricsFn = {
-                let (m, o) = (metrics.clone(), outbox.clone());
+                let (m, o) = (shared.metrics.clone(), outbox.clone());
                 Arc::new(move || m.render(&o))
             };
-            let mut supervisor = Supervisor::new(runtime, outbox.clone(), registry, routes.clone(), dispatch.clone(), mailboxes, cfg.restart_fingerprint.clone());
+            let mut supervisor = Supervisor::new(runtime, outbox.clone(), &shared, dispatch.clone(), cfg.restart_fingerprint.clone());
+            // Accounts must all work at start; after that a bad change keeps
+            // the running worker.
+            let accounts = supervisor.apply_accounts(std::mem::take(&mut cfg.accounts)).await;
+            if let Some((name, e)) = accounts.failed.into_iter().next() {
+                supervisor.stop_delivery().await;
+                return Err(coded(exit::EX_CONFIG, format!("account `{name}`: {e}")));
+            }
             // Plugins: a bad one is logged and skipped; the rest serve.
-            supervisor.apply(plugins).await;
+            supervisor.apply(std::mem::take(&mut cfg.plugins)).await;
+            let routes = shared.routes.clone();
 
             let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| {
                 coded(exit::EX_CONFIG, format!("cannot listen on {listen}: {e} (set [daemon] listen)"))
@@ -128,17 +126,16 @@ impl RunArgs {
                     }
                 }
                 if let Some(applied) = supervisor.reload(&config_path).await {
-                    tracing::info!(loaded = ?applied.loaded, retriggered = ?applied.retriggered, removed = ?applied.removed, failed = ?applied.failed, "reload done");
+                    tracing::info!(accounts = ?applied.accounts, loaded = ?applied.loaded, retriggered = ?applied.retriggered, removed = ?applied.removed, failed = ?applied.failed, "reload done");
                 }
                 changes.set_files(&supervisor.watched_files(&config_path));
             }
             tracing::info!("stopping: triggers first, then delivery (signal again to quit now)");
             let drain = async {
                 let _ = stop_server_tx.send(true);
-                supervisor.stop().await;
+                supervisor.stop_triggers().await;
                 let _ = server.await;
-                let _ = stop_workers_tx.send(true);
-                while workers.join_next().await.is_some() {}
+                supervisor.stop_delivery().await;
             };
             tokio::select! {
                 _ = drain => tracing::info!("stopped cleanly"),
@@ -183,7 +180,7 @@ impl Hangup {
 pub fn dispatcher(
     plugins: Arc<Registry>,
     outbox: Arc<Outbox>,
-    wakers: Arc<HashMap<String, Arc<Notify>>>,
+    wakers: Arc<Wakers>,
     metrics: Arc<crate::metrics::Metrics>,
 ) -> Dispatch {
     Arc::new(move |job: Job| {
@@ -227,7 +224,7 @@ async fn run_job(
     job: Job,
     plugins: &Registry,
     outbox: &Arc<Outbox>,
-    wakers: &HashMap<String, Arc<Notify>>,
+    wakers: &Wakers,
     metrics: &crate::metrics::Metrics,
 ) -> Dispatched {
     {
