@@ -1,7 +1,7 @@
 //! Errors from token providers, with a sentence saying what to fix.
 
 /// Why no token could be had.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum AuthError {
     /// The account's settings are unusable (missing file, bad key...).
     #[error("{message}")]

@@ -55,6 +55,11 @@ pub use secret::{Secret, SecretSource};
 /// Refresh this long before a token expires.
 pub const REFRESH_MARGIN: Duration = Duration::from_secs(300);
 
+/// How long a refusal by the token endpoint (`invalid_client`,
+/// `invalid_grant`...) is answered from memory: many senders waiting on a
+/// wrong secret cause one request, not one each.
+pub const REFUSAL_HOLD: Duration = Duration::from_secs(30);
+
 /// Where to ask for tokens and what to ask for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoints {
@@ -177,8 +182,15 @@ pub struct TokenProvider {
     client_id: String,
     credentials: Credentials,
     http: reqwest::Client,
-    cache: Mutex<Option<AccessToken>>,
+    cache: Mutex<Cache>,
     refreshes: AtomicU64,
+}
+
+/// The token, or the token endpoint's last refusal.
+#[derive(Default)]
+struct Cache {
+    token: Option<AccessToken>,
+    refused: Option<(Instant, AuthError)>,
 }
 
 impl std::fmt::Debug for TokenProvider {
@@ -279,7 +291,7 @@ impl TokenProvider {
             client_id: client_id.to_owned(),
             credentials,
             http: http_client()?,
-            cache: Mutex::new(None),
+            cache: Mutex::new(Cache::default()),
             refreshes: AtomicU64::new(0),
         })
     }
@@ -296,18 +308,34 @@ impl TokenProvider {
 
     /// A valid access token: the cached one, or a new one when the cache is
     /// empty or within [`REFRESH_MARGIN`] of expiry (or of half its life, for
-    /// short-lived tokens). Concurrent callers wait for one refresh.
+    /// short-lived tokens). Concurrent callers wait for one refresh; a
+    /// refusal is repeated from memory for [`REFUSAL_HOLD`].
     pub async fn token(&self) -> Result<AccessToken, AuthError> {
         let mut cache = self.cache.lock().await;
-        if let Some(t) = cache.as_ref()
+        if let Some(t) = cache.token.as_ref()
             && t.expires_at > Instant::now()
             && !self.due(t)
         {
             return Ok(t.clone());
         }
-        let fresh = self.fetch().await?;
-        *cache = Some(fresh.clone());
-        Ok(fresh)
+        if let Some((at, refused)) = &cache.refused
+            && at.elapsed() < REFUSAL_HOLD
+        {
+            return Err(refused.clone());
+        }
+        match self.fetch().await {
+            Ok(fresh) => {
+                cache.token = Some(fresh.clone());
+                cache.refused = None;
+                Ok(fresh)
+            }
+            Err(e) => {
+                if matches!(e, AuthError::Refused { .. }) {
+                    cache.refused = Some((Instant::now(), e.clone()));
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Due for refresh: within the margin of expiry, or past half its life
@@ -322,11 +350,12 @@ impl TokenProvider {
     pub async fn invalidate(&self, rejected: &AccessToken) {
         let mut cache = self.cache.lock().await;
         if cache
+            .token
             .as_ref()
             .is_some_and(|t| t.generation == rejected.generation)
         {
             tracing::info!(account = %self.account, generation = rejected.generation, "dropping rejected access token");
-            *cache = None;
+            cache.token = None;
         }
     }
 
@@ -491,12 +520,15 @@ impl TokenProvider {
         // The access token from the login is good too.
         let generation = self.refreshes.fetch_add(1, Ordering::Relaxed) + 1;
         let lifetime = response.expires_in().unwrap_or(Duration::from_secs(3600));
-        *self.cache.lock().await = Some(AccessToken {
-            secret: Secret::new(response.access_token().secret().clone()),
-            expires_at: Instant::now() + lifetime,
-            lifetime,
-            generation,
-        });
+        *self.cache.lock().await = Cache {
+            token: Some(AccessToken {
+                secret: Secret::new(response.access_token().secret().clone()),
+                expires_at: Instant::now() + lifetime,
+                lifetime,
+                generation,
+            }),
+            refused: None,
+        };
         Ok(token_file.clone())
     }
 

@@ -56,6 +56,20 @@ async fn a_wrong_client_secret_is_a_clear_refusal() {
     }
     assert!(!err.is_transient());
     assert!(!format!("{err} {err:?}").contains("not-the-secret"));
+
+    // Every sender retrying on the wrong secret: answered from memory, not
+    // with a request each (the token endpoint saw only the first).
+    for _ in 0..20 {
+        assert!(matches!(
+            provider.token().await,
+            Err(AuthError::Refused { .. })
+        ));
+    }
+    assert_eq!(
+        p.stats().await.token_requests,
+        1,
+        "the refusal was remembered"
+    );
 }
 
 #[tokio::test]
