@@ -232,7 +232,18 @@ pub struct Account {
     pub kind: AccountKind,
     /// Hash of its section and of the secrets it resolved: a reload
     /// restarts the account's worker when this changes.
-    pub fingerprint: String,
+    pub fingerprint: SecretHash,
+}
+
+/// A hash that covers secret material: compared, never shown (`Debug`
+/// prints no digits).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SecretHash(String);
+
+impl std::fmt::Debug for SecretHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretHash([redacted])")
+    }
 }
 
 /// How an account sends.
@@ -402,7 +413,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
         let offset = acct.span().start;
         if let Some(mut a) = account(&mut cx, &name, acct.into_inner(), offset) {
             let section = fingerprints.accounts.remove(&name).unwrap_or_default();
-            a.fingerprint = hash(&format!("{section}\n{}", secret_material(&a.kind)));
+            a.fingerprint = SecretHash(hash(&format!("{section}\n{}", secret_material(&a.kind))));
             accounts.insert(name, a);
         }
     }
@@ -724,7 +735,7 @@ fn account(cx: &mut Ctx<'_>, name: &str, a: RawAccount, offset: usize) -> Option
             kind: AccountKind::File {
                 dir: cx.resolve_path(dir),
             },
-            fingerprint: String::new(),
+            fingerprint: SecretHash::default(),
         });
     }
     let client_id = required(
@@ -938,7 +949,7 @@ fn account(cx: &mut Ctx<'_>, name: &str, a: RawAccount, offset: usize) -> Option
                 ca_file: a.ca_file.as_ref().map(|c| cx.resolve_path(c)),
             },
         })),
-        fingerprint: String::new(),
+        fingerprint: SecretHash::default(),
     })
 }
 

@@ -159,7 +159,7 @@ pub struct AccountsApplied {
 
 /// A running delivery worker.
 struct RunningAccount {
-    fingerprint: String,
+    fingerprint: config::SecretHash,
     mailbox: String,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
