@@ -1,6 +1,7 @@
 //! Counters for `/metrics`, in Prometheus text format: events by trigger,
 //! plugin and result; plugin run time as a histogram; outbox depth by state;
-//! delivery attempts by account and result; token refreshes by account.
+//! delivery attempts by account and result; token refreshes by account;
+//! reloads by result.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -29,6 +30,7 @@ pub struct Metrics {
     durations: Mutex<BTreeMap<String, Histogram>>,
     tokens: Mutex<BTreeMap<String, Arc<TokenProvider>>>,
     workers: Mutex<BTreeMap<String, Arc<WorkerStatus>>>,
+    reloads: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
@@ -65,6 +67,18 @@ impl Metrics {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(account.into(), p);
+    }
+
+    /// Counts a reload: `applied` (everything in it took effect), `partial`
+    /// (some plugin or account kept its previous version) or `refused` (the
+    /// config did not validate; nothing changed).
+    pub fn reload(&self, result: &'static str) {
+        *self
+            .reloads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(result)
+            .or_default() += 1;
     }
 
     /// Reports an account's delivery attempts.
@@ -158,6 +172,20 @@ impl Metrics {
                     "sendbox_delivery_attempts_total{{account=\"{a}\",result=\"{result}\"}} {n}"
                 );
             }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sendbox_reloads_total Config and plugin reloads, by result (applied, partial, refused)."
+        );
+        let _ = writeln!(out, "# TYPE sendbox_reloads_total counter");
+        let reloads = self
+            .reloads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        for result in ["applied", "partial", "refused"] {
+            let n = reloads.get(result).copied().unwrap_or(0);
+            let _ = writeln!(out, "sendbox_reloads_total{{result=\"{result}\"}} {n}");
         }
         let _ = writeln!(
             out,

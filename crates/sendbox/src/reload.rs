@@ -284,10 +284,12 @@ impl Supervisor {
                     tracing::error!(config = %config_path.display(), "{line}");
                 }
                 tracing::error!(config = %config_path.display(), "config not reloaded; everything keeps running as it was");
+                self.metrics.reload("refused");
                 return None;
             }
             Err(e) => {
                 tracing::error!(error = %e, "config reload failed");
+                self.metrics.reload("refused");
                 return None;
             }
         };
@@ -306,6 +308,11 @@ impl Supervisor {
                 .into_iter()
                 .map(|(name, _)| format!("accounts.{name}")),
         );
+        self.metrics.reload(if applied.failed.is_empty() {
+            "applied"
+        } else {
+            "partial"
+        });
         Some(applied)
     }
 
