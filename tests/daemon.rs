@@ -137,14 +137,7 @@ async fn the_daemon_turns_files_webhooks_and_schedules_into_mail() {
     assert_eq!(r.status(), 401, "no bearer token");
 
     // Metrics in Prometheus text format.
-    let metrics = http
-        .get(format!("{}/metrics", d.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = d.metrics().await;
     assert!(metrics.contains("sendbox_events_total{trigger=\"webhook\",plugin=\"webhook-bridge\",result=\"committed\"} 3"), "{metrics}");
     assert!(
         metrics.contains(

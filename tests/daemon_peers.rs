@@ -181,14 +181,7 @@ async fn files_webhooks_and_schedules_arrive_at_the_real_smtp_server() {
     assert_eq!(r.status(), 202);
     let began = Instant::now();
     let metrics = loop {
-        let m = http
-            .get(format!("{}/metrics", d.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let m = d.metrics().await;
         if m.contains(r#"sendbox_delivery_attempts_total{account="app",result="retry"} 1"#) {
             break m;
         }
@@ -198,13 +191,11 @@ async fn files_webhooks_and_schedules_arrive_at_the_real_smtp_server() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let sent: u64 = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(r#"sendbox_delivery_attempts_total{account="app",result="sent"} "#)
-        })
-        .and_then(|n| n.parse().ok())
-        .expect("sent attempts counted");
+    let sent = daemon::metric(
+        &metrics,
+        r#"sendbox_delivery_attempts_total{account="app",result="sent"}"#,
+    )
+    .expect("sent attempts counted");
     assert!(sent >= 3, "file, alert and digest were sent: {metrics}");
     assert!(
         metrics.contains(r#"sendbox_token_refreshes_total{account="app"} 1"#),

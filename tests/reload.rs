@@ -150,19 +150,9 @@ async fn a_replaced_plugin_serves_without_a_restart_and_a_corrupt_one_is_refused
     let (status, subject) = post(&http, &url, alert(), &s.store()).await;
     assert_eq!(status, 202);
     assert_eq!(subject.as_deref(), Some("ok"), "still the previous version");
-    let metrics = http
-        .get(format!("{}/metrics", d.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let partial: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(r#"sendbox_reloads_total{result="partial"} "#))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+    let metrics = d.metrics().await;
+    let partial =
+        daemon::metric(&metrics, r#"sendbox_reloads_total{result="partial"}"#).unwrap_or(0);
     assert!(partial >= 1, "the refused file is counted: {metrics}");
     // A half-written copy then the whole file: the whole one loads.
     let bridge = std::fs::read(wasm::example("webhook-bridge")).unwrap();
@@ -296,14 +286,7 @@ async fn a_config_edit_reloads_only_what_changed_and_in_flight_events_finish_on_
     assert_eq!(status, 202);
 
     // Reloads are counted for monitoring: two applied, one refused.
-    let metrics = http
-        .get(format!("{}/metrics", d.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = d.metrics().await;
     for line in [
         r#"sendbox_reloads_total{result="applied"} 2"#,
         r#"sendbox_reloads_total{result="partial"} 0"#,

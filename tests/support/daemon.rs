@@ -261,3 +261,22 @@ pub fn sign(secret: &str, body: &[u8]) -> String {
         hex::encode(ring::hmac::sign(&key, body).as_ref())
     )
 }
+
+impl Daemon {
+    /// `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.base))
+            .await
+            .expect("/metrics answers")
+            .text()
+            .await
+            .expect("/metrics body")
+    }
+}
+
+/// The value of the sample `name{labels}` in Prometheus text, e.g.
+/// `metric(&text, r#"sendbox_reloads_total{result="partial"}"#)`.
+pub fn metric(text: &str, sample: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+}
