@@ -261,3 +261,29 @@ fn a_run_missed_while_down_runs_once_at_start_when_asked() {
         "once, not once per missed day"
     );
 }
+
+#[test]
+fn check_lists_what_run_will_serve_watch_and_fire() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = daemon::write_examples_config(dir.path());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sendbox"))
+        .args(["check", "--no-environment", "--config"])
+        .arg(&cfg)
+        .env("SENDBOX_TEST_WEBHOOK_SECRET", SECRET)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for line in [
+        "webhook /hooks/alerts (HMAC-SHA256 in x-hub-signature-256; 64 at once)",
+        "webhook /hooks/digest (bearer token; 16 at once)",
+        "watch incoming: ",
+        "schedule every-second: next run ",
+        "(missed runs: skip)",
+    ] {
+        assert!(text.contains(line), "{line:?} in:\n{text}");
+    }
+    assert!(!text.contains(SECRET));
+    // Checking creates nothing: the watched folder appears when `run` starts.
+    assert!(!dir.path().join("incoming").exists());
+}

@@ -31,6 +31,50 @@ fn token_provider(
     Ok((Arc::new(provider), a.smtp))
 }
 
+/// One line per trigger of a plugin: what `sendbox run` will serve, watch
+/// and fire (with each schedule's next run, in its zone).
+fn trigger_summary(p: &crate::config::Plugin) -> Vec<String> {
+    use sendbox_triggers::webhook::Auth;
+    let mut lines = Vec::new();
+    if let (Some(path), Some(route)) = (&p.webhook_path, &p.webhook) {
+        let auth = match &route.auth {
+            Auth::None => "unauthenticated".to_owned(),
+            Auth::Hmac { header, .. } => format!("HMAC-SHA256 in {header}"),
+            Auth::Bearer { .. } => "bearer token".to_owned(),
+        };
+        lines.push(format!(
+            "webhook {path} ({auth}; {} at once)",
+            route.concurrency
+        ));
+    }
+    for w in &p.watches {
+        lines.push(format!(
+            "watch {}: {}{}",
+            w.name,
+            w.dir.display(),
+            if w.recursive { " (recursive)" } else { "" }
+        ));
+    }
+    for s in &p.schedules {
+        let next = s
+            .cron
+            .upcoming(s.tz)
+            .next()
+            .map_or("never".to_owned(), |t| {
+                t.format("%Y-%m-%d %H:%M:%S %Z").to_string()
+            });
+        lines.push(format!(
+            "schedule {}: next run {next} (missed runs: {})",
+            s.name,
+            match s.catch_up {
+                sendbox_triggers::cron::CatchUp::Skip => "skip",
+                sendbox_triggers::cron::CatchUp::Once => "once",
+            }
+        ));
+    }
+    lines
+}
+
 /// Builds the transport for an account.
 pub fn transport(account: Account) -> anyhow::Result<(Transport, Option<Arc<TokenProvider>>)> {
     match account.kind {
@@ -105,7 +149,12 @@ impl CheckArgs {
         .map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?;
         for p in cfg.plugins.values() {
             match rt.load_file(&p.name, &p.wasm, p.settings.clone()) {
-                Ok(_) => println!("√ plugin {} loads ({})", p.name, p.wasm.display()),
+                Ok(_) => {
+                    println!("√ plugin {} loads ({})", p.name, p.wasm.display());
+                    for line in trigger_summary(p) {
+                        println!("    {line}");
+                    }
+                }
                 Err(e) => {
                     failed = true;
                     println!("x plugin {}: {e}", p.name);
