@@ -28,10 +28,6 @@ fn start() -> (Daemon, tempfile::TempDir) {
     (d, dir)
 }
 
-fn sign(body: &[u8]) -> String {
-    daemon::sign(SECRET, body)
-}
-
 fn count(store: &Path) -> usize {
     Outbox::open(store)
         .unwrap()
@@ -71,16 +67,10 @@ async fn the_daemon_turns_files_webhooks_and_schedules_into_mail() {
     // A signed webhook: 202 with the queued id, then the email.
     let body =
         std::fs::read(wasm::repo_root().join("plugins/webhook-bridge/samples/alert.json")).unwrap();
-    let r = http
-        .post(format!("{}/hooks/alerts", d.base))
-        .header("content-type", "application/json")
-        .header("x-hub-signature-256", sign(&body))
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    let (status, v) = d
+        .post_signed("/hooks/alerts", SECRET, &body, body.clone())
+        .await;
+    assert_eq!(status, 202);
     let id = v["queued"][0].as_i64().expect("a queued id");
     let text = wait_for_mail(&mail, "DiskFull");
     assert!(text.contains("To: oncall@example.com"), "{text}");
@@ -90,15 +80,10 @@ async fn the_daemon_turns_files_webhooks_and_schedules_into_mail() {
     );
     // The same alert again: accepted, but an idempotent duplicate of the
     // first (webhook-bridge keys alerts by group and status).
-    let r = http
-        .post(format!("{}/hooks/alerts", d.base))
-        .header("x-hub-signature-256", sign(&body))
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    let (status, v) = d
+        .post_signed("/hooks/alerts", SECRET, &body, body.clone())
+        .await;
+    assert_eq!(status, 202);
     assert_eq!(v["queued"], serde_json::json!([]));
     assert_eq!(v["duplicates"], serde_json::json!([id]));
 
@@ -106,14 +91,10 @@ async fn the_daemon_turns_files_webhooks_and_schedules_into_mail() {
     let before = count(&store);
     // A body the plugin cannot parse: its own 400, nothing queued.
     let junk = b"not json".to_vec();
-    let r = http
-        .post(format!("{}/hooks/alerts", d.base))
-        .header("x-hub-signature-256", sign(&junk))
-        .body(junk)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
+    let (status, _) = d
+        .post_signed("/hooks/alerts", SECRET, &junk, junk.clone())
+        .await;
+    assert_eq!(status, 400);
     assert_eq!(count(&store), before, "nothing queued by refused requests");
 
     // The digest: record an event (bearer-authenticated), then the

@@ -112,14 +112,10 @@ async fn files_webhooks_and_schedules_arrive_at_the_real_smtp_server() {
 
     // A signed webhook → 202 → an email.
     let body = alert();
-    let r = http
-        .post(format!("{}/hooks/alerts", d.base))
-        .header("x-hub-signature-256", sign(&body))
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    let (status, _) = d
+        .post_signed("/hooks/alerts", WEBHOOK_SECRET, &body, body.clone())
+        .await;
+    assert_eq!(status, 202);
     let m = wait_received(&p, "DiskFull").await;
     assert!(m.to.contains(&"oncall@example.com".to_owned()));
 
@@ -129,23 +125,20 @@ async fn files_webhooks_and_schedules_arrive_at_the_real_smtp_server() {
         .list(None, 100_000)
         .unwrap()
         .len();
-    let r = http
-        .post(format!("{}/hooks/alerts", d.base))
-        .header("x-hub-signature-256", sign(b"not this body"))
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
+    let (status, _) = d
+        .post_signed(
+            "/hooks/alerts",
+            WEBHOOK_SECRET,
+            b"not this body",
+            body.clone(),
+        )
+        .await;
+    assert_eq!(status, 401);
     let big = vec![b'{'; 2 << 20];
-    let r = http
-        .post(format!("{}/hooks/alerts", d.base))
-        .header("x-hub-signature-256", sign(&big))
-        .body(big)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 413);
+    let (status, _) = d
+        .post_signed("/hooks/alerts", WEBHOOK_SECRET, &big, big.clone())
+        .await;
+    assert_eq!(status, 413);
     assert_eq!(
         Outbox::open(&store)
             .unwrap()
@@ -171,14 +164,10 @@ async fn files_webhooks_and_schedules_arrive_at_the_real_smtp_server() {
     p.faults(serde_json::json!([{"stage": "rcpt", "code": 451, "message": "4.3.0 try later", "count": 1}]))
         .await;
     let body = alert_in_group("retry-test");
-    let r = http
-        .post(format!("{}/hooks/alerts", d.base))
-        .header("x-hub-signature-256", sign(&body))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    let (status, _) = d
+        .post_signed("/hooks/alerts", WEBHOOK_SECRET, &body, body.clone())
+        .await;
+    assert_eq!(status, 202);
     let began = Instant::now();
     let metrics = loop {
         let m = d.metrics().await;

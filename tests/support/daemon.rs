@@ -280,3 +280,31 @@ pub fn metric(text: &str, sample: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
 }
+
+impl Daemon {
+    /// POSTs `body` to `path`, signed the GitHub way with `secret` over
+    /// `signed` (the body itself, unless a test forges one); returns the
+    /// status and the JSON answer (`Null` when the answer is not JSON).
+    pub async fn post_signed(
+        &self,
+        path: &str,
+        secret: &str,
+        signed: &[u8],
+        body: Vec<u8>,
+    ) -> (u16, serde_json::Value) {
+        let r = reqwest::Client::new()
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .header("x-hub-signature-256", sign(secret, signed))
+            .body(body)
+            .send()
+            .await
+            .expect("the webhook answers");
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
+    }
+}
