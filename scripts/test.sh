@@ -1,13 +1,29 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: installs what the tests need that cargo does
-# not (the wasm32-wasip2 target, the npm test peers), then `cargo test`
-# over the workspace.
+# Runs the whole test suite on a fresh machine with Rust (rustup) installed:
+# installs what the tests need that cargo does not (the wasm32-wasip2
+# target; Node.js, npm, openssl and systemd-analyze from Debian packages
+# when missing; the npm test peers), then `cargo test` over the workspace.
 # Tests build the example and hostile plugins themselves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if command -v rustup >/dev/null; then
   rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+fi
+
+# Node.js runs the test peers; openssl makes their certificates;
+# systemd-analyze checks the example unit.
+missing=()
+for tool in node:nodejs npm:npm openssl:openssl systemd-analyze:systemd; do
+  command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
+done
+if ((${#missing[@]})); then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq "${missing[@]}"
+  else
+    echo "missing: ${missing[*]} — install these packages, then run this again" >&2
+    exit 1
+  fi
 fi
 
 # The real protocol peers the tests talk to (smtp-server, oidc-provider),

@@ -10,23 +10,11 @@ use std::process::{Command, Output, Stdio};
 
 use peers::Peers;
 
-const SECRET_VAR: &str = "SENDBOX_TEST_APP_SECRET";
-
 fn config(p: &Peers, dir: &Path, secret: &str) -> (PathBuf, Vec<(String, String)>) {
     let path = dir.join("sendbox.toml");
     let text = format!(
         r#"# accounts against the test peers
-[accounts.app]
-provider = "generic"
-mailbox = "alerts@example.com"
-client_id = "{app}"
-client_secret = {{ env = "{SECRET_VAR}" }}
-token_url = "{token}"
-scopes = ["smtp"]
-smtp_host = "localhost"
-smtp_port = {port}
-ca_file = "{ca}"
-
+{app_account}
 [accounts.cert]
 provider = "generic"
 mailbox = "reports@example.com"
@@ -44,7 +32,7 @@ provider = "file"
 mailbox = "sendbox@localhost"
 dir = "mail"
 "#,
-        app = p.info.clients.secret.client_id,
+        app_account = p.app_account(),
         cert = p.info.clients.cert.client_id,
         token = p.info.token_endpoint,
         port = p.info.smtp_starttls_port,
@@ -53,7 +41,8 @@ dir = "mail"
         crt = p.info.client_cert_file.display(),
     );
     std::fs::write(&path, text).unwrap();
-    (path, vec![(SECRET_VAR.to_string(), secret.to_string())])
+    // The app account reads its secret from this variable.
+    (path, vec![(p.app_env().0.to_string(), secret.to_string())])
 }
 
 fn delegated_config(p: &Peers, dir: &Path) -> PathBuf {

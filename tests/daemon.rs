@@ -2,11 +2,15 @@
 //! from `plugins/`, a real SQLite outbox and the file transport.
 //!
 //! - a file dropped into a watched folder → an email with the attachment;
-//! - a signed webhook → 202 with the queued id → an email; a bad signature →
-//!   401 and nothing queued; a 2 MiB body → 413;
+//! - a signed webhook → 202 with the queued id → an email; the same alert
+//!   again → an idempotent duplicate; a body the plugin rejects → its 400
+//!   (bad signatures and oversized bodies: `tests/daemon_peers.rs`);
 //! - a schedule every second → the digest of what was recorded;
 //! - `/metrics` counts events by trigger, plugin and result;
-//! - SIGTERM → a clean exit with nothing left mid-send.
+//! - SIGTERM → a clean exit with nothing left mid-send; SIGINT the same;
+//!   in-flight work is waited for only up to `shutdown_grace_secs`;
+//! - runs missed while down: skipped, or once at start (`catch_up`);
+//! - `sendbox check` lists what `run` will serve, watch and fire.
 
 #[path = "support/daemon.rs"]
 mod daemon;
@@ -99,14 +103,7 @@ async fn the_daemon_turns_files_webhooks_and_schedules_into_mail() {
 
     // The digest: record an event (bearer-authenticated), then the
     // every-second schedule sends it.
-    let r = http
-        .post(format!("{}/hooks/digest", d.base))
-        .bearer_auth(SECRET)
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    assert_eq!(d.post_bearer("/hooks/digest", SECRET).await, 202);
     let text = wait_for_mail(&mail, "Digest: 1 events");
     assert!(text.contains("webhook POST /hooks/digest"), "{text}");
     let r = http
@@ -267,4 +264,54 @@ fn check_lists_what_run_will_serve_watch_and_fire() {
     assert!(!text.contains(SECRET));
     // Checking creates nothing: the watched folder appears when `run` starts.
     assert!(!dir.path().join("incoming").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_for_in_flight_work_only_up_to_the_grace_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = daemon::write_config(
+        dir.path(),
+        &format!(
+            r#"shutdown_grace_secs = 1
+{account}
+[plugins.slow]
+wasm = "{wasm}"
+account = "local"
+[plugins.slow.config]
+mode = "slow"
+sleep_ms = "8000"
+[plugins.slow.limits]
+cpu_ms_per_event = 20000
+[plugins.slow.webhook]
+path = "/hooks/slow"
+unauthenticated = true
+"#,
+            account = daemon::FILE_ACCOUNT,
+            wasm = wasm::hostile("hostile").display(),
+        ),
+    );
+    let mut d = Daemon::start(&cfg, &[]);
+    let url = format!("{}/hooks/slow", d.base);
+    let in_flight =
+        tokio::spawn(async move { reqwest::Client::new().post(url).body("{}").send().await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let began = std::time::Instant::now();
+    // An 8 s event in flight; the deadline is 1 s.
+    let status = d.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
+    assert!(
+        began.elapsed() < Duration::from_secs(6),
+        "stopped after {:?}, not at the 1 s deadline",
+        began.elapsed()
+    );
+    assert!(
+        d.logs().contains("shutdown deadline passed"),
+        "{}",
+        d.logs()
+    );
+    // The cut-off request was never acknowledged, and nothing was queued.
+    if let Ok(r) = in_flight.await.unwrap() {
+        assert_ne!(r.status(), 202);
+    }
+    assert_eq!(count(&dir.path().join("var/sendbox.db")), 0);
 }

@@ -92,7 +92,6 @@ async fn files_webhooks_and_schedules_arrive_at_the_real_smtp_server() {
     let config = write_config(&p, dir.path());
     let mut d = start(&p, &config);
     let store = dir.path().join("var/sendbox.db");
-    let http = reqwest::Client::new();
 
     // A file → an email with the attachment, over STARTTLS with XOAUTH2.
     std::fs::write(
@@ -149,14 +148,7 @@ async fn files_webhooks_and_schedules_arrive_at_the_real_smtp_server() {
     );
 
     // Record one event; the every-second schedule mails the digest.
-    let r = http
-        .post(format!("{}/hooks/digest", d.base))
-        .bearer_auth(WEBHOOK_SECRET)
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    assert_eq!(d.post_bearer("/hooks/digest", WEBHOOK_SECRET).await, 202);
     let m = wait_received(&p, "Digest: 1 events").await;
     assert!(m.to.contains(&"team@example.com".to_owned()));
 

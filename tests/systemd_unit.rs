@@ -115,15 +115,8 @@ async fn the_systemd_unit_verifies_starts_reloads_and_drains() {
 
     // ExecStart: ready, logging JSON.
     let mut d = Daemon::spawn(command(one(&keys, "ExecStart"), &env));
-    let r = reqwest::Client::new()
-        .post(format!("{}/hooks/digest", d.base))
-        .bearer_auth(SECRET)
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
     assert_eq!(
-        r.status(),
+        d.post_bearer("/hooks/digest", SECRET).await,
         202,
         "the secret from EnvironmentFile authenticates"
     );

@@ -139,6 +139,56 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(25));
         }
     }
+
+    /// `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.base))
+            .await
+            .expect("/metrics answers")
+            .text()
+            .await
+            .expect("/metrics body")
+    }
+
+    /// POSTs `body` to `path`, signed the GitHub way with `secret` over
+    /// `signed` (the body itself, unless a test forges one); returns the
+    /// status and the JSON answer (`Null` when the answer is not JSON).
+    pub async fn post_signed(
+        &self,
+        path: &str,
+        secret: &str,
+        signed: &[u8],
+        body: Vec<u8>,
+    ) -> (u16, serde_json::Value) {
+        let r = reqwest::Client::new()
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .header("x-hub-signature-256", sign(secret, signed))
+            .body(body)
+            .send()
+            .await
+            .expect("the webhook answers");
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// POSTs `{}` to `path` with `Authorization: Bearer <token>`; returns
+    /// the status.
+    pub async fn post_bearer(&self, path: &str, token: &str) -> u16 {
+        reqwest::Client::new()
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .body("{}")
+            .send()
+            .await
+            .expect("the webhook answers")
+            .status()
+            .as_u16()
+    }
 }
 
 /// Waits for an `.eml` file in `dir` containing `needle`; returns its text.
@@ -262,49 +312,9 @@ pub fn sign(secret: &str, body: &[u8]) -> String {
     )
 }
 
-impl Daemon {
-    /// `GET /metrics`.
-    pub async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.base))
-            .await
-            .expect("/metrics answers")
-            .text()
-            .await
-            .expect("/metrics body")
-    }
-}
-
 /// The value of the sample `name{labels}` in Prometheus text, e.g.
 /// `metric(&text, r#"sendbox_reloads_total{result="partial"}"#)`.
 pub fn metric(text: &str, sample: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-}
-
-impl Daemon {
-    /// POSTs `body` to `path`, signed the GitHub way with `secret` over
-    /// `signed` (the body itself, unless a test forges one); returns the
-    /// status and the JSON answer (`Null` when the answer is not JSON).
-    pub async fn post_signed(
-        &self,
-        path: &str,
-        secret: &str,
-        signed: &[u8],
-        body: Vec<u8>,
-    ) -> (u16, serde_json::Value) {
-        let r = reqwest::Client::new()
-            .post(format!("{}{path}", self.base))
-            .header("content-type", "application/json")
-            .header("x-hub-signature-256", sign(secret, signed))
-            .body(body)
-            .send()
-            .await
-            .expect("the webhook answers");
-        let status = r.status().as_u16();
-        let text = r.text().await.unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
-        )
-    }
 }

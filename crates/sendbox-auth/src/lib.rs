@@ -243,17 +243,22 @@ type TokenError = RequestTokenError<
     oauth2::StandardErrorResponse<oauth2::basic::BasicErrorResponseType>,
 >;
 
+/// The token endpoint's refusal, with the fix explained.
+fn refused<T: oauth2::ErrorResponseType + AsRef<str>>(
+    r: &oauth2::StandardErrorResponse<T>,
+) -> AuthError {
+    let code = r.error().as_ref().to_owned();
+    let description = r.error_description().cloned();
+    AuthError::Refused {
+        fix: explain(&code, description.as_deref()),
+        code,
+        description,
+    }
+}
+
 fn map_token_error(e: TokenError) -> AuthError {
     match e {
-        RequestTokenError::ServerResponse(r) => {
-            let code = r.error().as_ref().to_owned();
-            let description = r.error_description().cloned();
-            AuthError::Refused {
-                fix: explain(&code, description.as_deref()),
-                code,
-                description,
-            }
-        }
+        RequestTokenError::ServerResponse(r) => refused(&r),
         RequestTokenError::Request(e) => AuthError::Unavailable(e.to_string()),
         RequestTokenError::Parse(e, body) => AuthError::Unavailable(format!(
             "unexpected answer ({e}): {}",
@@ -424,21 +429,27 @@ impl TokenProvider {
                 response
             }
         };
-        let lifetime = response.expires_in().unwrap_or(Duration::from_secs(3600));
-        let generation = self.refreshes.fetch_add(1, Ordering::Relaxed) + 1;
+        let token = self.issue(&response);
         tracing::info!(
             account = %self.account,
-            generation,
-            expires_in_secs = lifetime.as_secs(),
+            generation = token.generation,
+            expires_in_secs = token.lifetime.as_secs(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "access token obtained"
         );
-        Ok(AccessToken {
+        Ok(token)
+    }
+
+    /// The access token in a token endpoint's answer, numbered as the next
+    /// generation.
+    fn issue(&self, response: &impl TokenResponse) -> AccessToken {
+        let lifetime = response.expires_in().unwrap_or(Duration::from_secs(3600));
+        AccessToken {
             secret: Secret::new(response.access_token().secret().clone()),
             expires_at: Instant::now() + lifetime,
             lifetime,
-            generation,
-        })
+            generation: self.refreshes.fetch_add(1, Ordering::Relaxed) + 1,
+        }
     }
 
     /// Starts a device login: asks the device authorization endpoint for a
@@ -493,15 +504,7 @@ impl TokenProvider {
             .request_async(&self.http, tokio::time::sleep, None)
             .await
             .map_err(|e| match e {
-                RequestTokenError::ServerResponse(r) => {
-                    let code = r.error().as_ref().to_owned();
-                    let description = r.error_description().cloned();
-                    AuthError::Refused {
-                        fix: explain(&code, description.as_deref()),
-                        code,
-                        description,
-                    }
-                }
+                RequestTokenError::ServerResponse(r) => refused(&r),
                 other => AuthError::Unavailable(other.to_string()),
             })?;
         let rt = response.refresh_token().ok_or_else(|| AuthError::Refused {
@@ -518,15 +521,8 @@ impl TokenProvider {
             message: format!("cannot write token file {}: {e}", token_file.display()),
         })?;
         // The access token from the login is good too.
-        let generation = self.refreshes.fetch_add(1, Ordering::Relaxed) + 1;
-        let lifetime = response.expires_in().unwrap_or(Duration::from_secs(3600));
         *self.cache.lock().await = Cache {
-            token: Some(AccessToken {
-                secret: Secret::new(response.access_token().secret().clone()),
-                expires_at: Instant::now() + lifetime,
-                lifetime,
-                generation,
-            }),
+            token: Some(self.issue(&response)),
             refused: None,
         };
         Ok(token_file.clone())

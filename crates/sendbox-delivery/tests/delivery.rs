@@ -22,6 +22,22 @@ fn transport(p: &Peers, secret: &str) -> Transport {
     ))
 }
 
+/// The `alerts` account's worker, sending through the peers with `secret`.
+fn alerts_worker(
+    p: &Peers,
+    secret: &str,
+    outbox: &Arc<Outbox>,
+    settings: DeliverySettings,
+) -> AccountWorker {
+    AccountWorker::new(
+        "alerts",
+        "alerts@example.com",
+        transport(p, secret),
+        outbox.clone(),
+        settings,
+    )
+}
+
 fn fast() -> DeliverySettings {
     DeliverySettings {
         rate_per_minute: None,
@@ -93,13 +109,7 @@ async fn queued_messages_are_delivered_once_with_their_message_ids() {
     let p = Peers::start();
     let (_d, outbox) = open();
     let ids = enqueue(&outbox, 10);
-    let worker = AccountWorker::new(
-        "alerts",
-        "alerts@example.com",
-        transport(&p, &p.info.clients.secret.client_secret),
-        outbox.clone(),
-        fast(),
-    );
+    let worker = alerts_worker(&p, &p.info.clients.secret.client_secret, &outbox, fast());
     run_until(worker, &outbox, all_in(State::Sent, 10)).await;
     let got = p.messages().await;
     assert_eq!(got.len(), 10);
@@ -123,13 +133,7 @@ async fn a_451_is_retried_until_delivered() {
     p.faults(serde_json::json!([{ "stage": "rcpt", "code": 451, "message": "4.3.0 Try again later", "count": 4 }])).await;
     let (_d, outbox) = open();
     let ids = enqueue(&outbox, 2);
-    let worker = AccountWorker::new(
-        "alerts",
-        "alerts@example.com",
-        transport(&p, &p.info.clients.secret.client_secret),
-        outbox.clone(),
-        fast(),
-    );
+    let worker = alerts_worker(&p, &p.info.clients.secret.client_secret, &outbox, fast());
     run_until(worker, &outbox, all_in(State::Sent, 2)).await;
     assert_eq!(p.messages().await.len(), 2);
     let attempts: u32 = ids.iter().map(|id| outbox.get(*id).unwrap().attempts).sum();
@@ -148,13 +152,7 @@ async fn a_550_goes_dead_with_the_reply() {
     p.faults(serde_json::json!([{ "stage": "rcpt", "code": 550, "message": "5.1.1 User unknown", "count": 1 }])).await;
     let (_d, outbox) = open();
     let ids = enqueue(&outbox, 1);
-    let worker = AccountWorker::new(
-        "alerts",
-        "alerts@example.com",
-        transport(&p, &p.info.clients.secret.client_secret),
-        outbox.clone(),
-        fast(),
-    );
+    let worker = alerts_worker(&p, &p.info.clients.secret.client_secret, &outbox, fast());
     run_until(worker, &outbox, all_in(State::Dead, 1)).await;
     let m = outbox.get(ids[0]).unwrap();
     assert!(m.last_reply.unwrap().contains("5.1.1 User unknown"));
@@ -167,13 +165,7 @@ async fn messages_wait_out_an_oauth_outage() {
     p.oauth_down(true).await;
     let (_d, outbox) = open();
     enqueue(&outbox, 3);
-    let worker = AccountWorker::new(
-        "alerts",
-        "alerts@example.com",
-        transport(&p, &p.info.clients.secret.client_secret),
-        outbox.clone(),
-        fast(),
-    );
+    let worker = alerts_worker(&p, &p.info.clients.secret.client_secret, &outbox, fast());
     let stop = Arc::new(tokio::sync::Notify::new());
     let s = stop.clone();
     let handle = tokio::spawn(worker.run(async move { s.notified().await }));
@@ -206,13 +198,7 @@ async fn refused_credentials_pause_the_account_without_burning_the_message() {
     let p = Peers::start();
     let (_d, outbox) = open();
     let ids = enqueue(&outbox, 2);
-    let worker = AccountWorker::new(
-        "alerts",
-        "alerts@example.com",
-        transport(&p, "wrong-secret"),
-        outbox.clone(),
-        fast(),
-    );
+    let worker = alerts_worker(&p, "wrong-secret", &outbox, fast());
     let status = worker.status();
     let stop = Arc::new(tokio::sync::Notify::new());
     let s = stop.clone();
@@ -256,13 +242,7 @@ async fn the_account_rate_is_honoured() {
         rate_per_minute: Some(300), // one every 200 ms
         ..fast()
     };
-    let worker = AccountWorker::new(
-        "alerts",
-        "alerts@example.com",
-        transport(&p, &p.info.clients.secret.client_secret),
-        outbox.clone(),
-        settings,
-    );
+    let worker = alerts_worker(&p, &p.info.clients.secret.client_secret, &outbox, settings);
     let start = Instant::now();
     run_until(worker, &outbox, all_in(State::Sent, 8)).await;
     // 8 sends at one per 200 ms cannot finish in under 7 intervals.
@@ -279,13 +259,7 @@ async fn a_pause_is_recorded_for_check_and_a_transient_failure_past_max_age_goes
     let p = Peers::start();
     let (_d, outbox) = open();
     enqueue(&outbox, 1);
-    let worker = AccountWorker::new(
-        "alerts",
-        "alerts@example.com",
-        transport(&p, "wrong-secret"),
-        outbox.clone(),
-        fast(),
-    );
+    let worker = alerts_worker(&p, "wrong-secret", &outbox, fast());
     run_until(worker, &outbox, |o| {
         !o.paused_accounts().unwrap().is_empty()
     })
@@ -305,13 +279,7 @@ async fn a_pause_is_recorded_for_check_and_a_transient_failure_past_max_age_goes
         max_age: Duration::ZERO,
         ..fast()
     };
-    let worker = AccountWorker::new(
-        "alerts",
-        "alerts@example.com",
-        transport(&p, &p.info.clients.secret.client_secret),
-        outbox.clone(),
-        settings,
-    );
+    let worker = alerts_worker(&p, &p.info.clients.secret.client_secret, &outbox, settings);
     run_until(worker, &outbox, all_in(State::Dead, 1)).await;
     assert!(
         outbox

@@ -122,13 +122,6 @@ impl RouteTable {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
     }
 
-    /// The paths served now, sorted.
-    pub fn paths(&self) -> Vec<String> {
-        let mut p: Vec<String> = self.snapshot().keys().cloned().collect();
-        p.sort();
-        p
-    }
-
     fn snapshot(&self) -> Arc<Routes> {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -226,10 +219,11 @@ async fn handle(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
             .insert("retry-after", axum::http::HeaderValue::from_static("1"));
         return resp;
     };
-    let method = req.method().to_string();
-    let query = req.uri().query().unwrap_or_default().to_owned();
-    let headers = req.headers().clone();
-    let body = match read_limited(req.into_body(), rs.route.max_body_bytes).await {
+    let (parts, body) = req.into_parts();
+    let method = parts.method.to_string();
+    let query = parts.uri.query().unwrap_or_default().to_owned();
+    let headers = parts.headers;
+    let body = match read_limited(body, rs.route.max_body_bytes).await {
         Ok(b) => b,
         Err(()) => {
             return json(

@@ -16,8 +16,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sendbox::commands::run::{Loaded, dispatcher};
-use sendbox::reload::Registry;
+use sendbox::commands::run::dispatcher;
+use sendbox::reload::{Loaded, Registry};
 use sendbox_outbox::{Outbox, Policy};
 use sendbox_runtime::{PluginSettings, Runtime, RuntimeOptions};
 use sendbox_triggers::webhook::{Auth, Route, RouteTable};

@@ -11,6 +11,12 @@ use sendbox_auth::TokenProvider;
 use sendbox_delivery::WorkerStatus;
 use sendbox_outbox::Outbox;
 
+/// Writes a metric family's `# HELP` and `# TYPE` lines.
+fn family(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
 /// Upper bounds of the plugin duration histogram, in seconds.
 const BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -92,11 +98,12 @@ impl Metrics {
     /// The text exposition.
     pub fn render(&self, outbox: &Outbox) -> String {
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP sendbox_events_total Events handled, by trigger, plugin and result."
+        family(
+            &mut out,
+            "sendbox_events_total",
+            "Events handled, by trigger, plugin and result.",
+            "counter",
         );
-        let _ = writeln!(out, "# TYPE sendbox_events_total counter");
         for ((t, p, r), n) in self
             .events
             .lock()
@@ -108,11 +115,12 @@ impl Metrics {
                 "sendbox_events_total{{trigger=\"{t}\",plugin=\"{p}\",result=\"{r}\"}} {n}"
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP sendbox_plugin_duration_seconds Plugin run time (fresh instance + handle)."
+        family(
+            &mut out,
+            "sendbox_plugin_duration_seconds",
+            "Plugin run time (fresh instance + handle).",
+            "histogram",
         );
-        let _ = writeln!(out, "# TYPE sendbox_plugin_duration_seconds histogram");
         for (p, h) in self
             .durations
             .lock()
@@ -141,11 +149,12 @@ impl Metrics {
                 h.total
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP sendbox_outbox_messages Messages in the outbox, by state (sent and dead are delivery results)."
+        family(
+            &mut out,
+            "sendbox_outbox_messages",
+            "Messages in the outbox, by state (sent and dead are delivery results).",
+            "gauge",
         );
-        let _ = writeln!(out, "# TYPE sendbox_outbox_messages gauge");
         if let Ok(depth) = outbox.depth() {
             for (s, n) in depth {
                 let _ = writeln!(
@@ -155,11 +164,12 @@ impl Metrics {
                 );
             }
         }
-        let _ = writeln!(
-            out,
-            "# HELP sendbox_delivery_attempts_total Delivery attempts, by account and result (sent, retry, dead, account_refused)."
+        family(
+            &mut out,
+            "sendbox_delivery_attempts_total",
+            "Delivery attempts, by account and result (sent, retry, dead, account_refused).",
+            "counter",
         );
-        let _ = writeln!(out, "# TYPE sendbox_delivery_attempts_total counter");
         for (a, w) in self
             .workers
             .lock()
@@ -173,11 +183,12 @@ impl Metrics {
                 );
             }
         }
-        let _ = writeln!(
-            out,
-            "# HELP sendbox_reloads_total Config and plugin reloads, by result (applied, partial, refused)."
+        family(
+            &mut out,
+            "sendbox_reloads_total",
+            "Config and plugin reloads, by result (applied, partial, refused).",
+            "counter",
         );
-        let _ = writeln!(out, "# TYPE sendbox_reloads_total counter");
         let reloads = self
             .reloads
             .lock()
@@ -187,11 +198,12 @@ impl Metrics {
             let n = reloads.get(result).copied().unwrap_or(0);
             let _ = writeln!(out, "sendbox_reloads_total{{result=\"{result}\"}} {n}");
         }
-        let _ = writeln!(
-            out,
-            "# HELP sendbox_token_refreshes_total Access tokens fetched, by account."
+        family(
+            &mut out,
+            "sendbox_token_refreshes_total",
+            "Access tokens fetched, by account.",
+            "counter",
         );
-        let _ = writeln!(out, "# TYPE sendbox_token_refreshes_total counter");
         for (a, p) in self
             .tokens
             .lock()

@@ -340,9 +340,9 @@ impl Supervisor {
                 continue;
             }
             let (mailbox, fingerprint) = (account.mailbox.clone(), account.fingerprint.clone());
-            // Built without metrics first: a change that fails must leave
-            // the running worker's counters in place.
-            let built = account_worker(account, &self.outbox, &self.allowed_from, None);
+            // Registered with the metrics only once it replaces the running
+            // worker: a change that fails leaves that worker's counters.
+            let built = account_worker(account, &self.outbox, &self.allowed_from);
             let checked = match built {
                 Ok((worker, Some(tokens))) if self.accounts.contains_key(&name) => {
                     // A changed account proves its new credentials before it

@@ -41,7 +41,7 @@ impl DeliverArgs {
         rt.block_on(async move {
             let outbox = outbox_for_workers;
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            let (mut workers, _wakers) = start_workers(cfg.accounts, &outbox, &allowed_from, &stop_rx, None)?;
+            let mut workers = start_workers(cfg.accounts, &outbox, &allowed_from, &stop_rx)?;
             let pending = |o: &Outbox| -> bool {
                 o.depth().map_or(true, |d| {
                     d.iter().any(|(s, n)| {
@@ -104,20 +104,13 @@ pub fn allowed_from(cfg: &crate::config::Config) -> HashMap<String, Vec<String>>
         .collect()
 }
 
-/// The running workers and each account's waker.
-pub type Workers = (
-    tokio::task::JoinSet<()>,
-    HashMap<String, Arc<tokio::sync::Notify>>,
-);
-
-/// An account's delivery worker (not started): its transport, its settings
-/// from the config, and its counters registered with `metrics`; with the
-/// account's token provider, if it has one.
+/// An account's delivery worker (not started): its transport and its
+/// settings from the config; with the account's token provider, if it has
+/// one.
 pub fn account_worker(
     account: crate::config::Account,
     outbox: &Arc<Outbox>,
     allowed_from: &AllowedFrom,
-    metrics: Option<&crate::metrics::Metrics>,
 ) -> anyhow::Result<(AccountWorker, Option<Arc<sendbox_auth::TokenProvider>>)> {
     let (name, mailbox) = (account.name.clone(), account.mailbox.clone());
     let settings = DeliverySettings {
@@ -128,12 +121,6 @@ pub fn account_worker(
     };
     let (t, tokens) = transport(account)?;
     let worker = AccountWorker::new(&name, &mailbox, t, outbox.clone(), settings);
-    if let Some(m) = metrics {
-        if let Some(tokens) = &tokens {
-            m.token_provider(&name, tokens.clone());
-        }
-        m.worker(&name, worker.status());
-    }
     Ok((worker, tokens))
 }
 
@@ -147,22 +134,19 @@ pub async fn run_worker(worker: AccountWorker, mut stop: tokio::sync::watch::Rec
 }
 
 /// Starts one delivery worker per account; they stop when `stop` turns
-/// true. Returns the tasks and each account's waker.
-pub fn start_workers(
+/// true.
+fn start_workers(
     accounts: std::collections::BTreeMap<String, crate::config::Account>,
     outbox: &Arc<Outbox>,
     allowed_from: &AllowedFrom,
     stop: &tokio::sync::watch::Receiver<bool>,
-    metrics: Option<&crate::metrics::Metrics>,
-) -> anyhow::Result<Workers> {
+) -> anyhow::Result<tokio::task::JoinSet<()>> {
     let mut workers = tokio::task::JoinSet::new();
-    let mut wakers = HashMap::new();
-    for (name, account) in accounts {
-        let (worker, _) = account_worker(account, outbox, allowed_from, metrics)?;
-        wakers.insert(name, worker.waker());
+    for account in accounts.into_values() {
+        let (worker, _) = account_worker(account, outbox, allowed_from)?;
         workers.spawn(run_worker(worker, stop.clone()));
     }
-    Ok((workers, wakers))
+    Ok(workers)
 }
 
 /// SIGINT and SIGTERM as one stream.

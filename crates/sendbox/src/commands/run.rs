@@ -23,7 +23,6 @@ use sendbox_triggers::{Dispatch, Dispatched, Job};
 use crate::commands::accounts::load_config;
 use crate::commands::deliver::{Signals, open_and_recover};
 use crate::exit::{self, coded};
-pub use crate::reload::Loaded;
 use crate::reload::{FileChanges, Registry, Shared, Supervisor, Wakers};
 
 /// `sendbox run --config FILE`
@@ -227,57 +226,62 @@ async fn run_job(
     wakers: &Wakers,
     metrics: &crate::metrics::Metrics,
 ) -> Dispatched {
-    {
-        // This version serves the event to the end, even if a reload
-        // replaces it meanwhile.
-        let Some(loaded) = plugins.get(&job.plugin) else {
-            return Dispatched::NoPlugin;
-        };
-        let plugin = loaded.plugin.clone();
-        let state: Arc<dyn StateStore> = Arc::new(OutboxState(outbox.clone()));
-        let (event, event_id) = (job.event.clone(), job.event_id.clone());
-        let trigger = event.kind().to_owned();
-        let ran = tokio::task::spawn_blocking(move || plugin.run(&event, &event_id, state)).await;
-        let report = match ran {
-            Ok(Ok(r)) => {
-                metrics.duration(&job.plugin, r.duration_us as f64 / 1e6);
-                r
+    let Job {
+        plugin: name,
+        event,
+        event_id,
+    } = job;
+    // This version serves the event to the end, even if a reload
+    // replaces it meanwhile.
+    let Some(loaded) = plugins.get(&name) else {
+        return Dispatched::NoPlugin;
+    };
+    let plugin = loaded.plugin.clone();
+    let state: Arc<dyn StateStore> = Arc::new(OutboxState(outbox.clone()));
+    let trigger = event.kind().to_owned();
+    let ran = {
+        let event_id = event_id.clone();
+        tokio::task::spawn_blocking(move || plugin.run(&event, &event_id, state)).await
+    };
+    let report = match ran {
+        Ok(Ok(r)) => {
+            metrics.duration(&name, r.duration_us as f64 / 1e6);
+            r
+        }
+        Ok(Err(e)) => return Dispatched::PluginFailed(e.to_string()),
+        Err(e) => return Dispatched::PluginFailed(format!("plugin task failed: {e}")),
+    };
+    let call = Call {
+        plugin: name.clone(),
+        trigger,
+        event_id: event_id.clone(),
+        account: loaded.account.clone(),
+        account_mailbox: loaded.mailbox.clone(),
+        policy: loaded.policy.clone(),
+        emails: report.outcome.emails,
+        state_changes: report.state_changes,
+    };
+    match outbox.commit_async(call).await {
+        Ok(done) => {
+            if !done.queued.is_empty()
+                && let Some(w) = wakers.get(&loaded.account)
+            {
+                w.notify_one();
             }
-            Ok(Err(e)) => return Dispatched::PluginFailed(e.to_string()),
-            Err(e) => return Dispatched::PluginFailed(format!("plugin task failed: {e}")),
-        };
-        let call = Call {
-            plugin: job.plugin.clone(),
-            trigger,
-            event_id: job.event_id.clone(),
-            account: loaded.account.clone(),
-            account_mailbox: loaded.mailbox.clone(),
-            policy: loaded.policy.clone(),
-            emails: report.outcome.emails,
-            state_changes: report.state_changes,
-        };
-        match outbox.commit_async(call).await {
-            Ok(done) => {
-                if !done.queued.is_empty()
-                    && let Some(w) = wakers.get(&loaded.account)
-                {
-                    w.notify_one();
-                }
-                tracing::info!(plugin = %job.plugin, event_id = %job.event_id, queued = done.queued.len(), duplicates = done.duplicates.len(), suppressed = done.suppressed.len(), "event committed");
-                Dispatched::Committed {
-                    queued: done.queued.iter().map(|q| q.id).collect(),
-                    duplicates: done.duplicates.iter().map(|q| q.id).collect(),
-                    response: report.outcome.response,
-                }
+            tracing::info!(plugin = %name, event_id = %event_id, queued = done.queued.len(), duplicates = done.duplicates.len(), suppressed = done.suppressed.len(), "event committed");
+            Dispatched::Committed {
+                queued: done.queued.iter().map(|q| q.id).collect(),
+                duplicates: done.duplicates.iter().map(|q| q.id).collect(),
+                response: report.outcome.response,
             }
-            Err(OutboxError::Policy(reason)) => {
-                tracing::warn!(plugin = %job.plugin, event_id = %job.event_id, %reason, "outcome refused by policy; nothing queued");
-                Dispatched::Refused(reason)
-            }
-            Err(e) => {
-                tracing::error!(plugin = %job.plugin, event_id = %job.event_id, error = %e, "outbox commit failed; nothing queued");
-                Dispatched::StoreFailed(e.to_string())
-            }
+        }
+        Err(OutboxError::Policy(reason)) => {
+            tracing::warn!(plugin = %name, event_id = %event_id, %reason, "outcome refused by policy; nothing queued");
+            Dispatched::Refused(reason)
+        }
+        Err(e) => {
+            tracing::error!(plugin = %name, event_id = %event_id, error = %e, "outbox commit failed; nothing queued");
+            Dispatched::StoreFailed(e.to_string())
         }
     }
 }
