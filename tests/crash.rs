@@ -47,6 +47,7 @@ fn enqueue(store: &Path, n: usize) -> Vec<String> {
                 },
                 emails,
                 state_changes: vec![],
+                ..Default::default()
             })
             .unwrap();
         ids.extend(done.queued.into_iter().map(|q| q.message_id));

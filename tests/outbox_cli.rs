@@ -45,6 +45,7 @@ fn queue(outbox: &Outbox, subject: &str) -> i64 {
                 ..Email::default()
             }],
             state_changes: vec![],
+            ..Default::default()
         })
         .unwrap()
         .queued[0]
@@ -147,6 +148,7 @@ fn suppress_add_list_remove_and_enqueue_honours_it() {
                 ..Email::default()
             }],
             state_changes: vec![],
+            ..Default::default()
         })
         .unwrap();
     assert!(done.queued.is_empty());
@@ -189,4 +191,24 @@ fn check_reports_an_account_whose_delivery_is_paused() {
         text.contains("x account local: delivery is paused: Authentication failure (535 5.7.3)"),
         "{text}"
     );
+}
+
+#[test]
+fn text_a_plugin_or_server_wrote_cannot_drive_the_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, outbox) = setup(dir.path());
+    let id = queue(&outbox, "\u{1b}[2J\u{1b}]0;owned\u{7}subject");
+    outbox.claim("local", 1).unwrap();
+    outbox
+        .mark(id, State::Dead, None, "550 \u{1b}[31mred\u{1b}[0m")
+        .unwrap();
+    for args in [
+        vec!["outbox", "show", "--config", &cfg, &id.to_string()],
+        vec!["outbox", "list", "--config", &cfg],
+    ] {
+        let args: Vec<&str> = args.iter().map(|s| &**s).collect();
+        let out = stdout(&sendbox(&args));
+        assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{out:?}");
+        assert!(out.contains("subject"), "{out}");
+    }
 }

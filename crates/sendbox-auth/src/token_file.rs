@@ -82,8 +82,11 @@ pub fn write(path: &Path, token: &StoredToken) -> std::io::Result<()> {
         path.file_name().and_then(|n| n.to_str()).unwrap_or("token"),
         std::process::id()
     ));
+    // Created anew, never opened through whatever (a link, a file someone
+    // else made) already sits at the temp path.
+    let _ = std::fs::remove_file(&tmp);
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
     let mut f = opts.open(&tmp)?;

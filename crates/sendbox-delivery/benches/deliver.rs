@@ -45,6 +45,7 @@ async fn main() {
                     })
                     .collect(),
                 state_changes: vec![],
+                ..Default::default()
             })
             .unwrap();
     }

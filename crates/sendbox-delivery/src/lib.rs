@@ -180,7 +180,7 @@ pub struct AccountWorker {
 
 /// The outcome of one attempt.
 enum Attempt {
-    Sent(String),
+    Sent(sendbox_mail::Receipt),
     Failed(SendError),
     Unbuildable(String),
 }
@@ -354,9 +354,15 @@ impl AccountWorker {
         let span = tracing::info_span!("deliver", account = %self.account, plugin = %m.plugin, event_id = %m.event_id, message_id = %m.message_id, id = m.id, attempt = m.attempts);
         let _e = span.enter();
         let (state, next, detail, pause) = match attempt {
-            Attempt::Sent(reply) => {
-                tracing::info!(%reply, "sent");
-                (State::Sent, None, reply, None)
+            Attempt::Sent(receipt) => {
+                tracing::info!(reply = %receipt.reply, refused = receipt.refused.len(), "sent");
+                let mut detail = receipt.reply;
+                // A refused recipient fails only itself, on record.
+                for r in &receipt.refused {
+                    tracing::warn!(recipient = %r.address, error = %r.error, "recipient refused; the others got the message");
+                    detail.push_str(&format!("; refused {}: {}", r.address, r.error));
+                }
+                (State::Sent, None, detail, None)
             }
             Attempt::Unbuildable(reason) => {
                 tracing::warn!(%reason, "message cannot be built; dead");

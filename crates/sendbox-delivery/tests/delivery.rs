@@ -68,6 +68,7 @@ fn enqueue(outbox: &Outbox, n: usize) -> Vec<i64> {
             policy: Policy::default(),
             emails,
             state_changes: vec![],
+            ..Default::default()
         })
         .unwrap()
         .queued

@@ -31,6 +31,9 @@ pub struct SendError {
     pub message: String,
     /// How to fix it, for the failures we know.
     pub fix: Option<String>,
+    /// The message's data was handed over before the failure: the server
+    /// may have it.
+    after_data: bool,
 }
 
 impl SendError {
@@ -42,7 +45,31 @@ impl SendError {
             enhanced: None,
             message: message.into(),
             fix: None,
+            after_data: false,
         }
+    }
+
+    /// Marks a failure that came after the message's data was sent (a
+    /// timeout or a dropped connection waiting for the final reply).
+    pub fn after_data(mut self) -> Self {
+        self.after_data = true;
+        self.message = format!(
+            "{} (after the message was sent: the server may have it, so it is not sent again at once)",
+            self.message
+        );
+        self
+    }
+
+    /// Whether the server may have accepted the message despite the
+    /// failure: resending at once could deliver it twice.
+    pub fn may_have_been_delivered(&self) -> bool {
+        self.after_data
+    }
+
+    /// Names the recipient a refusal was for.
+    pub fn for_recipient(mut self, address: &str) -> Self {
+        self.message = format!("recipient {address}: {}", self.message);
+        self
     }
 
     /// Adds a hint for the operator.
@@ -111,6 +138,7 @@ impl SendError {
             enhanced,
             message: text.trim().to_owned(),
             fix: fix.map(str::to_owned),
+            after_data: false,
         }
     }
 }

@@ -36,7 +36,11 @@ impl FileTransport {
     /// A transport writing into `dir` (created if missing).
     pub fn new(dir: impl Into<PathBuf>) -> Result<Self, SendError> {
         let dir = dir.into();
-        std::fs::create_dir_all(&dir).map_err(|e| {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(&dir).map_err(|e| {
             SendError::new(
                 FailureKind::Configuration,
                 format!("cannot create the mail folder {}: {e}", dir.display()),
@@ -70,14 +74,11 @@ fn write(dir: &Path, message: &Prepared) -> Result<PathBuf, SendError> {
     let name = file_name(&message.message_id);
     let path = dir.join(&name);
     let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| io(e, "cannot create a temp file"))?;
+    let mut f = private_create(&tmp).map_err(|e| io(e, "cannot create a temp file"))?;
     // Envelope first, as Return-Path/X-Envelope lines a reader can use.
-    let rcpts: Vec<String> = message
-        .envelope
-        .to()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    // Only To and Cc recipients: a Bcc recipient is never written into
+    // any header.
+    let rcpts = &message.visible_recipients;
     let from = message
         .envelope
         .from()
@@ -99,9 +100,57 @@ fn write(dir: &Path, message: &Prepared) -> Result<PathBuf, SendError> {
     Ok(path)
 }
 
+/// Creates a new file only its owner can read, whatever the umask: a
+/// message is private mail. Fails if the file exists (a stale temp file is
+/// removed first).
+fn private_create(path: &Path) -> std::io::Result<std::fs::File> {
+    let _ = std::fs::remove_file(path);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn eml_files_are_private_and_name_no_bcc() {
+        let dir = tempfile::tempdir().unwrap();
+        let email = sendbox_types::Email {
+            to: vec!["ops@example.com".into()],
+            cc: vec!["lead@example.com".into()],
+            bcc: vec!["hidden@example.com".into()],
+            subject: "s".into(),
+            text: Some("t".into()),
+            ..Default::default()
+        };
+        let prepared = crate::message::build(
+            &email,
+            &crate::message::Envelope {
+                account_mailbox: "a@example.com",
+                allowed_from: &[],
+                message_id: "<1.x@example.com>",
+                date: std::time::SystemTime::now(),
+            },
+        )
+        .unwrap();
+        let path = write(dir.path(), &prepared).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("X-Envelope-To: ops@example.com, lead@example.com\r\n"),
+            "{text}"
+        );
+        assert!(!text.contains("hidden@example.com"), "{text}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+    }
 
     #[test]
     fn file_names_are_safe() {

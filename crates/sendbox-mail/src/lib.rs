@@ -22,6 +22,7 @@ pub mod smtp;
 
 pub use error::{FailureKind, SendError};
 pub use message::{BuildError, Prepared};
+pub use smtp::{Receipt, RefusedRecipient};
 
 /// Any transport an account can use.
 #[derive(Debug)]
@@ -33,14 +34,15 @@ pub enum Transport {
 }
 
 impl Transport {
-    /// Delivers one message; returns the server's reply or the file path.
-    pub async fn send(&self, message: &Prepared) -> Result<String, SendError> {
+    /// Delivers one message; returns the server's reply (or the file
+    /// path) and the recipients the server refused.
+    pub async fn send(&self, message: &Prepared) -> Result<Receipt, SendError> {
         match self {
-            Transport::Smtp(t) => t.send(message).await.map(|r| r.reply),
-            Transport::File(t) => t
-                .send(message)
-                .await
-                .map(|p| format!("written to {}", p.display())),
+            Transport::Smtp(t) => t.send(message).await,
+            Transport::File(t) => t.send(message).await.map(|p| Receipt {
+                reply: format!("written to {}", p.display()),
+                refused: Vec::new(),
+            }),
         }
     }
 }

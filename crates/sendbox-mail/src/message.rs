@@ -8,8 +8,9 @@
 
 use std::time::SystemTime;
 
+use lettre::message::header::ContentTransferEncoding;
 use lettre::message::header::{ContentType, HeaderName, HeaderValue};
-use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
+use lettre::message::{Attachment, Body, Mailbox, MultiPart, SinglePart};
 use sendbox_types::{Email, RESERVED_HEADERS};
 
 /// A message ready for any transport: its envelope, its id and its bytes.
@@ -21,6 +22,9 @@ pub struct Prepared {
     pub envelope: lettre::address::Envelope,
     /// The formatted message (bcc not included).
     pub raw: Vec<u8>,
+    /// The envelope recipients that are in To or Cc, for transports that
+    /// write the envelope down (Bcc recipients never appear in a header).
+    pub visible_recipients: Vec<String>,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -159,17 +163,64 @@ pub fn build(email: &Email, env: &Envelope<'_>) -> Result<Prepared, BuildError> 
                     a.filename, a.content_type
                 ))
             })?;
-            mixed =
-                mixed.singlepart(Attachment::new(a.filename.clone()).body(a.data.0.clone(), ct));
+            mixed = mixed.singlepart(
+                Attachment::new(a.filename.clone()).body(attachment_body(&a.data.0), ct),
+            );
         }
         b.multipart(mixed)
     }
     .map_err(|e| BuildError(e.to_string()))?;
+    let visible: Vec<String> = email
+        .to
+        .iter()
+        .chain(&email.cc)
+        .map(|a| sendbox_types::bare_address(a))
+        .collect();
+    let envelope = message.envelope().clone();
+    let visible_recipients = envelope
+        .to()
+        .iter()
+        .map(ToString::to_string)
+        .filter(|r| visible.contains(&r.to_ascii_lowercase()))
+        .collect();
     Ok(Prepared {
         message_id: env.message_id.to_owned(),
-        envelope: message.envelope().clone(),
+        envelope,
         raw: message.formatted(),
+        visible_recipients,
     })
+}
+
+/// An attachment's body, always valid RFC 5322: sent as it is only when it
+/// is 7-bit text whose lines end in CRLF and fit in 998 bytes; anything
+/// else (bare LF or CR, 8-bit bytes, NUL, long lines) is base64-encoded, so
+/// no server that refuses bare line feeds sees one and the bytes arrive
+/// unchanged.
+fn attachment_body(data: &[u8]) -> Body {
+    if is_7bit_crlf_text(data) {
+        return Body::new(data.to_vec());
+    }
+    Body::new_with_encoding(data.to_vec(), ContentTransferEncoding::Base64)
+        .unwrap_or_else(|raw| Body::new(raw))
+}
+
+fn is_7bit_crlf_text(data: &[u8]) -> bool {
+    let mut line = 0usize;
+    for (i, &b) in data.iter().enumerate() {
+        match b {
+            0 | 128..=255 => return false,
+            b'\r' if data.get(i + 1) != Some(&b'\n') => return false,
+            b'\n' if i == 0 || data[i - 1] != b'\r' => return false,
+            b'\n' => line = 0,
+            _ => {
+                line += 1;
+                if line > 998 {
+                    return false;
+                }
+            }
+        }
+    }
+    true
 }
 
 #[cfg(test)]
@@ -220,6 +271,79 @@ mod tests {
         );
         let rcpts: Vec<String> = p.envelope.to().iter().map(|a| a.to_string()).collect();
         assert_eq!(rcpts, ["ops@example.com", "audit@example.com"]);
+    }
+
+    /// RFC 5322 2.3: CR and LF only together, lines of at most 998 bytes.
+    fn strictly_valid(raw: &[u8]) -> Result<(), String> {
+        let mut line = 0;
+        for (i, &b) in raw.iter().enumerate() {
+            match b {
+                b'\n' if i == 0 || raw[i - 1] != b'\r' => return Err(format!("bare LF at {i}")),
+                b'\r' if raw.get(i + 1) != Some(&b'\n') => return Err(format!("bare CR at {i}")),
+                b'\n' => line = 0,
+                b'\r' => {}
+                _ => {
+                    line += 1;
+                    if line > 998 {
+                        return Err(format!("line over 998 bytes at {i}"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn attachments_and_bodies_are_valid_rfc5322_whatever_their_line_ends() {
+        let csv = b"host,disk\nweb1,91%\nweb2,95%\n".to_vec();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("bare LF", csv.clone()),
+            ("bare CR", b"a\rb\r".to_vec()),
+            ("8-bit", "caf\u{e9}\r\n".as_bytes().to_vec()),
+            ("long line", vec![b'x'; 2000]),
+            ("binary", vec![0, 1, 2, 255, b'\n']),
+        ];
+        for (what, data) in cases {
+            let mut e = email();
+            e.text = Some("line one\nline two\n".into());
+            e.attachments[0].data = Bytes(data.clone());
+            let p = build(&e, &env(&[])).unwrap();
+            strictly_valid(&p.raw).unwrap_or_else(|err| panic!("{what}: {err}"));
+            let raw = String::from_utf8_lossy(&p.raw);
+            assert!(
+                raw.contains("Content-Transfer-Encoding: base64"),
+                "{what}: {raw}"
+            );
+            // The bytes arrive unchanged: the base64 part decodes to them.
+            use base64::Engine as _;
+            let part = raw.split("filename=\"a.csv\"").nth(1).unwrap();
+            let body: String = part
+                .split("\r\n\r\n")
+                .nth(1)
+                .unwrap()
+                .split("\r\n--")
+                .next()
+                .unwrap()
+                .split("\r\n")
+                .collect();
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(body)
+                .unwrap();
+            assert_eq!(decoded, data, "{what}");
+        }
+        // 7-bit text with CRLF already is sent as it is.
+        let mut e = email();
+        e.attachments[0].data = Bytes(b"host,disk\r\nweb1,91%\r\n".to_vec());
+        let p = build(&e, &env(&[])).unwrap();
+        strictly_valid(&p.raw).unwrap();
+        assert!(String::from_utf8_lossy(&p.raw).contains("web1,91%\r\n"));
+    }
+
+    #[test]
+    fn bcc_is_in_the_envelope_only() {
+        let p = build(&email(), &env(&[])).unwrap();
+        assert_eq!(p.visible_recipients, ["ops@example.com"]);
+        assert_eq!(p.envelope.to().len(), 2);
     }
 
     #[test]

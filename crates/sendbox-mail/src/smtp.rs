@@ -10,7 +10,8 @@ use std::time::Instant;
 
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
-use lettre::transport::smtp::extension::ClientId;
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use sendbox_auth::{AccessToken, AuthError, TokenProvider};
 use tokio::sync::Semaphore;
 
@@ -91,6 +92,18 @@ fn config_error(message: String) -> SendError {
 pub struct Receipt {
     /// The server's final reply, e.g. `250 2.0.0 OK <id>`.
     pub reply: String,
+    /// Recipients the server refused at `RCPT TO`; the message went to the
+    /// others.
+    pub refused: Vec<RefusedRecipient>,
+}
+
+/// One recipient the server would not take.
+#[derive(Debug, Clone)]
+pub struct RefusedRecipient {
+    /// The address.
+    pub address: String,
+    /// The server's reply for it (permanent for 5xx, transient for 4xx).
+    pub error: SendError,
 }
 
 impl SmtpTransport {
@@ -263,6 +276,12 @@ impl SmtpTransport {
     }
 
     /// Sends a message over a pooled connection, or a new one.
+    ///
+    /// Only a failure *before* the message's data was handed over is tried
+    /// again on a fresh connection: once the data is sent, a lost answer
+    /// (timeout, dropped connection) may mean the server has the message,
+    /// so the error says so ([`SendError::may_have_been_delivered`]) and the
+    /// caller retries later with the same Message-ID rather than at once.
     pub async fn send(&self, message: &Prepared) -> Result<Receipt, SendError> {
         let _permit = self
             .connections
@@ -270,34 +289,115 @@ impl SmtpTransport {
             .await
             .map_err(|e| SendError::new(FailureKind::Transient, e.to_string()))?;
         if let Some(mut conn) = self.take_idle() {
-            match self
-                .bounded("sending", conn.send(&message.envelope, &message.raw))
-                .await
-            {
-                Ok(r) => {
-                    self.put_back(conn);
-                    return Ok(receipt(&r));
-                }
-                // A reply from the server is the answer for this message.
-                Err(e) if e.code.is_some() => {
-                    self.put_back(conn);
-                    return Err(e);
-                }
-                // The idle connection died (closed by the server): fall
-                // through to a fresh one.
-                Err(e) => {
+            match self.transact(&mut conn, message).await {
+                Err(e) if e.code.is_none() && !e.may_have_been_delivered() => {
+                    // The idle connection had died (closed by the server)
+                    // before the data went out: a fresh one.
                     tracing::debug!(error = %e, "pooled connection failed; opening a new one");
+                }
+                done => {
+                    self.put_back(conn);
+                    return done;
                 }
             }
         }
         let mut conn = self.open().await?;
-        let result = self
-            .bounded("sending", conn.send(&message.envelope, &message.raw))
-            .await;
-        if result.is_ok() || result.as_ref().is_err_and(|e| e.code.is_some()) {
-            self.put_back(conn);
+        let result = self.transact(&mut conn, message).await;
+        self.put_back(conn);
+        result
+    }
+
+    /// One mail transaction: MAIL, a RCPT per recipient (a refused recipient
+    /// fails only itself), DATA, the message. A reply leaves the connection
+    /// usable (reset when the transaction did not finish); anything else
+    /// breaks it.
+    async fn transact(
+        &self,
+        conn: &mut AsyncSmtpConnection,
+        message: &Prepared,
+    ) -> Result<Receipt, SendError> {
+        let result = self.transaction(conn, message).await;
+        if let Err(e) = &result {
+            if e.code.is_some() {
+                if self.bounded("RSET", conn.command(Rset)).await.is_err() {
+                    conn.abort().await;
+                }
+            } else {
+                conn.abort().await;
+            }
         }
-        result.map(|r| receipt(&r))
+        result
+    }
+
+    async fn transaction(
+        &self,
+        conn: &mut AsyncSmtpConnection,
+        message: &Prepared,
+    ) -> Result<Receipt, SendError> {
+        let envelope = &message.envelope;
+        let mut options = Vec::new();
+        let non_ascii = envelope
+            .from()
+            .into_iter()
+            .chain(envelope.to())
+            .any(|a| !AsRef::<str>::as_ref(a).is_ascii());
+        if non_ascii {
+            if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
+                return Err(SendError::new(
+                    FailureKind::Permanent,
+                    "an address has non-ASCII characters and the server does not offer SMTPUTF8",
+                ));
+            }
+            options.push(MailParameter::SmtpUtfEight);
+        }
+        if !message.raw.is_ascii() {
+            if !conn.server_info().supports_feature(Extension::EightBitMime) {
+                return Err(SendError::new(
+                    FailureKind::Permanent,
+                    "the message has 8-bit content and the server does not offer 8BITMIME",
+                ));
+            }
+            options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+        }
+        self.bounded(
+            "MAIL FROM",
+            conn.command(Mail::new(envelope.from().cloned(), options)),
+        )
+        .await?;
+        let mut refused = Vec::new();
+        for to in envelope.to() {
+            match self
+                .bounded("RCPT TO", conn.command(Rcpt::new(to.clone(), Vec::new())))
+                .await
+            {
+                Ok(_) => {}
+                Err(error) if error.code.is_some() => refused.push(RefusedRecipient {
+                    address: to.to_string(),
+                    error,
+                }),
+                Err(e) => return Err(e),
+            }
+        }
+        if refused.len() == envelope.to().len() {
+            // Nobody to send to: the first refusal is the answer (all
+            // permanent means the message is dead; any 4xx, try later).
+            let mut all = refused;
+            let transient = all.iter().position(|r| r.error.is_transient());
+            let first = all.swap_remove(transient.unwrap_or(0));
+            return Err(first.error.for_recipient(&first.address));
+        }
+        self.bounded("DATA", conn.command(Data)).await?;
+        match self
+            .bounded("the message", conn.message(&message.raw))
+            .await
+        {
+            Ok(r) => Ok(Receipt {
+                reply: format!("{} {}", r.code(), r.message().collect::<Vec<_>>().join(" ")),
+                refused,
+            }),
+            Err(e) if e.code.is_some() => Err(e),
+            Err(e) => Err(e.after_data()),
+        }
     }
 
     /// Connects, upgrades to TLS, authenticates and quits without sending:
@@ -324,12 +424,6 @@ impl SmtpTransport {
         for mut i in idle {
             let _ = i.conn.quit().await;
         }
-    }
-}
-
-fn receipt(r: &lettre::transport::smtp::response::Response) -> Receipt {
-    Receipt {
-        reply: format!("{} {}", r.code(), r.message().collect::<Vec<_>>().join(" ")),
     }
 }
 

@@ -29,6 +29,7 @@ fn call(i: usize) -> Call {
             key: format!("k{}", i % 100),
             value: Bytes(vec![1; 32]),
         }],
+        ..Default::default()
     }
 }
 

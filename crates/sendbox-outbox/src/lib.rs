@@ -28,6 +28,7 @@
 //!     policy: Policy::default(),
 //!     emails: vec![],
 //!     state_changes: vec![],
+//!     ..Default::default()
 //! })?;
 //! println!("queued {:?}", committed.queued);
 //! # Ok::<(), sendbox_outbox::OutboxError>(())
@@ -37,6 +38,7 @@
 
 mod policy;
 mod schema;
+mod state;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,10 +46,10 @@ use std::sync::{Mutex, PoisonError, mpsc};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
-use sendbox_types::{Email, StateChange};
+use sendbox_types::{Email, ReadSet, StateChange};
 use serde::Serialize;
 
-pub use policy::Policy;
+pub use policy::{Policy, default_idempotency_hours};
 
 /// Why the outbox refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -76,10 +78,37 @@ pub enum OutboxError {
     /// No such message.
     #[error("no message with id {0}")]
     NotFound(i64),
+    /// Plugin state the call read changed before it could commit (another
+    /// event of the same plugin committed first). Nothing of the call was
+    /// stored; run the event again on fresh state.
+    #[error("plugin state changed meanwhile: {0}")]
+    Conflict(String),
+    /// Another live process delivers from this database.
+    #[error(
+        "{path} is in use by {holder}: only one `sendbox run` or `sendbox deliver` may use an \
+         outbox at a time (stop that one, or give this one its own `[daemon] store`)"
+    )]
+    Locked {
+        /// The database.
+        path: PathBuf,
+        /// Who holds it, as that process wrote it (pid, command, since).
+        holder: String,
+    },
+    /// The message is not in a state this change may move it from (e.g. a
+    /// worker's result for a message the operator retried or dropped).
+    #[error("message {id} is {state}, not {expected}")]
+    WrongState {
+        /// The message.
+        id: i64,
+        /// Its state now.
+        state: String,
+        /// What the change expected.
+        expected: String,
+    },
 }
 
 /// Everything one successful plugin call wants done.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Call {
     /// The plugin's name.
     pub plugin: String,
@@ -97,6 +126,13 @@ pub struct Call {
     pub emails: Vec<Email>,
     /// The state writes to apply.
     pub state_changes: Vec<StateChange>,
+    /// What the call read from plugin state: if any of it changed since,
+    /// the commit is refused with [`OutboxError::Conflict`].
+    pub reads: ReadSet,
+    /// The plugin's state quota in bytes: a commit that would grow its
+    /// state past it is refused with [`OutboxError::Conflict`] (the quota
+    /// was checked against state that changed meanwhile). `None`: no check.
+    pub state_quota_bytes: Option<u64>,
 }
 
 /// One queued message.
@@ -214,6 +250,30 @@ pub struct AuditEntry {
     pub detail: Option<String>,
 }
 
+/// Rows deleted per transaction by [`Outbox::prune`].
+const PRUNE_BATCH: i64 = 1000;
+
+/// Cutoffs for [`Outbox::prune`], in ms since the epoch: what last changed
+/// before them goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PruneBefore {
+    /// `sent` messages.
+    pub sent_ms: i64,
+    /// `dead` messages.
+    pub dead_ms: i64,
+    /// Idempotency keys.
+    pub idempotency_ms: i64,
+}
+
+/// What [`Outbox::prune`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Pruned {
+    /// Messages, with their audit rows.
+    pub messages: u64,
+    /// Idempotency keys.
+    pub idempotency_keys: u64,
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -272,6 +332,9 @@ impl CommitReply {
 /// (call them from blocking-capable threads).
 pub struct Outbox {
     path: PathBuf,
+    /// Held while this process delivers from the database (see
+    /// [`Outbox::lock_for_delivery`]).
+    delivery_lock: Mutex<Option<std::fs::File>>,
     writer: Mutex<Option<mpsc::SyncSender<Write>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     reader: Mutex<Connection>,
@@ -281,6 +344,33 @@ impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Outbox").field("path", &self.path).finish()
     }
+}
+
+/// Creates a folder (and its parents) that only its owner can enter, whatever
+/// the umask; an existing folder is left as it is.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// Opens (creating if needed) a file only its owner can read or write,
+/// whatever the umask.
+fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        options.mode(0o600);
+        let file = options.open(path)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        Ok(file)
+    }
+    #[cfg(not(unix))]
+    options.open(path)
 }
 
 fn open_conn(path: &Path) -> Result<Connection, OutboxError> {
@@ -309,11 +399,18 @@ impl Outbox {
     /// Opens (creating and migrating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Outbox, OutboxError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| OutboxError::Open {
+            private_dir(dir).map_err(|e| OutboxError::Open {
                 path: path.to_owned(),
                 message: format!("cannot create the folder {}: {e}", dir.display()),
             })?;
         }
+        // The database, its WAL and shared-memory files are created 0600
+        // whatever the umask: they hold every queued message. SQLite gives
+        // its -wal and -shm files the database file's mode.
+        private_file(path).map_err(|e| OutboxError::Open {
+            path: path.to_owned(),
+            message: format!("cannot create the database file: {e}"),
+        })?;
         let mut writer = open_conn(path)?;
         schema::migrate(&mut writer).map_err(|e| match e {
             OutboxError::Storage(s) => OutboxError::Open {
@@ -333,6 +430,7 @@ impl Outbox {
             })?;
         Ok(Outbox {
             path: path.to_owned(),
+            delivery_lock: Mutex::new(None),
             writer: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
             reader: Mutex::new(reader),
@@ -402,10 +500,76 @@ impl Outbox {
         rx.recv().map_err(|_| OutboxError::Closed)?
     }
 
+    /// Makes this process the one that delivers from this database, until
+    /// it exits or drops the outbox: an exclusive lock on `<db>.lock`, which
+    /// the kernel releases when the process dies (kill -9 included). A
+    /// second process is refused with [`OutboxError::Locked`], naming the
+    /// holder. `holder` describes this process, e.g. `sendbox run`.
+    pub fn lock_for_delivery(&self, holder: &str) -> Result<(), OutboxError> {
+        use std::io::{Read, Seek, Write};
+        let mut slot = self
+            .delivery_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if slot.is_some() {
+            return Ok(());
+        }
+        let mut lock_path = self.path.clone().into_os_string();
+        lock_path.push(".lock");
+        let lock_path = PathBuf::from(lock_path);
+        let open_err = |e: std::io::Error| OutboxError::Open {
+            path: lock_path.clone(),
+            message: format!("cannot open the lock file: {e}"),
+        };
+        let mut file = private_file(&lock_path).map_err(open_err)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                return Err(OutboxError::Locked {
+                    path: self.path.clone(),
+                    holder: if holder.is_empty() {
+                        "another process".into()
+                    } else {
+                        holder.into()
+                    },
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(open_err(e)),
+        }
+        let me = format!(
+            "{holder} (pid {}) since {}",
+            std::process::id(),
+            chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC")
+        );
+        let written = file
+            .set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| file.write_all(me.as_bytes()))
+            .and_then(|()| file.flush());
+        written.map_err(open_err)?;
+        *slot = Some(file);
+        Ok(())
+    }
+
     /// After a crash: messages left in `sending` go back to `queued`, keeping
     /// their Message-ID, so they are sent again and a duplicate is
-    /// recognisable. Returns how many.
+    /// recognisable. Returns how many. Only the process holding the delivery
+    /// lock may do this (a live process's `sending` messages are its own).
     pub fn recover(&self) -> Result<usize, OutboxError> {
+        if self
+            .delivery_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none()
+        {
+            return Err(OutboxError::Open {
+                path: self.path.clone(),
+                message: "recover needs the delivery lock: call lock_for_delivery first".into(),
+            });
+        }
         self.write(|conn| {
             let tx = conn.transaction()?;
             let ids: Vec<i64> = {
@@ -465,10 +629,24 @@ impl Outbox {
         })
     }
 
-    /// Moves a message to a new state, recording the reply.
+    /// Records a delivery attempt's result: moves a message this process
+    /// claimed (`sending`) to its new state with the reply. A message no
+    /// longer `sending` (retried or dropped by the operator meanwhile) is
+    /// left alone: [`OutboxError::WrongState`].
     pub fn mark(
         &self,
         id: i64,
+        to: State,
+        next_attempt_ms: Option<i64>,
+        detail: &str,
+    ) -> Result<(), OutboxError> {
+        self.transition(id, &[State::Sending], to, next_attempt_ms, detail)
+    }
+
+    fn transition(
+        &self,
+        id: i64,
+        from_any: &'static [State],
         to: State,
         next_attempt_ms: Option<i64>,
         detail: &str,
@@ -484,6 +662,14 @@ impl Outbox {
             let Some(from) = from else {
                 return Err(OutboxError::NotFound(id));
             };
+            if !from_any.iter().any(|s| s.as_str() == from) {
+                let expected: Vec<&str> = from_any.iter().map(|s| s.as_str()).collect();
+                return Err(OutboxError::WrongState {
+                    id,
+                    state: from,
+                    expected: expected.join(" or "),
+                });
+            }
             let now = now_ms();
             tx.execute(
                 "UPDATE messages SET state = ?2, updated_ms = ?3, last_reply = ?4, \
@@ -496,10 +682,12 @@ impl Outbox {
         })
     }
 
-    /// Puts a dead (or retrying) message back in the queue now.
+    /// Puts a dead (or retrying, or sent) message back in the queue now.
+    /// A message being sent right now is refused.
     pub fn retry_now(&self, id: i64) -> Result<(), OutboxError> {
-        self.mark(
+        self.transition(
             id,
+            &[State::Dead, State::Retry, State::Queued, State::Sent],
             State::Queued,
             Some(now_ms()),
             "retry requested by the operator",
@@ -662,10 +850,11 @@ impl Outbox {
         })
     }
 
-    /// Count of messages per state.
+    /// Count of messages per state, from counters kept at every change
+    /// (five rows read, never a table scan).
     pub fn depth(&self) -> Result<Vec<(State, u64)>, OutboxError> {
         self.read(|c| {
-            let mut st = c.prepare("SELECT state, COUNT(*) FROM messages GROUP BY state")?;
+            let mut st = c.prepare_cached("SELECT state, n FROM message_counts WHERE n > 0")?;
             st.query_map([], |r| {
                 Ok((
                     State::parse(&r.get::<_, String>(0)?),
@@ -676,38 +865,64 @@ impl Outbox {
         })
     }
 
-    /// Reads one plugin state value.
-    pub fn state_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, OutboxError> {
-        self.read(|c| {
-            c.query_row(
-                "SELECT value FROM plugin_state WHERE plugin = ?1 AND key = ?2",
-                params![plugin, key],
-                |r| r.get(0),
-            )
-            .optional()
-        })
+    /// Reads one plugin state value with its version (see
+    /// [`ReadSet`]).
+    pub fn state_get(
+        &self,
+        plugin: &str,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, u64)>, OutboxError> {
+        self.read(|c| state::get(c, plugin, key))
     }
 
-    /// Plugin state keys with a prefix, in byte order.
-    pub fn state_keys(&self, plugin: &str, prefix: &str) -> Result<Vec<String>, OutboxError> {
-        self.read(|c| {
-            let mut st = c.prepare(
-                "SELECT key FROM plugin_state WHERE plugin = ?1 AND substr(key, 1, length(?2)) = ?2 ORDER BY key",
-            )?;
-            st.query_map(params![plugin, prefix], |r| r.get(0))?.collect()
-        })
+    /// Plugin state keys with a prefix, in byte order, at most `limit`.
+    pub fn state_keys(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, OutboxError> {
+        self.read(|c| state::keys(c, plugin, prefix, limit))
     }
 
     /// Bytes of keys and values a plugin keeps.
     pub fn state_usage(&self, plugin: &str) -> Result<u64, OutboxError> {
-        self.read(|c| {
-            c.query_row(
-                "SELECT COALESCE(SUM(length(key) + length(value)), 0) FROM plugin_state WHERE plugin = ?1",
-                [plugin],
-                |r| r.get::<_, i64>(0),
-            )
-        })
-        .map(|n| n as u64)
+        self.read(|c| state::usage(c, plugin))
+    }
+
+    /// Deletes what is past its retention: `sent` and `dead` messages (with
+    /// their audit trails) whose last change is older than the cutoffs, and
+    /// idempotency keys recorded before `idempotency_before_ms`. Works in
+    /// batches so commits are never held up for long. Returns what went.
+    pub fn prune(&self, cutoffs: PruneBefore) -> Result<Pruned, OutboxError> {
+        let mut pruned = Pruned::default();
+        loop {
+            let batch = self.write(move |conn| {
+                let tx = conn.transaction()?;
+                let mut n = 0;
+                for (state, before) in [("sent", cutoffs.sent_ms), ("dead", cutoffs.dead_ms)] {
+                    n += tx
+                        .prepare_cached(
+                            "DELETE FROM messages WHERE id IN (SELECT id FROM messages \
+                             WHERE state = ?1 AND updated_ms < ?2 LIMIT ?3)",
+                        )?
+                        .execute(params![state, before, PRUNE_BATCH])?;
+                }
+                let keys = tx
+                    .prepare_cached(
+                        "DELETE FROM idempotency WHERE rowid IN (SELECT rowid FROM idempotency \
+                         WHERE created_ms < ?1 LIMIT ?2)",
+                    )?
+                    .execute(params![cutoffs.idempotency_ms, PRUNE_BATCH])?;
+                tx.commit()?;
+                Ok((n, keys))
+            })?;
+            pruned.messages += batch.0 as u64;
+            pruned.idempotency_keys += batch.1 as u64;
+            if batch.0 < PRUNE_BATCH as usize && batch.1 < PRUNE_BATCH as usize {
+                return Ok(pruned);
+            }
+        }
     }
 
     /// Stops the writer thread after the writes already queued.

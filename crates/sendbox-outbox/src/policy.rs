@@ -78,6 +78,10 @@ pub(crate) fn apply(c: &Connection, call: &Call) -> Result<Committed, OutboxErro
     let mailbox = bare_address(&call.account_mailbox);
     let mut done = Committed::default();
 
+    // First: is what the call read still what is stored? If not, its
+    // outcome may be wrong; the caller runs the event again.
+    crate::state::validate(c, &call.plugin, &call.reads)?;
+
     // Shape checks first: any violation refuses the whole call.
     for (i, e) in call.emails.iter().enumerate() {
         if let Some(from) = &e.sender {
@@ -213,20 +217,6 @@ pub(crate) fn apply(c: &Connection, call: &Call) -> Result<Committed, OutboxErro
         done.queued.push(Queued { id, message_id });
     }
 
-    for change in &call.state_changes {
-        match change {
-            sendbox_types::StateChange::Set { key, value } => {
-                c.prepare_cached(
-                    "INSERT INTO plugin_state (plugin, key, value) VALUES (?1, ?2, ?3) \
-                     ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value",
-                )?
-                .execute(params![call.plugin, key, value.0])?;
-            }
-            sendbox_types::StateChange::Delete { key } => {
-                c.prepare_cached("DELETE FROM plugin_state WHERE plugin = ?1 AND key = ?2")?
-                    .execute(params![call.plugin, key])?;
-            }
-        }
-    }
+    crate::state::apply(c, &call.plugin, &call.state_changes, call.state_quota_bytes)?;
     Ok(done)
 }

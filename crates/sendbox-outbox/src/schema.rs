@@ -78,6 +78,46 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (plugin, schedule)
     );
     "#,
+    // v4: plugin state versions (optimistic concurrency) and usage counted
+    // in bytes, kept per plugin instead of summed (SQLite's length() counts
+    // characters of TEXT and stops at NUL).
+    r#"
+    ALTER TABLE plugin_state ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+    CREATE TABLE plugin_usage (
+        plugin  TEXT PRIMARY KEY,
+        bytes   INTEGER NOT NULL,
+        seq     INTEGER NOT NULL
+    );
+    INSERT INTO plugin_usage (plugin, bytes, seq)
+        SELECT plugin, SUM(length(CAST(key AS BLOB)) + length(CAST(value AS BLOB))), 1
+        FROM plugin_state GROUP BY plugin;
+    "#,
+    // v5: message counts by state, kept by triggers, so `/metrics` reads
+    // five rows instead of scanning the table (and stays exact whichever
+    // process changes a message).
+    r#"
+    CREATE TABLE message_counts (
+        state   TEXT PRIMARY KEY,
+        n       INTEGER NOT NULL
+    );
+    INSERT INTO message_counts (state, n) VALUES
+        ('queued', 0), ('sending', 0), ('sent', 0), ('retry', 0), ('dead', 0);
+    UPDATE message_counts
+        SET n = (SELECT COUNT(*) FROM messages WHERE messages.state = message_counts.state);
+    CREATE TRIGGER messages_counted_in AFTER INSERT ON messages BEGIN
+        UPDATE message_counts SET n = n + 1 WHERE state = NEW.state;
+    END;
+    CREATE TRIGGER messages_counted_out AFTER DELETE ON messages BEGIN
+        UPDATE message_counts SET n = n - 1 WHERE state = OLD.state;
+    END;
+    CREATE TRIGGER messages_counted_moved AFTER UPDATE OF state ON messages
+        WHEN OLD.state <> NEW.state BEGIN
+        UPDATE message_counts SET n = n - 1 WHERE state = OLD.state;
+        UPDATE message_counts SET n = n + 1 WHERE state = NEW.state;
+    END;
+    CREATE INDEX messages_final ON messages (state, updated_ms);
+    CREATE INDEX idempotency_created ON idempotency (created_ms);
+    "#,
 ];
 
 /// The schema version this build writes.

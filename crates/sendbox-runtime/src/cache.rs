@@ -78,6 +78,36 @@ fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
     ))
 }
 
+/// Why a cache path must not be trusted, if it exists and is owned by
+/// another user or writable by group or others.
+#[cfg(unix)]
+fn untrusted(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Some(format!(
+            "{} is owned by uid {}, not this user (uid {me})",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Some(format!(
+            "{} is writable by others (mode {:o})",
+            path.display(),
+            meta.mode() & 0o777
+        ));
+    }
+    None
+}
+
+#[cfg(not(unix))]
+fn untrusted(_: &Path) -> Option<String> {
+    None
+}
+
 /// Errors from [`load`]: compiling failed, or the cache folder is unusable.
 pub(crate) enum CacheError {
     Compile(wasmtime::Error),
@@ -99,6 +129,17 @@ pub(crate) fn load(
     };
     let dir = engine_dir(engine, root);
     let path = dir.join(format!("{hash}.cwasm"));
+    if let Some(why) = [root, dir.as_path(), path.as_path()]
+        .into_iter()
+        .find_map(untrusted)
+    {
+        // Someone else could have put native code there: never load it,
+        // never add to it. Compile instead; the plugin still loads.
+        tracing::warn!(cache = %root.display(), reason = %why, "not using the compiled-code cache; compiling instead (make the folder owned by this user with mode 0700)");
+        return Component::new(engine, bytes)
+            .map(|c| (c, CompileSource::Compiled))
+            .map_err(CacheError::Compile);
+    }
     if path.exists() {
         // SAFETY: the artifact was written by this code into a folder only
         // sendbox can write (0700), under a name that is the hash of its

@@ -60,11 +60,12 @@ pub use error::{LoadError, RunError, RunFailure};
 pub use limits::{Limits, MAX_MEMORY_BYTES};
 /// The event and outcome types (re-exported from `sendbox-types`).
 pub use sendbox_types as event;
+use sendbox_types::truncate_text;
 pub use sendbox_types::{
     Attachment, Bytes, Email, Event, FileChange, FileEvent, HttpRequest, HttpResponse, Outcome,
     Tick,
 };
-pub use state::{MemoryState, StateChange, StateError, StateStore};
+pub use state::{MemoryState, ReadSet, StateChange, StateError, StateStore, Versioned};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -81,6 +82,13 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// Longest single log message kept, in bytes; longer ones are cut.
 const MAX_LOG_MESSAGE_BYTES: usize = 4096;
+
+/// Longest error message a plugin may return, in bytes; longer ones are cut
+/// before they reach a log or an HTTP answer.
+pub const MAX_ERROR_BYTES: usize = 4096;
+
+/// Most random bytes one `wasi:random` call may ask the host for.
+const MAX_RANDOM_BYTES: u64 = 1 << 20;
 
 /// Most host resources (streams, pollables) one instance may hold at once.
 const MAX_RESOURCES_PER_INSTANCE: usize = 256;
@@ -514,6 +522,9 @@ pub struct RunReport {
     pub outcome: Outcome,
     /// State writes to commit together with the outcome.
     pub state_changes: Vec<StateChange>,
+    /// What the call read from committed state; the commit must check that
+    /// none of it changed meanwhile, or run the event again.
+    pub reads: ReadSet,
     /// What the plugin logged.
     pub logs: Vec<LogLine>,
     /// Log bytes dropped because of `log_bytes_per_event`.
@@ -533,8 +544,9 @@ struct HostState {
     logs: Vec<LogLine>,
     log_bytes: u64,
     log_bytes_dropped: u64,
-    /// Set when the state store failed; the call traps and reports it.
-    state_error: Option<StateError>,
+    /// Set when a state call failed or passed a cap; the call traps and
+    /// reports it.
+    state_error: Option<state::StateFailure>,
     /// When the event started, the origin of the plugin's monotonic clock.
     started: Instant,
     /// When its time budget ends; sleeps wake by then (see `clock`).
@@ -554,38 +566,85 @@ impl WasiView for HostState {
 
 /// Refuses memory growth past the plugin's limit and remembers that it did,
 /// so the resulting trap is reported as a memory limit, not a crash.
+///
+/// The limit covers all of an instance's linear memories together (a
+/// component may hold several core instances, each with its own), and the
+/// table limit all of its tables together.
 struct MemoryLimiter {
     memory_bytes: u64,
+    /// Bytes of every memory of this store so far.
+    memory_used: u64,
+    /// Elements of every table of this store so far.
+    table_elements: u64,
     hit: bool,
 }
 
-/// Most table elements an instance may grow to.
-const MAX_TABLE_ELEMENTS: usize = 100_000;
+impl MemoryLimiter {
+    fn new(memory_bytes: u64) -> Self {
+        MemoryLimiter {
+            memory_bytes,
+            memory_used: 0,
+            table_elements: 0,
+            hit: false,
+        }
+    }
+}
+
+/// Most table elements an instance may hold, over all its tables.
+const MAX_TABLE_ELEMENTS: u64 = 100_000;
+
+/// Most core instances, memories and tables one plugin instance may create.
+const MAX_CORE_INSTANCES: usize = 64;
+const MAX_MEMORIES: usize = 16;
+const MAX_TABLES: usize = 32;
 
 impl wasmtime::ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired as u64 > self.memory_bytes {
+        let after = self
+            .memory_used
+            .saturating_add(desired.saturating_sub(current) as u64);
+        if after > self.memory_bytes {
             self.hit = true;
             return Err(wasmtime::format_err!(
                 "memory limit of {} bytes reached",
                 self.memory_bytes
             ));
         }
+        self.memory_used = after;
         Ok(true)
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= MAX_TABLE_ELEMENTS)
+        let after = self
+            .table_elements
+            .saturating_add(desired.saturating_sub(current) as u64);
+        if after > MAX_TABLE_ELEMENTS {
+            return Ok(false);
+        }
+        self.table_elements = after;
+        Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        MAX_CORE_INSTANCES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
     }
 }
 
@@ -596,15 +655,7 @@ impl HostState {
             self.log_bytes_dropped += message.len() as u64;
             return;
         }
-        if message.len() > MAX_LOG_MESSAGE_BYTES {
-            let mut cut = MAX_LOG_MESSAGE_BYTES;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            self.log_bytes_dropped += (message.len() - cut) as u64;
-            message.truncate(cut);
-            message.push('…');
-        }
+        self.log_bytes_dropped += truncate_text(&mut message, MAX_LOG_MESSAGE_BYTES) as u64;
         self.log_bytes += message.len() as u64;
         emit_log(&self.plugin.name, level, source, &message);
         self.logs.push(LogLine {
@@ -614,7 +665,7 @@ impl HostState {
         });
     }
 
-    fn state_failed(&mut self, e: StateError) -> wasmtime::Error {
+    fn state_failed(&mut self, e: state::StateFailure) -> wasmtime::Error {
         let msg = e.to_string();
         self.state_error = Some(e);
         wasmtime::format_err!("{msg}")
@@ -661,7 +712,8 @@ impl wit::host::Host for HostState {
 
 impl wit::state::Host for HostState {
     fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
-        self.overlay.get(&key).map_err(|e| self.state_failed(e))
+        let got = self.overlay.get(&key);
+        got.map_err(|e| self.state_failed(e))
     }
 
     fn set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), String>> {
@@ -675,7 +727,8 @@ impl wit::state::Host for HostState {
     }
 
     fn keys(&mut self, prefix: String) -> wasmtime::Result<Vec<String>> {
-        self.overlay.keys(&prefix).map_err(|e| self.state_failed(e))
+        let listed = self.overlay.keys(&prefix);
+        listed.map_err(|e| self.state_failed(e))
     }
 }
 
@@ -733,6 +786,7 @@ impl Plugin {
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
+            .max_random_size(MAX_RANDOM_BYTES)
             .build();
         let mut table = ResourceTable::new();
         table.set_max_capacity(MAX_RESOURCES_PER_INSTANCE);
@@ -741,10 +795,7 @@ impl Plugin {
             HostState {
                 wasi,
                 table,
-                limiter: MemoryLimiter {
-                    memory_bytes: limits.memory_bytes,
-                    hit: false,
-                },
+                limiter: MemoryLimiter::new(limits.memory_bytes),
                 plugin: self.inner.clone(),
                 overlay: state::Overlay::new(state, self.inner.name.clone(), limits.state_bytes),
                 logs: Vec::new(),
@@ -765,11 +816,11 @@ impl Plugin {
         store.epoch_deadline_trap();
         store.set_hostcall_fuel(usize::try_from(limits.outcome_bytes).unwrap_or(usize::MAX));
 
-        let result = self
-            .inner
-            .pre
-            .instantiate(&mut store)
-            .and_then(|hook| hook.call_handle(&mut store, &to_wit_event(event)));
+        let mut instantiating = true;
+        let result = self.inner.pre.instantiate(&mut store).and_then(|hook| {
+            instantiating = false;
+            hook.call_handle(&mut store, &to_wit_event(event))
+        });
 
         // Collect what the guest printed, whatever the result.
         for (pipe, source, level) in [
@@ -796,13 +847,14 @@ impl Plugin {
                 return Err(fail(cause, logs));
             }
             Ok(Ok(outcome)) => from_wit_outcome(outcome),
-            Ok(Err(message)) => {
+            Ok(Err(mut message)) => {
+                truncate_text(&mut message, MAX_ERROR_BYTES);
                 let logs = std::mem::take(&mut store.data_mut().logs);
                 tracing::warn!(error = %message, "plugin returned an error");
                 return Err(fail(RunFailure::Plugin(message), logs));
             }
             Err(e) => {
-                let cause = classify(&e, &mut store, limits);
+                let cause = classify(&e, instantiating, &mut store, limits);
                 let logs = std::mem::take(&mut store.data_mut().logs);
                 tracing::warn!(kind = cause.kind(), error = %cause, "plugin run failed");
                 return Err(fail(cause, logs));
@@ -816,9 +868,11 @@ impl Plugin {
         let data = store.into_data();
         let duration_us = started.elapsed().as_micros() as u64;
         tracing::debug!(emails = outcome.emails.len(), duration_us, "plugin run ok");
+        let (state_changes, reads) = data.overlay.finish();
         Ok(RunReport {
             outcome,
-            state_changes: data.overlay.into_changes(),
+            state_changes,
+            reads,
             logs: data.logs,
             log_bytes_dropped: data.log_bytes_dropped,
             duration_us,
@@ -827,17 +881,29 @@ impl Plugin {
 }
 
 /// Turns a wasmtime error into the reason an operator can act on.
-fn classify(e: &wasmtime::Error, store: &mut Store<HostState>, limits: &Limits) -> RunFailure {
+fn classify(
+    e: &wasmtime::Error,
+    instantiating: bool,
+    store: &mut Store<HostState>,
+    limits: &Limits,
+) -> RunFailure {
     let data = store.data_mut();
     if data.limiter.hit {
         return RunFailure::MemoryLimit {
             limit_bytes: limits.memory_bytes,
         };
     }
-    if let Some(err) = data.state_error.take() {
-        return RunFailure::Host(err.to_string());
+    match data.state_error.take() {
+        Some(state::StateFailure::Limit { limit, detail }) => {
+            return RunFailure::Limit { limit, detail };
+        }
+        Some(err @ state::StateFailure::Store(_)) => return RunFailure::Host(err.to_string()),
+        None => {}
     }
-    let text = format!("{e:?}");
+    // The causes' text only: `{:?}` would also print (and so resolve) a
+    // native backtrace when RUST_BACKTRACE is set, which maps the whole
+    // binary's debug info: hundreds of MB per failed event.
+    let text = format!("{e:#}");
     if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
         return RunFailure::Timeout {
             limit_ms: limits.cpu_ms_per_event,
@@ -858,7 +924,13 @@ fn classify(e: &wasmtime::Error, store: &mut Store<HostState>, limits: &Limits) 
             detail: format!("more than {MAX_RESOURCES_PER_INSTANCE} open host resources"),
         };
     }
-    if e.downcast_ref::<Trap>().is_none() && text.contains("instance") && text.contains("pool") {
+    if text.contains("requested len") && text.contains("exceeds limit") {
+        return RunFailure::Limit {
+            limit: "random_bytes",
+            detail: format!("asked wasi:random for more than {MAX_RANDOM_BYTES} bytes at once"),
+        };
+    }
+    if instantiating && e.downcast_ref::<Trap>().is_none() {
         return RunFailure::Host(format!("cannot create an instance: {e:#}"));
     }
     // A panic prints "thread .. panicked at FILE:LINE:COL:" and then its

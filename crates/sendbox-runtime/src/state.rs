@@ -2,30 +2,50 @@
 //! and the changes one call makes on top of it.
 //!
 //! The runtime never writes state itself. A successful call returns its
-//! changes in [`RunReport::state_changes`](crate::RunReport); the caller (the
-//! outbox) commits them in the same transaction as the call's emails. A failed
+//! changes in [`RunReport::state_changes`](crate::RunReport) and what it read
+//! from the store in [`RunReport::reads`](crate::RunReport); the caller (the
+//! outbox) commits the changes in the same transaction as the call's emails,
+//! after checking that nothing in the read set changed meanwhile. A failed
 //! call's changes are dropped with its store.
+//!
+//! Everything a plugin can make the host hold here is capped: key size on
+//! every call, the number of pending changes, the number of keys read and
+//! listed. Values are capped by the plugin's quota.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use sendbox_types::Bytes;
-pub use sendbox_types::StateChange;
+use sendbox_types::{Bytes, state_key_problem};
+pub use sendbox_types::{MAX_STATE_KEY_BYTES as MAX_KEY_BYTES, ReadSet, StateChange};
 
-/// Longest key a plugin may use, in bytes.
-pub const MAX_KEY_BYTES: usize = 256;
+/// Most distinct keys one call may change.
+pub const MAX_PENDING_CHANGES: usize = 10_000;
+/// Most distinct keys one call may read from the store.
+pub const MAX_KEYS_READ: usize = 10_000;
+/// Most keys one call may list from the store, over all its `keys` calls.
+pub const MAX_KEYS_LISTED: usize = 100_000;
 
 /// A failure reading stored state.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("state store: {0}")]
 pub struct StateError(pub String);
 
+/// A stored value and its version (see [`ReadSet`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    /// The value.
+    pub value: Vec<u8>,
+    /// Its version, always at least 1.
+    pub version: u64,
+}
+
 /// Read access to the committed state of every plugin.
 pub trait StateStore: Send + Sync {
-    /// Reads one value.
-    fn get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, StateError>;
-    /// Lists keys starting with `prefix`, in byte order.
-    fn keys(&self, plugin: &str, prefix: &str) -> Result<Vec<String>, StateError>;
+    /// Reads one value with its version.
+    fn get(&self, plugin: &str, key: &str) -> Result<Option<Versioned>, StateError>;
+    /// Lists keys starting with `prefix`, in byte order, at most `limit`
+    /// of them (the runtime asks for one more than it allows, to tell).
+    fn keys(&self, plugin: &str, prefix: &str, limit: usize) -> Result<Vec<String>, StateError>;
     /// Total bytes of keys and values the plugin keeps.
     fn usage_bytes(&self, plugin: &str) -> Result<u64, StateError>;
 }
@@ -33,7 +53,13 @@ pub trait StateStore: Send + Sync {
 /// A state store in memory, for dry runs and tests.
 #[derive(Debug, Default)]
 pub struct MemoryState {
-    map: Mutex<BTreeMap<(String, String), Vec<u8>>>,
+    map: Mutex<MemoryMap>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryMap {
+    entries: BTreeMap<(String, String), Versioned>,
+    next_version: u64,
 }
 
 impl MemoryState {
@@ -45,13 +71,21 @@ impl MemoryState {
     /// Applies a successful call's changes.
     pub fn apply(&self, plugin: &str, changes: &[StateChange]) {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        map.next_version += 1;
+        let version = map.next_version;
         for change in changes {
             match change {
                 StateChange::Set { key, value } => {
-                    map.insert((plugin.to_owned(), key.clone()), value.0.clone());
+                    map.entries.insert(
+                        (plugin.to_owned(), key.clone()),
+                        Versioned {
+                            value: value.0.clone(),
+                            version,
+                        },
+                    );
                 }
                 StateChange::Delete { key } => {
-                    map.remove(&(plugin.to_owned(), key.clone()));
+                    map.entries.remove(&(plugin.to_owned(), key.clone()));
                 }
             }
         }
@@ -60,24 +94,29 @@ impl MemoryState {
     /// A copy of one plugin's entries.
     pub fn entries(&self, plugin: &str) -> BTreeMap<String, Vec<u8>> {
         let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        map.iter()
+        map.entries
+            .iter()
             .filter(|((p, _), _)| p == plugin)
-            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .map(|((_, k), v)| (k.clone(), v.value.clone()))
             .collect()
     }
 }
 
 impl StateStore for MemoryState {
-    fn get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, StateError> {
+    fn get(&self, plugin: &str, key: &str) -> Result<Option<Versioned>, StateError> {
         let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        Ok(map.get(&(plugin.to_owned(), key.to_owned())).cloned())
+        Ok(map
+            .entries
+            .get(&(plugin.to_owned(), key.to_owned()))
+            .cloned())
     }
 
-    fn keys(&self, plugin: &str, prefix: &str) -> Result<Vec<String>, StateError> {
+    fn keys(&self, plugin: &str, prefix: &str, limit: usize) -> Result<Vec<String>, StateError> {
         Ok(self
             .entries(plugin)
             .into_keys()
             .filter(|k| k.starts_with(prefix))
+            .take(limit)
             .collect())
     }
 
@@ -90,6 +129,23 @@ impl StateStore for MemoryState {
     }
 }
 
+/// Why a state call was stopped: the store failed, or the plugin passed a
+/// cap. Either way the call traps and commits nothing.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum StateFailure {
+    /// The store could not be read.
+    #[error(transparent)]
+    Store(#[from] StateError),
+    /// A cap on what the host holds for the plugin was passed.
+    #[error("{detail}")]
+    Limit {
+        /// The cap's name.
+        limit: &'static str,
+        /// What was seen.
+        detail: String,
+    },
+}
+
 /// The state one call sees: the committed store plus this call's writes.
 pub(crate) struct Overlay {
     store: Arc<dyn StateStore>,
@@ -97,6 +153,10 @@ pub(crate) struct Overlay {
     quota_bytes: u64,
     /// `Some(value)` for a write, `None` for a delete.
     changes: BTreeMap<String, Option<Vec<u8>>>,
+    /// What was read from the store, for validation at commit.
+    reads: ReadSet,
+    /// Keys listed so far, against [`MAX_KEYS_LISTED`].
+    listed: usize,
     /// Usage in the store before this call, read on first write.
     base_usage: Option<u64>,
     /// Change in usage caused by this call's writes.
@@ -110,20 +170,62 @@ impl Overlay {
             plugin,
             quota_bytes,
             changes: BTreeMap::new(),
+            reads: ReadSet::default(),
+            listed: 0,
             base_usage: None,
             usage_delta: 0,
         }
     }
 
-    pub(crate) fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StateError> {
+    /// Reads the committed value and records the version seen.
+    fn read_stored(&mut self, key: &str) -> Result<Option<Vec<u8>>, StateFailure> {
+        let found = self.store.get(&self.plugin, key)?;
+        if !self.reads.keys.contains_key(key) {
+            if self.reads.keys.len() >= MAX_KEYS_READ {
+                return Err(StateFailure::Limit {
+                    limit: "state_reads",
+                    detail: format!(
+                        "read more than {MAX_KEYS_READ} distinct state keys in one event"
+                    ),
+                });
+            }
+            self.reads
+                .keys
+                .insert(key.to_owned(), found.as_ref().map_or(0, |v| v.version));
+        }
+        Ok(found.map(|v| v.value))
+    }
+
+    pub(crate) fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, StateFailure> {
+        // No such key can have been stored.
+        if state_key_problem(key).is_some() {
+            return Ok(None);
+        }
         match self.changes.get(key) {
             Some(v) => Ok(v.clone()),
-            None => self.store.get(&self.plugin, key),
+            None => self.read_stored(key),
         }
     }
 
-    fn stored_len(&self, key: &str) -> Result<u64, StateError> {
-        Ok(self.get(key)?.map_or(0, |v| (key.len() + v.len()) as u64))
+    /// The committed size of `key`, for quota accounting. Not a read the
+    /// plugin's outcome depends on (the commit re-checks the quota), so it
+    /// is not recorded.
+    fn stored_len(&self, key: &str) -> Result<u64, StateFailure> {
+        let len = match self.changes.get(key) {
+            Some(v) => v.as_ref().map(Vec::len),
+            None => self.store.get(&self.plugin, key)?.map(|v| v.value.len()),
+        };
+        Ok(len.map_or(0, |n| (key.len() + n) as u64))
+    }
+
+    fn check_pending(&self, key: &str) -> Result<(), StateFailure> {
+        if self.changes.len() >= MAX_PENDING_CHANGES && !self.changes.contains_key(key) {
+            return Err(StateFailure::Limit {
+                limit: "state_changes",
+                detail: format!("changed more than {MAX_PENDING_CHANGES} state keys in one event"),
+            });
+        }
+        Ok(())
     }
 
     /// Records a write. `Ok(Err(reason))` is a refusal the plugin sees.
@@ -131,13 +233,11 @@ impl Overlay {
         &mut self,
         key: String,
         value: Vec<u8>,
-    ) -> Result<Result<(), String>, StateError> {
-        if key.is_empty() || key.len() > MAX_KEY_BYTES {
-            return Ok(Err(format!(
-                "state key must be 1 to {MAX_KEY_BYTES} bytes, got {}",
-                key.len()
-            )));
+    ) -> Result<Result<(), String>, StateFailure> {
+        if let Some(problem) = state_key_problem(&key) {
+            return Ok(Err(problem));
         }
+        self.check_pending(&key)?;
         let base = match self.base_usage {
             Some(b) => b,
             None => {
@@ -149,7 +249,7 @@ impl Overlay {
         let old = self.stored_len(&key)? as i64;
         let new = (key.len() + value.len()) as i64;
         let after = base as i64 + self.usage_delta - old + new;
-        if after > self.quota_bytes as i64 {
+        if new > old && after > self.quota_bytes as i64 {
             return Ok(Err(format!(
                 "state quota exceeded: this write would bring the plugin to {after} bytes, \
                  quota is {} bytes (limit `state_bytes`)",
@@ -161,16 +261,39 @@ impl Overlay {
         Ok(Ok(()))
     }
 
-    pub(crate) fn delete(&mut self, key: String) -> Result<(), StateError> {
-        let old = self.stored_len(&key)? as i64;
-        self.usage_delta -= old;
+    pub(crate) fn delete(&mut self, key: String) -> Result<(), StateFailure> {
+        if state_key_problem(&key).is_some() {
+            return Ok(());
+        }
+        let old = self.stored_len(&key)?;
+        if old == 0 && !self.changes.contains_key(&key) {
+            // Nothing stored, nothing pending: deleting changes nothing.
+            return Ok(());
+        }
+        self.check_pending(&key)?;
+        self.usage_delta -= old as i64;
         self.changes.insert(key, None);
         Ok(())
     }
 
-    pub(crate) fn keys(&self, prefix: &str) -> Result<Vec<String>, StateError> {
-        let mut keys: std::collections::BTreeSet<String> =
-            self.store.keys(&self.plugin, prefix)?.into_iter().collect();
+    pub(crate) fn keys(&mut self, prefix: &str) -> Result<Vec<String>, StateFailure> {
+        if prefix.len() > MAX_KEY_BYTES || prefix.contains('\0') {
+            return Ok(Vec::new());
+        }
+        let room = MAX_KEYS_LISTED.saturating_sub(self.listed);
+        let stored = self.store.keys(&self.plugin, prefix, room + 1)?;
+        if stored.len() > room {
+            return Err(StateFailure::Limit {
+                limit: "state_keys",
+                detail: format!("listed more than {MAX_KEYS_LISTED} state keys in one event"),
+            });
+        }
+        self.listed += stored.len();
+        let mut keys: BTreeSet<String> = stored.iter().cloned().collect();
+        self.reads
+            .prefixes
+            .entry(prefix.to_owned())
+            .or_insert(stored);
         for (k, v) in self.changes.range(prefix.to_owned()..) {
             if !k.starts_with(prefix) {
                 break;
@@ -184,8 +307,10 @@ impl Overlay {
         Ok(keys.into_iter().collect())
     }
 
-    pub(crate) fn into_changes(self) -> Vec<StateChange> {
-        self.changes
+    /// The call's changes and what it read.
+    pub(crate) fn finish(self) -> (Vec<StateChange>, ReadSet) {
+        let changes = self
+            .changes
             .into_iter()
             .map(|(key, v)| match v {
                 Some(value) => StateChange::Set {
@@ -194,7 +319,8 @@ impl Overlay {
                 },
                 None => StateChange::Delete { key },
             })
-            .collect()
+            .collect();
+        (changes, self.reads)
     }
 }
 
@@ -202,16 +328,17 @@ impl Overlay {
 mod tests {
     use super::*;
 
+    fn set(key: &str, value: &[u8]) -> StateChange {
+        StateChange::Set {
+            key: key.into(),
+            value: Bytes(value.to_vec()),
+        }
+    }
+
     #[test]
     fn overlay_sees_its_own_writes_and_deletes() {
         let store = Arc::new(MemoryState::new());
-        store.apply(
-            "p",
-            &[StateChange::Set {
-                key: "a".into(),
-                value: Bytes(b"1".to_vec()),
-            }],
-        );
+        store.apply("p", &[set("a", b"1")]);
         let mut o = Overlay::new(store.clone(), "p".into(), 1000);
         assert_eq!(o.get("a").unwrap(), Some(b"1".to_vec()));
         o.set("b".into(), b"2".to_vec()).unwrap().unwrap();
@@ -225,13 +352,7 @@ mod tests {
     #[test]
     fn quota_counts_committed_bytes_and_replacements() {
         let store = Arc::new(MemoryState::new());
-        store.apply(
-            "p",
-            &[StateChange::Set {
-                key: "k".into(),
-                value: Bytes(vec![0; 90]),
-            }],
-        );
+        store.apply("p", &[set("k", &[0; 90])]);
         let mut o = Overlay::new(store, "p".into(), 100);
         // Replacing k (91 bytes) by a 99-byte value stays at 100: allowed.
         assert!(o.set("k".into(), vec![0; 99]).unwrap().is_ok());
@@ -239,5 +360,60 @@ mod tests {
         assert!(refused.contains("state_bytes"), "{refused}");
         o.delete("k".into()).unwrap();
         assert!(o.set("x".into(), vec![0; 50]).unwrap().is_ok());
+    }
+
+    #[test]
+    fn reads_are_recorded_with_versions_and_listings() {
+        let store = Arc::new(MemoryState::new());
+        store.apply("p", &[set("seq", b"1"), set("e/1", b"x")]);
+        let mut o = Overlay::new(store, "p".into(), 1000);
+        o.get("seq").unwrap();
+        o.get("missing").unwrap();
+        o.keys("e/").unwrap();
+        // A key written before it is read is not a store read.
+        o.set("own".into(), b"v".to_vec()).unwrap().unwrap();
+        o.get("own").unwrap();
+        let (_, reads) = o.finish();
+        assert_eq!(reads.keys.get("seq"), Some(&1));
+        assert_eq!(reads.keys.get("missing"), Some(&0));
+        assert!(!reads.keys.contains_key("own"));
+        assert_eq!(reads.prefixes.get("e/"), Some(&vec!["e/1".to_string()]));
+    }
+
+    #[test]
+    fn keys_that_cannot_be_stored_cost_nothing() {
+        let store = Arc::new(MemoryState::new());
+        let mut o = Overlay::new(store, "p".into(), 1 << 20);
+        let huge = "k".repeat(1 << 20);
+        assert_eq!(o.get(&huge).unwrap(), None);
+        o.delete(huge.clone()).unwrap();
+        assert!(o.keys(&huge).unwrap().is_empty());
+        assert!(o.set(huge, vec![]).unwrap().is_err());
+        assert!(o.set("a\0b".into(), vec![]).unwrap().is_err());
+        // Deleting what is not there records nothing.
+        for i in 0..(MAX_PENDING_CHANGES * 2) {
+            o.delete(format!("nothing-{i}")).unwrap();
+        }
+        let (changes, reads) = o.finish();
+        assert!(changes.is_empty());
+        assert!(reads.is_empty());
+    }
+
+    #[test]
+    fn pending_changes_are_capped() {
+        let store = Arc::new(MemoryState::new());
+        let mut o = Overlay::new(store, "p".into(), u64::MAX / 2);
+        for i in 0..MAX_PENDING_CHANGES {
+            o.set(format!("k{i}"), vec![]).unwrap().unwrap();
+        }
+        // Rewriting a pending key is fine; a new one is not.
+        o.set("k0".into(), vec![1]).unwrap().unwrap();
+        assert!(matches!(
+            o.set("one-more".into(), vec![]),
+            Err(StateFailure::Limit {
+                limit: "state_changes",
+                ..
+            })
+        ));
     }
 }

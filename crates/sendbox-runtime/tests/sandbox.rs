@@ -251,7 +251,7 @@ fn daily_digest_records_events_then_sends_one_digest_and_clears() {
         assert!(r.outcome.emails.is_empty());
         store.apply("daily-digest", &r.state_changes);
     }
-    assert_eq!(store.keys("daily-digest", "entry/").unwrap().len(), 2);
+    assert_eq!(store.keys("daily-digest", "entry/", 100).unwrap().len(), 2);
 
     let digest = plugin.run(&tick, "t1", store.clone()).unwrap();
     assert_eq!(digest.outcome.emails.len(), 1);
@@ -550,4 +550,110 @@ fn guest_output_becomes_tracing_events_tagged_with_plugin_and_event() {
         .unwrap_or_else(|| panic!("no stderr event in:\n{text}"));
     assert!(line.contains("plugin=hostile-panic"), "{line}");
     assert!(line.contains("event_id=\"evt-traced\""), "{line}");
+}
+
+#[test]
+fn a_huge_error_message_is_cut() {
+    let err = run_hostile("big-error");
+    match &err.cause {
+        RunFailure::Plugin(m) => {
+            assert!(m.len() < 4200, "{} bytes kept", m.len());
+            assert!(m.contains("bytes cut"), "the cut is marked");
+        }
+        other => panic!("expected the plugin's error, got {other}"),
+    }
+}
+
+#[test]
+fn randomness_is_handed_out_in_bounded_amounts() {
+    let err = run_hostile("random-64m");
+    assert!(
+        matches!(
+            err.cause,
+            RunFailure::Limit {
+                limit: "random_bytes",
+                ..
+            }
+        ),
+        "{}",
+        err.cause
+    );
+}
+
+#[test]
+fn state_keys_that_cannot_be_stored_are_refused_or_ignored() {
+    // NUL keys are refused to the plugin, one by one; nothing is kept.
+    let report = hostile("nul-keys")
+        .run(&webhook("{}"), "e1", Arc::new(MemoryState::new()))
+        .expect("the plugin handles the refusals");
+    assert_eq!(report.outcome.emails[0].subject, "refused=4000");
+    assert!(report.state_changes.is_empty());
+    // 15 MiB keys on get/delete/keys and 200,000 deletes of absent keys:
+    // no change or read recorded for any of them.
+    for mode in ["huge-keys", "delete-flood"] {
+        let report = hostile(mode)
+            .run(&webhook("{}"), "e1", Arc::new(MemoryState::new()))
+            .expect("the plugin runs to the end");
+        assert!(report.state_changes.is_empty(), "{mode}");
+        assert!(
+            report.reads.keys.len() <= 1,
+            "{mode}: {:?}",
+            report.reads.keys.len()
+        );
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn a_cache_others_could_write_is_not_trusted() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let rt = Runtime::new(RuntimeOptions {
+        cache_dir: Some(cache.clone()),
+        ..RuntimeOptions::default()
+    })
+    .unwrap();
+    let path = wasm::example("file-alert");
+    rt.load_file("a", &path, settings(&[])).unwrap();
+    assert_eq!(
+        rt.load_file("a", &path, settings(&[]))
+            .unwrap()
+            .compile_source(),
+        CompileSource::Cache
+    );
+    let artifact = std::fs::read_dir(&cache)
+        .unwrap()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "cwasm"))
+        .expect("an artifact was cached");
+
+    // Writable by others: compiled instead (and the plugin still loads).
+    std::fs::set_permissions(&artifact, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let again = rt.load_file("a", &path, settings(&[])).unwrap();
+    assert_eq!(again.compile_source(), CompileSource::Compiled);
+    std::fs::set_permissions(&artifact, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let again = rt.load_file("a", &path, settings(&[])).unwrap();
+    assert_eq!(again.compile_source(), CompileSource::Compiled);
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+    // Owned by someone else (as root, the test can make it so).
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } == 0 {
+        std::os::unix::fs::chown(&artifact, Some(65534), Some(65534)).unwrap();
+        let again = rt.load_file("a", &path, settings(&[])).unwrap();
+        assert_eq!(again.compile_source(), CompileSource::Compiled);
+        std::os::unix::fs::chown(&artifact, Some(0), Some(0)).unwrap();
+    }
+    // Private and ours again: used again.
+    let again = rt.load_file("a", &path, settings(&[])).unwrap();
+    assert_eq!(again.compile_source(), CompileSource::Cache);
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
 }

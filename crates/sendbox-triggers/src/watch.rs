@@ -1,16 +1,26 @@
 //! The file trigger: watched folders, with include/exclude globs,
 //! debouncing, contents read by the host, and paths relative to the root.
 //!
-//! A file still being written fires once, `debounce` after its last change.
-//! Symlinks leading out of the watched folder are not followed. Events that
-//! arrive while the plugin is busy wait in a queue; none are dropped, and a
-//! stop (shutdown or reload) still sends the changes already seen.
+//! A file fires once, when it is complete: `debounce` after its last change
+//! and, when it was written, not before the writer closed it (whichever is
+//! later; a writer that keeps a file open longer than [`OPEN_WAIT`] past
+//! its last change is not waited for). Symlinks are never followed while
+//! walking a folder, and a file reached through one that leads out of the
+//! watched folder is ignored. A folder moved into a recursive watch reports
+//! every file in it. When the kernel's event queue overflows, the folder is
+//! rescanned and every file changed since shortly before the last event is
+//! reported again as `modified`. Contents are read up to
+//! `max_contents_bytes` and no further, even if the file grows meanwhile.
+//! Events that arrive while the plugin is busy wait in a queue; none are
+//! dropped, and a stop (shutdown or reload) still sends the changes already
+//! seen.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use globset::GlobSet;
+use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use sendbox_types::{Bytes, Event, FileChange, FileEvent};
 
@@ -67,7 +77,12 @@ impl Watch {
     /// folder, or a symlink leading outside the root).
     fn event(&self, path: &Path, change: FileChange) -> Option<FileEvent> {
         let rel = self.relative(path)?;
-        if change == FileChange::Removed || !path.exists() {
+        let present = std::fs::symlink_metadata(path).is_ok();
+        if present && change != FileChange::Removed && !path.exists() {
+            // A dangling or looping symlink: nothing to read, nothing gone.
+            return None;
+        }
+        if change == FileChange::Removed || !present {
             return Some(FileEvent {
                 watch: self.name.clone(),
                 path: rel,
@@ -85,34 +100,64 @@ impl Watch {
         if !meta.is_file() {
             return None;
         }
-        let contents = (meta.len() <= self.max_contents_bytes)
-            .then(|| std::fs::read(&real).ok().map(Bytes))
-            .flatten();
+        let (size, contents) = match read_capped(&real, self.max_contents_bytes) {
+            // Grew past the cap since its size was read: no contents.
+            Some(bytes) => (bytes.len() as u64, Some(Bytes(bytes))),
+            None => (meta.len(), None),
+        };
         Some(FileEvent {
             watch: self.name.clone(),
             path: rel,
             change,
-            size: Some(meta.len()),
+            size: Some(size),
             contents,
         })
     }
 }
 
+/// Reads at most `max` bytes of `path`; `None` if it holds more (or cannot
+/// be read). Never reads past the cap, whatever the file's size now.
+fn read_capped(path: &Path, max: u64) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).ok()?;
+    let mut buf = Vec::new();
+    file.take(max.saturating_add(1))
+        .read_to_end(&mut buf)
+        .ok()?;
+    (buf.len() as u64 <= max).then_some(buf)
+}
+
+/// Files under `dir`, sorted; into subfolders when `recursive`. Symlinks
+/// are listed (the event checks where they lead) but never descended into,
+/// so a link loop cannot trap the walk.
 fn existing(dir: &Path, recursive: bool, out: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
-    let mut entries: Vec<_> = entries.flatten().map(|e| e.path()).collect();
-    entries.sort();
-    for p in entries {
-        if p.is_dir() {
+    let mut entries: Vec<_> = entries.flatten().collect();
+    entries.sort_by_key(|e| e.path());
+    for e in entries {
+        let Ok(kind) = e.file_type() else { continue };
+        if kind.is_dir() {
             if recursive {
-                existing(&p, recursive, out);
+                existing(&e.path(), recursive, out);
             }
         } else {
-            out.push(p);
+            out.push(e.path());
         }
     }
+}
+
+/// Longest a written file is waited for to be closed after its last change.
+pub const OPEN_WAIT: Duration = Duration::from_secs(30);
+
+/// A change seen and not yet handed out.
+struct Pending {
+    change: FileChange,
+    /// The last change.
+    at: Instant,
+    /// Written and not yet closed.
+    open: bool,
 }
 
 /// A folder being watched, not yet handing out events: changes from the
@@ -174,14 +219,21 @@ async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    let mut pending: HashMap<PathBuf, (FileChange, Instant)> = HashMap::new();
+    let mut pending: HashMap<PathBuf, Pending> = HashMap::new();
+    let settled = |change| Pending {
+        change,
+        at: Instant::now() - w.debounce,
+        open: false,
+    };
     if w.process_existing {
         let mut files = Vec::new();
         existing(&w.dir, w.recursive, &mut files);
         for f in files {
-            pending.insert(f, (FileChange::Created, Instant::now() - w.debounce));
+            pending.insert(f, settled(FileChange::Created));
         }
     }
+    // Wall time of the latest event, for rescans after an overflow.
+    let mut last_event = std::time::SystemTime::now();
     let tick = (w.debounce / 4).max(Duration::from_millis(10));
     let mut watcher = Some(watcher);
     loop {
@@ -192,29 +244,87 @@ async fn serve(
                 rx.close();
             }
             Some(ev) = rx.recv(), if watcher.is_some() => {
-                let change = match ev.kind {
-                    EventKind::Create(_) => FileChange::Created,
-                    EventKind::Modify(_) => FileChange::Modified,
-                    EventKind::Remove(_) => FileChange::Removed,
+                if ev.need_rescan() {
+                    // The kernel dropped events: look at what changed since
+                    // shortly before the last one we saw.
+                    let since = last_event - Duration::from_secs(2);
+                    tracing::warn!(plugin = %w.plugin, watch = %w.name, "file events were lost (queue overflow); rescanning the folder");
+                    let mut files = Vec::new();
+                    existing(&w.dir, w.recursive, &mut files);
+                    for f in files {
+                        let changed = std::fs::symlink_metadata(&f)
+                            .and_then(|m| m.modified())
+                            .is_ok_and(|t| t >= since);
+                        if changed {
+                            pending.entry(f).or_insert_with(|| settled(FileChange::Modified));
+                        }
+                    }
+                    continue;
+                }
+                last_event = std::time::SystemTime::now();
+                let (change, writes) = match ev.kind {
+                    EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+                        // Closed after writing: complete once quiet.
+                        for p in &ev.paths {
+                            if let Some(entry) = pending.get_mut(p) {
+                                entry.open = false;
+                            }
+                        }
+                        continue;
+                    }
+                    // Only a write (IN_MODIFY) says a writer has the file
+                    // open; a create alone (touch, a link) may never close.
+                    EventKind::Create(_) => (FileChange::Created, false),
+                    EventKind::Modify(ModifyKind::Name(RenameMode::From)) => (FileChange::Removed, false),
+                    EventKind::Modify(ModifyKind::Name(_) | ModifyKind::Metadata(_)) => (FileChange::Modified, false),
+                    EventKind::Modify(_) => (FileChange::Modified, true),
+                    EventKind::Remove(_) => (FileChange::Removed, false),
                     _ => continue,
                 };
                 for p in ev.paths {
-                    let entry = pending.entry(p).or_insert((change, Instant::now()));
+                    // A folder moved (or made) inside a recursive watch:
+                    // its files are reported, complete as they are.
+                    if w.recursive && change != FileChange::Removed {
+                        let is_dir = std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir());
+                        if is_dir {
+                            let mut files = Vec::new();
+                            existing(&p, true, &mut files);
+                            for f in files {
+                                pending.entry(f).or_insert_with(|| Pending {
+                                    change: FileChange::Created,
+                                    at: Instant::now(),
+                                    open: false,
+                                });
+                            }
+                            continue;
+                        }
+                    }
+                    let entry = pending.entry(p).or_insert(Pending {
+                        change,
+                        at: Instant::now(),
+                        open: false,
+                    });
                     // A file created and then written is one `created`.
-                    entry.0 = match (entry.0, change) {
+                    entry.change = match (entry.change, change) {
                         (FileChange::Created, FileChange::Modified) => FileChange::Created,
                         (_, c) => c,
                     };
-                    entry.1 = Instant::now();
+                    entry.at = Instant::now();
+                    entry.open = (entry.open || writes) && change != FileChange::Removed;
                 }
             }
             _ = tokio::time::sleep(tick) => {}
         }
         let now = Instant::now();
+        let stopping = watcher.is_none();
         let mut due: Vec<(PathBuf, FileChange)> = pending
             .iter()
-            .filter(|(_, (_, at))| now.duration_since(*at) >= w.debounce)
-            .map(|(p, (c, _))| (p.clone(), *c))
+            .filter(|(_, p)| {
+                let quiet = now.duration_since(p.at);
+                // On a stop, no close event will come: quiet is enough.
+                quiet >= w.debounce && (!p.open || stopping || quiet >= OPEN_WAIT)
+            })
+            .map(|(p, e)| (p.clone(), e.change))
             .collect();
         due.sort_by(|a, b| a.0.cmp(&b.0));
         for (path, change) in due {
@@ -233,5 +343,67 @@ async fn serve(
         if watcher.is_none() && pending.is_empty() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_overflow_rescans_the_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Watch {
+            plugin: "p".into(),
+            name: "w".into(),
+            dir: dir.path().canonicalize().unwrap(),
+            recursive: true,
+            include: GlobSet::empty(),
+            exclude: GlobSet::empty(),
+            debounce: Duration::from_millis(50),
+            max_contents_bytes: 1024,
+            process_existing: false,
+        };
+        // A real watcher keeps its place; the events come from the test,
+        // standing in for a kernel queue that overflowed: the files below
+        // were written and their events lost.
+        let watcher = notify::recommended_watcher(|_: notify::Result<notify::Event>| {}).unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub/lost.csv"), "x").unwrap();
+        std::fs::write(dir.path().join("lost2.csv"), "y").unwrap();
+        tx.send(notify::Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan))
+            .unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let dispatch: Dispatch = std::sync::Arc::new(move |job: Job| {
+            let s = s.clone();
+            Box::pin(async move {
+                if let Event::File(f) = job.event {
+                    s.lock().unwrap().push(f.path);
+                }
+                crate::Dispatched::NoPlugin
+            })
+        });
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(w, watcher, rx, dispatch, async move {
+            let _ = stop_rx.await;
+        }));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let _ = stop_tx.send(());
+        task.await.unwrap();
+        drop(tx);
+        let mut got = seen.lock().unwrap().clone();
+        got.sort();
+        assert_eq!(got, ["lost2.csv", "sub/lost.csv"]);
+    }
+
+    #[test]
+    fn contents_are_read_up_to_the_cap_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, vec![1u8; 10]).unwrap();
+        assert_eq!(read_capped(&p, 10).map(|b| b.len()), Some(10));
+        assert_eq!(read_capped(&p, 9), None);
     }
 }

@@ -196,3 +196,90 @@ async fn a_stop_sends_what_was_already_seen_and_nothing_after() {
         "the pending file is sent; a change after the stop is not"
     );
 }
+
+#[tokio::test]
+async fn a_folder_moved_into_a_recursive_watch_reports_its_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let batch = outside.path().join("batch");
+    std::fs::create_dir_all(batch.join("deeper")).unwrap();
+    for name in ["a.csv", "b.csv", "deeper/c.csv"] {
+        std::fs::write(batch.join(name), name).unwrap();
+    }
+    let (d, seen) = recorder(Duration::ZERO);
+    let _stop = spawn(watch(dir.path(), true, false), d);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    std::fs::rename(&batch, dir.path().join("batch")).unwrap();
+    let got = until(&seen, 3).await;
+    let mut paths: Vec<(String, FileChange)> =
+        got.iter().map(|e| (e.path.clone(), e.change)).collect();
+    paths.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        paths,
+        [
+            ("batch/a.csv".to_string(), FileChange::Created),
+            ("batch/b.csv".to_string(), FileChange::Created),
+            ("batch/deeper/c.csv".to_string(), FileChange::Created),
+        ]
+    );
+    assert_eq!(got[0].contents.as_ref().unwrap().0.len(), 5);
+}
+
+#[tokio::test]
+async fn symlink_loops_do_not_trap_the_walk() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    std::fs::write(dir.path().join("sub/file.txt"), "x").unwrap();
+    std::os::unix::fs::symlink(dir.path(), dir.path().join("sub/loop")).unwrap();
+    std::os::unix::fs::symlink("self", dir.path().join("self")).unwrap();
+    let (d, seen) = recorder(Duration::ZERO);
+    let _stop = spawn(watch(dir.path(), true, true), d);
+    let got = until(&seen, 1).await;
+    let paths: Vec<&str> = got.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["sub/file.txt"], "{got:?}");
+}
+
+#[tokio::test]
+async fn a_file_open_for_writing_is_handed_over_once_closed() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let (d, seen) = recorder(Duration::ZERO);
+    let _stop = spawn(watch(dir.path(), false, false), d);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut f = std::fs::File::create(dir.path().join("scan.pdf")).unwrap();
+    f.write_all(b"first half ").unwrap();
+    f.flush().unwrap();
+    // Quiet for twice the debounce, but still open: not handed over.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(seen.lock().unwrap().is_empty(), "fired while still open");
+    f.write_all(b"second half").unwrap();
+    drop(f);
+    let got = until(&seen, 1).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].contents.as_ref().unwrap().0,
+        b"first half second half"
+    );
+}
+
+#[tokio::test]
+async fn contents_are_never_read_past_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, seen) = recorder(Duration::ZERO);
+    // max_contents_bytes is 1024 in these tests.
+    let _stop = spawn(watch(dir.path(), false, false), d);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    std::fs::write(dir.path().join("small.txt"), vec![b'a'; 1024]).unwrap();
+    std::fs::write(dir.path().join("big.txt"), vec![b'b'; 1025]).unwrap();
+    let got = until(&seen, 2).await;
+    for e in &got {
+        match e.path.as_str() {
+            "small.txt" => assert_eq!(e.contents.as_ref().unwrap().0.len(), 1024),
+            "big.txt" => {
+                assert!(e.contents.is_none());
+                assert_eq!(e.size, Some(1025));
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+}

@@ -40,6 +40,63 @@ pub enum StateChange {
     },
 }
 
+/// What one call read from committed plugin state, so the commit can check
+/// that nothing it relied on changed meanwhile (optimistic concurrency).
+///
+/// Versions are per key and never repeat: every committed write of a key
+/// gives it a version higher than any it had before, and an absent key reads
+/// as version 0. So "the version is still the one I read" means "the value is
+/// still the one I read".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadSet {
+    /// Keys read from the store, with the version seen (0: absent).
+    pub keys: std::collections::BTreeMap<String, u64>,
+    /// Prefixes listed from the store, with the keys the listing returned.
+    pub prefixes: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+impl ReadSet {
+    /// Whether the call read nothing from the store.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.prefixes.is_empty()
+    }
+}
+
+/// Longest state key, in bytes. Keys must also not contain NUL (a portable
+/// store cannot hold it in text).
+pub const MAX_STATE_KEY_BYTES: usize = 256;
+
+/// Why a state key cannot be stored, or `None` when it can.
+pub fn state_key_problem(key: &str) -> Option<String> {
+    if key.is_empty() || key.len() > MAX_STATE_KEY_BYTES {
+        return Some(format!(
+            "state key must be 1 to {MAX_STATE_KEY_BYTES} bytes, got {}",
+            key.len()
+        ));
+    }
+    if key.contains('\0') {
+        return Some("state key must not contain NUL".into());
+    }
+    None
+}
+
+/// Cuts `text` to at most `max` bytes (plus a marker) on a character
+/// boundary; returns how many bytes were cut. For anything a plugin or a
+/// stranger wrote that reaches a log line or an answer.
+pub fn truncate_text(text: &mut String, max: usize) -> usize {
+    if text.len() <= max {
+        return 0;
+    }
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let dropped = text.len() - cut;
+    text.truncate(cut);
+    text.push_str(&format!("… ({dropped} bytes cut)"));
+    dropped
+}
+
 /// Headers the host writes itself; a plugin sets them through the email's
 /// fields or not at all. Lower-case.
 pub const RESERVED_HEADERS: &[&str] = &[

@@ -103,6 +103,7 @@ async fn main() {
                 idempotency_hours: 0,
                 ..Policy::default()
             },
+            serial: Default::default(),
         },
     );
     let real = dispatcher(
@@ -127,6 +128,7 @@ async fn main() {
     let route = |plugin: &str| Route {
         plugin: plugin.into(),
         auth: Auth::None,
+        replay: Default::default(),
         max_body_bytes: 1 << 20,
         concurrency: 64,
         queue_wait: std::time::Duration::from_secs(10),
@@ -142,6 +144,7 @@ async fn main() {
         RouteTable::new(routes),
         dispatch,
         None,
+        Default::default(),
         std::future::pending(),
     ));
     let body =

@@ -45,6 +45,51 @@ pub struct RawDaemon {
     /// How long `sendbox run` waits for in-flight work on SIGTERM, in
     /// seconds. Default 10.
     pub shutdown_grace_secs: Option<u64>,
+    /// Most webhook connections open at once; more wait to be accepted.
+    /// Default 1024.
+    pub webhook_max_connections: Option<usize>,
+    /// Time a webhook client has to send its request headers (and an idle
+    /// kept-alive connection is kept), in ms. Default 10000.
+    pub webhook_header_timeout_ms: Option<u64>,
+    /// Time a webhook client has to send its request body, in ms. Default
+    /// 30000.
+    pub webhook_body_timeout_ms: Option<u64>,
+    /// Serve routes with `unauthenticated = true` on an address other than
+    /// loopback: anyone who can reach it can make sendbox send mail. Refused
+    /// unless this is set. Default false.
+    #[serde(default)]
+    pub dangerously_allow_unauthenticated_webhooks_on_public_address: bool,
+    /// Days a `sent` message (and its history) is kept in the outbox.
+    /// Default 30.
+    pub keep_sent_days: Option<u32>,
+    /// Days a `dead` message (and its history) is kept. Default 90.
+    pub keep_dead_days: Option<u32>,
+}
+
+/// How long finished work stays in the outbox; pruned hourly by `sendbox
+/// run` and on demand by `sendbox outbox prune`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retention {
+    /// `sent` messages.
+    pub sent: std::time::Duration,
+    /// `dead` messages.
+    pub dead: std::time::Duration,
+    /// Idempotency keys: the longest `idempotency_hours` of any plugin (an
+    /// older key cannot suppress anything).
+    pub idempotency: std::time::Duration,
+}
+
+impl Retention {
+    /// The cutoffs as of `now_ms`.
+    pub fn before(&self, now_ms: i64) -> sendbox_outbox::PruneBefore {
+        let ago =
+            |d: std::time::Duration| now_ms - i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2);
+        sendbox_outbox::PruneBefore {
+            sent_ms: ago(self.sent),
+            dead_ms: ago(self.dead),
+            idempotency_ms: ago(self.idempotency),
+        }
+    }
 }
 
 /// `[accounts.NAME]`: one mailbox and how to get its tokens.
@@ -160,10 +205,27 @@ pub struct RawWebhook {
     pub path: Spanned<String>,
     /// HMAC-SHA256 secret, by reference (`{ env = "..." }` or `{ file = "..." }`).
     pub secret: Option<Spanned<RawSecretRef>>,
-    /// Header carrying the signature. Default `X-Hub-Signature-256`.
+    /// How the secret signs requests: `github` (default: hex HMAC of the
+    /// body in `signature_header`), `standard-webhooks` (`webhook-id`,
+    /// `webhook-timestamp`, `webhook-signature`; secret `whsec_...`),
+    /// `stripe` (`Stripe-Signature`) or `slack` (`X-Slack-Signature`).
+    pub scheme: Option<Spanned<String>>,
+    /// `github` scheme: header carrying the signature. Default
+    /// `X-Hub-Signature-256`.
     pub signature_header: Option<String>,
-    /// Prefix before the hex digest. Default `sha256=`.
+    /// `github` scheme: prefix before the hex digest. Default `sha256=`.
     pub signature_prefix: Option<String>,
+    /// Timestamped schemes: how far a request's timestamp may be from now,
+    /// in seconds; a delivery seen within it is not run again. Default 300.
+    pub tolerance_secs: Option<u64>,
+    /// `github` scheme: a header with the sender's delivery id, e.g.
+    /// `X-GitHub-Delivery`; a delivery id seen within `dedupe_secs` is not
+    /// run again. Default: none (the body-only signature has no replay
+    /// window).
+    pub dedupe_header: Option<String>,
+    /// How long a delivery id from `dedupe_header` is remembered, in
+    /// seconds. Default 86400.
+    pub dedupe_secs: Option<u64>,
     /// Bearer token, by reference, instead of a signature.
     pub bearer_token: Option<Spanned<RawSecretRef>>,
     /// Accept unauthenticated requests (only sensible on loopback).
@@ -320,6 +382,10 @@ pub struct Config {
     pub store: PathBuf,
     /// Webhook listen address.
     pub listen: String,
+    /// Caps and timeouts of the webhook server.
+    pub webhook_limits: sendbox_triggers::webhook::ServerLimits,
+    /// How long finished work is kept.
+    pub retention: Retention,
     /// Drain deadline on SIGTERM.
     pub shutdown_grace: std::time::Duration,
     /// Accounts by name.
@@ -342,6 +408,9 @@ pub struct ConfigErrors {
 
 struct Ctx<'a> {
     path: &'a Path,
+    /// Read the secrets references point at; when false, references are
+    /// checked for form only and their values left empty.
+    resolve_secrets: bool,
     source: &'a str,
     errors: Vec<String>,
     warnings: Vec<String>,
@@ -370,20 +439,35 @@ impl Ctx<'_> {
     }
 }
 
-/// Reads, parses and validates a config file.
-pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    let source = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+fn read_source(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| ConfigErrors {
         errors: vec![format!(
             "{}: cannot read the config file: {e}",
             path.display()
         )],
-    })?;
-    parse(path, &source)
+    })
+}
+
+/// Reads, parses and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    parse(path, &read_source(path)?)
+}
+
+/// Like [`load`], but secret references are checked for their form only,
+/// never read: for `sendbox check --no-environment`, which loads plugins
+/// and validates the file where the daemon's secrets are not at hand. The
+/// result must not be used to run anything.
+pub fn load_without_secrets(path: &Path) -> Result<Config, ConfigErrors> {
+    parse_with(path, &read_source(path)?, false)
 }
 
 /// Parses and validates config text (`path` is used for messages and to
 /// resolve relative paths).
 pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
+    parse_with(path, source, true)
+}
+
+fn parse_with(path: &Path, source: &str, resolve_secrets: bool) -> Result<Config, ConfigErrors> {
     let raw: RawConfig = toml::from_str(source).map_err(|e| {
         let at = e
             .span()
@@ -403,6 +487,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
     })?;
     let mut cx = Ctx {
         path,
+        resolve_secrets,
         source,
         errors: Vec::new(),
         warnings: Vec::new(),
@@ -471,13 +556,67 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
             ));
         }
     }
+    let listen = raw
+        .daemon
+        .listen
+        .clone()
+        .unwrap_or_else(|| "127.0.0.1:8025".into());
+    if !raw
+        .daemon
+        .dangerously_allow_unauthenticated_webhooks_on_public_address
+        && !is_loopback(&listen)
+    {
+        for p in plugins.values() {
+            if let (Some(route), Some(path)) = (&p.webhook, &p.webhook_path)
+                && route.auth == sendbox_triggers::webhook::Auth::None
+            {
+                cx.errors.push(format!(
+                    "{}: `plugins.{}.webhook.unauthenticated`: the route {path} takes requests from anyone, and `[daemon] listen = {listen:?}` is not a loopback address: \
+                     give the route a `secret` or `bearer_token`, listen on 127.0.0.1, or (if a firewall really keeps strangers out) set \
+                     `[daemon] dangerously_allow_unauthenticated_webhooks_on_public_address = true`",
+                    path_display(cx.path),
+                    p.name
+                ));
+            }
+        }
+    }
     if !cx.errors.is_empty() {
         return Err(ConfigErrors { errors: cx.errors });
     }
+    let server = sendbox_triggers::webhook::ServerLimits::default();
+    let days = |d: u32| std::time::Duration::from_secs(u64::from(d) * 86_400);
+    let retention = Retention {
+        sent: days(raw.daemon.keep_sent_days.unwrap_or(30)),
+        dead: days(raw.daemon.keep_dead_days.unwrap_or(90)),
+        idempotency: std::time::Duration::from_secs(
+            3600 * u64::from(
+                plugins
+                    .values()
+                    .map(|p| p.policy.idempotency_hours)
+                    .max()
+                    .unwrap_or(sendbox_outbox::default_idempotency_hours()),
+            ),
+        ),
+    };
     Ok(Config {
+        retention,
         path: path.to_owned(),
         cache_dir: raw.daemon.cache_dir.map(|d| cx.resolve_path(&d)),
-        listen: raw.daemon.listen.unwrap_or_else(|| "127.0.0.1:8025".into()),
+        listen,
+        webhook_limits: sendbox_triggers::webhook::ServerLimits {
+            max_connections: raw
+                .daemon
+                .webhook_max_connections
+                .unwrap_or(server.max_connections),
+            header_timeout: raw
+                .daemon
+                .webhook_header_timeout_ms
+                .map_or(server.header_timeout, std::time::Duration::from_millis),
+            body_timeout: raw
+                .daemon
+                .webhook_body_timeout_ms
+                .map_or(server.body_timeout, std::time::Duration::from_millis),
+        },
         shutdown_grace: std::time::Duration::from_secs(
             raw.daemon.shutdown_grace_secs.unwrap_or(10),
         ),
@@ -544,6 +683,42 @@ fn fingerprints(source: &str) -> Fingerprints {
     }
 }
 
+/// Whether a listen address only takes connections from this machine.
+fn is_loopback(listen: &str) -> bool {
+    let host = match listen.rsplit_once(':') {
+        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
+        None => listen,
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The outbox database a config names, read without validating the rest:
+/// the `outbox` and `suppress` commands need nothing else, so they work
+/// where secrets the daemon gets from its environment do not resolve.
+pub fn store_path(path: &Path) -> Result<PathBuf, ConfigErrors> {
+    #[derive(Deserialize)]
+    struct OnlyDaemon {
+        #[serde(default)]
+        daemon: RawDaemon,
+    }
+    let source = read_source(path)?;
+    let raw: OnlyDaemon = toml::from_str(&source).map_err(|e| ConfigErrors {
+        errors: vec![format!("{}: {}", path.display(), e.message())],
+    })?;
+    let store = raw
+        .daemon
+        .store
+        .unwrap_or_else(|| PathBuf::from("var/sendbox.db"));
+    Ok(if store.is_absolute() {
+        store
+    } else {
+        path.parent().unwrap_or(Path::new(".")).join(store)
+    })
+}
+
 fn path_display(p: &Path) -> String {
     p.display().to_string()
 }
@@ -567,6 +742,9 @@ fn secret_ref(
 
 fn secret_bytes(cx: &mut Ctx<'_>, offset: usize, key: &str, r: &RawSecretRef) -> Option<Vec<u8>> {
     let src = secret_ref(cx, offset, key, r)?;
+    if !cx.resolve_secrets {
+        return Some(Vec::new());
+    }
     match src.resolve() {
         Ok(s) => Some(s.expose().as_bytes().to_vec()),
         Err(e) => {
@@ -610,12 +788,42 @@ fn triggers(cx: &mut Ctx<'_>, name: &str, p: &RawPlugin) -> Triggers {
             cx.error(w.path.span().start, &format!("{key}.path"), "must start with `/` and not be /healthz or /metrics, e.g. \"/hooks/alerts\"");
             return None;
         }
+        let scheme = w.scheme.as_ref().map_or("github", |s| s.get_ref().as_str());
+        if let Some(s) = &w.scheme
+            && (w.secret.is_none() || !["github", "standard-webhooks", "stripe", "slack"].contains(&scheme))
+        {
+            cx.error(s.span().start, &format!("{key}.scheme"), "must be one of \"github\", \"standard-webhooks\", \"stripe\", \"slack\", and goes with `secret`");
+            return None;
+        }
+        if scheme != "github" && (w.signature_header.is_some() || w.signature_prefix.is_some() || w.dedupe_header.is_some()) {
+            cx.error(offset, &key, format!("`signature_header`, `signature_prefix` and `dedupe_header` belong to the `github` scheme; scheme {scheme:?} fixes its own headers and has its own replay window (`tolerance_secs`)"));
+            return None;
+        }
         let auth = match (&w.secret, &w.bearer_token, w.unauthenticated) {
-            (Some(s), None, false) => Auth::Hmac {
-                secret: secret_bytes(cx, s.span().start, &format!("{key}.secret"), s.get_ref())?,
-                header: w.signature_header.clone().unwrap_or_else(|| "X-Hub-Signature-256".into()).to_ascii_lowercase(),
-                prefix: w.signature_prefix.clone().unwrap_or_else(|| "sha256=".into()),
-            },
+            (Some(s), None, false) => {
+                let secret = secret_bytes(cx, s.span().start, &format!("{key}.secret"), s.get_ref())?;
+                match scheme {
+                    "standard-webhooks" => {
+                        use base64::Engine as _;
+                        let text = String::from_utf8_lossy(&secret);
+                        let b64 = text.trim().strip_prefix("whsec_").unwrap_or(text.trim());
+                        match base64::engine::general_purpose::STANDARD.decode(b64) {
+                            Ok(key) if !key.is_empty() => Auth::StandardWebhooks { secret: key },
+                            _ => {
+                                cx.error(s.span().start, &format!("{key}.secret"), "a Standard Webhooks secret is `whsec_` followed by base64, as the sender shows it");
+                                return None;
+                            }
+                        }
+                    }
+                    "stripe" => Auth::Stripe { secret },
+                    "slack" => Auth::Slack { secret },
+                    _ => Auth::Hmac {
+                        secret,
+                        header: w.signature_header.clone().unwrap_or_else(|| "X-Hub-Signature-256".into()).to_ascii_lowercase(),
+                        prefix: w.signature_prefix.clone().unwrap_or_else(|| "sha256=".into()),
+                    },
+                }
+            }
             (None, Some(t), false) => Auth::Bearer {
                 token: secret_bytes(cx, t.span().start, &format!("{key}.bearer_token"), t.get_ref())?,
             },
@@ -628,6 +836,11 @@ fn triggers(cx: &mut Ctx<'_>, name: &str, p: &RawPlugin) -> Triggers {
         Some(Route {
             plugin: name.to_owned(),
             auth,
+            replay: sendbox_triggers::webhook::Replay {
+                tolerance: std::time::Duration::from_secs(w.tolerance_secs.unwrap_or(300)),
+                dedupe_header: w.dedupe_header.as_ref().map(|h| h.to_ascii_lowercase()),
+                dedupe_window: std::time::Duration::from_secs(w.dedupe_secs.unwrap_or(86_400)),
+            },
             max_body_bytes: w.max_body_bytes.unwrap_or(1 << 20),
             concurrency: w.concurrency.unwrap_or(16),
             queue_wait: std::time::Duration::from_millis(w.queue_ms.unwrap_or(2000)),
@@ -790,6 +1003,7 @@ fn account(cx: &mut Ctx<'_>, name: &str, a: RawAccount, offset: usize) -> Option
     };
     let token_file = a.token_file.as_ref().map(|t| cx.resolve_path(t.get_ref()));
     let resolve_secret = |cx: &mut Ctx<'_>, s: &SecretSource| match s.resolve() {
+        _ if !cx.resolve_secrets => Some(Secret::new(String::new())),
         Ok(v) => Some(v),
         Err(e) => {
             let at = a.client_secret.as_ref().map_or(offset, |s| s.span().start);
@@ -976,6 +1190,69 @@ mod tests {
 
     fn errors(src: &str) -> Vec<String> {
         parse(Path::new("sendbox.toml"), src).unwrap_err().errors
+    }
+
+    const PLUGIN: &str = "[accounts.a]\nprovider = \"file\"\nmailbox = \"a@b.c\"\ndir = \"m\"\n\
+                          [plugins.p]\nwasm = \"p.wasm\"\naccount = \"a\"\n";
+
+    #[test]
+    fn unauthenticated_routes_stay_on_loopback_unless_loudly_allowed() {
+        let open = format!("{PLUGIN}[plugins.p.webhook]\npath = \"/h\"\nunauthenticated = true\n");
+        let public = format!("[daemon]\nlisten = \"0.0.0.0:8025\"\n{open}");
+        let e = errors(&public);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].contains("`plugins.p.webhook.unauthenticated`"),
+            "{e:?}"
+        );
+        assert!(
+            e[0].contains("dangerously_allow_unauthenticated_webhooks_on_public_address"),
+            "{e:?}"
+        );
+        for listen in ["127.0.0.1:8025", "[::1]:8025", "localhost:8025"] {
+            let local = format!("[daemon]\nlisten = \"{listen}\"\n{open}");
+            assert!(parse(Path::new("s.toml"), &local).is_ok(), "{listen}");
+        }
+        let allowed = public.replace(
+            "[daemon]\n",
+            "[daemon]\ndangerously_allow_unauthenticated_webhooks_on_public_address = true\n",
+        );
+        assert!(parse(Path::new("s.toml"), &allowed).is_ok());
+    }
+
+    #[test]
+    fn signature_schemes_are_checked() {
+        // SAFETY: tests in this module set only their own variable.
+        unsafe { std::env::set_var("SENDBOX_CONFIG_TEST_WHSEC", "whsec_c2VjcmV0IGtleQ==") };
+        let route = |extra: &str| {
+            format!(
+                "{PLUGIN}[plugins.p.webhook]\npath = \"/h\"\nsecret = {{ env = \"SENDBOX_CONFIG_TEST_WHSEC\" }}\n{extra}"
+            )
+        };
+        let c = parse(
+            Path::new("s.toml"),
+            &route("scheme = \"standard-webhooks\"\ntolerance_secs = 60\n"),
+        )
+        .unwrap();
+        let w = c.plugins["p"].webhook.as_ref().unwrap();
+        assert_eq!(
+            w.auth,
+            sendbox_triggers::webhook::Auth::StandardWebhooks {
+                secret: b"secret key".to_vec()
+            }
+        );
+        assert_eq!(w.replay.tolerance, std::time::Duration::from_secs(60));
+        let e = errors(&route("scheme = \"hmac-md5\"\n"));
+        assert!(e[0].contains("`plugins.p.webhook.scheme`"), "{e:?}");
+        let e = errors(&route("scheme = \"stripe\"\ndedupe_header = \"X-Id\"\n"));
+        assert!(e[0].contains("belong to the `github` scheme"), "{e:?}");
+        let c = parse(
+            Path::new("s.toml"),
+            &route("dedupe_header = \"X-GitHub-Delivery\"\n"),
+        )
+        .unwrap();
+        let w = c.plugins["p"].webhook.as_ref().unwrap();
+        assert_eq!(w.replay.dedupe_header.as_deref(), Some("x-github-delivery"));
     }
 
     #[test]

@@ -13,6 +13,8 @@ pub const EX_DATAERR: u8 = 65;
 pub const EX_NOINPUT: u8 = 66;
 /// Something the command needs from the system failed.
 pub const EX_SOFTWARE: u8 = 70;
+/// A resource is busy (e.g. another process delivers from the outbox).
+pub const EX_TEMPFAIL: u8 = 75;
 /// The configuration is invalid.
 pub const EX_CONFIG: u8 = 78;
 

@@ -37,6 +37,7 @@ pub struct Metrics {
     tokens: Mutex<BTreeMap<String, Arc<TokenProvider>>>,
     workers: Mutex<BTreeMap<String, Arc<WorkerStatus>>>,
     reloads: Mutex<BTreeMap<&'static str, u64>>,
+    reruns: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Metrics {
@@ -65,6 +66,17 @@ impl Metrics {
         }
         h.sum += secs;
         h.total += 1;
+    }
+
+    /// Counts an event run again because the plugin state it read changed
+    /// before its commit.
+    pub fn rerun(&self, plugin: &str) {
+        *self
+            .reruns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(plugin.into())
+            .or_default() += 1;
     }
 
     /// Reports token refreshes for an account.
@@ -148,6 +160,20 @@ impl Metrics {
                 "sendbox_plugin_duration_seconds_count{{plugin=\"{p}\"}} {}",
                 h.total
             );
+        }
+        family(
+            &mut out,
+            "sendbox_state_conflicts_total",
+            "Events run again because plugin state they read changed before their commit, by plugin.",
+            "counter",
+        );
+        for (p, n) in self
+            .reruns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            let _ = writeln!(out, "sendbox_state_conflicts_total{{plugin=\"{p}\"}} {n}");
         }
         family(
             &mut out,

@@ -48,6 +48,11 @@ pub struct Loaded {
     pub mailbox: String,
     /// Its policy.
     pub policy: sendbox_outbox::Policy,
+    /// Events of this plugin run optimistically in parallel holding this
+    /// shared; an event whose state reads keep conflicting runs alone,
+    /// holding it exclusively. Kept across reloads of the plugin, whose
+    /// versions share one state.
+    pub serial: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// The plugins that serve events now, by name. Readers take a snapshot of
@@ -455,6 +460,7 @@ impl Supervisor {
                         account: p.account.clone(),
                         mailbox,
                         policy: p.policy.clone(),
+                        serial: current.map(|r| r.loaded.serial.clone()).unwrap_or_default(),
                     }))
                 }
                 Prepared::Failed(why) => {

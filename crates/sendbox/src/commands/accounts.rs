@@ -34,14 +34,9 @@ fn token_provider(
 /// One line per trigger of a plugin: what `sendbox run` will serve, watch
 /// and fire (with each schedule's next run, in its zone).
 fn trigger_summary(p: &crate::config::Plugin) -> Vec<String> {
-    use sendbox_triggers::webhook::Auth;
     let mut lines = Vec::new();
     if let (Some(path), Some(route)) = (&p.webhook_path, &p.webhook) {
-        let auth = match &route.auth {
-            Auth::None => "unauthenticated".to_owned(),
-            Auth::Hmac { header, .. } => format!("HMAC-SHA256 in {header}"),
-            Auth::Bearer { .. } => "bearer token".to_owned(),
-        };
+        let auth = route.auth.describe();
         lines.push(format!(
             "webhook {path} ({auth}; {} at once)",
             route.concurrency
@@ -121,9 +116,19 @@ impl CheckArgs {
     /// Runs the stages, printing √ or x for each.
     pub fn run(self) -> anyhow::Result<ExitCode> {
         let mut failed = false;
-        let cfg = match config::load(&self.config) {
+        // Without the environment, secrets are not needed: their references
+        // are checked for form, not read.
+        let loaded = if self.no_environment {
+            config::load_without_secrets(&self.config)
+        } else {
+            config::load(&self.config)
+        };
+        let cfg = match loaded {
             Ok(c) => {
                 println!("√ config {} parsed and validated", self.config.display());
+                if self.no_environment {
+                    println!("    secrets not read (--no-environment)");
+                }
                 c
             }
             Err(e) => {
@@ -298,8 +303,11 @@ impl SendTestArgs {
         let (transport, _) = transport(account)?;
         let result = runtime()?.block_on(transport.send(&prepared));
         match result {
-            Ok(reply) => {
-                println!("sent {id} to {}: {reply}", self.to);
+            Ok(receipt) => {
+                println!("sent {id} to {}: {}", self.to, receipt.reply);
+                for r in &receipt.refused {
+                    println!("refused {}: {}", r.address, r.error);
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Err(e) => {

@@ -34,7 +34,7 @@ impl DeliverArgs {
     /// Runs the workers.
     pub fn run(self) -> anyhow::Result<ExitCode> {
         let cfg = load_config(&self.config)?;
-        let outbox = open_and_recover(&cfg.store)?;
+        let outbox = open_and_recover(&cfg.store, "sendbox deliver")?;
         let allowed_from = AllowedFrom::new(allowed_from(&cfg));
         let rt = crate::commands::accounts::runtime()?;
         let outbox_for_workers = outbox.clone();
@@ -81,9 +81,14 @@ impl DeliverArgs {
 }
 
 /// Opens the outbox and requeues what a previous run left in `sending`.
-pub fn open_and_recover(store: &std::path::Path) -> anyhow::Result<Arc<Outbox>> {
+pub fn open_and_recover(store: &std::path::Path, holder: &str) -> anyhow::Result<Arc<Outbox>> {
     let outbox =
         Arc::new(Outbox::open(store).map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?);
+    // One delivering process per database: a second would requeue the
+    // first one's messages in flight and send them twice.
+    outbox
+        .lock_for_delivery(holder)
+        .map_err(|e| coded(exit::EX_TEMPFAIL, e.to_string()))?;
     let recovered = outbox
         .recover()
         .map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?;

@@ -8,7 +8,6 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 use sendbox_outbox::{Outbox, OutboxError, State};
 
-use crate::commands::accounts::load_config;
 use crate::exit::{self, coded};
 
 /// The config file, shared by these commands.
@@ -20,8 +19,11 @@ pub struct ConfigArg {
 }
 
 fn open(c: &ConfigArg) -> anyhow::Result<Outbox> {
-    let cfg = load_config(&c.config)?;
-    Outbox::open(&cfg.store).map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))
+    // Only the database's path: secrets the daemon resolves from its own
+    // environment need not resolve here.
+    let store =
+        crate::config::store_path(&c.config).map_err(|e| coded(exit::EX_CONFIG, e.to_string()))?;
+    Outbox::open(&store).map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))
 }
 
 fn not_found(e: OutboxError) -> anyhow::Error {
@@ -30,6 +32,7 @@ fn not_found(e: OutboxError) -> anyhow::Error {
             exit::EX_DATAERR,
             format!("no message with id {id} (see `sendbox outbox list`)"),
         ),
+        e @ OutboxError::WrongState { .. } => coded(exit::EX_DATAERR, e.to_string()),
         other => coded(exit::EX_SOFTWARE, other.to_string()),
     }
 }
@@ -69,6 +72,14 @@ pub enum OutboxCommand {
         #[arg(long, conflicts_with = "id")]
         dead: bool,
     },
+    /// Delete sent and dead messages (with their history) and idempotency
+    /// keys past their retention (`[daemon] keep_sent_days`,
+    /// `keep_dead_days`; keys past the longest `idempotency_hours`).
+    /// `sendbox run` does this every hour by itself.
+    Prune {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Delete a message and its audit trail.
     Drop {
         #[command(flatten)]
@@ -76,6 +87,21 @@ pub enum OutboxCommand {
         /// The message id.
         id: i64,
     },
+}
+
+/// Text a plugin or a server wrote, safe to print on a terminal: control
+/// characters (escape sequences, carriage returns, bells...) are shown as
+/// `\u{1b}` and the like instead of acting on the terminal.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// An outbox timestamp (ms since the epoch) as RFC 3339 UTC.
@@ -110,7 +136,7 @@ impl OutboxCommand {
                             ts(m.created_ms),
                             m.plugin,
                             m.account,
-                            m.recipients,
+                            printable(&m.recipients),
                             m.email.subject
                         )?;
                     }
@@ -120,7 +146,7 @@ impl OutboxCommand {
                 let outbox = open(&config)?;
                 let m = outbox.get(id).map_err(not_found)?;
                 writeln!(out, "id:          {}", m.id)?;
-                writeln!(out, "message-id:  {}", m.message_id)?;
+                writeln!(out, "message-id:  {}", printable(&m.message_id))?;
                 writeln!(
                     out,
                     "state:       {} (attempts: {})",
@@ -133,10 +159,10 @@ impl OutboxCommand {
                     m.plugin, m.trigger, m.event_id
                 )?;
                 writeln!(out, "account:     {}", m.account)?;
-                writeln!(out, "recipients:  {}", m.recipients)?;
-                writeln!(out, "subject:     {}", m.email.subject)?;
+                writeln!(out, "recipients:  {}", printable(&m.recipients))?;
+                writeln!(out, "subject:     {}", printable(&m.email.subject))?;
                 if let Some(r) = &m.last_reply {
-                    writeln!(out, "last reply:  {r}")?;
+                    writeln!(out, "last reply:  {}", printable(r))?;
                 }
                 writeln!(out, "history:")?;
                 for a in outbox.audit_trail(id).map_err(not_found)? {
@@ -146,7 +172,9 @@ impl OutboxCommand {
                         ts(a.at_ms),
                         a.from.as_deref().unwrap_or("-"),
                         a.to,
-                        a.detail.map(|d| format!("  {d}")).unwrap_or_default()
+                        a.detail
+                            .map(|d| format!("  {}", printable(&d)))
+                            .unwrap_or_default()
                     )?;
                 }
             }
@@ -166,6 +194,22 @@ impl OutboxCommand {
                     outbox.retry_now(*id).map_err(not_found)?;
                 }
                 writeln!(out, "queued {} message(s) for another attempt", ids.len())?;
+            }
+            OutboxCommand::Prune { config } => {
+                // The retention comes from the config; its secrets are not
+                // needed for that.
+                let cfg = crate::config::load_without_secrets(&config.config)
+                    .map_err(|e| coded(exit::EX_CONFIG, e.to_string()))?;
+                let outbox = Outbox::open(&cfg.store)
+                    .map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?;
+                let p = outbox
+                    .prune(cfg.retention.before(sendbox_outbox::now_ms()))
+                    .map_err(not_found)?;
+                writeln!(
+                    out,
+                    "pruned {} message(s) and {} idempotency key(s)",
+                    p.messages, p.idempotency_keys
+                )?;
             }
             OutboxCommand::Drop { config, id } => {
                 open(&config)?.drop_message(id).map_err(not_found)?;
@@ -235,8 +279,10 @@ impl SuppressCommand {
                 for (a, r) in open(&config)?.suppressions().map_err(not_found)? {
                     writeln!(
                         out,
-                        "{a}{}",
-                        r.map(|r| format!("  ({r})")).unwrap_or_default()
+                        "{}{}",
+                        printable(&a),
+                        r.map(|r| format!("  ({})", printable(&r)))
+                            .unwrap_or_default()
                     )?;
                 }
             }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use clap::Args;
 use sendbox_outbox::{Call, Outbox, OutboxError};
-use sendbox_runtime::{Runtime, RuntimeOptions, StateError, StateStore};
+use sendbox_runtime::{Runtime, RuntimeOptions, StateError, StateStore, Versioned};
 use sendbox_triggers::{Dispatch, Dispatched, Job};
 
 use crate::commands::accounts::load_config;
@@ -41,11 +41,15 @@ fn state_err(e: OutboxError) -> StateError {
 }
 
 impl StateStore for OutboxState {
-    fn get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, StateError> {
-        self.0.state_get(plugin, key).map_err(state_err)
+    fn get(&self, plugin: &str, key: &str) -> Result<Option<Versioned>, StateError> {
+        Ok(self
+            .0
+            .state_get(plugin, key)
+            .map_err(state_err)?
+            .map(|(value, version)| Versioned { value, version }))
     }
-    fn keys(&self, plugin: &str, prefix: &str) -> Result<Vec<String>, StateError> {
-        self.0.state_keys(plugin, prefix).map_err(state_err)
+    fn keys(&self, plugin: &str, prefix: &str, limit: usize) -> Result<Vec<String>, StateError> {
+        self.0.state_keys(plugin, prefix, limit).map_err(state_err)
     }
     fn usage_bytes(&self, plugin: &str) -> Result<u64, StateError> {
         self.0.state_usage(plugin).map_err(state_err)
@@ -65,8 +69,10 @@ impl RunArgs {
             ..RuntimeOptions::default()
         })
         .map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?;
-        let outbox = open_and_recover(&cfg.store)?;
+        let outbox = open_and_recover(&cfg.store, "sendbox run")?;
         let listen = cfg.listen.clone();
+        let server_limits = cfg.webhook_limits.clone();
+        let retention = cfg.retention.clone();
         let grace = cfg.shutdown_grace;
         let config_path = self.config.clone();
 
@@ -102,10 +108,11 @@ impl RunArgs {
                 let stopped = async move {
                     let _ = stop_server_rx.wait_for(|s| *s).await;
                 };
-                if let Err(e) = sendbox_triggers::webhook::serve(listener, routes, dispatch, Some(render), stopped).await {
+                if let Err(e) = sendbox_triggers::webhook::serve(listener, routes, dispatch, Some(render), server_limits, stopped).await {
                     tracing::error!(error = %e, "webhook server stopped");
                 }
             });
+            let pruner = tokio::spawn(prune_every(PRUNE_EVERY, outbox.clone(), retention));
             let mut changes = FileChanges::new(&supervisor.watched_files(&config_path));
             // The line scripts and tests wait for.
             println!("sendbox ready in {} ms: webhooks on http://{addr}", started.elapsed().as_millis());
@@ -130,6 +137,7 @@ impl RunArgs {
                 changes.set_files(&supervisor.watched_files(&config_path));
             }
             tracing::info!("stopping: triggers first, then delivery (signal again to quit now)");
+            pruner.abort();
             let drain = async {
                 let _ = stop_server_tx.send(true);
                 supervisor.stop_triggers().await;
@@ -145,6 +153,34 @@ impl RunArgs {
         })?;
         outbox.close();
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// How often finished work past its retention is deleted.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Prunes the outbox now and then every `period`, in batches that never
+/// hold up commits for long.
+async fn prune_every(
+    period: std::time::Duration,
+    outbox: Arc<Outbox>,
+    retention: crate::config::Retention,
+) {
+    let mut ticks = tokio::time::interval(period);
+    loop {
+        ticks.tick().await;
+        let (o, cutoffs) = (outbox.clone(), retention.before(sendbox_outbox::now_ms()));
+        match tokio::task::spawn_blocking(move || o.prune(cutoffs)).await {
+            Ok(Ok(p)) if p.messages + p.idempotency_keys > 0 => {
+                tracing::info!(
+                    messages = p.messages,
+                    idempotency_keys = p.idempotency_keys,
+                    "outbox pruned"
+                );
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot prune the outbox; will try again"),
+            _ => {}
+        }
     }
 }
 
@@ -219,6 +255,21 @@ pub fn dispatcher(
     })
 }
 
+/// Attempts that run in parallel with the plugin's other events before an
+/// event whose state keeps changing under it runs alone.
+const OPTIMISTIC_ATTEMPTS: u32 = 2;
+/// Attempts in all. Running alone cannot conflict with the plugin's own
+/// events, only with an older version still finishing after a reload, so
+/// this is never reached in practice; if it is, the event is refused
+/// (not acknowledged), never half-done.
+const MAX_ATTEMPTS: u32 = 8;
+
+/// A plugin event's hold on its plugin's serial lock.
+enum Turn<'a> {
+    Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'a, ()>),
+    Alone(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'a, ()>),
+}
+
 async fn run_job(
     job: Job,
     plugins: &Registry,
@@ -236,32 +287,61 @@ async fn run_job(
     let Some(loaded) = plugins.get(&name) else {
         return Dispatched::NoPlugin;
     };
-    let plugin = loaded.plugin.clone();
     let state: Arc<dyn StateStore> = Arc::new(OutboxState(outbox.clone()));
     let trigger = event.kind().to_owned();
-    let ran = {
-        let event_id = event_id.clone();
-        tokio::task::spawn_blocking(move || plugin.run(&event, &event_id, state)).await
-    };
-    let report = match ran {
-        Ok(Ok(r)) => {
-            metrics.duration(&name, r.duration_us as f64 / 1e6);
-            r
+    let event = Arc::new(event);
+    // Optimistic first: events of one plugin run in parallel and each
+    // commit checks that the state it read is unchanged. On a conflict the
+    // event runs again on fresh state; after OPTIMISTIC_ATTEMPTS it runs
+    // alone (no other event of the plugin runs or commits meanwhile), so it
+    // cannot conflict again and an event is never dropped for contention.
+    let mut attempt = 0;
+    let (committed, response) = loop {
+        attempt += 1;
+        let _turn = if attempt <= OPTIMISTIC_ATTEMPTS {
+            Turn::Shared(loaded.serial.read().await)
+        } else {
+            Turn::Alone(loaded.serial.write().await)
+        };
+        let ran = {
+            let (plugin, event, event_id, state) = (
+                loaded.plugin.clone(),
+                event.clone(),
+                event_id.clone(),
+                state.clone(),
+            );
+            tokio::task::spawn_blocking(move || plugin.run(&event, &event_id, state)).await
+        };
+        let report = match ran {
+            Ok(Ok(r)) => {
+                metrics.duration(&name, r.duration_us as f64 / 1e6);
+                r
+            }
+            Ok(Err(e)) => return Dispatched::PluginFailed(e.to_string()),
+            Err(e) => return Dispatched::PluginFailed(format!("plugin task failed: {e}")),
+        };
+        let call = Call {
+            plugin: name.clone(),
+            trigger: trigger.clone(),
+            event_id: event_id.clone(),
+            account: loaded.account.clone(),
+            account_mailbox: loaded.mailbox.clone(),
+            policy: loaded.policy.clone(),
+            emails: report.outcome.emails,
+            state_changes: report.state_changes,
+            reads: report.reads,
+            state_quota_bytes: Some(loaded.plugin.settings().limits.state_bytes),
+        };
+        match outbox.commit_async(call).await {
+            Err(OutboxError::Conflict(why)) if attempt < MAX_ATTEMPTS => {
+                tracing::debug!(plugin = %name, event_id = %event_id, attempt, %why, "state changed meanwhile: running the event again");
+                metrics.rerun(&name);
+                continue;
+            }
+            other => break (other, report.outcome.response),
         }
-        Ok(Err(e)) => return Dispatched::PluginFailed(e.to_string()),
-        Err(e) => return Dispatched::PluginFailed(format!("plugin task failed: {e}")),
     };
-    let call = Call {
-        plugin: name.clone(),
-        trigger,
-        event_id: event_id.clone(),
-        account: loaded.account.clone(),
-        account_mailbox: loaded.mailbox.clone(),
-        policy: loaded.policy.clone(),
-        emails: report.outcome.emails,
-        state_changes: report.state_changes,
-    };
-    match outbox.commit_async(call).await {
+    match committed {
         Ok(done) => {
             if !done.queued.is_empty()
                 && let Some(w) = wakers.get(&loaded.account)
@@ -272,10 +352,11 @@ async fn run_job(
             Dispatched::Committed {
                 queued: done.queued.iter().map(|q| q.id).collect(),
                 duplicates: done.duplicates.iter().map(|q| q.id).collect(),
-                response: report.outcome.response,
+                response,
             }
         }
-        Err(OutboxError::Policy(reason)) => {
+        Err(OutboxError::Policy(mut reason)) => {
+            sendbox_types::truncate_text(&mut reason, sendbox_runtime::MAX_ERROR_BYTES);
             tracing::warn!(plugin = %name, event_id = %event_id, %reason, "outcome refused by policy; nothing queued");
             Dispatched::Refused(reason)
         }

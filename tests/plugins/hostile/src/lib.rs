@@ -9,6 +9,17 @@ use sendbox_pdk::{Email, HttpRequest, Outcome, Plugin, config, export_plugin, lo
 
 struct Hostile;
 
+/// `wasi:random` imported directly, to ask for more bytes than the host
+/// hands out in one call.
+mod random {
+    sendbox_pdk::__wit_bindgen::generate!({
+        inline: "package wasi:random@0.2.0;
+                 interface random { get-random-bytes: func(len: u64) -> list<u8>; get-random-u64: func() -> u64; }
+                 world r { import random; }",
+        runtime_path: "sendbox_pdk::__wit_bindgen::rt",
+    });
+}
+
 static EVENTS: AtomicU64 = AtomicU64::new(0);
 static BIG: [AtomicU8; 2 << 20] = [const { AtomicU8::new(0) }; 2 << 20];
 
@@ -122,6 +133,51 @@ impl Plugin for Hostile {
                     println!("{line}");
                 }
                 Ok(ok_email("flooded", "logged a lot".into()))
+            }
+            // Not an attack: reads a counter, waits `sleep_ms`, writes it
+            // back plus one. Concurrent events must still count every one.
+            "counter" => {
+                let n: u64 = state::get("n")
+                    .map(|v| String::from_utf8_lossy(&v).parse().unwrap_or(0))
+                    .unwrap_or(0);
+                let ms: u64 = config::get_or("sleep_ms", "20").parse().unwrap_or(20);
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                state::set("n", (n + 1).to_string().as_bytes())?;
+                Ok(ok_email(&format!("n={}", n + 1), "counted".into()))
+            }
+            // Huge keys on every state call: the host must not keep them.
+            "huge-keys" => {
+                let key = "k".repeat(15 << 20);
+                for _ in 0..40 {
+                    state::delete(&key);
+                    black_box(state::get(&key));
+                    black_box(state::keys(&key));
+                }
+                Ok(ok_email("huge-keys", "done".into()))
+            }
+            // Many keys with NUL in them: each must be refused (a store may
+            // not count them), none stored.
+            "nul-keys" => {
+                let value = vec![1u8; 200];
+                let mut refused = 0;
+                for i in 0..4000 {
+                    if state::set(&format!("\0{i}"), &value).is_err() {
+                        refused += 1;
+                    }
+                }
+                Ok(ok_email(&format!("refused={refused}"), "nul".into()))
+            }
+            // Deletes of keys that exist nowhere: nothing to hold.
+            "delete-flood" => {
+                for i in 0..200_000 {
+                    state::delete(&format!("nothing-{i}"));
+                }
+                Ok(ok_email("delete-flood", "done".into()))
+            }
+            "big-error" => Err("x".repeat(8 << 20)),
+            "random-64m" => {
+                let bytes = random::wasi::random::random::get_random_bytes(64 << 20);
+                Ok(ok_email("random", bytes.len().to_string()))
             }
             other => Err(format!("unknown mode {other}")),
         }
