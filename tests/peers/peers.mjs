@@ -229,15 +229,19 @@ async function approveDevice(userCode, login = 'operator@example.com') {
 // ---- SMTP servers ----------------------------------------------------------------
 const received = [];
 const seenTokens = [];
-// Scripted misbehaviour, consumed in order: { stage: 'rcpt'|'data'|'mail', code, message, count }.
+// Scripted misbehaviour, consumed in order: { stage: 'rcpt'|'data'|'mail', code, message, count },
+// optionally only for one recipient ({ address }), or for 'data' a message that is stored and
+// then answered only after { hold_ms } (a reply lost after DATA).
 let faults = [];
 let authStyle = 'challenge'; // 'challenge': 334 {json} then 535 (Gmail); 'direct': 535 5.7.3 (Microsoft)
 let authAttempts = 0;
 let activeConnections = 0;
 let maxConnections = 0;
 
-function takeFault(stage) {
-  const f = faults.find((x) => x.stage === stage && x.count > 0);
+function takeFault(stage, address) {
+  const f = faults.find(
+    (x) => x.stage === stage && x.count > 0 && !x.hold_ms && (!x.address || x.address === address),
+  );
   if (!f) return null;
   f.count -= 1;
   const err = new Error(f.message);
@@ -285,7 +289,7 @@ function smtpOptions(extra) {
       cb(takeFault('mail'));
     },
     onRcptTo(address, session, cb) {
-      cb(takeFault('rcpt'));
+      cb(takeFault('rcpt', address.address));
     },
     onData(stream, session, cb) {
       const chunks = [];
@@ -293,6 +297,8 @@ function smtpOptions(extra) {
       stream.on('end', () => {
         const fault = takeFault('data');
         if (fault) return cb(fault);
+        const hold = faults.find((x) => x.stage === 'data' && x.count > 0 && x.hold_ms);
+        if (hold) hold.count -= 1;
         received.push({
           id: received.length + 1,
           user: session.user,
@@ -301,6 +307,7 @@ function smtpOptions(extra) {
           raw: Buffer.concat(chunks).toString('utf8'),
           tls: Boolean(session.secure),
         });
+        if (hold) return setTimeout(() => cb(null, 'Message accepted late'), hold.hold_ms);
         cb(null, 'Message accepted');
       });
     },

@@ -291,3 +291,44 @@ async fn a_pause_is_recorded_for_check_and_a_transient_failure_past_max_age_goes
             .starts_with("gave up after")
     );
 }
+
+#[tokio::test]
+async fn a_refused_recipient_is_recorded_and_the_others_get_the_message() {
+    let p = Peers::start();
+    p.faults(serde_json::json!([
+        {"stage": "rcpt", "address": "gone@example.com", "code": 550, "message": "5.1.1 User unknown", "count": 1}
+    ]))
+    .await;
+    let (_d, outbox) = open();
+    let id = outbox
+        .commit(Call {
+            plugin: "p".into(),
+            trigger: "cli".into(),
+            event_id: "evt".into(),
+            account: "alerts".into(),
+            account_mailbox: "alerts@example.com".into(),
+            emails: vec![Email {
+                to: vec!["ops@example.com".into(), "gone@example.com".into()],
+                subject: "two recipients".into(),
+                text: Some("body".into()),
+                ..Email::default()
+            }],
+            ..Default::default()
+        })
+        .unwrap()
+        .queued[0]
+        .id;
+    let worker = alerts_worker(&p, &p.info.clients.secret.client_secret, &outbox, fast());
+    run_until(worker, &outbox, all_in(State::Sent, 1)).await;
+    let got = p.messages().await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].to, ["ops@example.com"]);
+    let m = outbox.get(id).unwrap();
+    assert_eq!(m.attempts, 1, "not resent to the one who took it");
+    let reply = m.last_reply.unwrap();
+    assert!(reply.starts_with("250"), "{reply}");
+    assert!(
+        reply.contains("refused gone@example.com") && reply.contains("550"),
+        "{reply}"
+    );
+}

@@ -226,3 +226,72 @@ async fn file_transport_writes_whole_eml_files_named_by_message_id() {
         .collect();
     assert_eq!(names.len(), 1, "no temp files left: {names:?}");
 }
+
+#[tokio::test]
+async fn a_refused_recipient_fails_only_itself() {
+    let p = Peers::start();
+    let (smtp, _) = starttls(&p);
+    p.faults(serde_json::json!([
+        {"stage": "rcpt", "address": "gone@example.com", "code": 550, "message": "5.1.1 User unknown", "count": 1}
+    ]))
+    .await;
+    let email = sendbox_types::Email {
+        to: vec!["ops@example.com".into(), "gone@example.com".into()],
+        cc: vec!["lead@example.com".into()],
+        subject: "partly".into(),
+        text: Some("body".into()),
+        ..Default::default()
+    };
+    let msg = sendbox_mail::message::build(
+        &email,
+        &sendbox_mail::message::Envelope {
+            account_mailbox: MAILBOX,
+            allowed_from: &[],
+            message_id: "<partly.1@example.com>",
+            date: std::time::SystemTime::now(),
+        },
+    )
+    .unwrap();
+    let receipt = smtp.send(&msg).await.unwrap();
+    assert_eq!(receipt.refused.len(), 1, "{receipt:?}");
+    assert_eq!(receipt.refused[0].address, "gone@example.com");
+    assert_eq!(receipt.refused[0].error.code, Some(550));
+    assert!(receipt.refused[0].error.is_permanent());
+    let got = p.messages().await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].to, ["ops@example.com", "lead@example.com"]);
+    // The connection stays usable for the next message.
+    smtp.send(&prepared("next")).await.unwrap();
+    assert_eq!(p.messages().await.len(), 2);
+}
+
+#[tokio::test]
+async fn a_lost_reply_after_data_is_not_resent_at_once() {
+    let p = Peers::start();
+    let tokens = provider(&p, &p.info.clients.secret.client_secret);
+    let mut settings =
+        smtp_peer::settings(&p, p.info.smtp_starttls_port, Security::StartTls, MAILBOX);
+    settings.timeout = Duration::from_millis(800);
+    let smtp = SmtpTransport::new(settings, tokens).unwrap();
+    // A first message leaves a pooled connection: where the old code,
+    // seeing it fail, tried again on a fresh one.
+    smtp.send(&prepared("first")).await.unwrap();
+    p.faults(serde_json::json!([{"stage": "data", "hold_ms": 3000, "count": 1}]))
+        .await;
+    let msg = prepared("held");
+    let err = smtp.send(&msg).await.unwrap_err();
+    assert!(err.may_have_been_delivered(), "{err}");
+    assert!(err.is_transient(), "retried later, by the caller's backoff");
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let held: Vec<_> = p
+        .messages()
+        .await
+        .into_iter()
+        .filter(|m| m.raw.contains(&msg.message_id))
+        .collect();
+    assert_eq!(
+        held.len(),
+        1,
+        "the server got it once; sendbox did not resend"
+    );
+}
