@@ -505,3 +505,38 @@ fn outbox_commands_need_no_secrets() {
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("SENDBOX_TEST_WEBHOOK_SECRET"), "{text}");
 }
+
+/// Sockets the process has open.
+fn sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))
+        })
+        .count()
+}
+
+#[test]
+fn connections_beyond_the_cap_wait_in_the_backlog() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("sendbox.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}webhook_max_connections = 4\nwebhook_header_timeout_ms = 30000\n{FILE_ACCOUNT}",
+            daemon::daemon_section()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&cfg, &[]);
+    let addr = d.base.trim_start_matches("http://").to_owned();
+    let before = sockets(d.child.id());
+    let idle: Vec<_> = (0..20)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let held = sockets(d.child.id()) - before;
+    assert_eq!(held, 4, "the daemon holds only its cap of connections");
+    drop(idle);
+}

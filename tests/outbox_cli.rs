@@ -212,3 +212,28 @@ fn text_a_plugin_or_server_wrote_cannot_drive_the_terminal() {
         assert!(out.contains("subject"), "{out}");
     }
 }
+
+#[test]
+fn prune_keeps_what_is_within_its_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, outbox) = setup(dir.path());
+    let sent = queue(&outbox, "sent long ago");
+    let waiting = queue(&outbox, "still queued");
+    outbox.claim("local", 1).unwrap();
+    outbox.mark(sent, State::Sent, None, "250 ok").unwrap();
+    // Sent just now: within the default 30 days.
+    let out = stdout(&sendbox(&["outbox", "prune", "--config", &cfg]));
+    assert!(out.contains("pruned 0 message(s)"), "{out}");
+    // With keep_sent_days = 0 it goes; the queued one stays.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("[daemon]\n", "[daemon]\nkeep_sent_days = 0\n"),
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let out = stdout(&sendbox(&["outbox", "prune", "--config", &cfg]));
+    assert!(out.contains("pruned 1 message(s)"), "{out}");
+    assert!(outbox.get(sent).is_err());
+    assert_eq!(outbox.get(waiting).unwrap().state, State::Queued);
+}

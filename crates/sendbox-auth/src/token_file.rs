@@ -125,6 +125,27 @@ mod tests {
         assert!(!format!("{t:?}").contains("rt-1"));
     }
 
+    #[cfg(unix)]
+    #[test]
+    fn a_link_planted_at_the_temp_path_is_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("acct.token.json");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "untouched").unwrap();
+        let tmp = dir
+            .path()
+            .join(format!(".acct.token.json.tmp-{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        let t = StoredToken {
+            refresh_token: "rt-2".into(),
+            obtained_at_unix: 1,
+            scopes: vec![],
+        };
+        write(&path, &t).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+        assert_eq!(read(&path, "acct").unwrap().refresh_token, "rt-2");
+    }
+
     #[test]
     fn missing_file_asks_for_login() {
         let err = read(Path::new("/nonexistent/x.json"), "acct").unwrap_err();

@@ -1121,3 +1121,30 @@ pub mod baseline {
         }
     }
 }
+
+#[cfg(test)]
+mod limiter_tests {
+    use super::*;
+    use wasmtime::ResourceLimiter;
+
+    #[test]
+    fn the_memory_limit_covers_every_memory_together() {
+        let mut l = MemoryLimiter::new(64 << 20);
+        // Two core memories of 40 MiB each: the second passes the limit.
+        assert!(l.memory_growing(0, 40 << 20, None).unwrap());
+        assert!(l.memory_growing(0, 40 << 20, None).is_err());
+        assert!(l.hit);
+        // Growing the first by 20 MiB still fits.
+        assert!(l.memory_growing(40 << 20, 60 << 20, None).unwrap());
+        assert!(l.memory_growing(60 << 20, (64 << 20) + 1, None).is_err());
+    }
+
+    #[test]
+    fn table_elements_are_counted_over_all_tables() {
+        let mut l = MemoryLimiter::new(1 << 20);
+        assert!(l.table_growing(0, 60_000, None).unwrap());
+        assert!(!l.table_growing(0, 60_000, None).unwrap());
+        assert_eq!(l.memories(), MAX_MEMORIES);
+        assert_eq!(l.instances(), MAX_CORE_INSTANCES);
+    }
+}

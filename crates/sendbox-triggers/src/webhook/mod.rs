@@ -358,3 +358,128 @@ async fn read_limited(body: Body, limit: usize) -> Result<Vec<u8>, ()> {
     }
     if seen > limit { Err(()) } else { Ok(buf) }
 }
+
+/// The request path for fuzzing: one raw request through the real handler,
+/// on routes with every authentication scheme and a plugin that always
+/// commits. Not for production use.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// The secret every fuzzing route signs with.
+    pub const SECRET: &[u8] = b"fuzzing-secret";
+
+    fn app() -> Arc<App> {
+        let route = |auth: Auth| Route {
+            plugin: "p".into(),
+            auth,
+            replay: Replay {
+                dedupe_header: Some("x-delivery".into()),
+                ..Replay::default()
+            },
+            max_body_bytes: 4096,
+            concurrency: 4,
+            queue_wait: Duration::from_millis(10),
+        };
+        let secret = SECRET.to_vec();
+        let routes = HashMap::from([
+            ("/none".to_string(), route(Auth::None)),
+            (
+                "/hmac".to_string(),
+                route(Auth::Hmac {
+                    secret: secret.clone(),
+                    header: "x-hub-signature-256".into(),
+                    prefix: "sha256=".into(),
+                }),
+            ),
+            (
+                "/standard".to_string(),
+                route(Auth::StandardWebhooks {
+                    secret: secret.clone(),
+                }),
+            ),
+            (
+                "/stripe".to_string(),
+                route(Auth::Stripe {
+                    secret: secret.clone(),
+                }),
+            ),
+            (
+                "/slack".to_string(),
+                route(Auth::Slack {
+                    secret: secret.clone(),
+                }),
+            ),
+            ("/bearer".to_string(), route(Auth::Bearer { token: secret })),
+        ]);
+        let dispatch: Dispatch = Arc::new(|job: Job| {
+            Box::pin(async move {
+                // The plugin's answer echoes a header, as a plugin may.
+                let echoed = match &job.event {
+                    Event::Webhook(r) => r.headers.first().map(|(_, v)| v.clone()),
+                    _ => None,
+                };
+                Dispatched::Committed {
+                    queued: vec![1],
+                    duplicates: vec![],
+                    response: echoed.map(|v| sendbox_types::HttpResponse {
+                        status: 200,
+                        headers: vec![("x-echo".into(), v)],
+                        body: Bytes(Vec::new()),
+                    }),
+                }
+            })
+        });
+        Arc::new(App {
+            routes: RouteTable::new(routes),
+            dispatch,
+            metrics: None,
+            limits: ServerLimits::default(),
+        })
+    }
+
+    /// Parses `raw` as `METHOD PATH\nName: value\n...\n\nbody` (lines
+    /// that do not parse are skipped) and answers it; returns the status.
+    pub fn request(raw: &[u8]) -> u16 {
+        thread_local! {
+            static RT: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("a runtime");
+            static APP: Arc<App> = app();
+        }
+        let split = raw
+            .windows(2)
+            .position(|w| w == b"\n\n")
+            .map_or((raw, &b""[..]), |i| (&raw[..i], &raw[i + 2..]));
+        let (head, body) = split;
+        let head = String::from_utf8_lossy(head);
+        let mut lines = head.lines();
+        let first = lines.next().unwrap_or_default();
+        let mut parts = first.splitn(2, ' ');
+        let method = parts.next().unwrap_or("POST");
+        let path = parts.next().unwrap_or("/none");
+        let mut builder = Request::builder().method(
+            axum::http::Method::from_bytes(method.as_bytes()).unwrap_or(axum::http::Method::POST),
+        );
+        builder = builder.uri(
+            path.parse::<axum::http::Uri>()
+                .unwrap_or_else(|_| axum::http::Uri::from_static("/none")),
+        );
+        for line in lines {
+            if let Some((n, v)) = line.split_once(':')
+                && let (Ok(n), Ok(v)) = (
+                    axum::http::HeaderName::from_bytes(n.trim().as_bytes()),
+                    axum::http::HeaderValue::from_str(v.trim()),
+                )
+            {
+                builder = builder.header(n, v);
+            }
+        }
+        let Ok(req) = builder.body(Body::from(body.to_vec())) else {
+            return 0;
+        };
+        let app = APP.with(Arc::clone);
+        RT.with(|rt| rt.block_on(handle(State(app), req)).status().as_u16())
+    }
+}
