@@ -34,3 +34,6 @@ npm ci --prefix tests/peers --no-audit --no-fund --loglevel=error
 # so they cannot rot; doctests need their own pass.
 cargo test --workspace --all-targets --locked "$@"
 cargo test --workspace --doc --locked "$@"
+
+# A short fuzzing run of every target (README, "Fuzzing").
+./scripts/fuzz.sh 15

@@ -129,19 +129,27 @@ pub fn build(email: &Email, env: &Envelope<'_>) -> Result<Prepared, BuildError> 
         if value.contains(['\r', '\n']) {
             return Err(BuildError(format!("header {name} contains a line break")));
         }
+        // RFC 5322 field names: printable ASCII but the colon.
+        if name.is_empty() || !name.bytes().all(|c| (33..=126).contains(&c) && c != b':') {
+            return Err(BuildError(format!("{name:?} is not a valid header name")));
+        }
         let hn = HeaderName::new_from_ascii(name.clone())
             .map_err(|_| BuildError(format!("{name:?} is not a valid header name")))?;
         b = b.raw_header(HeaderValue::new(hn, value.clone()));
     }
 
     let body = match (&email.text, &email.html) {
-        (Some(t), Some(h)) => Some(MultiPart::alternative_plain_html(t.clone(), h.clone())),
+        (Some(t), Some(h)) => Some(
+            MultiPart::alternative()
+                .singlepart(text_part(t, ContentType::TEXT_PLAIN))
+                .singlepart(text_part(h, ContentType::TEXT_HTML)),
+        ),
         _ => None,
     };
     let single = match (&email.text, &email.html) {
         (Some(_), Some(_)) => None,
-        (None, Some(h)) => Some(SinglePart::html(h.clone())),
-        (Some(t), None) => Some(SinglePart::plain(t.clone())),
+        (None, Some(h)) => Some(text_part(h, ContentType::TEXT_HTML)),
+        (Some(t), None) => Some(text_part(t, ContentType::TEXT_PLAIN)),
         (None, None) => Some(SinglePart::plain(String::new())),
     };
     let message = if email.attachments.is_empty() {
@@ -189,6 +197,20 @@ pub fn build(email: &Email, env: &Envelope<'_>) -> Result<Prepared, BuildError> 
         raw: message.formatted(),
         visible_recipients,
     })
+}
+
+/// A text or HTML body, always valid RFC 5322: every line break (CRLF, a
+/// lone LF or a lone CR) becomes CRLF, and a body with NUL or other bytes
+/// no 7-bit or quoted-printable line may carry is base64-encoded.
+fn text_part(text: &str, content_type: ContentType) -> SinglePart {
+    let normalized = text.replace("\r\n", "\n").replace('\r', "\n");
+    let body = if normalized.contains('\0') {
+        Body::new_with_encoding(normalized, ContentTransferEncoding::Base64)
+            .unwrap_or_else(|raw| Body::new(raw))
+    } else {
+        Body::new(normalized)
+    };
+    SinglePart::builder().header(content_type).body(body)
 }
 
 /// An attachment's body, always valid RFC 5322: sent as it is only when it
@@ -340,6 +362,26 @@ mod tests {
     }
 
     #[test]
+    fn bodies_with_bare_cr_or_nul_are_valid_rfc5322() {
+        for text in ["\0\0\r\n\rP", "a\rb", "caf\u{e9}\r", "x\r\n\r"] {
+            for html in [false, true] {
+                let mut e = email();
+                e.attachments.clear();
+                if html {
+                    e.html = Some(text.into());
+                    e.text = None;
+                } else {
+                    e.text = Some(text.into());
+                    e.html = None;
+                }
+                let p = build(&e, &env(&[])).unwrap();
+                strictly_valid(&p.raw)
+                    .unwrap_or_else(|err| panic!("{text:?}: {err}\n{}", String::from_utf8_lossy(&p.raw)));
+            }
+        }
+    }
+
+    #[test]
     fn bcc_is_in_the_envelope_only() {
         let p = build(&email(), &env(&[])).unwrap();
         assert_eq!(p.visible_recipients, ["ops@example.com"]);
@@ -374,6 +416,9 @@ mod tests {
         let mut e = email();
         e.headers = vec![("X-A".into(), "a\r\nBcc: x@y.z".into())];
         assert!(build(&e, &env(&[])).unwrap_err().0.contains("line break"));
+        let mut e = email();
+        e.headers = vec![("X-A\nBcc".into(), "x".into())];
+        assert!(build(&e, &env(&[])).unwrap_err().0.contains("not a valid header name"));
         let mut e = email();
         e.headers = vec![("Subject".into(), "x".into())];
         assert!(
