@@ -19,7 +19,7 @@ export RUSTC_BOOTSTRAP=1
 export CARGO_TARGET_DIR="${SENDBOX_FUZZ_TARGET_DIR:-$HOME/.cache/sendbox-fuzz-target}"
 
 cd fuzz
-cargo fuzz build --sanitizer none -O --locked 2>/dev/null || cargo fuzz build --sanitizer none -O
+cargo fuzz build --sanitizer none -O
 for target in config webhook_request outcome message; do
   scratch="$(mktemp -d)"
   mkdir "$scratch/new"
