@@ -2,7 +2,6 @@
 //! atomically (temp file, fsync, rename, fsync of the folder) so a crash
 //! mid-write never loses the only valid refresh token.
 
-use std::io::Write;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -70,35 +69,14 @@ pub fn read(path: &Path, account: &str) -> Result<StoredToken, AuthError> {
     })
 }
 
-/// Writes the token file atomically with mode 0600.
+/// Writes the token file atomically with mode 0600 (in a 0700 folder when
+/// it has to create one).
 pub fn write(path: &Path, token: &StoredToken) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("token"),
-        std::process::id()
-    ));
-    // Created anew, never opened through whatever (a link, a file someone
-    // else made) already sits at the temp path.
-    let _ = std::fs::remove_file(&tmp);
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(token).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    // Make the rename itself durable.
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        sendbox_fs::private_dir(dir)?;
     }
-    Ok(())
+    let json = serde_json::to_vec_pretty(token).map_err(std::io::Error::other)?;
+    sendbox_fs::write_atomic(path, &json)
 }
 
 #[cfg(test)]
@@ -134,7 +112,7 @@ mod tests {
         std::fs::write(&victim, "untouched").unwrap();
         let tmp = dir
             .path()
-            .join(format!(".acct.token.json.tmp-{}", std::process::id()));
+            .join(format!(".acct.token.json.tmp-{}-0", std::process::id()));
         std::os::unix::fs::symlink(&victim, &tmp).unwrap();
         let t = StoredToken {
             refresh_token: "rt-2".into(),

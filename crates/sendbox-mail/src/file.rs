@@ -3,7 +3,6 @@
 //! a reader never sees half a message. The file is named after the
 //! Message-ID, so sending the same message again rewrites the same file.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{FailureKind, SendError};
@@ -36,11 +35,7 @@ impl FileTransport {
     /// A transport writing into `dir` (created if missing).
     pub fn new(dir: impl Into<PathBuf>) -> Result<Self, SendError> {
         let dir = dir.into();
-        let mut builder = std::fs::DirBuilder::new();
-        builder.recursive(true);
-        #[cfg(unix)]
-        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        builder.create(&dir).map_err(|e| {
+        sendbox_fs::private_dir(&dir).map_err(|e| {
             SendError::new(
                 FailureKind::Configuration,
                 format!("cannot create the mail folder {}: {e}", dir.display()),
@@ -65,51 +60,29 @@ impl FileTransport {
 }
 
 fn write(dir: &Path, message: &Prepared) -> Result<PathBuf, SendError> {
-    let io = |e: std::io::Error, what: &str| {
-        SendError::new(
-            FailureKind::Transient,
-            format!("{what} in {}: {e}", dir.display()),
-        )
-    };
-    let name = file_name(&message.message_id);
-    let path = dir.join(&name);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = private_create(&tmp).map_err(|e| io(e, "cannot create a temp file"))?;
-    // Envelope first, as Return-Path/X-Envelope lines a reader can use.
-    // Only To and Cc recipients: a Bcc recipient is never written into
-    // any header.
-    let rcpts = &message.visible_recipients;
+    let path = dir.join(file_name(&message.message_id));
+    // Envelope first, as Return-Path/X-Envelope-To lines a reader can use;
+    // only To and Cc recipients: a Bcc recipient is never written into any
+    // header.
     let from = message
         .envelope
         .from()
         .map(ToString::to_string)
         .unwrap_or_default();
-    write!(
-        f,
+    let mut bytes = format!(
         "Return-Path: <{from}>\r\nX-Envelope-To: {}\r\n",
-        rcpts.join(", ")
+        message.visible_recipients.join(", ")
     )
-    .and_then(|_| f.write_all(&message.raw))
-    .and_then(|_| f.sync_all())
-    .map_err(|e| io(e, "cannot write the message"))?;
-    drop(f);
-    std::fs::rename(&tmp, &path).map_err(|e| io(e, "cannot move the message into place"))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
+    .into_bytes();
+    bytes.extend_from_slice(&message.raw);
+    // 0600, atomic: a reader never sees half a message.
+    sendbox_fs::write_atomic(&path, &bytes).map_err(|e| {
+        SendError::new(
+            FailureKind::Transient,
+            format!("cannot write the message in {}: {e}", dir.display()),
+        )
+    })?;
     Ok(path)
-}
-
-/// Creates a new file only its owner can read, whatever the umask: a
-/// message is private mail. Fails if the file exists (a stale temp file is
-/// removed first).
-fn private_create(path: &Path) -> std::io::Result<std::fs::File> {
-    let _ = std::fs::remove_file(path);
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path)
 }
 
 #[cfg(test)]

@@ -65,24 +65,7 @@ fn mailbox(what: &str, s: &str) -> Result<Mailbox, BuildError> {
         .map_err(|e| BuildError(format!("{what} {s:?} is not a valid address: {e}")))
 }
 
-/// A new globally unique Message-ID for `domain`.
-pub fn new_message_id(domain: &str) -> String {
-    let mut rand = [0u8; 12];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rand);
-    let ms = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    let hex: String = rand.iter().map(|b| format!("{b:02x}")).collect();
-    format!("<{ms}.{hex}@{domain}>")
-}
-
-/// The domain part of an address, for Message-IDs.
-pub fn domain_of(address: &str) -> &str {
-    address
-        .rsplit_once('@')
-        .map(|(_, d)| d.trim_end_matches('>'))
-        .unwrap_or("localhost")
-}
+pub use sendbox_types::{domain_of, new_message_id};
 
 /// Builds the message.
 pub fn build(email: &Email, env: &Envelope<'_>) -> Result<Prepared, BuildError> {
@@ -375,8 +358,9 @@ mod tests {
                     e.html = None;
                 }
                 let p = build(&e, &env(&[])).unwrap();
-                strictly_valid(&p.raw)
-                    .unwrap_or_else(|err| panic!("{text:?}: {err}\n{}", String::from_utf8_lossy(&p.raw)));
+                strictly_valid(&p.raw).unwrap_or_else(|err| {
+                    panic!("{text:?}: {err}\n{}", String::from_utf8_lossy(&p.raw))
+                });
             }
         }
     }
@@ -418,7 +402,12 @@ mod tests {
         assert!(build(&e, &env(&[])).unwrap_err().0.contains("line break"));
         let mut e = email();
         e.headers = vec![("X-A\nBcc".into(), "x".into())];
-        assert!(build(&e, &env(&[])).unwrap_err().0.contains("not a valid header name"));
+        assert!(
+            build(&e, &env(&[]))
+                .unwrap_err()
+                .0
+                .contains("not a valid header name")
+        );
         let mut e = email();
         e.headers = vec![("Subject".into(), "x".into())];
         assert!(

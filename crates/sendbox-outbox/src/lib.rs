@@ -41,9 +41,7 @@ mod schema;
 mod state;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError, mpsc};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use sendbox_types::{Email, ReadSet, StateChange};
@@ -274,30 +272,7 @@ pub struct Pruned {
     pub idempotency_keys: u64,
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-static MESSAGE_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A new Message-ID for `mailbox`'s domain: time, a process-random part
-/// and a counter, so ids from concurrent processes never collide.
-pub fn new_message_id(mailbox: &str) -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let domain = mailbox
-        .rsplit_once('@')
-        .map(|(_, d)| d.trim_end_matches('>'))
-        .filter(|d| !d.is_empty())
-        .unwrap_or("localhost");
-    let n = MESSAGE_COUNTER.fetch_add(1, Ordering::Relaxed);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(n);
-    h.write_u32(std::process::id());
-    format!("<{}.{n}.{:016x}@{domain}>", now_ms(), h.finish())
-}
+pub use sendbox_types::now_ms;
 
 type Reply<T> = mpsc::SyncSender<Result<T, OutboxError>>;
 
@@ -346,33 +321,6 @@ impl std::fmt::Debug for Outbox {
     }
 }
 
-/// Creates a folder (and its parents) that only its owner can enter, whatever
-/// the umask; an existing folder is left as it is.
-fn private_dir(dir: &Path) -> std::io::Result<()> {
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(dir)
-}
-
-/// Opens (creating if needed) a file only its owner can read or write,
-/// whatever the umask.
-fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
-    let mut options = std::fs::OpenOptions::new();
-    options.read(true).write(true).create(true).truncate(false);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        options.mode(0o600);
-        let file = options.open(path)?;
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-        Ok(file)
-    }
-    #[cfg(not(unix))]
-    options.open(path)
-}
-
 fn open_conn(path: &Path) -> Result<Connection, OutboxError> {
     let conn = Connection::open_with_flags(
         path,
@@ -399,7 +347,7 @@ impl Outbox {
     /// Opens (creating and migrating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Outbox, OutboxError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            private_dir(dir).map_err(|e| OutboxError::Open {
+            sendbox_fs::private_dir(dir).map_err(|e| OutboxError::Open {
                 path: path.to_owned(),
                 message: format!("cannot create the folder {}: {e}", dir.display()),
             })?;
@@ -407,7 +355,7 @@ impl Outbox {
         // The database, its WAL and shared-memory files are created 0600
         // whatever the umask: they hold every queued message. SQLite gives
         // its -wal and -shm files the database file's mode.
-        private_file(path).map_err(|e| OutboxError::Open {
+        sendbox_fs::private_file(path).map_err(|e| OutboxError::Open {
             path: path.to_owned(),
             message: format!("cannot create the database file: {e}"),
         })?;
@@ -521,7 +469,7 @@ impl Outbox {
             path: lock_path.clone(),
             message: format!("cannot open the lock file: {e}"),
         };
-        let mut file = private_file(&lock_path).map_err(open_err)?;
+        let mut file = sendbox_fs::private_file(&lock_path).map_err(open_err)?;
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {

@@ -187,7 +187,7 @@ pub(crate) fn apply(c: &Connection, call: &Call) -> Result<Committed, OutboxErro
                 continue;
             }
         }
-        let message_id = crate::new_message_id(&mailbox);
+        let message_id = sendbox_types::new_message_id(sendbox_types::domain_of(&mailbox));
         let recipients: Vec<String> = email.recipients().map(bare_address).collect();
         let json = serde_json::to_string(&email)
             .map_err(|e| OutboxError::Policy(format!("email cannot be stored: {e}")))?;

@@ -7,7 +7,6 @@
 //! with mode 0700 and files with 0600.
 
 use std::hash::{Hash, Hasher};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use wasmtime::Engine;
@@ -36,46 +35,6 @@ pub(crate) fn engine_dir(engine: &Engine, root: &Path) -> PathBuf {
 pub fn content_hash(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
-}
-
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    let mut b = std::fs::DirBuilder::new();
-    b.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
-    b.create(dir)
-}
-
-/// Writes `bytes` to `path` atomically: temp file, fsync, rename.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile_in(dir)?;
-    tmp.1.write_all(bytes)?;
-    tmp.1.sync_all()?;
-    std::fs::rename(&tmp.0, path)
-}
-
-fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let pid = std::process::id();
-    for n in 0u32..1000 {
-        let p = dir.join(format!(".tmp-{pid}-{n}"));
-        match opts.open(&p) {
-            Ok(f) => return Ok((p, f)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(std::io::Error::new(
-        std::io::ErrorKind::AlreadyExists,
-        format!(
-            "1000 stale temp files in {}: remove .tmp-* there",
-            dir.display()
-        ),
-    ))
 }
 
 /// Why a cache path must not be trusted, if it exists and is owned by
@@ -154,8 +113,8 @@ pub(crate) fn load(
     let compiled = engine
         .precompile_component(bytes)
         .map_err(CacheError::Compile)?;
-    create_private_dir(&dir).map_err(|e| CacheError::Io(dir.clone(), e))?;
-    write_atomic(&path, &compiled).map_err(|e| CacheError::Io(path.clone(), e))?;
+    sendbox_fs::private_dir(&dir).map_err(|e| CacheError::Io(dir.clone(), e))?;
+    sendbox_fs::write_atomic(&path, &compiled).map_err(|e| CacheError::Io(path.clone(), e))?;
     // SAFETY: `compiled` was just produced by this engine.
     let component =
         unsafe { Component::deserialize(engine, &compiled) }.map_err(CacheError::Compile)?;

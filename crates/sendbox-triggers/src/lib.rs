@@ -63,9 +63,7 @@ static EVENT_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A new event id: trigger kind, time and a counter, e.g. `wh-1795807345468-7`.
 pub fn new_event_id(kind: &str) -> String {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
+    let ms = sendbox_types::now_ms();
     let n = EVENT_COUNTER.fetch_add(1, Ordering::Relaxed);
     let prefix = match kind {
         "webhook" => "wh",

@@ -80,6 +80,48 @@ pub fn state_key_problem(key: &str) -> Option<String> {
     None
 }
 
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The domain part of an address (`localhost` when there is none), for
+/// Message-IDs.
+pub fn domain_of(address: &str) -> &str {
+    address
+        .rsplit_once('@')
+        .map(|(_, d)| d.trim_end_matches('>'))
+        .filter(|d| !d.is_empty())
+        .unwrap_or("localhost")
+}
+
+/// A new globally unique Message-ID for `domain`: `<ms.random@domain>`,
+/// with 128 bits from the process's random hash keys and a counter, so
+/// ids made at once by several threads or processes never collide.
+pub fn new_message_id(domain: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut random = [0u64; 2];
+    for (i, part) in random.iter_mut().enumerate() {
+        // Each RandomState is keyed afresh from the OS's randomness.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(n);
+        h.write_usize(i);
+        h.write_u32(std::process::id());
+        *part = h.finish();
+    }
+    format!(
+        "<{}.{:016x}{:016x}@{domain}>",
+        now_ms(),
+        random[0],
+        random[1]
+    )
+}
+
 /// Cuts `text` to at most `max` bytes (plus a marker) on a character
 /// boundary; returns how many bytes were cut. For anything a plugin or a
 /// stranger wrote that reaches a log line or an answer.

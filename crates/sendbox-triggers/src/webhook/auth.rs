@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
 use base64::Engine as _;
@@ -138,9 +138,7 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, Refusal> {
 }
 
 fn now_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+    sendbox_types::now_ms() / 1000
 }
 
 fn timestamp(value: &str, tolerance: Duration) -> Result<i64, Refusal> {
