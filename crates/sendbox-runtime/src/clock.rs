@@ -18,7 +18,7 @@ use wasmtime::component::{Linker, Resource};
 use wasmtime_wasi::HostMonotonicClock;
 use wasmtime_wasi::p2::{DynPollable, Pollable, subscribe};
 
-use crate::HostState;
+use crate::host::HostState;
 
 /// The `wasi:clocks/monotonic-clock` version `add_to_linker_sync` defines.
 const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";

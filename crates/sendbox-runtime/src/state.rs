@@ -324,6 +324,30 @@ impl Overlay {
     }
 }
 
+// ---- the `state` interface a plugin imports ----
+
+impl crate::wit::state::Host for crate::host::HostState {
+    fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        let got = self.overlay.get(&key);
+        got.map_err(|e| self.state_failed(e))
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), String>> {
+        self.overlay
+            .set(key, value)
+            .map_err(|e| self.state_failed(e))
+    }
+
+    fn delete(&mut self, key: String) -> wasmtime::Result<()> {
+        self.overlay.delete(key).map_err(|e| self.state_failed(e))
+    }
+
+    fn keys(&mut self, prefix: String) -> wasmtime::Result<Vec<String>> {
+        let listed = self.overlay.keys(&prefix);
+        listed.map_err(|e| self.state_failed(e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,317 @@
+//! One event in a fresh instance: the store with its limits, the call, and
+//! the classification of whatever went wrong.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use wasmtime::component::ResourceTable;
+use wasmtime::{Engine, Store, Trap};
+use wasmtime_wasi::WasiCtx;
+
+use crate::convert::{from_wit_outcome, to_wit_event};
+use crate::host::{HostState, LogLevel, LogLine, LogSource};
+use crate::limiter::MemoryLimiter;
+use crate::{
+    CompileSource, EPOCH_TICK, Event, Limits, MAX_ERROR_BYTES, MAX_RANDOM_BYTES,
+    MAX_RESOURCES_PER_INSTANCE, Outcome, ReadSet, RunError, RunFailure, StateChange, StateStore,
+    bindings, clock, output, state, validate,
+};
+use sendbox_types::truncate_text;
+
+/// The operator's settings for one plugin.
+#[derive(Debug, Clone, Default)]
+pub struct PluginSettings {
+    /// Values the plugin reads with `host.config(key)`. Never secrets.
+    pub config: BTreeMap<String, String>,
+    /// Resource limits.
+    pub limits: Limits,
+}
+
+pub(crate) struct PluginInner {
+    pub(crate) name: String,
+    pub(crate) hash: String,
+    pub(crate) source: CompileSource,
+    pub(crate) pre: bindings::HookPre<HostState>,
+    pub(crate) engine: Engine,
+    pub(crate) settings: PluginSettings,
+}
+
+/// A loaded plugin, ready to run events. Cheap to clone; clones share the
+/// compiled code.
+#[derive(Clone)]
+pub struct Plugin {
+    pub(crate) inner: Arc<PluginInner>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.inner.name)
+            .field("sha256", &self.inner.hash)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The result of a successful call.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// What the plugin returned, already validated.
+    pub outcome: Outcome,
+    /// State writes to commit together with the outcome.
+    pub state_changes: Vec<StateChange>,
+    /// What the call read from committed state; the commit must check that
+    /// none of it changed meanwhile, or run the event again.
+    pub reads: ReadSet,
+    /// What the plugin logged.
+    pub logs: Vec<LogLine>,
+    /// Log bytes dropped because of `log_bytes_per_event`.
+    pub log_bytes_dropped: u64,
+    /// Wall time of instantiate + handle, in microseconds.
+    pub duration_us: u64,
+}
+
+impl Plugin {
+    /// The plugin's name from the config.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// SHA-256 of the component.
+    pub fn sha256(&self) -> &str {
+        &self.inner.hash
+    }
+
+    /// Whether the compiled code came from the cache.
+    pub fn compile_source(&self) -> CompileSource {
+        self.inner.source
+    }
+
+    /// The plugin's settings.
+    pub fn settings(&self) -> &PluginSettings {
+        &self.inner.settings
+    }
+
+    /// Runs one event in a fresh instance.
+    ///
+    /// Blocks the calling thread for at most about `cpu_ms_per_event`; call
+    /// it from a blocking-capable thread (e.g. `tokio::task::spawn_blocking`).
+    /// On success the outcome is validated and the state changes are
+    /// returned, not applied. On failure nothing of the call is kept.
+    pub fn run(
+        &self,
+        event: &Event,
+        event_id: &str,
+        state: Arc<dyn StateStore>,
+    ) -> Result<RunReport, RunError> {
+        let span = tracing::info_span!("plugin_run", plugin = %self.inner.name, event_id, trigger = event.kind());
+        let _enter = span.enter();
+        let started = Instant::now();
+        let limits = &self.inner.settings.limits;
+        let fail = |cause: RunFailure, logs: Vec<LogLine>| RunError {
+            plugin: self.inner.name.clone(),
+            event_id: event_id.to_owned(),
+            cause,
+            logs,
+        };
+
+        let stdout = output::BoundedPipe::new(limits.log_bytes_per_event as usize);
+        let stderr = output::BoundedPipe::new(limits.log_bytes_per_event as usize);
+        // An empty context: no env, args, preopens, stdin or network.
+        let wasi = WasiCtx::builder()
+            .monotonic_clock(clock::EventClock::new(started))
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .max_random_size(MAX_RANDOM_BYTES)
+            .build();
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_RESOURCES_PER_INSTANCE);
+        let mut store = Store::new(
+            &self.inner.engine,
+            HostState {
+                wasi,
+                table,
+                limiter: MemoryLimiter::new(limits.memory_bytes),
+                plugin: self.inner.clone(),
+                overlay: state::Overlay::new(state, self.inner.name.clone(), limits.state_bytes),
+                logs: Vec::new(),
+                log_bytes: 0,
+                log_bytes_dropped: 0,
+                state_error: None,
+                started,
+                deadline: started + Duration::from_millis(limits.cpu_ms_per_event),
+                slept_past_deadline: false,
+            },
+        );
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(
+            limits
+                .cpu_ms_per_event
+                .div_ceil(EPOCH_TICK.as_millis() as u64),
+        );
+        store.epoch_deadline_trap();
+        store.set_hostcall_fuel(usize::try_from(limits.outcome_bytes).unwrap_or(usize::MAX));
+
+        let mut instantiating = true;
+        let result = self.inner.pre.instantiate(&mut store).and_then(|hook| {
+            instantiating = false;
+            hook.call_handle(&mut store, &to_wit_event(event))
+        });
+
+        // Collect what the guest printed, whatever the result.
+        for (pipe, source, level) in [
+            (&stdout, LogSource::Stdout, LogLevel::Info),
+            (&stderr, LogSource::Stderr, LogLevel::Warn),
+        ] {
+            let (bytes, dropped) = pipe.take();
+            let data = store.data_mut();
+            data.log_bytes_dropped += dropped;
+            for line in String::from_utf8_lossy(&bytes).lines() {
+                if !line.trim().is_empty() {
+                    data.record_log(level, source, line.to_owned());
+                }
+            }
+        }
+
+        let outcome = match result {
+            Ok(_) if store.data().slept_past_deadline => {
+                let logs = std::mem::take(&mut store.data_mut().logs);
+                let cause = RunFailure::Timeout {
+                    limit_ms: limits.cpu_ms_per_event,
+                };
+                tracing::warn!(kind = cause.kind(), error = %cause, "plugin slept past its time limit");
+                return Err(fail(cause, logs));
+            }
+            Ok(Ok(outcome)) => from_wit_outcome(outcome),
+            Ok(Err(mut message)) => {
+                truncate_text(&mut message, MAX_ERROR_BYTES);
+                let logs = std::mem::take(&mut store.data_mut().logs);
+                tracing::warn!(error = %message, "plugin returned an error");
+                return Err(fail(RunFailure::Plugin(message), logs));
+            }
+            Err(e) => {
+                let cause = classify(&e, instantiating, &mut store, limits);
+                let logs = std::mem::take(&mut store.data_mut().logs);
+                tracing::warn!(kind = cause.kind(), error = %cause, "plugin run failed");
+                return Err(fail(cause, logs));
+            }
+        };
+        if let Err(cause) = validate::outcome(&outcome, limits) {
+            let logs = std::mem::take(&mut store.data_mut().logs);
+            tracing::warn!(kind = cause.kind(), error = %cause, "plugin outcome refused");
+            return Err(fail(cause, logs));
+        }
+        let data = store.into_data();
+        let duration_us = started.elapsed().as_micros() as u64;
+        tracing::debug!(emails = outcome.emails.len(), duration_us, "plugin run ok");
+        let (state_changes, reads) = data.overlay.finish();
+        Ok(RunReport {
+            outcome,
+            state_changes,
+            reads,
+            logs: data.logs,
+            log_bytes_dropped: data.log_bytes_dropped,
+            duration_us,
+        })
+    }
+}
+
+/// Turns a wasmtime error into the reason an operator can act on.
+fn classify(
+    e: &wasmtime::Error,
+    instantiating: bool,
+    store: &mut Store<HostState>,
+    limits: &Limits,
+) -> RunFailure {
+    let data = store.data_mut();
+    if data.limiter.hit {
+        return RunFailure::MemoryLimit {
+            limit_bytes: limits.memory_bytes,
+        };
+    }
+    match data.state_error.take() {
+        Some(state::StateFailure::Limit { limit, detail }) => {
+            return RunFailure::Limit { limit, detail };
+        }
+        Some(err @ state::StateFailure::Store(_)) => return RunFailure::Host(err.to_string()),
+        None => {}
+    }
+    // By type where wasmtime exposes one.
+    if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+        return RunFailure::Timeout {
+            limit_ms: limits.cpu_ms_per_event,
+        };
+    }
+    let table_full = matches!(
+        e.downcast_ref::<wasmtime::component::ResourceTableError>(),
+        Some(wasmtime::component::ResourceTableError::Full)
+    ) || format!("{e:#}").contains("resource table has no free");
+    if table_full {
+        return RunFailure::Limit {
+            limit: "resources",
+            detail: format!("more than {MAX_RESOURCES_PER_INSTANCE} open host resources"),
+        };
+    }
+    // By text where its type is private to wasmtime (hostcall fuel) or
+    // wasmtime-wasi (the random-bytes cap). The causes' text only: `{:?}`
+    // would also print (and so resolve) a native backtrace when
+    // RUST_BACKTRACE is set, which maps the whole binary's debug info:
+    // hundreds of MB per failed event.
+    let text = format!("{e:#}");
+    if text.contains("fuel allocated for hostcalls has been exhausted") {
+        return RunFailure::Limit {
+            limit: "outcome_bytes",
+            detail: format!(
+                "the plugin tried to hand the host more than {} bytes in one call",
+                limits.outcome_bytes
+            ),
+        };
+    }
+    if text.contains("resource table has no free capacity") {
+        return RunFailure::Limit {
+            limit: "resources",
+            detail: format!("more than {MAX_RESOURCES_PER_INSTANCE} open host resources"),
+        };
+    }
+    if text.contains("requested len") && text.contains("exceeds limit") {
+        return RunFailure::Limit {
+            limit: "random_bytes",
+            detail: format!("asked wasi:random for more than {MAX_RANDOM_BYTES} bytes at once"),
+        };
+    }
+    if instantiating && e.downcast_ref::<Trap>().is_none() {
+        return RunFailure::Host(format!("cannot create an instance: {e:#}"));
+    }
+    // A panic prints "thread .. panicked at FILE:LINE:COL:" and then its
+    // message on stderr before trapping: quote both.
+    let stderr: Vec<&str> = data
+        .logs
+        .iter()
+        .filter(|l| l.source == LogSource::Stderr)
+        .map(|l| l.message.as_str())
+        .collect();
+    let panic = stderr
+        .iter()
+        .rposition(|l| l.contains("panicked at"))
+        .map(|i| {
+            let end = (i + 3).min(stderr.len());
+            stderr[i..end]
+                .iter()
+                .filter(|l| !l.starts_with("note: run with `RUST_BACKTRACE"))
+                .copied()
+                .collect::<Vec<_>>()
+                .join(" ")
+        });
+    let mut message = match e.downcast_ref::<Trap>() {
+        Some(trap) => trap.to_string(),
+        None => format!("{e:#}"),
+    };
+    if let Some(p) = panic {
+        message = format!("{message} ({p})");
+    }
+    RunFailure::Trap { message }
+}

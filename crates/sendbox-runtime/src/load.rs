@@ -1,0 +1,235 @@
+//! Loading a component: compiled code from the cache or the compiler, the
+//! check that it imports only what sendbox offers, the world check, and
+//! pre-instantiation; also `inspect`, which describes a component without
+//! running it.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use wasmtime::Engine;
+use wasmtime::component::Component;
+
+use crate::instance::PluginInner;
+use crate::{
+    CompileSource, LoadError, Plugin, PluginSettings, Runtime, bindings, cache, content_hash,
+};
+
+impl Runtime {
+    /// Reads and loads a component file. See [`Runtime::load`].
+    pub fn load_file(
+        &self,
+        name: &str,
+        path: &Path,
+        settings: PluginSettings,
+    ) -> Result<Plugin, LoadError> {
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+            plugin: name.to_owned(),
+            path: path.to_owned(),
+            source,
+        })?;
+        self.load(name, &bytes, settings)
+    }
+
+    /// Compiles (or loads from cache) a component, checks that every import
+    /// is one we offer and that it implements the `hook` world, and
+    /// pre-instantiates it.
+    pub fn load(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        settings: PluginSettings,
+    ) -> Result<Plugin, LoadError> {
+        settings
+            .limits
+            .validate()
+            .map_err(|reason| LoadError::BadLimits {
+                plugin: name.to_owned(),
+                reason,
+            })?;
+        let started = Instant::now();
+        let hash = content_hash(bytes);
+        let (component, source) = self.compile(name, bytes, &hash)?;
+        let plugin = self.prepare(name, &component, hash, source, settings)?;
+        tracing::debug!(plugin = name, ?source, hash = %plugin.inner.hash, elapsed_ms = started.elapsed().as_millis() as u64, "plugin loaded");
+        Ok(plugin)
+    }
+
+    /// Checks a compiled component's imports and world, and
+    /// pre-instantiates it.
+    fn prepare(
+        &self,
+        name: &str,
+        component: &Component,
+        hash: String,
+        source: CompileSource,
+        settings: PluginSettings,
+    ) -> Result<Plugin, LoadError> {
+        check_imports(&self.engine, name, component)?;
+        let pre = self
+            .linker
+            .instantiate_pre(component)
+            .map_err(|e| LoadError::WrongWorld {
+                plugin: name.to_owned(),
+                reason: format!("{e:#}"),
+            })?;
+        let pre = bindings::HookPre::new(pre).map_err(|e| LoadError::WrongWorld {
+            plugin: name.to_owned(),
+            reason: format!("{e:#}"),
+        })?;
+        Ok(Plugin {
+            inner: Arc::new(PluginInner {
+                name: name.to_owned(),
+                hash,
+                source,
+                pre,
+                engine: self.engine.clone(),
+                settings,
+            }),
+        })
+    }
+}
+
+impl Runtime {
+    /// Loads compiled code from the cache or compiles it.
+    fn compile(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        hash: &str,
+    ) -> Result<(Component, CompileSource), LoadError> {
+        cache::load(&self.engine, self.cache_dir.as_deref(), bytes, hash).map_err(|e| match e {
+            cache::CacheError::Compile(e) => LoadError::NotAComponent {
+                plugin: name.to_owned(),
+                reason: format!("{e:#}"),
+            },
+            cache::CacheError::Io(path, source) => LoadError::Cache {
+                plugin: name.to_owned(),
+                path,
+                source,
+            },
+        })
+    }
+}
+
+/// WASI 0.2 interfaces a plugin may import. They are linked with an empty
+/// context: no env, args, preopened directories, sockets or stdin; clocks
+/// and randomness work; stdout and stderr go to bounded buffers.
+const OFFERED_WASI: &[&str] = &[
+    "wasi:cli/environment",
+    "wasi:cli/exit",
+    "wasi:cli/stdin",
+    "wasi:cli/stdout",
+    "wasi:cli/stderr",
+    "wasi:cli/terminal-input",
+    "wasi:cli/terminal-output",
+    "wasi:cli/terminal-stdin",
+    "wasi:cli/terminal-stdout",
+    "wasi:cli/terminal-stderr",
+    "wasi:clocks/monotonic-clock",
+    "wasi:clocks/wall-clock",
+    "wasi:filesystem/types",
+    "wasi:filesystem/preopens",
+    "wasi:io/error",
+    "wasi:io/poll",
+    "wasi:io/streams",
+    "wasi:random/random",
+    "wasi:random/insecure",
+    "wasi:random/insecure-seed",
+];
+
+/// Our own interfaces.
+const OFFERED_SENDBOX: &[&str] = &[
+    "sendbox:plugin/types",
+    "sendbox:plugin/host",
+    "sendbox:plugin/state",
+];
+
+fn is_offered(import: &str) -> bool {
+    let (iface, version) = import.split_once('@').unwrap_or((import, ""));
+    if OFFERED_SENDBOX.contains(&iface) {
+        return version.starts_with("0.1.");
+    }
+    OFFERED_WASI.contains(&iface) && version.starts_with("0.2.")
+}
+
+fn check_imports(engine: &Engine, plugin: &str, component: &Component) -> Result<(), LoadError> {
+    for (import, _) in component.component_type().imports(engine) {
+        if !is_offered(import) {
+            return Err(LoadError::UnsupportedImport {
+                plugin: plugin.to_owned(),
+                import: import.to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What a component imports and exports, for `sendbox plugin inspect`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Inspection {
+    /// The world it was checked against.
+    pub world: &'static str,
+    /// Whether it implements that world with only offered imports.
+    pub implements_world: bool,
+    /// Why not, when it does not.
+    pub problem: Option<String>,
+    /// Every import, with whether the host offers it.
+    pub imports: Vec<InspectedItem>,
+    /// Every export.
+    pub exports: Vec<String>,
+    /// SHA-256 of the bytes.
+    pub sha256: String,
+}
+
+/// One import of an inspected component.
+#[derive(Debug, Clone, Serialize)]
+pub struct InspectedItem {
+    /// Full name, e.g. `wasi:cli/stdout@0.2.6`.
+    pub name: String,
+    /// Whether sendbox offers it.
+    pub offered: bool,
+}
+
+/// The world plugins implement.
+pub const WORLD: &str = "sendbox:plugin/hook@0.1.0";
+
+impl Runtime {
+    /// Describes a component without running it.
+    pub fn inspect(&self, name: &str, bytes: &[u8]) -> Result<Inspection, LoadError> {
+        let hash = content_hash(bytes);
+        let (component, source) = self.compile(name, bytes, &hash)?;
+        let ty = component.component_type();
+        let imports = ty
+            .imports(&self.engine)
+            .map(|(name, _)| InspectedItem {
+                name: name.to_owned(),
+                offered: is_offered(name),
+            })
+            .collect();
+        let exports = ty
+            .exports(&self.engine)
+            .map(|(n, _)| n.to_owned())
+            .collect();
+        // The same compiled component: inspecting never compiles twice.
+        let problem = self
+            .prepare(
+                name,
+                &component,
+                hash.clone(),
+                source,
+                PluginSettings::default(),
+            )
+            .err()
+            .map(|e| e.to_string());
+        Ok(Inspection {
+            world: WORLD,
+            implements_world: problem.is_none(),
+            problem,
+            imports,
+            exports,
+            sha256: hash,
+        })
+    }
+}
