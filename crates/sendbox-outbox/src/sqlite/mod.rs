@@ -1,0 +1,472 @@
+//! The SQLite backend: one file in WAL mode with `synchronous = FULL`, one
+//! writer thread that group-commits, a reader connection, versioned
+//! migrations (`schema`), the commit of a call (`commit`) and plugin state
+//! (`state`).
+
+mod commit;
+mod lock;
+mod read;
+mod schema;
+mod state;
+mod writer;
+
+use read::{COLUMNS, row_to_message};
+use writer::{CommitReply, Write, writer_loop};
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError, mpsc};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+
+use crate::{
+    Call, Committed, Message, OutboxError, PruneBefore, Pruned, State, StorageError, now_ms,
+};
+
+impl From<rusqlite::Error> for OutboxError {
+    fn from(e: rusqlite::Error) -> Self {
+        OutboxError::Storage(StorageError(e.to_string()))
+    }
+}
+
+/// Rows deleted per transaction by [`Outbox::prune`].
+const PRUNE_BATCH: i64 = 1000;
+
+/// The outbox. Cheap to share behind an `Arc`; all methods block briefly
+/// (call them from blocking-capable threads).
+pub struct Outbox {
+    path: PathBuf,
+    /// Held while this process delivers from the database (see
+    /// [`Outbox::lock_for_delivery`]).
+    delivery_lock: Mutex<Option<std::fs::File>>,
+    writer: Mutex<Option<mpsc::SyncSender<Write>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    reader: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox").field("path", &self.path).finish()
+    }
+}
+
+fn open_conn(path: &Path) -> Result<Connection, OutboxError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| OutboxError::Open {
+        path: path.to_owned(),
+        message: format!("{e} (check that the folder exists and is writable by sendbox)"),
+    })?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL: the WAL is fsynced at every commit; see the crate docs.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+impl Outbox {
+    /// Opens (creating and migrating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Outbox, OutboxError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            sendbox_fs::private_dir(dir).map_err(|e| OutboxError::Open {
+                path: path.to_owned(),
+                message: format!("cannot create the folder {}: {e}", dir.display()),
+            })?;
+        }
+        // The database, its WAL and shared-memory files are created 0600
+        // whatever the umask: they hold every queued message. SQLite gives
+        // its -wal and -shm files the database file's mode.
+        sendbox_fs::private_file(path).map_err(|e| OutboxError::Open {
+            path: path.to_owned(),
+            message: format!("cannot create the database file: {e}"),
+        })?;
+        let mut writer = open_conn(path)?;
+        schema::migrate(&mut writer).map_err(|e| match e {
+            OutboxError::Storage(s) => OutboxError::Open {
+                path: path.to_owned(),
+                message: format!("{s} (is the file writable?)"),
+            },
+            other => other,
+        })?;
+        let reader = open_conn(path)?;
+        let (tx, rx) = mpsc::sync_channel::<Write>(4096);
+        let thread = std::thread::Builder::new()
+            .name("sendbox-outbox-writer".into())
+            .spawn(move || writer_loop(writer, rx))
+            .map_err(|e| OutboxError::Open {
+                path: path.to_owned(),
+                message: format!("cannot start the writer thread: {e}"),
+            })?;
+        Ok(Outbox {
+            path: path.to_owned(),
+            delivery_lock: Mutex::new(None),
+            writer: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            reader: Mutex::new(reader),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn send(&self, w: Write) -> Result<(), OutboxError> {
+        let guard = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        guard
+            .as_ref()
+            .ok_or(OutboxError::Closed)?
+            .send(w)
+            .map_err(|_| OutboxError::Closed)
+    }
+
+    /// Commits one plugin call: checks policy, drops suppressed recipients,
+    /// skips duplicate idempotency keys, queues the emails and applies the
+    /// state writes — all in one transaction, durable when this returns
+    /// `Ok`. On `Err` nothing of the call was stored.
+    pub fn commit(&self, call: Call) -> Result<Committed, OutboxError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.send(Write::Commit(Box::new(call), CommitReply::Blocking(tx)))?;
+        rx.recv().map_err(|_| OutboxError::Closed)?
+    }
+
+    /// [`Outbox::commit`] for async code: the same commit, awaited without
+    /// holding a thread (a blocking thread is used only if thousands of
+    /// commits are already waiting).
+    pub async fn commit_async(
+        self: &std::sync::Arc<Self>,
+        call: Call,
+    ) -> Result<Committed, OutboxError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let w = Write::Commit(Box::new(call), CommitReply::Async(tx));
+        let full = {
+            let guard = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+            match guard.as_ref().ok_or(OutboxError::Closed)?.try_send(w) {
+                Ok(()) => None,
+                Err(mpsc::TrySendError::Full(w)) => Some(w),
+                Err(mpsc::TrySendError::Disconnected(_)) => return Err(OutboxError::Closed),
+            }
+        };
+        if let Some(w) = full {
+            let me = self.clone();
+            tokio::task::spawn_blocking(move || me.send(w))
+                .await
+                .map_err(|_| OutboxError::Closed)??;
+        }
+        rx.await.map_err(|_| OutboxError::Closed)?
+    }
+
+    /// Runs a write on the writer thread and waits for it.
+    fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, OutboxError> + Send + 'static,
+    ) -> Result<T, OutboxError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.send(Write::Run(Box::new(move |conn| {
+            let _ = tx.send(f(conn));
+            Ok(())
+        })))?;
+        rx.recv().map_err(|_| OutboxError::Closed)?
+    }
+
+    /// After a crash: messages left in `sending` go back to `queued`, keeping
+    /// their Message-ID, so they are sent again and a duplicate is
+    /// recognisable. Returns how many. Only the process holding the delivery
+    /// lock may do this (a live process's `sending` messages are its own).
+    pub fn recover(&self) -> Result<usize, OutboxError> {
+        if self
+            .delivery_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none()
+        {
+            return Err(OutboxError::Open {
+                path: self.path.clone(),
+                message: "recover needs the delivery lock: call lock_for_delivery first".into(),
+            });
+        }
+        self.write(|conn| {
+            let tx = conn.transaction()?;
+            let ids: Vec<i64> = {
+                let mut st = tx.prepare("SELECT id FROM messages WHERE state = 'sending'")?;
+                st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
+            };
+            let now = now_ms();
+            for id in &ids {
+                tx.execute(
+                    "UPDATE messages SET state = 'queued', updated_ms = ?2 WHERE id = ?1",
+                    params![id, now],
+                )?;
+                audit(
+                    &tx,
+                    *id,
+                    Some("sending"),
+                    "queued",
+                    Some("recovered after restart: was being sent when sendbox stopped"),
+                )?;
+            }
+            tx.commit()?;
+            Ok(ids.len())
+        })
+    }
+
+    /// Claims up to `limit` due messages of `account` (queued, or retry whose
+    /// time has come), moving them to `sending`.
+    pub fn claim(&self, account: &str, limit: usize) -> Result<Vec<Message>, OutboxError> {
+        let account = account.to_owned();
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let now = now_ms();
+            let msgs: Vec<Message> = {
+                let mut st = tx.prepare(&format!(
+                    "SELECT {COLUMNS} FROM messages WHERE account = ?1 AND state IN ('queued','retry') \
+                     AND next_attempt_ms <= ?2 ORDER BY next_attempt_ms, id LIMIT ?3"
+                ))?;
+                st.query_map(params![account, now, limit as i64], row_to_message)?
+                    .collect::<Result<_, _>>()?
+            };
+            for m in &msgs {
+                tx.execute(
+                    "UPDATE messages SET state = 'sending', attempts = attempts + 1, updated_ms = ?2 WHERE id = ?1",
+                    params![m.id, now],
+                )?;
+                audit(&tx, m.id, Some(m.state.as_str()), "sending", None)?;
+            }
+            tx.commit()?;
+            Ok(msgs
+                .into_iter()
+                .map(|mut m| {
+                    m.state = State::Sending;
+                    m.attempts += 1;
+                    m
+                })
+                .collect())
+        })
+    }
+
+    /// Records a delivery attempt's result: moves a message this process
+    /// claimed (`sending`) to its new state with the reply. A message no
+    /// longer `sending` (retried or dropped by the operator meanwhile) is
+    /// left alone: [`OutboxError::WrongState`].
+    pub fn mark(
+        &self,
+        id: i64,
+        to: State,
+        next_attempt_ms: Option<i64>,
+        detail: &str,
+    ) -> Result<(), OutboxError> {
+        self.transition(id, &[State::Sending], to, next_attempt_ms, detail)
+    }
+
+    fn transition(
+        &self,
+        id: i64,
+        from_any: &'static [State],
+        to: State,
+        next_attempt_ms: Option<i64>,
+        detail: &str,
+    ) -> Result<(), OutboxError> {
+        let detail = detail.to_owned();
+        self.write(move |conn| {
+            let tx = conn.transaction()?;
+            let from: Option<String> = tx
+                .query_row("SELECT state FROM messages WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            let Some(from) = from else {
+                return Err(OutboxError::NotFound(id));
+            };
+            if !from_any.iter().any(|s| s.as_str() == from) {
+                let expected: Vec<&str> = from_any.iter().map(|s| s.as_str()).collect();
+                return Err(OutboxError::WrongState {
+                    id,
+                    state: from,
+                    expected: expected.join(" or "),
+                });
+            }
+            let now = now_ms();
+            tx.execute(
+                "UPDATE messages SET state = ?2, updated_ms = ?3, last_reply = ?4, \
+                 next_attempt_ms = COALESCE(?5, next_attempt_ms) WHERE id = ?1",
+                params![id, to.as_str(), now, detail, next_attempt_ms],
+            )?;
+            audit(&tx, id, Some(&from), to.as_str(), Some(&detail))?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Puts a dead (or retrying, or sent) message back in the queue now.
+    /// A message being sent right now is refused.
+    pub fn retry_now(&self, id: i64) -> Result<(), OutboxError> {
+        self.transition(
+            id,
+            &[State::Dead, State::Retry, State::Queued, State::Sent],
+            State::Queued,
+            Some(now_ms()),
+            "retry requested by the operator",
+        )
+    }
+
+    /// Deletes a message and its audit trail.
+    pub fn drop_message(&self, id: i64) -> Result<(), OutboxError> {
+        self.write(move |conn| {
+            let n = conn.execute("DELETE FROM messages WHERE id = ?1", [id])?;
+            if n == 0 {
+                return Err(OutboxError::NotFound(id));
+            }
+            Ok(())
+        })
+    }
+
+    /// Records that delivery for `account` is paused (`Some(reason)`) or
+    /// running again (`None`), so `sendbox check` can say so.
+    pub fn set_account_paused(
+        &self,
+        account: &str,
+        reason: Option<&str>,
+    ) -> Result<(), OutboxError> {
+        let account = account.to_owned();
+        let reason = reason.map(str::to_owned);
+        self.write(move |conn| {
+            match reason {
+                Some(r) => conn.execute(
+                    "INSERT INTO account_status (account, paused_ms, reason) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (account) DO UPDATE SET paused_ms = excluded.paused_ms, reason = excluded.reason",
+                    params![account, now_ms(), r],
+                )?,
+                None => conn.execute("DELETE FROM account_status WHERE account = ?1", [account])?,
+            };
+            Ok(())
+        })
+    }
+
+    /// Records that a schedule ran for the tick due at `scheduled_at_ms`, so
+    /// a restart can tell which runs it missed.
+    pub fn set_schedule_run(
+        &self,
+        plugin: &str,
+        schedule: &str,
+        scheduled_at_ms: i64,
+    ) -> Result<(), OutboxError> {
+        let (plugin, schedule) = (plugin.to_owned(), schedule.to_owned());
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO schedule_runs (plugin, schedule, last_ms) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (plugin, schedule) DO UPDATE SET last_ms = max(last_ms, excluded.last_ms)",
+                params![plugin, schedule, scheduled_at_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Adds an address to the suppression list.
+    pub fn suppress(&self, address: &str, reason: Option<&str>) -> Result<(), OutboxError> {
+        let address = address.trim().to_ascii_lowercase();
+        let reason = reason.map(str::to_owned);
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO suppressions (address, added_ms, reason) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (address) DO UPDATE SET reason = excluded.reason",
+                params![address, now_ms(), reason],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Removes an address from the suppression list; whether it was there.
+    pub fn unsuppress(&self, address: &str) -> Result<bool, OutboxError> {
+        let address = address.trim().to_ascii_lowercase();
+        self.write(move |conn| {
+            Ok(conn.execute("DELETE FROM suppressions WHERE address = ?1", [address])? > 0)
+        })
+    }
+
+    /// Deletes what is past its retention: `sent` and `dead` messages (with
+    /// their audit trails) whose last change is older than the cutoffs, and
+    /// idempotency keys recorded before `idempotency_before_ms`. Works in
+    /// batches so commits are never held up for long. Returns what went.
+    pub fn prune(&self, cutoffs: PruneBefore) -> Result<Pruned, OutboxError> {
+        let mut pruned = Pruned::default();
+        loop {
+            let batch = self.write(move |conn| {
+                let tx = conn.transaction()?;
+                let mut n = 0;
+                for (state, before) in [("sent", cutoffs.sent_ms), ("dead", cutoffs.dead_ms)] {
+                    n += tx
+                        .prepare_cached(
+                            "DELETE FROM messages WHERE id IN (SELECT id FROM messages \
+                             WHERE state = ?1 AND updated_ms < ?2 LIMIT ?3)",
+                        )?
+                        .execute(params![state, before, PRUNE_BATCH])?;
+                }
+                let keys = tx
+                    .prepare_cached(
+                        "DELETE FROM idempotency WHERE rowid IN (SELECT rowid FROM idempotency \
+                         WHERE created_ms < ?1 LIMIT ?2)",
+                    )?
+                    .execute(params![cutoffs.idempotency_ms, PRUNE_BATCH])?;
+                tx.commit()?;
+                Ok((n, keys))
+            })?;
+            pruned.messages += batch.0 as u64;
+            pruned.idempotency_keys += batch.1 as u64;
+            if batch.0 < PRUNE_BATCH as usize && batch.1 < PRUNE_BATCH as usize {
+                return Ok(pruned);
+            }
+        }
+    }
+
+    /// Stops the writer thread after the writes already queued.
+    pub fn close(&self) {
+        self.writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(t) = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn audit(
+    tx: &rusqlite::Transaction<'_>,
+    id: i64,
+    from: Option<&str>,
+    to: &str,
+    detail: Option<&str>,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO audit (message, at_ms, from_state, to_state, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![id, now_ms(), from, to, detail],
+    )?;
+    Ok(())
+}
+
+impl Outbox {
+    /// Caps the database at `pages` pages, so tests can make the disk "full"
+    /// and check that nothing unstored is acknowledged.
+    #[doc(hidden)]
+    pub fn limit_pages_for_tests(&self, pages: u64) -> Result<(), OutboxError> {
+        self.write(move |conn| {
+            conn.pragma_update(None, "max_page_count", pages as i64)?;
+            Ok(())
+        })
+    }
+}

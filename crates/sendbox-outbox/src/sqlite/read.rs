@@ -1,0 +1,147 @@
+//! Reads: messages, their history, queue depth, suppressions, paused
+//! accounts, schedule runs and plugin state, on the reader connection.
+
+use std::sync::PoisonError;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{Outbox, state};
+use crate::{AuditEntry, Message, OutboxError, State};
+
+pub(super) const COLUMNS: &str = "id, message_id, plugin, trigger, event_id, account, state, attempts, \
+                       next_attempt_ms, created_ms, recipients, last_reply, email_json";
+pub(super) fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
+    let json: String = r.get(12)?;
+    let email: sendbox_types::Email = serde_json::from_str(&json).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(12, rusqlite::types::Type::Text, Box::new(e))
+    })?;
+    Ok(Message {
+        id: r.get(0)?,
+        message_id: r.get(1)?,
+        plugin: r.get(2)?,
+        trigger: r.get(3)?,
+        event_id: r.get(4)?,
+        account: r.get(5)?,
+        state: State::parse(&r.get::<_, String>(6)?),
+        attempts: r.get(7)?,
+        next_attempt_ms: r.get(8)?,
+        created_ms: r.get(9)?,
+        recipients: r.get(10)?,
+        last_reply: r.get(11)?,
+        email,
+    })
+}
+
+impl Outbox {
+    pub(super) fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, OutboxError> {
+        let conn = self.reader.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(f(&conn)?)
+    }
+    /// When a schedule last ran (its tick's `scheduled_at_ms`), if ever.
+    pub fn schedule_run(&self, plugin: &str, schedule: &str) -> Result<Option<i64>, OutboxError> {
+        let (plugin, schedule) = (plugin.to_owned(), schedule.to_owned());
+        self.read(move |c| {
+            c.query_row(
+                "SELECT last_ms FROM schedule_runs WHERE plugin = ?1 AND schedule = ?2",
+                params![plugin, schedule],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+    }
+    /// Paused accounts: (account, since ms, reason).
+    pub fn paused_accounts(&self) -> Result<Vec<(String, i64, String)>, OutboxError> {
+        self.read(|c| {
+            let mut st = c.prepare(
+                "SELECT account, paused_ms, reason FROM account_status ORDER BY account",
+            )?;
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect()
+        })
+    }
+    /// The suppression list.
+    pub fn suppressions(&self) -> Result<Vec<(String, Option<String>)>, OutboxError> {
+        self.read(|c| {
+            let mut st = c.prepare("SELECT address, reason FROM suppressions ORDER BY address")?;
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
+        })
+    }
+    /// Messages, newest first, optionally in one state.
+    pub fn list(&self, state: Option<State>, limit: usize) -> Result<Vec<Message>, OutboxError> {
+        self.read(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {COLUMNS} FROM messages WHERE (?1 IS NULL OR state = ?1) ORDER BY id DESC LIMIT ?2"
+            ))?;
+            st.query_map(params![state.map(State::as_str), limit as i64], row_to_message)?
+                .collect()
+        })
+    }
+    /// One message.
+    pub fn get(&self, id: i64) -> Result<Message, OutboxError> {
+        self.read(|c| {
+            c.query_row(
+                &format!("SELECT {COLUMNS} FROM messages WHERE id = ?1"),
+                [id],
+                row_to_message,
+            )
+            .optional()
+        })?
+        .ok_or(OutboxError::NotFound(id))
+    }
+    /// A message's audit trail, oldest first.
+    pub fn audit_trail(&self, id: i64) -> Result<Vec<AuditEntry>, OutboxError> {
+        self.read(|c| {
+            let mut st = c.prepare(
+                "SELECT at_ms, from_state, to_state, detail FROM audit WHERE message = ?1 ORDER BY id",
+            )?;
+            st.query_map([id], |r| {
+                Ok(AuditEntry {
+                    at_ms: r.get(0)?,
+                    from: r.get(1)?,
+                    to: r.get(2)?,
+                    detail: r.get(3)?,
+                })
+            })?
+            .collect()
+        })
+    }
+    /// Count of messages per state, from counters kept at every change
+    /// (five rows read, never a table scan).
+    pub fn depth(&self) -> Result<Vec<(State, u64)>, OutboxError> {
+        self.read(|c| {
+            let mut st = c.prepare_cached("SELECT state, n FROM message_counts WHERE n > 0")?;
+            st.query_map([], |r| {
+                Ok((
+                    State::parse(&r.get::<_, String>(0)?),
+                    r.get::<_, i64>(1)? as u64,
+                ))
+            })?
+            .collect()
+        })
+    }
+    /// Reads one plugin state value with its version (see
+    /// [`ReadSet`](sendbox_types::ReadSet)).
+    pub fn state_get(
+        &self,
+        plugin: &str,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, u64)>, OutboxError> {
+        self.read(|c| state::get(c, plugin, key))
+    }
+    /// Plugin state keys with a prefix, in byte order, at most `limit`.
+    pub fn state_keys(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, OutboxError> {
+        self.read(|c| state::keys(c, plugin, prefix, limit))
+    }
+    /// Bytes of keys and values a plugin keeps.
+    pub fn state_usage(&self, plugin: &str) -> Result<u64, OutboxError> {
+        self.read(|c| state::usage(c, plugin))
+    }
+}
