@@ -1,0 +1,56 @@
+//! Hashes of each section, so a reload can tell what changed (hashes, so an
+//! inline secret never shows in `Debug`).
+
+use std::collections::BTreeMap;
+
+use super::*;
+
+pub(super) struct Fingerprints {
+    pub(super) restart: String,
+    pub(super) accounts: BTreeMap<String, String>,
+    pub(super) plugins: BTreeMap<String, Fingerprint>,
+}
+
+pub(super) fn hash(text: &str) -> String {
+    sendbox_runtime::content_hash(text.as_bytes())
+}
+
+/// Hashes of each section's canonical text (comments and layout do not
+/// count).
+pub(super) fn fingerprints(source: &str) -> Fingerprints {
+    let mut table: toml::Table = toml::from_str(source).unwrap_or_default();
+    let text = |v: Option<toml::Value>| v.map(|v| v.to_string()).unwrap_or_default();
+    let mut plugins = BTreeMap::new();
+    if let Some(toml::Value::Table(ps)) = table.remove("plugins") {
+        for (name, p) in ps {
+            let toml::Value::Table(mut p) = p else {
+                continue;
+            };
+            let mut triggers = toml::Table::new();
+            for key in ["webhook", "watch", "schedule"] {
+                if let Some(v) = p.remove(key) {
+                    triggers.insert(key.into(), v);
+                }
+            }
+            plugins.insert(
+                name,
+                Fingerprint {
+                    plugin: hash(&p.to_string()),
+                    triggers: hash(&triggers.to_string()),
+                },
+            );
+        }
+    }
+    let mut accounts = BTreeMap::new();
+    if let Some(toml::Value::Table(accts)) = table.remove("accounts") {
+        for (name, a) in accts {
+            accounts.insert(name, a.to_string());
+        }
+    }
+    let restart = hash(&text(table.remove("daemon")));
+    Fingerprints {
+        restart,
+        accounts,
+        plugins,
+    }
+}

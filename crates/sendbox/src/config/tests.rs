@@ -1,0 +1,257 @@
+//! Config loading: errors point at file, line, column and key.
+
+mod unit {
+    use crate::config::*;
+    use std::path::Path;
+
+    fn errors(src: &str) -> Vec<String> {
+        parse(Path::new("sendbox.toml"), src).unwrap_err().errors
+    }
+
+    const PLUGIN: &str = "[accounts.a]\nprovider = \"file\"\nmailbox = \"a@b.c\"\ndir = \"m\"\n\
+                          [plugins.p]\nwasm = \"p.wasm\"\naccount = \"a\"\n";
+
+    #[test]
+    fn unauthenticated_routes_stay_on_loopback_unless_loudly_allowed() {
+        let open = format!("{PLUGIN}[plugins.p.webhook]\npath = \"/h\"\nunauthenticated = true\n");
+        let public = format!("[daemon]\nlisten = \"0.0.0.0:8025\"\n{open}");
+        let e = errors(&public);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].contains("`plugins.p.webhook.unauthenticated`"),
+            "{e:?}"
+        );
+        assert!(
+            e[0].contains("dangerously_allow_unauthenticated_webhooks_on_public_address"),
+            "{e:?}"
+        );
+        for listen in ["127.0.0.1:8025", "[::1]:8025", "localhost:8025"] {
+            let local = format!("[daemon]\nlisten = \"{listen}\"\n{open}");
+            assert!(parse(Path::new("s.toml"), &local).is_ok(), "{listen}");
+        }
+        let allowed = public.replace(
+            "[daemon]\n",
+            "[daemon]\ndangerously_allow_unauthenticated_webhooks_on_public_address = true\n",
+        );
+        assert!(parse(Path::new("s.toml"), &allowed).is_ok());
+    }
+
+    #[test]
+    fn signature_schemes_are_checked() {
+        // SAFETY: tests in this module set only their own variable.
+        unsafe { std::env::set_var("SENDBOX_CONFIG_TEST_WHSEC", "whsec_c2VjcmV0IGtleQ==") };
+        let route = |extra: &str| {
+            format!(
+                "{PLUGIN}[plugins.p.webhook]\npath = \"/h\"\nsecret = {{ env = \"SENDBOX_CONFIG_TEST_WHSEC\" }}\n{extra}"
+            )
+        };
+        let c = parse(
+            Path::new("s.toml"),
+            &route("scheme = \"standard-webhooks\"\ntolerance_secs = 60\n"),
+        )
+        .unwrap();
+        let w = c.plugins["p"].webhook.as_ref().unwrap();
+        assert_eq!(
+            w.auth,
+            sendbox_triggers::webhook::Auth::StandardWebhooks {
+                secret: b"secret key".to_vec()
+            }
+        );
+        assert_eq!(w.replay.tolerance, std::time::Duration::from_secs(60));
+        let e = errors(&route("scheme = \"hmac-md5\"\n"));
+        assert!(e[0].contains("`plugins.p.webhook.scheme`"), "{e:?}");
+        let e = errors(&route("scheme = \"stripe\"\ndedupe_header = \"X-Id\"\n"));
+        assert!(e[0].contains("belong to the `github` scheme"), "{e:?}");
+        let c = parse(
+            Path::new("s.toml"),
+            &route("dedupe_header = \"X-GitHub-Delivery\"\n"),
+        )
+        .unwrap();
+        let w = c.plugins["p"].webhook.as_ref().unwrap();
+        assert_eq!(w.replay.dedupe_header.as_deref(), Some("x-github-delivery"));
+    }
+
+    #[test]
+    fn unknown_keys_name_file_line_and_column() {
+        let e = errors(
+            "[accounts.a]\nprovider = \"file\"\nmailbox = \"a@b.c\"\ndir = \"m\"\ncolour = 1\n",
+        );
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("sendbox.toml:"), "{e:?}");
+        assert!(e[0].contains("unknown field `colour`"), "{e:?}");
+    }
+
+    #[test]
+    fn inline_secrets_are_refused_with_the_fix() {
+        let e = errors(
+            "[accounts.m]\nprovider = \"microsoft365\"\nmailbox = \"a@b.c\"\ntenant = \"t\"\nclient_id = \"id\"\nclient_secret = \"hunter2\"\n",
+        );
+        assert!(
+            e[0].starts_with("sendbox.toml:6:17: `accounts.m.client_secret`"),
+            "{e:?}"
+        );
+        assert!(e[0].contains("{ file ="), "{e:?}");
+        assert!(!e[0].contains("hunter2"));
+    }
+
+    #[test]
+    fn inline_secret_opt_in_is_warned_about() {
+        let c = parse(
+            Path::new("s.toml"),
+            "[accounts.m]\nprovider = \"microsoft365\"\nmailbox = \"a@b.c\"\ntenant = \"t\"\nclient_id = \"id\"\nclient_secret = \"hunter2\"\nallow_inline_secret = true\n",
+        )
+        .unwrap();
+        assert_eq!(c.warnings.len(), 1);
+        assert!(!c.warnings[0].contains("hunter2"));
+        assert!(
+            !format!("{c:?}").contains("hunter2"),
+            "Debug hides the secret"
+        );
+    }
+
+    #[test]
+    fn trigger_errors_point_at_the_key() {
+        let e = errors(concat!(
+            "[accounts.local]\nprovider = \"file\"\nmailbox = \"a@b.c\"\ndir = \"mail\"\n",
+            "[plugins.p]\nwasm = \"p.wasm\"\naccount = \"local\"\n",
+            "[plugins.p.webhook]\npath = \"hooks\"\nunauthenticated = true\n",
+            "[[plugins.p.watch]]\nname = \"in\"\ndir = \"in\"\nexclude = [\"[\"]\n",
+            "[[plugins.p.schedule]]\nname = \"s\"\ncron = \"0 8 * *\"\n",
+            "[[plugins.p.schedule]]\nname = \"t\"\ncron = \"0 8 * * *\"\ntimezone = \"Mars/Base\"\ncatch_up = \"always\"\n",
+        ));
+        let has = |at: &str, key: &str| e.iter().any(|l| l.starts_with(at) && l.contains(key));
+        assert!(
+            has("sendbox.toml:9:8:", "`plugins.p.webhook.path`"),
+            "{e:?}"
+        );
+        assert!(
+            has("sendbox.toml:14:11:", "`plugins.p.watch[0].exclude`"),
+            "{e:?}"
+        );
+        assert!(
+            has("sendbox.toml:17:8:", "`plugins.p.schedule[0].cron`"),
+            "{e:?}"
+        );
+        assert!(
+            has("sendbox.toml:21:12:", "`plugins.p.schedule[1].timezone`"),
+            "{e:?}"
+        );
+        assert!(
+            has("sendbox.toml:22:12:", "`plugins.p.schedule[1].catch_up`"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn all_errors_are_reported_at_once() {
+        let e = errors(
+            "[accounts.a]\nprovider = \"nope\"\nmailbox = \"x\"\nclient_id = \"i\"\nclient_secret = { env = \"SENDBOX_UNSET_FOR_TEST\" }\n\n[plugins.p]\nwasm = \"p.wasm\"\naccount = \"missing\"\n",
+        );
+        assert!(
+            e.iter().any(|l| l.contains("`accounts.a.mailbox`")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|l| l.contains("`plugins.p.account`: no account named \"missing\"")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn microsoft365_preset_fills_endpoints_and_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("s"), "x\n").unwrap();
+        let cfg = format!(
+            "[accounts.m]\nprovider = \"microsoft365\"\nmailbox = \"a@contoso.com\"\ntenant = \"contoso.onmicrosoft.com\"\nclient_id = \"id\"\nclient_secret = {{ file = \"{}\" }}\n",
+            dir.path().join("s").display()
+        );
+        let c = parse(Path::new("s.toml"), &cfg).unwrap();
+        let AccountKind::Smtp(s) = &c.accounts["m"].kind else {
+            panic!()
+        };
+        assert_eq!(s.smtp.host, "smtp.office365.com");
+        assert_eq!(s.smtp.port, 587);
+        assert_eq!(s.smtp.max_connections, 3);
+        assert_eq!(
+            s.endpoints.scopes,
+            ["https://outlook.office365.com/.default"]
+        );
+        assert!(
+            s.endpoints
+                .token_url
+                .contains("/contoso.onmicrosoft.com/oauth2/v2.0/token")
+        );
+    }
+}
+
+#[cfg(test)]
+mod example_files {
+    use crate::config::*;
+    use sendbox_auth::Credentials;
+    use std::path::{Path, PathBuf};
+
+    fn example(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples")
+            .join(name)
+    }
+
+    #[test]
+    fn every_example_config_loads() {
+        // SAFETY: set once, before anything reads them, in this test binary.
+        unsafe {
+            std::env::set_var("M365_CLIENT_SECRET", "example-secret");
+            std::env::set_var("GOOGLE_CLIENT_SECRET", "example-secret");
+        }
+        let m365 = load(&example("microsoft365-app-only.toml")).unwrap();
+        let AccountKind::Smtp(a) = &m365.accounts["alerts"].kind else {
+            panic!()
+        };
+        assert_eq!(a.smtp.host, "smtp.office365.com");
+        assert!(matches!(a.credentials, Credentials::ClientSecret(_)));
+
+        let delegated = load(&example("microsoft365-delegated.toml")).unwrap();
+        let AccountKind::Smtp(a) = &delegated.accounts["alerts"].kind else {
+            panic!()
+        };
+        assert_eq!(
+            a.endpoints.scopes,
+            ["https://outlook.office.com/SMTP.Send", "offline_access"]
+        );
+        assert!(
+            a.endpoints
+                .device_url
+                .as_deref()
+                .unwrap()
+                .ends_with("/devicecode")
+        );
+
+        let quick = load(&example("quickstart.toml")).unwrap();
+        assert_eq!(quick.plugins.len(), 3);
+        assert!(matches!(
+            quick.accounts["local"].kind,
+            AccountKind::File { .. }
+        ));
+        assert_eq!(quick.plugins["file-alert"].watches.len(), 1);
+        assert_eq!(quick.plugins["daily-digest"].schedules.len(), 1);
+        assert_eq!(
+            quick.plugins["webhook-bridge"].webhook_path.as_deref(),
+            Some("/hooks/alerts")
+        );
+
+        let gmail = load(&example("gmail.toml")).unwrap();
+        let AccountKind::Smtp(a) = &gmail.accounts["gmail"].kind else {
+            panic!()
+        };
+        assert_eq!(a.smtp.host, "smtp.gmail.com");
+        assert_eq!(a.endpoints.scopes, ["https://mail.google.com/"]);
+        assert!(matches!(
+            a.credentials,
+            Credentials::RefreshToken {
+                client_secret: Some(_),
+                ..
+            }
+        ));
+    }
+}
