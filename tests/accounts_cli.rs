@@ -1,8 +1,7 @@
 //! `sendbox check`, `sendbox send-test` and `sendbox login` through the real
 //! binary, against the real OAuth2 and SMTP peers (tests/support/peers.rs).
 
-#[path = "support/peers.rs"]
-mod peers;
+use sendbox_test_support::peers;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -3,8 +3,7 @@
 //! restart, and check at the SMTP peer that every message arrived, counting
 //! the ones that arrived twice. Also: SIGTERM drains gracefully.
 
-#[path = "support/peers.rs"]
-mod peers;
+use sendbox_test_support::peers;
 
 use std::collections::HashMap;
 use std::path::Path;

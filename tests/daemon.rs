@@ -12,10 +12,8 @@
 //! - runs missed while down: skipped, or once at start (`catch_up`);
 //! - `sendbox check` lists what `run` will serve, watch and fire.
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/wasm.rs"]
-mod wasm;
+use crate::support::daemon;
+use sendbox_test_support::wasm;
 
 use std::path::Path;
 use std::time::Duration;

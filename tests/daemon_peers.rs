@@ -12,12 +12,9 @@
 //!   a restart, if it was still queued): nothing lost;
 //! - no access token ever appears in the logs.
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/peers.rs"]
-mod peers;
-#[path = "support/wasm.rs"]
-mod wasm;
+use crate::support::daemon;
+use sendbox_test_support::peers;
+use sendbox_test_support::wasm;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -14,10 +14,8 @@
 //! - files are private (0600/0700) whatever the umask;
 //! - `outbox list` works without the daemon's secrets.
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/wasm.rs"]
-mod wasm;
+use crate::support::daemon;
+use sendbox_test_support::wasm;
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};

@@ -1,8 +1,7 @@
 //! `sendbox plugin run` and `sendbox plugin inspect`, through the real
 //! binary, on components built from `plugins/` and `tests/plugins/`.
 
-#[path = "support/wasm.rs"]
-mod wasm;
+use sendbox_test_support::wasm;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -8,10 +8,8 @@
 //! - a moved webhook route, a removed plugin, a broken config;
 //! - a route at its concurrency limit answers 503 with `Retry-After`.
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/wasm.rs"]
-mod wasm;
+use crate::support::daemon;
+use sendbox_test_support::wasm;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -8,10 +8,8 @@
 //! - its `KillSignal` drains and exits 0 well within `TimeoutStopSec`, which
 //!   leaves room for the default drain deadline.
 
-#[path = "support/daemon.rs"]
-mod daemon;
-#[path = "support/wasm.rs"]
-mod wasm;
+use crate::support::daemon;
+use sendbox_test_support::wasm;
 
 use std::collections::HashMap;
 use std::process::Command;

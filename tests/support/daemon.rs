@@ -1,4 +1,3 @@
-#![allow(dead_code)] // each test binary uses part of this
 //! Starts the real `sendbox run` binary on a config and watches its output:
 //! the ready line on stdout (which carries the webhook address) and every
 //! log line on stderr, kept so a test can wait for or grep what was logged.
@@ -228,7 +227,7 @@ pub fn replace_file(path: &Path, contents: &[u8]) {
 pub fn daemon_section() -> String {
     format!(
         "[daemon]\nlisten = \"127.0.0.1:0\"\nstore = \"var/sendbox.db\"\ncache_dir = \"{}\"\n",
-        crate::wasm::wasm_target_dir()
+        sendbox_test_support::wasm::wasm_target_dir()
             .join("sendbox-cache")
             .display()
     )
@@ -248,7 +247,7 @@ dir = "mail"
 /// `/hooks/digest` (that secret as bearer token) with a schedule every
 /// second.
 pub fn example_plugins(account: &str) -> String {
-    let w = |n: &str| crate::wasm::example(n).display().to_string();
+    let w = |n: &str| sendbox_test_support::wasm::example(n).display().to_string();
     format!(
         r#"
 [plugins.file-alert]

@@ -2,8 +2,7 @@
 //! tests/support/peers.rs): client secret, certificate assertion, device
 //! login with rotating refresh tokens, caching and shared refreshes.
 
-#[path = "../../../tests/support/peers.rs"]
-mod peers;
+use sendbox_test_support::peers;
 
 use std::sync::Arc;
 use std::time::Duration;

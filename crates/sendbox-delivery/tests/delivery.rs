@@ -2,10 +2,8 @@
 //! peers: delivery, retries on 4xx, dead on 5xx, waiting out an OAuth
 //! outage, pausing on refused credentials, the account's rate.
 
-#[path = "../../../tests/support/peers.rs"]
-mod peers;
-#[path = "../../../tests/support/smtp_peer.rs"]
-mod smtp_peer;
+use sendbox_test_support::peers;
+use sendbox_test_support::smtp_peer;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

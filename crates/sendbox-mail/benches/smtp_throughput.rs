@@ -7,10 +7,8 @@
 //!
 //! DESIGN.md's target: ≥ 300 messages/s.
 
-#[path = "../../../tests/support/peers.rs"]
-mod peers;
-#[path = "../../../tests/support/smtp_peer.rs"]
-mod smtp_peer;
+use sendbox_test_support::peers;
+use sendbox_test_support::smtp_peer;
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};

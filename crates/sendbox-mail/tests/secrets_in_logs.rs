@@ -3,12 +3,9 @@
 //! per-callsite caching makes a thread-local capture unreliable while other
 //! tests run in parallel in the same process.
 
-#[path = "../../../tests/support/capture.rs"]
-mod capture;
-#[path = "../../../tests/support/peers.rs"]
-mod peers;
-#[path = "../../../tests/support/smtp_peer.rs"]
-mod smtp_peer;
+use sendbox_test_support::capture;
+use sendbox_test_support::peers;
+use sendbox_test_support::smtp_peer;
 
 use peers::Peers;
 use sendbox_mail::smtp::SmtpTransport;

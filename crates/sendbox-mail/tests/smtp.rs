@@ -1,10 +1,8 @@
 //! SMTP with XOAUTH2 against the real peers (smtp-server checking every
 //! token at oidc-provider's introspection endpoint), and the file transport.
 
-#[path = "../../../tests/support/peers.rs"]
-mod peers;
-#[path = "../../../tests/support/smtp_peer.rs"]
-mod smtp_peer;
+use sendbox_test_support::peers;
+use sendbox_test_support::smtp_peer;
 
 use std::sync::Arc;
 use std::time::Duration;

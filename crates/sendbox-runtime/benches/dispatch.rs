@@ -9,8 +9,7 @@
 //! Prints median and p99 of both and the ratio of medians. DESIGN.md's
 //! target: ratio ≤ 1.5.
 
-#[path = "../../../tests/support/wasm.rs"]
-mod wasm;
+use sendbox_test_support::wasm;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -7,10 +7,8 @@
 //! - loading: unsupported imports are refused by name, corrupt bytes are
 //!   refused, and the compiled-code cache is used on the second load.
 
-#[path = "../../../tests/support/capture.rs"]
-mod capture;
-#[path = "../../../tests/support/wasm.rs"]
-mod wasm;
+use sendbox_test_support::capture;
+use sendbox_test_support::wasm;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};

@@ -14,8 +14,7 @@
 //!
 //! DESIGN.md's targets: ready ≤ 300 ms (precompiled), idle RSS ≤ 50 MB.
 
-#[path = "../../../tests/support/wasm.rs"]
-mod wasm;
+use sendbox_test_support::wasm;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

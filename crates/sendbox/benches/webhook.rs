@@ -9,8 +9,7 @@
 //! DESIGN.md's target: ≥ 5,000 requests/s, p99 ≤ 10 ms at 64 connections.
 //! The load generator runs on the same 2 cores as the server.
 
-#[path = "../../../tests/support/wasm.rs"]
-mod wasm;
+use sendbox_test_support::wasm;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -715,3 +715,94 @@ fn canonical_file(f: &Path) -> PathBuf {
         _ => f.to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The supervisor's decisions, in process, on what `reload` returns:
+    //! what a config change loads, retriggers or removes.
+
+    use super::*;
+    use sendbox_test_support::wasm;
+
+    fn config(dir: &Path, path: &str, to: &str) -> PathBuf {
+        let file = dir.join("sendbox.toml");
+        let text = format!(
+            "[daemon]\nstore = \"var/sendbox.db\"\n\
+             [accounts.local]\nprovider = \"file\"\nmailbox = \"sendbox@localhost\"\ndir = \"mail\"\n\
+             [plugins.bridge]\nwasm = \"{wasm}\"\naccount = \"local\"\n\
+             [plugins.bridge.config]\nto = \"{to}\"\n\
+             [plugins.bridge.webhook]\npath = \"{path}\"\nunauthenticated = true\n",
+            wasm = wasm::example("webhook-bridge").display()
+        );
+        std::fs::write(&file, text).unwrap();
+        file
+    }
+
+    fn names(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reload_loads_retriggers_or_removes_only_what_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = config(dir.path(), "/hooks/a", "ops@example.com");
+        let cfg = config::load(&file).unwrap();
+        let outbox = Arc::new(Outbox::open(&cfg.store).unwrap());
+        let runtime = Runtime::new(sendbox_runtime::RuntimeOptions::default()).unwrap();
+        let shared = Shared::default();
+        let dispatch: Dispatch =
+            Arc::new(|_job| Box::pin(async { sendbox_triggers::Dispatched::NoPlugin }));
+        let mut sup = Supervisor::new(
+            runtime,
+            outbox,
+            &shared,
+            dispatch,
+            cfg.restart_fingerprint.clone(),
+        );
+        let accounts = sup.apply_accounts(cfg.accounts).await;
+        assert_eq!(names(&accounts.restarted), ["local"]);
+        let first = sup.apply(cfg.plugins).await;
+        assert_eq!(names(&first.loaded), ["bridge"]);
+
+        // Nothing changed: nothing happens.
+        let same = sup.reload(&file).await.unwrap();
+        assert!(
+            same.loaded.is_empty() && same.retriggered.is_empty() && same.accounts.is_empty(),
+            "{same:?}"
+        );
+
+        // The plugin's config: a new version, the route untouched.
+        config(dir.path(), "/hooks/a", "oncall@example.com");
+        let changed = sup.reload(&file).await.unwrap();
+        assert_eq!(names(&changed.loaded), ["bridge"]);
+        assert!(changed.retriggered.is_empty(), "{changed:?}");
+
+        // Its webhook path: only the triggers restart.
+        config(dir.path(), "/hooks/b", "oncall@example.com");
+        let moved = sup.reload(&file).await.unwrap();
+        assert!(moved.loaded.is_empty(), "{moved:?}");
+        assert_eq!(names(&moved.retriggered), ["bridge"]);
+        assert_eq!(
+            shared.routes.plugin_at("/hooks/b").as_deref(),
+            Some("bridge")
+        );
+        assert_eq!(shared.routes.plugin_at("/hooks/a"), None);
+
+        // A config that does not validate changes nothing.
+        std::fs::write(&file, "[plugins.bridge]\nwasm = 1\n").unwrap();
+        assert!(sup.reload(&file).await.is_none());
+        assert!(shared.registry.get("bridge").is_some());
+
+        // The plugin gone from the config: removed.
+        std::fs::write(
+            &file,
+            "[daemon]\nstore = \"var/sendbox.db\"\n[accounts.local]\nprovider = \"file\"\nmailbox = \"sendbox@localhost\"\ndir = \"mail\"\n",
+        )
+        .unwrap();
+        let removed = sup.reload(&file).await.unwrap();
+        assert_eq!(names(&removed.removed), ["bridge"]);
+        assert!(shared.registry.get("bridge").is_none());
+        sup.stop_triggers().await;
+        sup.stop_delivery().await;
+    }
+}

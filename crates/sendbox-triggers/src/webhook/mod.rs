@@ -107,6 +107,11 @@ impl RouteTable {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The plugin a path is routed to now, if any.
+    pub fn plugin_at(&self, path: &str) -> Option<String> {
+        self.get(path).map(|rs| rs.route.plugin.clone())
+    }
+
     fn get(&self, path: &str) -> Option<Arc<RouteState>> {
         self.snapshot().get(path).cloned()
     }

@@ -90,7 +90,7 @@ pub fn transport(account: Account) -> anyhow::Result<(Transport, Option<Arc<Toke
 
 /// The tokio runtime every async command uses: two workers, as the
 /// machines this runs on have two cores.
-pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -184,7 +184,7 @@ impl CheckArgs {
         }
 
         if !self.no_environment {
-            let tokio = runtime()?;
+            let tokio = tokio_runtime()?;
             for (name, account) in cfg.accounts {
                 let mailbox = account.mailbox.clone();
                 let ok = tokio.block_on(check_account(account));
@@ -301,7 +301,7 @@ impl SendTestArgs {
         )
         .map_err(|e| coded(exit::EX_DATAERR, e.to_string()))?;
         let (transport, _) = transport(account)?;
-        let result = runtime()?.block_on(transport.send(&prepared));
+        let result = tokio_runtime()?.block_on(transport.send(&prepared));
         match result {
             Ok(receipt) => {
                 println!("sent {id} to {}: {}", self.to, receipt.reply);
@@ -356,7 +356,7 @@ impl LoginArgs {
             ));
         };
         let (tokens, _) = token_provider(&self.account, *a)?;
-        let tokio = runtime()?;
+        let tokio = tokio_runtime()?;
         let result: Result<PathBuf, sendbox_auth::AuthError> = tokio.block_on(async {
             let (prompt, details) = tokens.start_device_login().await?;
             use std::io::Write;

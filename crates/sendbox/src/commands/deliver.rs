@@ -36,7 +36,7 @@ impl DeliverArgs {
         let cfg = load_config(&self.config)?;
         let outbox = open_and_recover(&cfg.store, "sendbox deliver")?;
         let allowed_from = AllowedFrom::new(allowed_from(&cfg));
-        let rt = crate::commands::accounts::runtime()?;
+        let rt = crate::commands::accounts::tokio_runtime()?;
         let outbox_for_workers = outbox.clone();
         rt.block_on(async move {
             let outbox = outbox_for_workers;

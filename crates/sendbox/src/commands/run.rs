@@ -76,7 +76,7 @@ impl RunArgs {
         let grace = cfg.shutdown_grace;
         let config_path = self.config.clone();
 
-        let rt = crate::commands::accounts::runtime()?;
+        let rt = crate::commands::accounts::tokio_runtime()?;
         let outbox_for_run = outbox.clone();
         rt.block_on(async move {
             let outbox = outbox_for_run;

@@ -1,4 +1,3 @@
-#![allow(dead_code)] // each test binary uses part of this
 //! Starts the real protocol peers (`tests/peers/peers.mjs`): an OAuth2
 //! server (oidc-provider) and SMTP servers (smtp-server) with STARTTLS,
 //! implicit TLS and no TLS, all on loopback with fresh ports, plus a control

@@ -1,4 +1,3 @@
-#![allow(dead_code)] // each test binary uses part of this
 //! Builds the plugin components the tests run: the example plugins in
 //! `plugins/` and the hostile ones in `tests/plugins/`.
 //!

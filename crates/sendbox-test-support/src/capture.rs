@@ -1,4 +1,3 @@
-#![allow(dead_code)]
 //! Captures tracing output in memory, so a test can grep what was logged.
 
 use std::sync::{Arc, Mutex};

@@ -1,4 +1,3 @@
-#![allow(dead_code)] // each test binary uses part of this
 //! An SMTP transport logged in to the real peers (see `peers.rs`) with the
 //! client-secret OAuth client. Include beside `mod peers;`.
 
@@ -8,7 +7,7 @@ use std::time::Duration;
 use sendbox_auth::{Credentials, Endpoints, Secret, TokenProvider};
 use sendbox_mail::smtp::{Security, SmtpSettings, SmtpTransport};
 
-use super::peers::Peers;
+use crate::peers::Peers;
 
 /// A token provider for the peers' client-secret client.
 pub fn provider(p: &Peers, account: &str, secret: &str) -> Arc<TokenProvider> {

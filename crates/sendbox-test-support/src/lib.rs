@@ -1,0 +1,14 @@
+//! What sendbox's tests and benchmarks share, so none of them copies it:
+//!
+//! - [`peers`]: the real protocol peers (`tests/peers/peers.mjs`): an OAuth2
+//!   server (oidc-provider) and SMTP servers (smtp-server), on loopback;
+//! - [`smtp_peer`]: token providers, SMTP settings and messages for them;
+//! - [`wasm`]: the example and hostile plugins, built from source;
+//! - [`capture`]: tracing output kept in memory, to grep for secrets.
+//!
+//! It must not be a dependency of anything but tests and benchmarks.
+
+pub mod capture;
+pub mod peers;
+pub mod smtp_peer;
+pub mod wasm;
