@@ -28,6 +28,17 @@ impl MemoryLimiter {
     }
 }
 
+/// Adds a growth from `current` to `desired` to `used` if the total stays
+/// within `cap`; whether it did.
+fn grow(used: &mut u64, current: usize, desired: usize, cap: u64) -> bool {
+    let after = used.saturating_add(desired.saturating_sub(current) as u64);
+    if after > cap {
+        return false;
+    }
+    *used = after;
+    true
+}
+
 impl wasmtime::ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
@@ -35,17 +46,13 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let after = self
-            .memory_used
-            .saturating_add(desired.saturating_sub(current) as u64);
-        if after > self.memory_bytes {
+        if !grow(&mut self.memory_used, current, desired, self.memory_bytes) {
             self.hit = true;
             return Err(wasmtime::format_err!(
                 "memory limit of {} bytes reached",
                 self.memory_bytes
             ));
         }
-        self.memory_used = after;
         Ok(true)
     }
 
@@ -55,14 +62,12 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let after = self
-            .table_elements
-            .saturating_add(desired.saturating_sub(current) as u64);
-        if after > MAX_TABLE_ELEMENTS {
-            return Ok(false);
-        }
-        self.table_elements = after;
-        Ok(true)
+        Ok(grow(
+            &mut self.table_elements,
+            current,
+            desired,
+            MAX_TABLE_ELEMENTS,
+        ))
     }
 
     fn instances(&self) -> usize {
