@@ -121,3 +121,18 @@ pub fn init_logging(global: &GlobalArgs) {
         LogFormat::Json => builder.json().try_init(),
     };
 }
+
+/// `--config FILE`, shared by every command that reads the config file.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigArg {
+    /// The config file.
+    #[arg(long, short, env = "SENDBOX_CONFIG")]
+    pub config: PathBuf,
+}
+
+impl std::ops::Deref for ConfigArg {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.config
+    }
+}

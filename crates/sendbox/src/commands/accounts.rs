@@ -100,9 +100,8 @@ pub fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// `sendbox check --config FILE`
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// The config file.
-    #[arg(long, short, env = "SENDBOX_CONFIG")]
-    pub config: PathBuf,
+    #[command(flatten)]
+    pub config: crate::cli::ConfigArg,
     /// Only validate the file and load plugins; do not contact token
     /// endpoints or SMTP servers.
     #[arg(long)]
@@ -252,9 +251,8 @@ async fn check_account(account: Account) -> Result<Vec<String>, Vec<String>> {
 /// `sendbox send-test --config FILE --account NAME --to ADDR`
 #[derive(Debug, Args)]
 pub struct SendTestArgs {
-    /// The config file.
-    #[arg(long, short, env = "SENDBOX_CONFIG")]
-    pub config: PathBuf,
+    #[command(flatten)]
+    pub config: crate::cli::ConfigArg,
     /// The account to send from.
     #[arg(long)]
     pub account: String,
@@ -325,9 +323,8 @@ impl SendTestArgs {
 /// `sendbox login --config FILE NAME`
 #[derive(Debug, Args)]
 pub struct LoginArgs {
-    /// The config file.
-    #[arg(long, short, env = "SENDBOX_CONFIG")]
-    pub config: PathBuf,
+    #[command(flatten)]
+    pub config: crate::cli::ConfigArg,
     /// The delegated account to log in (one with `token_file`).
     pub account: String,
 }

@@ -7,7 +7,6 @@
 //! flight is recovered at the next start).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,9 +21,8 @@ use crate::exit::{self, coded};
 /// `sendbox deliver --config FILE`
 #[derive(Debug, Args)]
 pub struct DeliverArgs {
-    /// The config file.
-    #[arg(long, short, env = "SENDBOX_CONFIG")]
-    pub config: PathBuf,
+    #[command(flatten)]
+    pub config: crate::cli::ConfigArg,
     /// Exit once no message is queued, sending or waiting to retry.
     #[arg(long)]
     pub until_empty: bool,

@@ -2,21 +2,14 @@
 //! outbox database named by the config.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Subcommand};
+use clap::Subcommand;
 use sendbox_outbox::{Outbox, OutboxError, State};
 
 use crate::exit::{self, coded};
 
-/// The config file, shared by these commands.
-#[derive(Debug, Args)]
-pub struct ConfigArg {
-    /// The config file (its `[daemon] store` names the database).
-    #[arg(long, short, env = "SENDBOX_CONFIG")]
-    pub config: PathBuf,
-}
+use crate::cli::ConfigArg;
 
 fn open(c: &ConfigArg) -> anyhow::Result<Outbox> {
     // Only the database's path: secrets the daemon resolves from its own

@@ -11,7 +11,6 @@
 //! events finish and commit, then the delivery workers finish their sends,
 //! all within `shutdown_grace_secs`; a second signal quits at once.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -28,9 +27,8 @@ use crate::reload::{FileChanges, Registry, Shared, Supervisor, Wakers};
 /// `sendbox run --config FILE`
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The config file.
-    #[arg(long, short, env = "SENDBOX_CONFIG")]
-    pub config: PathBuf,
+    #[command(flatten)]
+    pub config: crate::cli::ConfigArg,
 }
 
 /// Plugin state, read from the outbox's database.
@@ -74,7 +72,7 @@ impl RunArgs {
         let server_limits = cfg.webhook_limits.clone();
         let retention = cfg.retention.clone();
         let grace = cfg.shutdown_grace;
-        let config_path = self.config.clone();
+        let config_path = self.config.to_path_buf();
 
         let rt = crate::commands::accounts::tokio_runtime()?;
         let outbox_for_run = outbox.clone();
