@@ -327,7 +327,7 @@ impl Supervisor {
     /// built keeps its old worker (if any) and is reported.
     pub async fn apply_accounts(
         &mut self,
-        accounts: BTreeMap<String, config::Account>,
+        accounts: BTreeMap<String, config::AccountConfig>,
     ) -> AccountsApplied {
         let mut applied = AccountsApplied::default();
         let gone: Vec<String> = self
@@ -417,7 +417,7 @@ impl Supervisor {
 
     /// Makes the running plugins match `plugins`, changing only what
     /// differs.
-    pub async fn apply(&mut self, plugins: BTreeMap<String, config::Plugin>) -> Applied {
+    pub async fn apply(&mut self, plugins: BTreeMap<String, config::PluginConfig>) -> Applied {
         let mut applied = Applied::default();
         self.wasm_files = plugins.values().map(|p| p.wasm.clone()).collect();
         for (name, p) in plugins.iter() {
@@ -547,7 +547,7 @@ impl Supervisor {
         applied
     }
 
-    fn start_triggers(&self, p: &config::Plugin) -> TriggerTasks {
+    fn start_triggers(&self, p: &config::PluginConfig) -> TriggerTasks {
         let (stop, rx) = watch::channel(false);
         let stopped = move || {
             let mut rx = rx.clone();
@@ -596,7 +596,7 @@ impl Supervisor {
     }
 }
 
-fn route_of(p: &config::Plugin) -> Option<(String, Route)> {
+fn route_of(p: &config::PluginConfig) -> Option<(String, Route)> {
     Some((p.webhook_path.clone()?, p.webhook.clone()?))
 }
 

@@ -14,7 +14,7 @@ use sendbox_mail::message::{self, Envelope};
 use sendbox_mail::smtp::SmtpTransport;
 use sendbox_types::Email;
 
-use crate::config::{self, Account, AccountKind, Config};
+use crate::config::{self, AccountConfig, AccountKind, Config};
 use crate::exit::{self, coded};
 
 /// Loads the config, turning errors into exit code 78.
@@ -33,7 +33,7 @@ fn token_provider(
 
 /// One line per trigger of a plugin: what `sendbox run` will serve, watch
 /// and fire (with each schedule's next run, in its zone).
-fn trigger_summary(p: &crate::config::Plugin) -> Vec<String> {
+fn trigger_summary(p: &crate::config::PluginConfig) -> Vec<String> {
     let mut lines = Vec::new();
     if let (Some(path), Some(route)) = (&p.webhook_path, &p.webhook) {
         let auth = route.auth.describe();
@@ -71,7 +71,9 @@ fn trigger_summary(p: &crate::config::Plugin) -> Vec<String> {
 }
 
 /// Builds the transport for an account.
-pub fn transport(account: Account) -> anyhow::Result<(Transport, Option<Arc<TokenProvider>>)> {
+pub fn transport(
+    account: AccountConfig,
+) -> anyhow::Result<(Transport, Option<Arc<TokenProvider>>)> {
     match account.kind {
         AccountKind::File { dir } => Ok((
             Transport::File(
@@ -211,7 +213,7 @@ impl CheckArgs {
 }
 
 /// Token, then SMTP connect + TLS + AUTH + QUIT, per account.
-async fn check_account(account: Account) -> Result<Vec<String>, Vec<String>> {
+async fn check_account(account: AccountConfig) -> Result<Vec<String>, Vec<String>> {
     let mut done = Vec::new();
     let name = account.name.clone();
     let (transport, tokens) = match transport(account) {

@@ -111,7 +111,7 @@ pub fn allowed_from(cfg: &crate::config::Config) -> HashMap<String, Vec<String>>
 /// settings from the config; with the account's token provider, if it has
 /// one.
 pub fn account_worker(
-    account: crate::config::Account,
+    account: crate::config::AccountConfig,
     outbox: &Arc<Outbox>,
     allowed_from: &AllowedFrom,
 ) -> anyhow::Result<(AccountWorker, Option<Arc<sendbox_auth::TokenProvider>>)> {
@@ -139,7 +139,7 @@ pub async fn run_worker(worker: AccountWorker, mut stop: tokio::sync::watch::Rec
 /// Starts one delivery worker per account; they stop when `stop` turns
 /// true.
 fn start_workers(
-    accounts: std::collections::BTreeMap<String, crate::config::Account>,
+    accounts: std::collections::BTreeMap<String, crate::config::AccountConfig>,
     outbox: &Arc<Outbox>,
     allowed_from: &AllowedFrom,
     stop: &tokio::sync::watch::Receiver<bool>,

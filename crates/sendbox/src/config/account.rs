@@ -69,7 +69,7 @@ pub struct RawAccount {
 
 /// A validated account.
 #[derive(Debug)]
-pub struct Account {
+pub struct AccountConfig {
     /// Its name in the config.
     pub name: String,
     /// The mailbox.
@@ -144,7 +144,7 @@ pub(super) fn account(
     name: &str,
     a: RawAccount,
     offset: usize,
-) -> Option<Account> {
+) -> Option<AccountConfig> {
     let key = |k: &str| format!("accounts.{name}.{k}");
     let mailbox = a.mailbox.get_ref().clone();
     if !mailbox.contains('@') {
@@ -160,7 +160,7 @@ pub(super) fn account(
             cx.error(offset, &key("dir"), "is required for provider = \"file\": the folder .eml files go to, e.g. dir = \"var/mail\"");
             return None;
         };
-        return Some(Account {
+        return Some(AccountConfig {
             name: name.to_owned(),
             mailbox,
             rate_per_minute: a.rate_per_minute,
@@ -361,7 +361,7 @@ pub(super) fn account(
         sendbox_mail::smtp::Security::StartTls => 587,
         sendbox_mail::smtp::Security::ImplicitTls => 465,
     });
-    Some(Account {
+    Some(AccountConfig {
         name: name.to_owned(),
         mailbox: mailbox.clone(),
         rate_per_minute: a

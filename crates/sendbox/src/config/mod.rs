@@ -20,10 +20,10 @@ mod secrets;
 mod tests;
 mod triggers;
 
-pub use account::{Account, AccountKind, RawAccount, SecretHash, SmtpAccount};
+pub use account::{AccountConfig, AccountKind, RawAccount, SecretHash, SmtpAccount};
 pub use daemon::{RawDaemon, Retention, store_path};
 
-pub use plugin::{Fingerprint, Plugin, RawPlugin};
+pub use plugin::{Fingerprint, PluginConfig, RawPlugin};
 pub use secrets::{RawSecret, RawSecretRef};
 pub use triggers::{RawSchedule, RawWatch, RawWebhook};
 
@@ -65,9 +65,9 @@ pub struct Config {
     /// Drain deadline on SIGTERM.
     pub shutdown_grace: std::time::Duration,
     /// Accounts by name.
-    pub accounts: BTreeMap<String, Account>,
+    pub accounts: BTreeMap<String, AccountConfig>,
     /// Plugins by name.
-    pub plugins: BTreeMap<String, Plugin>,
+    pub plugins: BTreeMap<String, PluginConfig>,
     /// Things that work but deserve attention (inline secrets...).
     pub warnings: Vec<String>,
     /// Hash of `[daemon]`: a reload that changes it needs a restart.
@@ -201,7 +201,7 @@ fn parse_with(path: &Path, source: &str, resolve_secrets: bool) -> Result<Config
         let triggers = triggers(&mut cx, &name, &p);
         plugins.insert(
             name.clone(),
-            Plugin {
+            PluginConfig {
                 wasm: cx.resolve_path(p.wasm.get_ref()),
                 account: account_name,
                 settings: sendbox_runtime::PluginSettings {

@@ -39,7 +39,7 @@ pub struct RawPlugin {
 
 /// A validated plugin.
 #[derive(Debug)]
-pub struct Plugin {
+pub struct PluginConfig {
     /// Its name.
     pub name: String,
     /// The component file, resolved against the config's folder.
