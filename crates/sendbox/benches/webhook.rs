@@ -15,8 +15,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sendbox::commands::run::dispatcher;
-use sendbox::reload::{Loaded, Registry};
+use sendbox::daemon::dispatcher;
+use sendbox::daemon::{Loaded, Registry};
 use sendbox_outbox::{Outbox, Policy};
 use sendbox_runtime::{PluginSettings, Runtime, RuntimeOptions};
 use sendbox_triggers::webhook::{Auth, Route, RouteTable};
@@ -108,7 +108,7 @@ async fn main() {
     let real = dispatcher(
         Arc::new(Registry::new(plugins)),
         outbox.clone(),
-        Arc::new(sendbox::reload::Wakers::default()),
+        Arc::new(sendbox::daemon::Wakers::default()),
         Arc::new(sendbox::metrics::Metrics::default()),
     );
     let dispatch: Dispatch = Arc::new(move |job: Job| {

@@ -8,9 +8,9 @@
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod daemon;
 pub mod exit;
 pub mod metrics;
-pub mod reload;
 
 use std::process::ExitCode;
 

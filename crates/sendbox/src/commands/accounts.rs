@@ -3,33 +3,16 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use clap::Args;
-use sendbox_auth::TokenProvider;
 use sendbox_mail::Transport;
-use sendbox_mail::file::FileTransport;
 use sendbox_mail::message::{self, Envelope};
-use sendbox_mail::smtp::SmtpTransport;
 use sendbox_types::Email;
 
-use crate::config::{self, AccountConfig, AccountKind, Config};
+use crate::config::{self, AccountConfig, AccountKind};
+use crate::daemon::setup::{load_config, token_provider, tokio_runtime, transport};
 use crate::exit::{self, coded};
-
-/// Loads the config, turning errors into exit code 78.
-pub fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
-    config::load(path).map_err(|e| coded(exit::EX_CONFIG, e.to_string()))
-}
-
-fn token_provider(
-    account: &str,
-    a: config::SmtpAccount,
-) -> anyhow::Result<(Arc<TokenProvider>, sendbox_mail::smtp::SmtpSettings)> {
-    let provider = TokenProvider::new(account, a.endpoints, &a.client_id, a.credentials)
-        .map_err(|e| coded(exit::EX_CONFIG, format!("account `{account}`: {e}")))?;
-    Ok((Arc::new(provider), a.smtp))
-}
 
 /// One line per trigger of a plugin: what `sendbox run` will serve, watch
 /// and fire (with each schedule's next run, in its zone).
@@ -68,35 +51,6 @@ fn trigger_summary(p: &crate::config::PluginConfig) -> Vec<String> {
         ));
     }
     lines
-}
-
-/// Builds the transport for an account.
-pub fn transport(
-    account: AccountConfig,
-) -> anyhow::Result<(Transport, Option<Arc<TokenProvider>>)> {
-    match account.kind {
-        AccountKind::File { dir } => Ok((
-            Transport::File(
-                FileTransport::new(dir).map_err(|e| coded(exit::EX_CONFIG, e.to_string()))?,
-            ),
-            None,
-        )),
-        AccountKind::Smtp(a) => {
-            let (tokens, settings) = token_provider(&account.name, *a)?;
-            let smtp = SmtpTransport::new(settings, tokens.clone())
-                .map_err(|e| coded(exit::EX_CONFIG, format!("account `{}`: {e}", account.name)))?;
-            Ok((Transport::Smtp(Box::new(smtp)), Some(tokens)))
-        }
-    }
-}
-
-/// The tokio runtime every async command uses: two workers, as the
-/// machines this runs on have two cores.
-pub fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?)
 }
 
 /// `sendbox check --config FILE`

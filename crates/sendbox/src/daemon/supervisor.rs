@@ -21,65 +21,20 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::Arc;
 
 use sendbox_delivery::AllowedFrom;
 use sendbox_outbox::Outbox;
 use sendbox_runtime::{Plugin, Runtime};
 use sendbox_triggers::Dispatch;
 use sendbox_triggers::webhook::{Route, RouteTable};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::commands::deliver::{account_worker, run_worker};
+use super::registry::{Loaded, Registry, Shared, Wakers};
+use super::workers::{account_worker, run_worker};
 use crate::config::{self, Fingerprint};
 use crate::metrics::Metrics;
-
-/// A loaded plugin with what its commits need.
-pub struct Loaded {
-    /// The plugin.
-    pub plugin: Plugin,
-    /// The `.wasm` file it came from.
-    pub plugin_path: PathBuf,
-    /// Its account.
-    pub account: String,
-    /// The account's mailbox.
-    pub mailbox: String,
-    /// Its policy.
-    pub policy: sendbox_outbox::Policy,
-    /// Events of this plugin run optimistically in parallel holding this
-    /// shared; an event whose state reads keep conflicting runs alone,
-    /// holding it exclusively. Kept across reloads of the plugin, whose
-    /// versions share one state.
-    pub serial: Arc<tokio::sync::RwLock<()>>,
-}
-
-/// The plugins that serve events now, by name. Readers take a snapshot of
-/// one plugin; a reload swaps the whole map.
-#[derive(Default)]
-pub struct Registry(RwLock<Arc<HashMap<String, Arc<Loaded>>>>);
-
-impl Registry {
-    /// A registry holding these plugins.
-    pub fn new(plugins: HashMap<String, Loaded>) -> Self {
-        let map = plugins.into_iter().map(|(n, l)| (n, Arc::new(l))).collect();
-        Registry(RwLock::new(Arc::new(map)))
-    }
-
-    /// The current version of a plugin.
-    pub fn get(&self, name: &str) -> Option<Arc<Loaded>> {
-        self.0
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .cloned()
-    }
-
-    fn set(&self, map: HashMap<String, Arc<Loaded>>) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
-    }
-}
 
 /// One plugin's watches and schedules.
 struct TriggerTasks {
@@ -178,67 +133,10 @@ impl RunningAccount {
     }
 }
 
-/// Each account's delivery worker waker, by account name: the dispatcher
-/// nudges the right worker after a commit.
-#[derive(Default)]
-pub struct Wakers(RwLock<HashMap<String, Arc<Notify>>>);
-
-impl Wakers {
-    /// The account's waker, if its worker runs.
-    pub fn get(&self, account: &str) -> Option<Arc<Notify>> {
-        self.0
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(account)
-            .cloned()
-    }
-
-    fn set(&self, account: &str, waker: Arc<Notify>) {
-        self.0
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(account.to_owned(), waker);
-    }
-
-    fn remove(&self, account: &str) {
-        self.0
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(account);
-    }
-}
-
 enum Prepared {
     Unchanged,
     Ready(Plugin),
     Failed(String),
-}
-
-/// What the dispatcher and the supervisor share: where plugins, routes,
-/// worker wakers and allowed From addresses live.
-pub struct Shared {
-    /// The plugins that serve.
-    pub registry: Arc<Registry>,
-    /// The webhook routes.
-    pub routes: RouteTable,
-    /// The delivery workers' wakers.
-    pub wakers: Arc<Wakers>,
-    /// Allowed From addresses by plugin.
-    pub allowed_from: AllowedFrom,
-    /// The daemon's counters.
-    pub metrics: Arc<Metrics>,
-}
-
-impl Default for Shared {
-    fn default() -> Self {
-        Shared {
-            registry: Arc::new(Registry::default()),
-            routes: RouteTable::default(),
-            wakers: Arc::new(Wakers::default()),
-            allowed_from: AllowedFrom::default(),
-            metrics: Arc::new(Metrics::default()),
-        }
-    }
 }
 
 impl Supervisor {
@@ -619,100 +517,6 @@ fn prepare(
     match runtime.load(name, &bytes, settings) {
         Ok(p) => Prepared::Ready(p),
         Err(e) => Prepared::Failed(e.to_string()),
-    }
-}
-
-/// Watches the files a reload depends on and sends once per burst of
-/// changes (editors and `cp` write in several steps).
-pub struct FileChanges {
-    _watcher: Option<notify::RecommendedWatcher>,
-    rx: tokio::sync::mpsc::UnboundedReceiver<PathBuf>,
-    files: Vec<PathBuf>,
-}
-
-impl FileChanges {
-    /// Watches the folders holding `files`. If watching fails, reloads
-    /// still happen on SIGHUP.
-    pub fn new(files: &[PathBuf]) -> Self {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if let Ok(ev) = res
-                && !matches!(ev.kind, notify::EventKind::Access(_))
-            {
-                for p in ev.paths {
-                    let _ = tx.send(p);
-                }
-            }
-        });
-        let mut me = FileChanges {
-            _watcher: None,
-            rx,
-            files: Vec::new(),
-        };
-        match watcher {
-            Ok(w) => me._watcher = Some(w),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch the config and plugin files; reload with SIGHUP")
-            }
-        }
-        me.set_files(files);
-        me
-    }
-
-    /// Replaces the set of files watched (after a reload).
-    pub fn set_files(&mut self, files: &[PathBuf]) {
-        use notify::Watcher;
-        let canonical: Vec<PathBuf> = files.iter().map(|f| canonical_file(f)).collect();
-        if let Some(w) = &mut self._watcher {
-            let mut dirs: Vec<PathBuf> = canonical
-                .iter()
-                .filter_map(|f| f.parent().map(Path::to_owned))
-                .collect();
-            dirs.sort();
-            dirs.dedup();
-            for d in dirs {
-                // Watching a folder twice is harmless; a missing one is logged.
-                if let Err(e) = w.watch(&d, notify::RecursiveMode::NonRecursive) {
-                    tracing::warn!(dir = %d.display(), error = %e, "cannot watch folder for reloads");
-                }
-            }
-        }
-        self.files = canonical;
-    }
-
-    /// Waits for a change to one of the files, then for `quiet` without
-    /// further changes.
-    pub async fn next(&mut self, quiet: Duration) {
-        loop {
-            let Some(p) = self.rx.recv().await else {
-                return std::future::pending().await;
-            };
-            if self.files.contains(&canonical_file(&p)) {
-                break;
-            }
-        }
-        loop {
-            match tokio::time::timeout(quiet, self.rx.recv()).await {
-                Ok(Some(_)) => continue,
-                Ok(None) | Err(_) => return,
-            }
-        }
-    }
-}
-
-/// The file's path with its folder resolved (the file itself may not
-/// exist between a delete and a rename).
-fn canonical_file(f: &Path) -> PathBuf {
-    match (f.parent(), f.file_name()) {
-        (Some(dir), Some(name)) => (if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        })
-        .canonicalize()
-        .map(|d| d.join(name))
-        .unwrap_or_else(|_| f.to_owned()),
-        _ => f.to_owned(),
     }
 }
 

@@ -1,0 +1,21 @@
+//! The daemon as a library the commands call: what runs and how a config
+//! change applies to it (`supervisor`), what its parts share (`registry`),
+//! how an event becomes a committed outcome (`dispatch`), the delivery
+//! workers (`workers`), signals, the watched config files
+//! (`file_changes`), retention (`prune`), and what every command needs
+//! first (`setup`). Commands parse their arguments, call into here and
+//! print; none imports another command.
+
+pub mod dispatch;
+pub mod file_changes;
+pub mod prune;
+pub mod registry;
+pub mod setup;
+pub mod signals;
+pub mod supervisor;
+pub mod workers;
+
+pub use dispatch::{OutboxState, dispatcher};
+pub use file_changes::FileChanges;
+pub use registry::{Loaded, Registry, Shared, Wakers};
+pub use supervisor::{Applied, Supervisor};

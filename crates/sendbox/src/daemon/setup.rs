@@ -1,0 +1,87 @@
+//! What several commands need before they do anything: the config loaded,
+//! the tokio runtime, an account's transport, the outbox opened, locked
+//! and recovered.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use sendbox_auth::TokenProvider;
+use sendbox_mail::Transport;
+use sendbox_mail::file::FileTransport;
+use sendbox_mail::smtp::SmtpTransport;
+use sendbox_outbox::Outbox;
+
+use crate::config::{self, AccountConfig, AccountKind, Config};
+use crate::exit::{self, coded};
+
+/// Loads the config, turning errors into exit code 78.
+pub fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
+    config::load(path).map_err(|e| coded(exit::EX_CONFIG, e.to_string()))
+}
+
+pub fn token_provider(
+    account: &str,
+    a: config::SmtpAccount,
+) -> anyhow::Result<(Arc<TokenProvider>, sendbox_mail::smtp::SmtpSettings)> {
+    let provider = TokenProvider::new(account, a.endpoints, &a.client_id, a.credentials)
+        .map_err(|e| coded(exit::EX_CONFIG, format!("account `{account}`: {e}")))?;
+    Ok((Arc::new(provider), a.smtp))
+}
+
+/// Builds the transport for an account.
+pub fn transport(
+    account: AccountConfig,
+) -> anyhow::Result<(Transport, Option<Arc<TokenProvider>>)> {
+    match account.kind {
+        AccountKind::File { dir } => Ok((
+            Transport::File(
+                FileTransport::new(dir).map_err(|e| coded(exit::EX_CONFIG, e.to_string()))?,
+            ),
+            None,
+        )),
+        AccountKind::Smtp(a) => {
+            let (tokens, settings) = token_provider(&account.name, *a)?;
+            let smtp = SmtpTransport::new(settings, tokens.clone())
+                .map_err(|e| coded(exit::EX_CONFIG, format!("account `{}`: {e}", account.name)))?;
+            Ok((Transport::Smtp(Box::new(smtp)), Some(tokens)))
+        }
+    }
+}
+
+/// The tokio runtime every async command uses: two workers, as the
+/// machines this runs on have two cores.
+pub fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// Opens the outbox and requeues what a previous run left in `sending`.
+pub fn open_and_recover(store: &std::path::Path, holder: &str) -> anyhow::Result<Arc<Outbox>> {
+    let outbox =
+        Arc::new(Outbox::open(store).map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?);
+    // One delivering process per database: a second would requeue the
+    // first one's messages in flight and send them twice.
+    outbox
+        .lock_for_delivery(holder)
+        .map_err(|e| coded(exit::EX_TEMPFAIL, e.to_string()))?;
+    let recovered = outbox
+        .recover()
+        .map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?;
+    if recovered > 0 {
+        tracing::warn!(
+            recovered,
+            "requeued messages left in `sending` by the previous run"
+        );
+    }
+    Ok(outbox)
+}
+
+/// Each plugin's allowed From addresses, for message building.
+pub fn allowed_from(cfg: &crate::config::Config) -> HashMap<String, Vec<String>> {
+    cfg.plugins
+        .values()
+        .map(|p| (p.name.clone(), p.policy.allowed_from.clone()))
+        .collect()
+}
