@@ -6,6 +6,7 @@
 //! first (`setup`). Commands parse their arguments, call into here and
 //! print; none imports another command.
 
+pub mod accounts;
 pub mod dispatch;
 pub mod file_changes;
 pub mod prune;

@@ -31,8 +31,8 @@ use sendbox_triggers::webhook::{Route, RouteTable};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::accounts::RunningAccount;
 use super::registry::{Loaded, Registry, Shared, Wakers};
-use super::workers::{account_worker, run_worker};
 use crate::config::{self, Fingerprint};
 use crate::metrics::Metrics;
 
@@ -71,23 +71,23 @@ struct Running {
 /// Owns what runs: loads plugins, starts and stops their triggers, and
 /// applies config changes.
 pub struct Supervisor {
-    runtime: Runtime,
-    outbox: Arc<Outbox>,
-    registry: Arc<Registry>,
-    routes: RouteTable,
-    dispatch: Dispatch,
-    metrics: Arc<Metrics>,
+    pub(super) runtime: Runtime,
+    pub(super) outbox: Arc<Outbox>,
+    pub(super) registry: Arc<Registry>,
+    pub(super) routes: RouteTable,
+    pub(super) dispatch: Dispatch,
+    pub(super) metrics: Arc<Metrics>,
     /// Each account's worker waker, shared with the dispatcher.
-    wakers: Arc<Wakers>,
+    pub(super) wakers: Arc<Wakers>,
     /// Each plugin's allowed From addresses, shared with the workers.
-    allowed_from: AllowedFrom,
-    restart_fingerprint: String,
-    accounts: HashMap<String, RunningAccount>,
+    pub(super) allowed_from: AllowedFrom,
+    pub(super) restart_fingerprint: String,
+    pub(super) accounts: HashMap<String, RunningAccount>,
     running: HashMap<String, Running>,
     /// Every configured plugin's `.wasm`, loaded or not.
     wasm_files: Vec<PathBuf>,
     /// Trigger tasks being stopped after a reload.
-    retiring: JoinSet<()>,
+    pub(super) retiring: JoinSet<()>,
 }
 
 /// What one reload did, for logs and tests.
@@ -103,34 +103,6 @@ pub struct Applied {
     pub removed: Vec<String>,
     /// Plugins that failed to load (the previous version, if any, serves).
     pub failed: Vec<String>,
-}
-
-/// How long a changed account's new credentials may take to get a token.
-const TOKEN_CHECK: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// What [`Supervisor::apply_accounts`] did.
-#[derive(Debug, Default)]
-pub struct AccountsApplied {
-    /// Accounts whose worker (re)started.
-    pub restarted: Vec<String>,
-    /// Accounts that could not be built, with why.
-    pub failed: Vec<(String, String)>,
-}
-
-/// A running delivery worker.
-struct RunningAccount {
-    fingerprint: config::SecretHash,
-    mailbox: String,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl RunningAccount {
-    /// Stops claiming, and waits for the sends in flight.
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = self.task.await;
-    }
 }
 
 enum Prepared {
@@ -217,100 +189,6 @@ impl Supervisor {
             "partial"
         });
         Some(applied)
-    }
-
-    /// Makes the running delivery workers match `accounts`: an account that
-    /// is new or changed (its section, or a secret it resolves) gets a new
-    /// worker once the old one has finished its sends; one that cannot be
-    /// built keeps its old worker (if any) and is reported.
-    pub async fn apply_accounts(
-        &mut self,
-        accounts: BTreeMap<String, config::AccountConfig>,
-    ) -> AccountsApplied {
-        let mut applied = AccountsApplied::default();
-        let gone: Vec<String> = self
-            .accounts
-            .keys()
-            .filter(|n| !accounts.contains_key(*n))
-            .cloned()
-            .collect();
-        for (name, account) in accounts {
-            if self
-                .accounts
-                .get(&name)
-                .is_some_and(|r| r.fingerprint == account.fingerprint)
-            {
-                continue;
-            }
-            let (mailbox, fingerprint) = (account.mailbox.clone(), account.fingerprint.clone());
-            // Registered with the metrics only once it replaces the running
-            // worker: a change that fails leaves that worker's counters.
-            let built = account_worker(account, &self.outbox, &self.allowed_from);
-            let checked = match built {
-                Ok((worker, Some(tokens))) if self.accounts.contains_key(&name) => {
-                    // A changed account proves its new credentials before it
-                    // replaces one that works.
-                    match tokio::time::timeout(TOKEN_CHECK, tokens.token()).await {
-                        Ok(Ok(_)) => Ok((worker, Some(tokens))),
-                        Ok(Err(e)) => Err(anyhow::anyhow!("the new credentials were refused: {e}")),
-                        Err(_) => Err(anyhow::anyhow!(
-                            "the token endpoint did not answer within {TOKEN_CHECK:?}"
-                        )),
-                    }
-                }
-                other => other,
-            };
-            let worker = match checked {
-                Ok((w, tokens)) => {
-                    if let Some(t) = tokens {
-                        self.metrics.token_provider(&name, t);
-                    }
-                    self.metrics.worker(&name, w.status());
-                    w
-                }
-                Err(e) => {
-                    if self.accounts.contains_key(&name) {
-                        tracing::error!(account = %name, error = %e, "account not changed: the new settings do not work; the running worker keeps sending");
-                    } else {
-                        tracing::error!(account = %name, error = %e, "account not started");
-                    }
-                    applied.failed.push((name, e.to_string()));
-                    continue;
-                }
-            };
-            if let Some(old) = self.accounts.remove(&name) {
-                tracing::info!(account = %name, "account changed: its worker restarts after the sends in flight");
-                old.stop().await;
-            }
-            let (stop, rx) = watch::channel(false);
-            self.wakers.set(&name, worker.waker());
-            let task = tokio::spawn(run_worker(worker, rx));
-            self.accounts.insert(
-                name.clone(),
-                RunningAccount {
-                    fingerprint,
-                    mailbox,
-                    stop,
-                    task,
-                },
-            );
-            applied.restarted.push(name);
-        }
-        for name in gone {
-            if let Some(old) = self.accounts.remove(&name) {
-                tracing::warn!(account = %name, "account removed from the config: its worker stops; messages queued for it wait until it is configured again");
-                self.wakers.remove(&name);
-                old.stop().await;
-            }
-        }
-        applied
-    }
-
-    /// Stops every delivery worker after its sends in flight.
-    pub async fn stop_delivery(&mut self) {
-        for (_, a) in self.accounts.drain() {
-            a.stop().await;
-        }
     }
 
     /// Makes the running plugins match `plugins`, changing only what
