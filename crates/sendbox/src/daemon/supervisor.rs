@@ -105,9 +105,13 @@ pub struct Applied {
     pub failed: Vec<String>,
 }
 
-enum Prepared {
+/// What reading a plugin's `.wasm` for a reload gave.
+enum NewVersion {
+    /// Same bytes and section: keep the running version.
     Unchanged,
+    /// Loaded: swap it in.
     Ready(Plugin),
+    /// Did not load: the running version (if any) keeps serving.
     Failed(String),
 }
 
@@ -223,11 +227,11 @@ impl Supervisor {
                     prepare(&runtime, &name, &wasm, settings, old_hash, same_section)
                 })
                 .await
-                .unwrap_or_else(|e| Prepared::Failed(format!("load task failed: {e}")))
+                .unwrap_or_else(|e| NewVersion::Failed(format!("load task failed: {e}")))
             };
             let loaded = match prepared {
-                Prepared::Unchanged => None,
-                Prepared::Ready(plugin) => {
+                NewVersion::Unchanged => None,
+                NewVersion::Ready(plugin) => {
                     tracing::info!(plugin = %name, wasm = %p.wasm.display(), sha256 = %plugin.sha256(), replaced = current.is_some(), "plugin loaded");
                     applied.loaded.push(name.clone());
                     Some(Arc::new(Loaded {
@@ -239,7 +243,7 @@ impl Supervisor {
                         serial: current.map(|r| r.loaded.serial.clone()).unwrap_or_default(),
                     }))
                 }
-                Prepared::Failed(why) => {
+                NewVersion::Failed(why) => {
                     if current.is_some() {
                         tracing::error!(plugin = %name, wasm = %p.wasm.display(), reason = %why, "new version not loaded; the previous version keeps serving");
                     } else {
@@ -384,17 +388,17 @@ fn prepare(
     settings: sendbox_runtime::PluginSettings,
     old_hash: Option<String>,
     same_section: bool,
-) -> Prepared {
+) -> NewVersion {
     let bytes = match std::fs::read(wasm) {
         Ok(b) => b,
-        Err(e) => return Prepared::Failed(format!("cannot read {}: {e}", wasm.display())),
+        Err(e) => return NewVersion::Failed(format!("cannot read {}: {e}", wasm.display())),
     };
     if same_section && old_hash.as_deref() == Some(sendbox_runtime::content_hash(&bytes).as_str()) {
-        return Prepared::Unchanged;
+        return NewVersion::Unchanged;
     }
     match runtime.load(name, &bytes, settings) {
-        Ok(p) => Prepared::Ready(p),
-        Err(e) => Prepared::Failed(e.to_string()),
+        Ok(p) => NewVersion::Ready(p),
+        Err(e) => NewVersion::Failed(e.to_string()),
     }
 }
 
