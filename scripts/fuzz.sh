@@ -23,6 +23,8 @@ cargo fuzz build --sanitizer none -O
 for target in config webhook_request outcome message; do
   scratch="$(mktemp -d)"
   mkdir "$scratch/new"
+  # A folder git keeps only with files in it; libFuzzer needs it to exist.
+  mkdir -p "corpus/$target"
   echo "fuzzing $target for ${seconds}s"
   log="$scratch/log"
   status=0
