@@ -56,6 +56,11 @@ fn enqueue(outbox: &Outbox, n: usize) -> Vec<i64> {
             ..Email::default()
         })
         .collect();
+    commit_emails(outbox, emails)
+}
+
+/// Queues `emails` for the `alerts` account; their outbox ids.
+fn commit_emails(outbox: &Outbox, emails: Vec<Email>) -> Vec<i64> {
     outbox
         .commit(Call {
             plugin: "p".into(),
@@ -65,7 +70,6 @@ fn enqueue(outbox: &Outbox, n: usize) -> Vec<i64> {
             account_mailbox: "alerts@example.com".into(),
             policy: Policy::default(),
             emails,
-            state_changes: vec![],
             ..Default::default()
         })
         .unwrap()
@@ -298,24 +302,15 @@ async fn a_refused_recipient_is_recorded_and_the_others_get_the_message() {
     ]))
     .await;
     let (_d, outbox) = open();
-    let id = outbox
-        .commit(Call {
-            plugin: "p".into(),
-            trigger: "cli".into(),
-            event_id: "evt".into(),
-            account: "alerts".into(),
-            account_mailbox: "alerts@example.com".into(),
-            emails: vec![Email {
-                to: vec!["ops@example.com".into(), "gone@example.com".into()],
-                subject: "two recipients".into(),
-                text: Some("body".into()),
-                ..Email::default()
-            }],
-            ..Default::default()
-        })
-        .unwrap()
-        .queued[0]
-        .id;
+    let id = commit_emails(
+        &outbox,
+        vec![Email {
+            to: vec!["ops@example.com".into(), "gone@example.com".into()],
+            subject: "two recipients".into(),
+            text: Some("body".into()),
+            ..Email::default()
+        }],
+    )[0];
     let worker = alerts_worker(&p, &p.info.clients.secret.client_secret, &outbox, fast());
     run_until(worker, &outbox, all_in(State::Sent, 1)).await;
     let got = p.messages().await;
