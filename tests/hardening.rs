@@ -281,8 +281,13 @@ async fn a_plugin_cannot_make_the_host_hold_much() {
     });
     assert!(subjects(&mail).contains(&"refused=4000".to_string()));
     let outbox = sendbox_outbox::Outbox::open(&dir.path().join("var/sendbox.db")).unwrap();
-    assert!(outbox.state_keys("nul-keys", "", 10).unwrap().is_empty());
-    assert_eq!(outbox.state_usage("nul-keys").unwrap(), 0);
+    assert!(
+        outbox
+            .plugin_state_keys("nul-keys", "", 10)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(outbox.plugin_state_usage("nul-keys").unwrap(), 0);
     // The 8 MiB error: capped in the answer and in the log.
     let (status, text) = &answers["big-error"];
     assert_eq!(*status, 500);

@@ -27,7 +27,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use sendbox_mail::message::{self, Envelope};
 use sendbox_mail::{SendError, Transport};
-use sendbox_outbox::{Message, Outbox, State, now_ms};
+use sendbox_outbox::{Message, Outbox, State, Store, now_ms};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -236,17 +236,11 @@ impl AccountWorker {
                 self.status.set(None);
                 self.record_pause(None).await;
             }
-            let outbox = self.outbox.clone();
-            let account = self.account.clone();
             // Without a rate, claim a few rounds ahead so the connections
             // never wait on a claim; with one, claim only what can go now,
             // so nothing sits in `sending` waiting for its slot.
             let limit = self.settings.concurrency.max(1) * if interval.is_some() { 1 } else { 8 };
-            let claimed = tokio::task::spawn_blocking(move || outbox.claim(&account, limit))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()));
-            let batch = match claimed {
+            let batch = match self.outbox.claim(&self.account, limit).await {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::error!(account = %self.account, error = %e, "cannot claim messages");
@@ -317,12 +311,10 @@ impl AccountWorker {
     }
 
     async fn record_pause(&self, reason: Option<String>) {
-        let outbox = self.outbox.clone();
-        let account = self.account.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            outbox.set_account_paused(&account, reason.as_deref())
-        })
-        .await;
+        let _ = self
+            .outbox
+            .set_account_paused(&self.account, reason.as_deref())
+            .await;
     }
 
     fn prepare(&self, m: &Message) -> Result<sendbox_mail::Prepared, String> {
@@ -340,12 +332,10 @@ impl AccountWorker {
     }
 
     async fn release(&self, m: Message, why: &str) {
-        let why = why.to_owned();
-        let outbox = self.outbox.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            outbox.mark(m.id, State::Queued, Some(now_ms()), &why)
-        })
-        .await;
+        let _ = self
+            .outbox
+            .mark(m.id, State::Queued, Some(now_ms()), why)
+            .await;
     }
 
     /// Records an attempt's result; returns a pause reason when the account
@@ -409,13 +399,11 @@ impl AccountWorker {
             (State::Dead, _) => "dead",
             _ => "retry",
         });
-        let outbox = self.outbox.clone();
         let id = m.id;
-        let result =
-            tokio::task::spawn_blocking(move || outbox.mark(id, state, next, &detail)).await;
-        if !matches!(result, Ok(Ok(()))) {
+        if let Err(e) = self.outbox.mark(id, state, next, &detail).await {
             tracing::error!(
                 id,
+                error = %e,
                 "cannot record the delivery result; the message will be retried after a restart"
             );
         }

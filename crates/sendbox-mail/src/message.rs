@@ -189,7 +189,7 @@ fn text_part(text: &str, content_type: ContentType) -> SinglePart {
     let normalized = text.replace("\r\n", "\n").replace('\r', "\n");
     let body = if normalized.contains('\0') {
         Body::new_with_encoding(normalized, ContentTransferEncoding::Base64)
-            .unwrap_or_else(|raw| Body::new(raw))
+            .unwrap_or_else(Body::new)
     } else {
         Body::new(normalized)
     };
@@ -206,7 +206,7 @@ fn attachment_body(data: &[u8]) -> Body {
         return Body::new(data.to_vec());
     }
     Body::new_with_encoding(data.to_vec(), ContentTransferEncoding::Base64)
-        .unwrap_or_else(|raw| Body::new(raw))
+        .unwrap_or_else(Body::new)
 }
 
 fn is_7bit_crlf_text(data: &[u8]) -> bool {

@@ -11,12 +11,17 @@
 //! # Layout
 //!
 //! - `model`: what the outbox stores and answers, whatever the backend
-//!   ([`Call`], [`Message`], [`State`], [`OutboxError`] — which never
-//!   exposes the driver).
+//!   ([`Call`], [`Message`], its delivery [`State`], [`OutboxError`] —
+//!   which never exposes the driver). Plugin key-value state is always
+//!   called `plugin_state`.
 //! - `policy`: [`Policy`] and the checks of a call that need no store.
+//! - `store`: [`Store`], the async operations every backend provides;
+//!   `behaviour`: the suite every backend passes
+//!   ([`store_behaviour_tests!`]).
 //! - `sqlite`: the SQLite backend — [`Outbox`] with its writer thread
 //!   (`writer`), the commit of a call (`commit`), reads (`read`), plugin
-//!   state (`state`), the delivery lock (`lock`) and migrations (`schema`).
+//!   state (`plugin_state`), the delivery lock (`lock`), migrations
+//!   (`schema`) and [`Store`] on `Arc<Outbox>` (`store`).
 //!
 //! # Durability
 //!
@@ -46,11 +51,14 @@
 
 #![deny(missing_docs)]
 
+pub mod behaviour;
 mod model;
 mod policy;
 mod sqlite;
+mod store;
 
 pub use model::*;
 pub use policy::{Policy, default_idempotency_hours};
 pub use sendbox_types::now_ms;
 pub use sqlite::Outbox;
+pub use store::{Store, Versioned};

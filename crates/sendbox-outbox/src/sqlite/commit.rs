@@ -23,7 +23,7 @@ pub(crate) fn apply(c: &Connection, call: &Call) -> Result<Committed, OutboxErro
 
     // First: is what the call read still what is stored? If not, its
     // outcome may be wrong; the caller runs the event again.
-    super::state::validate(c, &call.plugin, &call.reads)?;
+    super::plugin_state::validate(c, &call.plugin, &call.reads)?;
 
     // The shape first (pure, shared by every backend); any violation
     // refuses the whole call.
@@ -124,6 +124,6 @@ pub(crate) fn apply(c: &Connection, call: &Call) -> Result<Committed, OutboxErro
         done.queued.push(Queued { id, message_id });
     }
 
-    super::state::apply(c, &call.plugin, &call.state_changes, call.state_quota_bytes)?;
+    super::plugin_state::apply(c, &call.plugin, &call.state_changes, call.state_quota_bytes)?;
     Ok(done)
 }

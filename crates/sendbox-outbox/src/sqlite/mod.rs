@@ -1,13 +1,14 @@
 //! The SQLite backend: one file in WAL mode with `synchronous = FULL`, one
 //! writer thread that group-commits, a reader connection, versioned
 //! migrations (`schema`), the commit of a call (`commit`) and plugin state
-//! (`state`).
+//! (`plugin_state`), and [`crate::Store`] on `Arc<Outbox>` (`store`).
 
 mod commit;
 mod lock;
+mod plugin_state;
 mod read;
 mod schema;
-mod state;
+mod store;
 mod writer;
 
 use read::{COLUMNS, row_to_message};

@@ -5,7 +5,7 @@ use std::sync::PoisonError;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Outbox, state};
+use super::{Outbox, plugin_state};
 use crate::{AuditEntry, Message, OutboxError, State};
 
 pub(super) const COLUMNS: &str = "id, message_id, plugin, trigger, event_id, account, state, attempts, \
@@ -124,24 +124,24 @@ impl Outbox {
     }
     /// Reads one plugin state value with its version (see
     /// [`ReadSet`](sendbox_types::ReadSet)).
-    pub fn state_get(
+    pub fn plugin_state_get(
         &self,
         plugin: &str,
         key: &str,
     ) -> Result<Option<(Vec<u8>, u64)>, OutboxError> {
-        self.read(|c| state::get(c, plugin, key))
+        self.read(|c| plugin_state::get(c, plugin, key))
     }
     /// Plugin state keys with a prefix, in byte order, at most `limit`.
-    pub fn state_keys(
+    pub fn plugin_state_keys(
         &self,
         plugin: &str,
         prefix: &str,
         limit: usize,
     ) -> Result<Vec<String>, OutboxError> {
-        self.read(|c| state::keys(c, plugin, prefix, limit))
+        self.read(|c| plugin_state::keys(c, plugin, prefix, limit))
     }
     /// Bytes of keys and values a plugin keeps.
-    pub fn state_usage(&self, plugin: &str) -> Result<u64, OutboxError> {
-        self.read(|c| state::usage(c, plugin))
+    pub fn plugin_state_usage(&self, plugin: &str) -> Result<u64, OutboxError> {
+        self.read(|c| plugin_state::usage(c, plugin))
     }
 }

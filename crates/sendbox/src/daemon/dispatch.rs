@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use sendbox_outbox::{Call, Outbox, OutboxError};
+use sendbox_outbox::{Call, Outbox, OutboxError, Store};
 use sendbox_runtime::{StateError, StateStore, Versioned};
 use sendbox_triggers::{Dispatch, Dispatched, Job};
 
@@ -20,17 +20,16 @@ fn state_err(e: OutboxError) -> StateError {
 
 impl StateStore for OutboxState {
     fn get(&self, plugin: &str, key: &str) -> Result<Option<Versioned>, StateError> {
-        Ok(self
-            .0
-            .state_get(plugin, key)
+        // The blocking reads: the plugin runs on a blocking thread.
+        Ok(Outbox::plugin_state_get(&self.0, plugin, key)
             .map_err(state_err)?
             .map(|(value, version)| Versioned { value, version }))
     }
     fn keys(&self, plugin: &str, prefix: &str, limit: usize) -> Result<Vec<String>, StateError> {
-        self.0.state_keys(plugin, prefix, limit).map_err(state_err)
+        Outbox::plugin_state_keys(&self.0, plugin, prefix, limit).map_err(state_err)
     }
     fn usage_bytes(&self, plugin: &str) -> Result<u64, StateError> {
-        self.0.state_usage(plugin).map_err(state_err)
+        Outbox::plugin_state_usage(&self.0, plugin).map_err(state_err)
     }
 }
 
@@ -57,12 +56,10 @@ pub fn dispatcher(
             let result = run_job(job, &plugins, &outbox, &wakers, &metrics).await;
             if let Some(tick) = tick {
                 // Remembered so a restart can catch up on runs it missed.
-                let (o, p) = (outbox.clone(), plugin_name.clone());
-                let saved = tokio::task::spawn_blocking(move || {
-                    o.set_schedule_run(&p, &tick.schedule, tick.scheduled_at_ms)
-                })
-                .await;
-                if let Ok(Err(e)) = saved {
+                let saved = outbox
+                    .set_schedule_run(&plugin_name, &tick.schedule, tick.scheduled_at_ms)
+                    .await;
+                if let Err(e) = saved {
                     tracing::warn!(plugin = %plugin_name, error = %e, "cannot record the schedule's run");
                 }
             }
@@ -156,7 +153,7 @@ async fn run_job(
             reads: report.reads,
             state_quota_bytes: Some(loaded.plugin.settings().limits.state_bytes),
         };
-        match outbox.commit_async(call).await {
+        match outbox.commit(call).await {
             Err(OutboxError::Conflict(why)) if attempt < MAX_ATTEMPTS => {
                 tracing::debug!(plugin = %name, event_id = %event_id, attempt, %why, "state changed meanwhile: running the event again");
                 metrics.rerun(&name);

@@ -1,4 +1,5 @@
-//! The daemon as a library the commands call: what runs and how a config
+//! The daemon as a library the commands call: one process's life
+//! (`run`: [`Daemon::run`]), what runs and how a config
 //! change applies to it (`supervisor`), what its parts share (`registry`),
 //! how an event becomes a committed outcome (`dispatch`), the delivery
 //! workers (`workers`), signals, the watched config files
@@ -11,6 +12,7 @@ pub mod dispatch;
 pub mod file_changes;
 pub mod prune;
 pub mod registry;
+pub mod run;
 pub mod setup;
 pub mod signals;
 pub mod supervisor;
@@ -19,4 +21,5 @@ pub mod workers;
 pub use dispatch::{OutboxState, dispatcher};
 pub use file_changes::FileChanges;
 pub use registry::{Loaded, Registry, Shared, Wakers};
+pub use run::{Daemon, Mode, Shutdown, Stopped};
 pub use supervisor::{Applied, Supervisor};

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use sendbox_outbox::Outbox;
+use sendbox_outbox::{Outbox, Store};
 
 /// How often finished work past its retention is deleted.
 pub const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -17,16 +17,18 @@ pub async fn prune_every(
     let mut ticks = tokio::time::interval(period);
     loop {
         ticks.tick().await;
-        let (o, cutoffs) = (outbox.clone(), retention.before(sendbox_outbox::now_ms()));
-        match tokio::task::spawn_blocking(move || o.prune(cutoffs)).await {
-            Ok(Ok(p)) if p.messages + p.idempotency_keys > 0 => {
+        match outbox
+            .prune(retention.before(sendbox_outbox::now_ms()))
+            .await
+        {
+            Ok(p) if p.messages + p.idempotency_keys > 0 => {
                 tracing::info!(
                     messages = p.messages,
                     idempotency_keys = p.idempotency_keys,
                     "outbox pruned"
                 );
             }
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot prune the outbox; will try again"),
+            Err(e) => tracing::warn!(error = %e, "cannot prune the outbox; will try again"),
             _ => {}
         }
     }

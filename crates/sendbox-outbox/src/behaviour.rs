@@ -1,0 +1,569 @@
+//! The outbox's behaviour, written once against [`Store`] so every backend
+//! runs the same suite: a backend's tests call
+//! [`store_behaviour_tests!`](crate::store_behaviour_tests) with an async
+//! function returning a fresh, empty store (and whatever must live as long
+//! as it, such as a temporary folder), which expands to one `#[tokio::test]`
+//! per scenario below.
+//!
+//! Every scenario commits as plugin `p` to account `alerts`
+//! (`alerts@example.com`) and asserts what a user of the outbox relies on.
+
+use std::sync::Arc;
+
+use sendbox_types::{Bytes, Email, StateChange};
+
+use crate::store::Store;
+use crate::{Call, OutboxError, Policy, PruneBefore, Pruned, State, now_ms};
+
+/// Expands to one `#[tokio::test]` per behaviour scenario, each on a store
+/// from `$fresh().await`, which returns `(guard, store)`.
+#[macro_export]
+macro_rules! store_behaviour_tests {
+    ($fresh:path) => {
+        $crate::store_behaviour_tests!(@each $fresh;
+            a_call_commits_its_emails_and_state_together,
+            a_policy_violation_queues_nothing_and_says_why,
+            a_refused_call_does_not_disturb_the_others_committed_with_it,
+            an_idempotency_key_seen_again_is_not_queued_twice,
+            suppressed_recipients_are_removed_at_enqueue,
+            an_hourly_rate_limit_refuses_the_excess,
+            a_message_left_sending_is_queued_again_with_its_message_id,
+            states_move_with_their_replies_on_record,
+            concurrent_commits_are_all_stored,
+            a_call_whose_reads_changed_commits_nothing,
+            usage_is_counted_in_bytes_and_the_quota_holds_at_commit,
+            finished_messages_and_old_keys_are_pruned_and_counts_stay_exact,
+            paused_accounts_and_schedule_runs_are_remembered,
+        );
+    };
+    (@each $fresh:path; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let (_guard, store) = $fresh().await;
+                $crate::behaviour::$name(store).await;
+            }
+        )*
+    };
+}
+
+fn email(to: &str, subject: &str) -> Email {
+    Email {
+        to: vec![to.into()],
+        subject: subject.into(),
+        text: Some("body".into()),
+        ..Email::default()
+    }
+}
+
+fn call(emails: Vec<Email>, state: Vec<StateChange>) -> Call {
+    Call {
+        plugin: "p".into(),
+        trigger: "webhook".into(),
+        event_id: "evt-1".into(),
+        account: "alerts".into(),
+        account_mailbox: "alerts@example.com".into(),
+        policy: Policy::default(),
+        emails,
+        state_changes: state,
+        ..Default::default()
+    }
+}
+
+fn set(key: &str, value: &str) -> StateChange {
+    StateChange::Set {
+        key: key.into(),
+        value: Bytes(value.as_bytes().to_vec()),
+    }
+}
+
+async fn value(store: &impl Store, key: &str) -> Option<Vec<u8>> {
+    store
+        .plugin_state_get("p", key)
+        .await
+        .unwrap()
+        .map(|(v, _)| v)
+}
+
+async fn version(store: &impl Store, key: &str) -> u64 {
+    store
+        .plugin_state_get("p", key)
+        .await
+        .unwrap()
+        .map_or(0, |(_, v)| v)
+}
+
+fn with_reads(mut c: Call, keys: &[(&str, u64)], prefixes: &[(&str, &[&str])]) -> Call {
+    for (k, v) in keys {
+        c.reads.keys.insert(k.to_string(), *v);
+    }
+    for (p, listed) in prefixes {
+        c.reads.prefixes.insert(
+            p.to_string(),
+            listed.iter().map(|s| s.to_string()).collect(),
+        );
+    }
+    c
+}
+
+async fn depth(store: &impl Store) -> Vec<(State, u64)> {
+    let mut d = store.depth().await.unwrap();
+    d.retain(|(_, n)| *n > 0);
+    d.sort_by_key(|(s, _)| s.as_str());
+    d
+}
+
+/// Emails and state writes of one call are stored together, with distinct
+/// Message-IDs in the account's domain and the event on record.
+pub async fn a_call_commits_its_emails_and_state_together(store: impl Store) {
+    let done = store
+        .commit(call(
+            vec![email("a@x.org", "one"), email("b@x.org", "two")],
+            vec![set("seen", "1")],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(done.queued.len(), 2);
+    assert_ne!(done.queued[0].message_id, done.queued[1].message_id);
+    assert!(done.queued[0].message_id.ends_with("@example.com>"));
+    assert_eq!(store.list(Some(State::Queued), 10).await.unwrap().len(), 2);
+    assert_eq!(value(&store, "seen").await, Some(b"1".to_vec()));
+    let trail = store.audit_trail(done.queued[0].id).await.unwrap();
+    assert_eq!(trail[0].to, "queued");
+    assert!(trail[0].detail.as_deref().unwrap_or("").contains("evt-1"));
+}
+
+/// A call breaking policy stores nothing (no email, no state) and says
+/// which rule.
+pub async fn a_policy_violation_queues_nothing_and_says_why(store: impl Store) {
+    let mut c = call(
+        vec![
+            email("ok@x.org", "fine"),
+            email("ceo@competitor.com", "leak"),
+        ],
+        vec![set("k", "v")],
+    );
+    c.policy.allowed_recipients = vec!["*@x.org".into()];
+    match store.commit(c).await {
+        Err(OutboxError::Policy(m)) => {
+            assert!(
+                m.contains("ceo@competitor.com is not in allowed_recipients"),
+                "{m}"
+            )
+        }
+        other => panic!("expected a policy error, got {other:?}"),
+    }
+    assert!(
+        store.list(None, 10).await.unwrap().is_empty(),
+        "nothing partial"
+    );
+    assert_eq!(value(&store, "k").await, None, "state not written");
+
+    let mut c = call(vec![email("ok@x.org", "x")], vec![]);
+    c.emails[0].sender = Some("ceo@example.com".into());
+    let err = store.commit(c).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("From ceo@example.com is not allowed"),
+        "{err}"
+    );
+}
+
+/// Of 40 concurrent calls, the 10 refused ones leave the 30 others stored.
+pub async fn a_refused_call_does_not_disturb_the_others_committed_with_it(store: impl Store) {
+    let store = Arc::new(store);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let mut c = call(vec![email("a@x.org", &format!("n{i}"))], vec![]);
+            if i % 4 == 0 {
+                c.policy.recipients_per_email = 0;
+            }
+            store.commit(c).await.is_ok()
+        });
+    }
+    let ok = tasks.join_all().await.into_iter().filter(|&b| b).count();
+    assert_eq!(ok, 30);
+    assert_eq!(store.list(None, 100).await.unwrap().len(), 30);
+}
+
+/// An idempotency key is per plugin: seen again, the earlier message is
+/// named and nothing is queued.
+pub async fn an_idempotency_key_seen_again_is_not_queued_twice(store: impl Store) {
+    let mut e = email("a@x.org", "alert");
+    e.idempotency_key = Some("alert-42-firing".into());
+    let first = store.commit(call(vec![e.clone()], vec![])).await.unwrap();
+    let second = store.commit(call(vec![e.clone()], vec![])).await.unwrap();
+    assert!(second.queued.is_empty());
+    assert_eq!(second.duplicates, first.queued);
+    let mut other = call(vec![e], vec![]);
+    other.plugin = "q".into();
+    assert_eq!(store.commit(other).await.unwrap().queued.len(), 1);
+}
+
+/// Suppressed addresses (any case, with display names) are dropped at
+/// enqueue; an email left without recipients is skipped.
+pub async fn suppressed_recipients_are_removed_at_enqueue(store: impl Store) {
+    store
+        .suppress("Bounced@X.org", Some("hard bounce"))
+        .await
+        .unwrap();
+    let mut e = email("bounced@x.org", "hi");
+    e.cc = vec!["ok@x.org".into()];
+    let done = store
+        .commit(call(
+            vec![e, email("Bounced <bounced@x.org>", "only")],
+            vec![],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        done.queued.len(),
+        1,
+        "the email left without recipients is skipped"
+    );
+    assert_eq!(done.suppressed, ["bounced@x.org", "bounced@x.org"]);
+    assert_eq!(
+        store.get(done.queued[0].id).await.unwrap().recipients,
+        "ok@x.org"
+    );
+    assert_eq!(
+        store.suppressions().await.unwrap(),
+        [("bounced@x.org".to_string(), Some("hard bounce".to_string()))]
+    );
+    assert!(store.unsuppress("bounced@x.org").await.unwrap());
+    assert!(!store.unsuppress("bounced@x.org").await.unwrap());
+    assert!(store.suppressions().await.unwrap().is_empty());
+}
+
+/// `emails_per_hour` counts what is already queued.
+pub async fn an_hourly_rate_limit_refuses_the_excess(store: impl Store) {
+    let mut c = call(vec![email("a@x.org", "1"), email("a@x.org", "2")], vec![]);
+    c.policy.emails_per_hour = Some(3);
+    store.commit(c.clone()).await.unwrap();
+    let err = store.commit(c).await.unwrap_err();
+    assert!(err.to_string().contains("emails_per_hour = 3"), "{err}");
+    assert_eq!(store.list(None, 10).await.unwrap().len(), 2);
+}
+
+/// What a holder left in `sending` is queued again by the next holder,
+/// keeping its Message-ID, and says so in its history.
+pub async fn a_message_left_sending_is_queued_again_with_its_message_id(store: impl Store) {
+    let done = store
+        .commit(call(vec![email("a@x.org", "x")], vec![]))
+        .await
+        .unwrap();
+    let queued = done.queued[0].clone();
+    let claimed = store.claim("alerts", 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].state, State::Sending);
+    store.lock_for_delivery("test").await.unwrap();
+    assert_eq!(store.recover().await.unwrap(), 1);
+    let m = store.get(queued.id).await.unwrap();
+    assert_eq!(m.state, State::Queued);
+    assert_eq!(m.message_id, queued.message_id);
+    let again = store.claim("alerts", 10).await.unwrap();
+    assert_eq!(again[0].message_id, queued.message_id);
+    assert_eq!(again[0].attempts, 2);
+    let trail = store.audit_trail(queued.id).await.unwrap();
+    assert!(trail.iter().any(|a| {
+        a.detail
+            .as_deref()
+            .is_some_and(|d| d.contains("recovered after restart"))
+    }));
+}
+
+/// Claims, results, operator retries and drops move a message through its
+/// states, each on record; a stale result and a retry of a message being
+/// sent are refused.
+pub async fn states_move_with_their_replies_on_record(store: impl Store) {
+    let done = store
+        .commit(call(
+            vec![email("a@x.org", "x"), email("b@x.org", "y")],
+            vec![],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(store.claim("alerts", 10).await.unwrap().len(), 2);
+    assert!(
+        store.claim("alerts", 10).await.unwrap().is_empty(),
+        "claimed once"
+    );
+    assert!(
+        store.claim("other", 10).await.unwrap().is_empty(),
+        "per account"
+    );
+    let (a, b) = (done.queued[0].id, done.queued[1].id);
+    store
+        .mark(a, State::Sent, None, "250 2.0.0 OK")
+        .await
+        .unwrap();
+    store
+        .mark(b, State::Retry, Some(now_ms() + 60_000), "451 4.3.0 later")
+        .await
+        .unwrap();
+    assert!(
+        store.claim("alerts", 10).await.unwrap().is_empty(),
+        "retry not due yet"
+    );
+    assert!(matches!(
+        store.mark(b, State::Dead, None, "stale").await,
+        Err(OutboxError::WrongState { .. })
+    ));
+    store.retry_now(b).await.unwrap();
+    assert_eq!(store.claim("alerts", 10).await.unwrap()[0].id, b);
+    assert!(matches!(
+        store.retry_now(b).await,
+        Err(OutboxError::WrongState { .. })
+    ));
+    store
+        .mark(b, State::Dead, None, "550 5.1.1 User unknown")
+        .await
+        .unwrap();
+    let m = store.get(b).await.unwrap();
+    assert_eq!(m.state, State::Dead);
+    assert_eq!(m.last_reply.as_deref(), Some("550 5.1.1 User unknown"));
+    store.retry_now(b).await.unwrap();
+    assert_eq!(store.claim("alerts", 10).await.unwrap()[0].id, b);
+    let trail: Vec<String> = store
+        .audit_trail(b)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.to)
+        .collect();
+    assert_eq!(
+        trail,
+        [
+            "queued", "sending", "retry", "queued", "sending", "dead", "queued", "sending"
+        ]
+    );
+    store.drop_message(a).await.unwrap();
+    assert!(matches!(store.get(a).await, Err(OutboxError::NotFound(_))));
+    assert!(matches!(
+        store.drop_message(a).await,
+        Err(OutboxError::NotFound(_))
+    ));
+}
+
+/// 8 tasks × 100 commits: all 800 stored, each task's last write wins.
+pub async fn concurrent_commits_are_all_stored(store: impl Store) {
+    let store = Arc::new(store);
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..8 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            for i in 0..100 {
+                store
+                    .commit(call(
+                        vec![email("a@x.org", &format!("{t}-{i}"))],
+                        vec![set(&format!("k{t}"), &i.to_string())],
+                    ))
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    tasks.join_all().await;
+    assert_eq!(store.list(None, 10_000).await.unwrap().len(), 800);
+    assert_eq!(value(&*store, "k3").await, Some(b"99".to_vec()));
+    assert_eq!(depth(&*store).await, [(State::Queued, 800)]);
+}
+
+/// Optimistic state: a call whose reads (keys, absences, listings) changed
+/// before its commit stores nothing.
+pub async fn a_call_whose_reads_changed_commits_nothing(store: impl Store) {
+    store
+        .commit(call(vec![], vec![set("n", "1")]))
+        .await
+        .unwrap();
+    let seen = version(&store, "n").await;
+    assert!(seen > 0);
+    let first = with_reads(call(vec![], vec![set("n", "2")]), &[("n", seen)], &[]);
+    store.commit(first).await.unwrap();
+    let second = with_reads(
+        call(vec![email("a@x.org", "stale")], vec![set("n", "2")]),
+        &[("n", seen)],
+        &[],
+    );
+    assert!(matches!(
+        store.commit(second).await,
+        Err(OutboxError::Conflict(_))
+    ));
+    assert!(
+        store.list(None, 10).await.unwrap().is_empty(),
+        "no email stored"
+    );
+    assert!(version(&store, "n").await > seen);
+
+    // Absent when read, present at commit.
+    store
+        .commit(call(vec![], vec![set("late", "x")]))
+        .await
+        .unwrap();
+    let absent = with_reads(call(vec![], vec![]), &[("late", 0)], &[]);
+    assert!(matches!(
+        store.commit(absent).await,
+        Err(OutboxError::Conflict(_))
+    ));
+    // Deleted and written again: a new version, never the old one.
+    let v = version(&store, "late").await;
+    store
+        .commit(call(
+            vec![],
+            vec![StateChange::Delete { key: "late".into() }],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(value(&store, "late").await, None);
+    store
+        .commit(call(vec![], vec![set("late", "x")]))
+        .await
+        .unwrap();
+    assert!(version(&store, "late").await > v);
+
+    // A key added under a listed prefix is a conflict; one outside is not.
+    store
+        .commit(call(vec![], vec![set("e/1", "a")]))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.plugin_state_keys("p", "e/", 10).await.unwrap(),
+        ["e/1"]
+    );
+    let listed = with_reads(call(vec![], vec![]), &[], &[("e/", &["e/1"])]);
+    store.commit(listed.clone()).await.unwrap();
+    store
+        .commit(call(vec![], vec![set("e/2", "b")]))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.commit(listed).await,
+        Err(OutboxError::Conflict(_))
+    ));
+    let listed = with_reads(call(vec![], vec![]), &[], &[("e/", &["e/1", "e/2"])]);
+    store
+        .commit(call(vec![], vec![set("f", "c")]))
+        .await
+        .unwrap();
+    store.commit(listed).await.unwrap();
+    assert_eq!(
+        store.plugin_state_keys("p", "e/", 1).await.unwrap(),
+        ["e/1"],
+        "limit holds"
+    );
+}
+
+/// State usage counts key and value bytes; the quota is checked at commit
+/// and shrinking is always allowed.
+pub async fn usage_is_counted_in_bytes_and_the_quota_holds_at_commit(store: impl Store) {
+    // Three two-byte characters and a value of four bytes: 10 bytes.
+    store
+        .commit(call(vec![], vec![set("ééé", "abcd")]))
+        .await
+        .unwrap();
+    assert_eq!(store.plugin_state_usage("p").await.unwrap(), 10);
+    let mut c = call(vec![], vec![set("k", "0123456789")]);
+    c.state_quota_bytes = Some(20);
+    assert!(matches!(
+        store.commit(c.clone()).await,
+        Err(OutboxError::Conflict(_))
+    ));
+    assert_eq!(store.plugin_state_usage("p").await.unwrap(), 10);
+    c.state_changes = vec![set("k", "012345678")];
+    store.commit(c).await.unwrap();
+    assert_eq!(store.plugin_state_usage("p").await.unwrap(), 20);
+    let mut c = call(
+        vec![],
+        vec![StateChange::Delete {
+            key: "ééé".into()
+        }],
+    );
+    c.state_quota_bytes = Some(1);
+    store.commit(c).await.unwrap();
+    assert_eq!(store.plugin_state_usage("p").await.unwrap(), 10);
+}
+
+/// Retention removes sent and dead messages with their history and old
+/// idempotency keys, never queued ones; the counts stay exact.
+pub async fn finished_messages_and_old_keys_are_pruned_and_counts_stay_exact(store: impl Store) {
+    let mut keyed = email("a@x.org", "keyed");
+    keyed.idempotency_key = Some("k1".into());
+    let done = store
+        .commit(call(
+            vec![keyed, email("b@x.org", "2"), email("c@x.org", "3")],
+            vec![],
+        ))
+        .await
+        .unwrap();
+    let ids: Vec<i64> = done.queued.iter().map(|q| q.id).collect();
+    store.claim("alerts", 2).await.unwrap();
+    store
+        .mark(ids[0], State::Sent, None, "250 ok")
+        .await
+        .unwrap();
+    store
+        .mark(ids[1], State::Dead, None, "550 no")
+        .await
+        .unwrap();
+    assert_eq!(
+        depth(&store).await,
+        [(State::Dead, 1), (State::Queued, 1), (State::Sent, 1)]
+    );
+
+    let cutoff = |offset_ms: i64| {
+        let at = now_ms() + offset_ms;
+        PruneBefore {
+            sent_ms: at,
+            dead_ms: at,
+            idempotency_ms: at,
+        }
+    };
+    assert_eq!(
+        store.prune(cutoff(-3_600_000)).await.unwrap(),
+        Pruned::default()
+    );
+    let pruned = store.prune(cutoff(3_600_000)).await.unwrap();
+    assert_eq!(pruned.messages, 2);
+    assert_eq!(pruned.idempotency_keys, 1);
+    assert!(store.audit_trail(ids[0]).await.unwrap().is_empty());
+    assert_eq!(store.get(ids[2]).await.unwrap().state, State::Queued);
+    assert_eq!(depth(&store).await, [(State::Queued, 1)]);
+    let mut again = email("a@x.org", "keyed again");
+    again.idempotency_key = Some("k1".into());
+    assert_eq!(
+        store
+            .commit(call(vec![again], vec![]))
+            .await
+            .unwrap()
+            .queued
+            .len(),
+        1
+    );
+    assert_eq!(depth(&store).await, [(State::Queued, 2)]);
+}
+
+/// A paused account is listed with its reason until resumed; a schedule's
+/// last run never moves backwards.
+pub async fn paused_accounts_and_schedule_runs_are_remembered(store: impl Store) {
+    assert!(store.paused_accounts().await.unwrap().is_empty());
+    store
+        .set_account_paused("alerts", Some("invalid_client"))
+        .await
+        .unwrap();
+    let paused = store.paused_accounts().await.unwrap();
+    assert_eq!(paused.len(), 1);
+    assert_eq!(
+        (paused[0].0.as_str(), paused[0].2.as_str()),
+        ("alerts", "invalid_client")
+    );
+    store.set_account_paused("alerts", None).await.unwrap();
+    assert!(store.paused_accounts().await.unwrap().is_empty());
+
+    assert_eq!(store.schedule_run("p", "daily").await.unwrap(), None);
+    store.set_schedule_run("p", "daily", 2_000).await.unwrap();
+    store.set_schedule_run("p", "daily", 1_000).await.unwrap();
+    assert_eq!(store.schedule_run("p", "daily").await.unwrap(), Some(2_000));
+    assert_eq!(store.schedule_run("p", "hourly").await.unwrap(), None);
+}
