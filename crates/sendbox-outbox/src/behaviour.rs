@@ -7,6 +7,9 @@
 //!
 //! Every scenario commits as plugin `p` to account `alerts`
 //! (`alerts@example.com`) and asserts what a user of the outbox relies on.
+//!
+//! Over 500 lines on purpose: the whole contract in one file, so whoever
+//! writes a backend reads it top to bottom.
 
 use std::sync::Arc;
 
@@ -47,7 +50,8 @@ macro_rules! store_behaviour_tests {
     };
 }
 
-fn email(to: &str, subject: &str) -> Email {
+/// A plain-text email to one recipient.
+pub fn email(to: &str, subject: &str) -> Email {
     Email {
         to: vec![to.into()],
         subject: subject.into(),
@@ -56,7 +60,8 @@ fn email(to: &str, subject: &str) -> Email {
     }
 }
 
-fn call(emails: Vec<Email>, state: Vec<StateChange>) -> Call {
+/// A call of plugin `p` (event `evt-1`) for account `alerts`.
+pub fn call(emails: Vec<Email>, state: Vec<StateChange>) -> Call {
     Call {
         plugin: "p".into(),
         trigger: "webhook".into(),
@@ -70,7 +75,8 @@ fn call(emails: Vec<Email>, state: Vec<StateChange>) -> Call {
     }
 }
 
-fn set(key: &str, value: &str) -> StateChange {
+/// A plugin state write.
+pub fn set(key: &str, value: &str) -> StateChange {
     StateChange::Set {
         key: key.into(),
         value: Bytes(value.as_bytes().to_vec()),

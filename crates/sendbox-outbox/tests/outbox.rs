@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use sendbox_outbox::{Call, Outbox, OutboxError, Policy, State};
-use sendbox_types::{Bytes, Email, StateChange};
+use sendbox_outbox::behaviour::{call, email, set};
+use sendbox_outbox::{Outbox, OutboxError, State};
 
 /// A fresh outbox in a temporary folder (the guard).
 async fn fresh_sqlite() -> (tempfile::TempDir, Arc<Outbox>) {
@@ -15,36 +15,6 @@ async fn fresh_sqlite() -> (tempfile::TempDir, Arc<Outbox>) {
 }
 
 sendbox_outbox::store_behaviour_tests!(fresh_sqlite);
-
-fn email(to: &str, subject: &str) -> Email {
-    Email {
-        to: vec![to.into()],
-        subject: subject.into(),
-        text: Some("body".into()),
-        ..Email::default()
-    }
-}
-
-fn call(emails: Vec<Email>, state: Vec<StateChange>) -> Call {
-    Call {
-        plugin: "p".into(),
-        trigger: "webhook".into(),
-        event_id: "evt-1".into(),
-        account: "alerts".into(),
-        account_mailbox: "alerts@example.com".into(),
-        policy: Policy::default(),
-        emails,
-        state_changes: state,
-        ..Default::default()
-    }
-}
-
-fn set(key: &str, value: &str) -> StateChange {
-    StateChange::Set {
-        key: key.into(),
-        value: Bytes(value.as_bytes().to_vec()),
-    }
-}
 
 fn value(outbox: &Outbox, key: &str) -> Option<Vec<u8>> {
     outbox.plugin_state_get("p", key).unwrap().map(|(v, _)| v)

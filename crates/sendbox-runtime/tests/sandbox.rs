@@ -6,6 +6,9 @@
 //!   and the same runtime handles a normal event right after;
 //! - loading: unsupported imports are refused by name, corrupt bytes are
 //!   refused, and the compiled-code cache is used on the second load.
+//!
+//! Over 500 lines on purpose: one test binary for every component the
+//! runtime loads, so they compile once and share one engine.
 
 use sendbox_test_support::capture;
 use sendbox_test_support::wasm;
