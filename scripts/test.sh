@@ -12,9 +12,10 @@ if command -v rustup >/dev/null; then
 fi
 
 # Node.js runs the test peers; openssl makes their certificates;
-# systemd-analyze checks the example unit.
+# systemd-analyze checks the example unit; swaks, curl and python3 (smtplib)
+# are the SMTP clients the listener tests submit with.
 missing=()
-for tool in node:nodejs npm:npm openssl:openssl systemd-analyze:systemd; do
+for tool in node:nodejs npm:npm openssl:openssl systemd-analyze:systemd swaks:swaks curl:curl python3:python3; do
   command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
 done
 if ((${#missing[@]})); then

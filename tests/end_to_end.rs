@@ -10,6 +10,7 @@ mod crash;
 mod daemon;
 mod daemon_peers;
 mod hardening;
+mod listener;
 mod outbox_cli;
 mod plugin_cli;
 mod reload;

@@ -42,6 +42,8 @@ impl From<FuzzEmail> for Email {
                 .collect(),
             headers: e.headers,
             idempotency_key: e.idempotency_key,
+            // Plugins never hand over a raw message.
+            raw: None,
         }
     }
 }

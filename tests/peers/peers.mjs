@@ -403,6 +403,9 @@ process.stdout.write(JSON.stringify({
   ca_file: f('ca.pem'),
   client_key_file: f('client.key'),
   client_cert_file: f('client.pem'),
+  // The localhost certificate (signed by ca_file), for servers under test.
+  leaf_cert_file: f('leaf.pem'),
+  leaf_key_file: f('leaf.key'),
   clients: {
     secret: { client_id: 'sendbox-app', client_secret: secrets.app },
     cert: { client_id: 'sendbox-cert' },

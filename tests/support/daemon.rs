@@ -13,6 +13,8 @@ pub struct Daemon {
     pub child: Child,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
+    /// The ready line.
+    pub ready: String,
     logs: Arc<Mutex<String>>,
 }
 
@@ -66,10 +68,26 @@ impl Daemon {
         let base = line
             .split("webhooks on ")
             .nth(1)
+            .and_then(|rest| rest.split(',').next())
             .unwrap_or_else(|| panic!("unexpected ready line {line:?}"))
             .trim()
             .to_owned();
-        Daemon { child, base, logs }
+        Daemon {
+            child,
+            base,
+            ready: line,
+            logs,
+        }
+    }
+
+    /// Where SMTP listener `name` listens, from the ready line.
+    pub fn smtp(&self, name: &str) -> std::net::SocketAddr {
+        let marker = format!("smtp {name} on ");
+        self.ready
+            .split(", ")
+            .find_map(|part| part.strip_prefix(&marker))
+            .and_then(|a| a.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no listener {name} in {:?}", self.ready))
     }
 
     /// Everything logged so far.

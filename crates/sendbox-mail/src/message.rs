@@ -69,6 +69,9 @@ pub use sendbox_types::{domain_of, new_message_id};
 
 /// Builds the message.
 pub fn build(email: &Email, env: &Envelope<'_>) -> Result<Prepared, BuildError> {
+    if let Some(raw) = &email.raw {
+        return crate::relay::relay(&raw.0, &email.to, env);
+    }
     let from = match &email.sender {
         None => mailbox("account mailbox", env.account_mailbox)?,
         Some(s) => {

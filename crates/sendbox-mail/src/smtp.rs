@@ -387,10 +387,10 @@ impl SmtpTransport {
             return Err(first.error.for_recipient(&first.address));
         }
         self.bounded("DATA", conn.command(Data)).await?;
-        match self
-            .bounded("the message", conn.message(&message.raw))
-            .await
-        {
+        // The connection ends the data with CRLF "." CRLF itself: a
+        // message's own final line break would become an extra empty line.
+        let data = message.raw.strip_suffix(b"\r\n").unwrap_or(&message.raw);
+        match self.bounded("the message", conn.message(data)).await {
             Ok(r) => Ok(Receipt {
                 reply: format!("{} {}", r.code(), r.message().collect::<Vec<_>>().join(" ")),
                 refused,

@@ -56,6 +56,8 @@ pub(crate) fn from_wit_outcome(o: wit::types::Outcome) -> Outcome {
                     .collect(),
                 headers: e.headers,
                 idempotency_key: e.idempotency_key,
+                // Plugins never hand over a raw message.
+                raw: None,
             })
             .collect(),
         response: o.response.map(|r| HttpResponse {

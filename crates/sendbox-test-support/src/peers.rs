@@ -25,6 +25,10 @@ pub struct Info {
     pub ca_file: PathBuf,
     pub client_key_file: PathBuf,
     pub client_cert_file: PathBuf,
+    /// A certificate for localhost and 127.0.0.1 signed by `ca_file`, and
+    /// its key: for a sendbox listener under test.
+    pub leaf_cert_file: PathBuf,
+    pub leaf_key_file: PathBuf,
     pub clients: Clients,
 }
 

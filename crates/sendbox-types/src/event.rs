@@ -217,6 +217,14 @@ pub struct Email {
     /// Deduplication key.
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// A whole message as a client submitted it over SMTP (headers and
+    /// MIME body, lines ending in CRLF). When set it is relayed as sent,
+    /// with only what the account requires changed (see
+    /// `sendbox_mail::relay`), and `to` holds the envelope recipients
+    /// (`cc`, `bcc`, `text`, `html`, `attachments` and `headers` unused).
+    /// Never set by plugins built against `sendbox:plugin@0.1.0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw: Option<Bytes>,
 }
 
 impl Email {
@@ -235,7 +243,8 @@ impl Email {
         let text = self.text.as_deref().map_or(0, str::len);
         let html = self.html.as_deref().map_or(0, str::len);
         let att: usize = self.attachments.iter().map(|a| a.data.0.len()).sum();
-        (self.subject.len() + text + html + att) as u64
+        let raw = self.raw.as_ref().map_or(0, |r| r.0.len());
+        (self.subject.len() + text + html + att + raw) as u64
     }
 }
 

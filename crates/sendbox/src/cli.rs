@@ -64,6 +64,9 @@ pub enum Command {
     /// Addresses never to mail: add, remove, list.
     #[command(subcommand)]
     Suppress(commands::outbox::SuppressCommand),
+    /// Hash a password (read from standard input) for an SMTP listener's
+    /// `users_file`.
+    HashPassword(commands::hash_password::HashPasswordArgs),
 }
 
 /// `sendbox plugin ...`
@@ -89,6 +92,7 @@ impl Command {
             Command::Deliver(c) => c.run(),
             Command::Outbox(c) => c.run(),
             Command::Suppress(c) => c.run(),
+            Command::HashPassword(c) => c.run(),
         }
     }
 }

@@ -7,6 +7,8 @@ use std::process::ExitCode;
 pub const OK: u8 = 0;
 /// The plugin ran and failed (trap, timeout, limit, `err`).
 pub const PLUGIN_FAILED: u8 = 1;
+/// The command was used wrongly (a missing or bad argument or input).
+pub const EX_USAGE: u8 = 64;
 /// Input data was malformed (e.g. an event JSON file).
 pub const EX_DATAERR: u8 = 65;
 /// An input file did not exist or was not readable.

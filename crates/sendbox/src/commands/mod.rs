@@ -2,6 +2,7 @@
 
 pub mod accounts;
 pub mod deliver;
+pub mod hash_password;
 pub mod outbox;
 pub mod plugin;
 pub mod run;

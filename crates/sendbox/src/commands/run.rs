@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::daemon::run::{Daemon, Mode, Shutdown};
+use crate::daemon::run::{Daemon, Mode, Ready, Shutdown};
 use crate::daemon::setup::tokio_runtime;
 
 /// `sendbox run --config FILE`
@@ -23,10 +23,10 @@ impl RunArgs {
     pub fn run(self) -> anyhow::Result<ExitCode> {
         let started = std::time::Instant::now();
         let daemon = Daemon::open(&self.config, "sendbox run")?;
-        let on_ready = Box::new(move |addr| {
+        let on_ready = Box::new(move |ready: Ready| {
             // The line scripts and tests wait for.
             println!(
-                "sendbox ready in {} ms: webhooks on http://{addr}",
+                "sendbox ready in {} ms: {ready}",
                 started.elapsed().as_millis()
             );
             let _ = std::io::stdout().flush();

@@ -47,7 +47,12 @@ pub(super) fn fingerprints(source: &str) -> Fingerprints {
             accounts.insert(name, a.to_string());
         }
     }
-    let restart = hash(&text(table.remove("daemon")));
+    // Listeners restart with the daemon (their sockets and TLS state).
+    let restart = hash(&format!(
+        "{}\n{}",
+        text(table.remove("daemon")),
+        text(table.remove("listeners"))
+    ));
     Fingerprints {
         restart,
         accounts,

@@ -14,6 +14,7 @@ use toml::Spanned;
 mod account;
 mod daemon;
 mod fingerprint;
+mod listener;
 mod plugin;
 mod secrets;
 #[cfg(test)]
@@ -23,6 +24,7 @@ mod triggers;
 pub use account::{AccountConfig, AccountKind, RawAccount, SecretHash, SmtpAccount};
 pub use daemon::{RawDaemon, Retention, store_path};
 
+pub use listener::{ListenerConfig, RawListener};
 pub use plugin::{Fingerprint, PluginConfig, RawPlugin};
 pub use secrets::{RawSecret, RawSecretRef};
 pub use triggers::{RawSchedule, RawWatch, RawWebhook};
@@ -45,6 +47,10 @@ pub struct RawConfig {
     /// Plugins, by name: `[plugins.file-alert]`.
     #[serde(default)]
     pub plugins: BTreeMap<String, Spanned<RawPlugin>>,
+    /// SMTP submission listeners for devices and legacy apps, by name:
+    /// `[listeners.scanners]`.
+    #[serde(default)]
+    pub listeners: BTreeMap<String, Spanned<RawListener>>,
 }
 
 /// The validated config.
@@ -68,6 +74,8 @@ pub struct Config {
     pub accounts: BTreeMap<String, AccountConfig>,
     /// Plugins by name.
     pub plugins: BTreeMap<String, PluginConfig>,
+    /// SMTP submission listeners by name.
+    pub listeners: BTreeMap<String, ListenerConfig>,
     /// Things that work but deserve attention (inline secrets...).
     pub warnings: Vec<String>,
     /// Hash of `[daemon]`: a reload that changes it needs a restart.
@@ -221,6 +229,25 @@ fn parse_with(path: &Path, source: &str, resolve_secrets: bool) -> Result<Config
             },
         );
     }
+    let account_names: Vec<&str> = accounts.keys().map(String::as_str).collect();
+    let mut listeners = BTreeMap::new();
+    for (name, l) in raw.listeners {
+        if let Some(l) = listener::listener(&mut cx, &name, l.into_inner(), &account_names) {
+            listeners.insert(name, l);
+        }
+    }
+    let mut addresses = std::collections::HashMap::new();
+    // Port 0 (any free port, as tests use) never collides.
+    for l in listeners.values().filter(|l| l.listen.port() != 0) {
+        if let Some(other) = addresses.insert(l.listen, l.name.clone()) {
+            cx.errors.push(format!(
+                "{}: `listeners.{}.listen`: {} is also where listener `{other}` listens; give each its own port",
+                path_display(cx.path),
+                l.name,
+                l.listen
+            ));
+        }
+    }
     let mut paths = std::collections::HashMap::new();
     for p in plugins.values() {
         if let Some(path) = &p.webhook_path
@@ -305,6 +332,7 @@ fn parse_with(path: &Path, source: &str, resolve_secrets: bool) -> Result<Config
         ),
         accounts,
         plugins,
+        listeners,
         warnings: cx.warnings,
         restart_fingerprint: fingerprints.restart,
     })

@@ -11,6 +11,7 @@
 //! `shutdown_grace_secs`; a second request quits at once (whatever was in
 //! flight is requeued at the next start).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,8 +22,9 @@ use sendbox_outbox::{Outbox, State, Store};
 use sendbox_runtime::{Runtime, RuntimeOptions};
 
 use super::prune::{PRUNE_EVERY, prune_every};
-use super::setup::{allowed_from, load_config, open_and_recover};
+use super::setup::{allowed_from, listener_senders, load_config, open_and_recover};
 use super::signals::{Hangup, Signals};
+use super::submissions::Listeners;
 use super::workers::start_workers;
 use super::{FileChanges, Shared, Supervisor, dispatcher};
 use crate::config::Config;
@@ -41,11 +43,31 @@ pub enum Mode {
     /// `on_ready` is called with the webhook address once everything is
     /// started.
     Serve {
-        on_ready: Box<dyn FnOnce(SocketAddr) + Send>,
+        on_ready: Box<dyn FnOnce(Ready) + Send>,
     },
     /// The delivery workers only (`sendbox deliver`); with `until_empty`,
     /// stop once nothing is queued, sending or waiting to retry.
     DeliverOnly { until_empty: bool },
+}
+
+/// Where a serving daemon can be reached, once everything has started.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    /// The webhook server.
+    pub webhooks: SocketAddr,
+    /// Each SMTP listener, by name.
+    pub listeners: Vec<(String, SocketAddr)>,
+}
+
+impl std::fmt::Display for Ready {
+    /// `webhooks on http://ADDR[, smtp NAME on ADDR...]`
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "webhooks on http://{}", self.webhooks)?;
+        for (name, addr) in &self.listeners {
+            write!(f, ", smtp {name} on {addr}")?;
+        }
+        Ok(())
+    }
 }
 
 /// Requests to stop: the first drains, the second quits now.
@@ -150,7 +172,7 @@ impl Daemon {
 
     async fn serve(
         self,
-        on_ready: Box<dyn FnOnce(SocketAddr) + Send>,
+        on_ready: Box<dyn FnOnce(Ready) + Send>,
         shutdown: &mut Shutdown,
     ) -> anyhow::Result<Stopped> {
         let Daemon {
@@ -181,6 +203,12 @@ impl Daemon {
             dispatch.clone(),
             cfg.restart_fingerprint.clone(),
         );
+        let mailboxes: HashMap<String, String> = cfg
+            .accounts
+            .iter()
+            .map(|(n, a)| (n.clone(), a.mailbox.clone()))
+            .collect();
+        supervisor.set_listener_senders(listener_senders(&cfg));
         // Accounts must all work at start; after that a bad change keeps
         // the running worker.
         let accounts = supervisor
@@ -220,13 +248,27 @@ impl Daemon {
                 tracing::error!(error = %e, "webhook server stopped");
             }
         });
+        let listeners = std::mem::take(&mut cfg.listeners);
+        let listeners = match Listeners::start(listeners, &mailboxes, &outbox, &shared.wakers).await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = stop_server.send(true);
+                supervisor.stop_triggers().await;
+                supervisor.stop_delivery().await;
+                return Err(e);
+            }
+        };
         let pruner = tokio::spawn(prune_every(
             PRUNE_EVERY,
             outbox.clone(),
             cfg.retention.clone(),
         ));
         let mut changes = FileChanges::new(&supervisor.watched_files(&config_path));
-        on_ready(addr);
+        on_ready(Ready {
+            webhooks: addr,
+            listeners: listeners.addresses.clone(),
+        });
 
         let mut hangup = Hangup::new()?;
         loop {
@@ -248,6 +290,7 @@ impl Daemon {
         pruner.abort();
         let drain = async {
             let _ = stop_server.send(true);
+            listeners.stop().await;
             supervisor.stop_triggers().await;
             let _ = server.await;
             supervisor.stop_delivery().await;
@@ -350,8 +393,8 @@ mod tests {
         let file = config(dir.path());
         let daemon = Daemon::open(&file, "test").unwrap();
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
-        let on_ready = Box::new(move |addr| {
-            let _ = ready_tx.send(addr);
+        let on_ready = Box::new(move |ready: Ready| {
+            let _ = ready_tx.send(ready.webhooks);
         });
         let (handle, shutdown) = Shutdown::manual();
         let run = tokio::spawn(daemon.run(Mode::Serve { on_ready }, shutdown));

@@ -83,5 +83,14 @@ pub fn allowed_from(cfg: &crate::config::Config) -> HashMap<String, Vec<String>>
     cfg.plugins
         .values()
         .map(|p| (p.name.clone(), p.policy.allowed_from.clone()))
+        .chain(listener_senders(cfg))
+        .collect()
+}
+
+/// Each SMTP listener's allowed From addresses, by `listener:NAME`.
+pub fn listener_senders(cfg: &crate::config::Config) -> HashMap<String, Vec<String>> {
+    cfg.listeners
+        .values()
+        .map(|l| (l.source(), l.policy.allowed_from.clone()))
         .collect()
 }

@@ -81,6 +81,9 @@ pub struct Supervisor {
     pub(super) wakers: Arc<Wakers>,
     /// Each plugin's allowed From addresses, shared with the workers.
     pub(super) allowed_from: AllowedFrom,
+    /// The listeners' allowed From addresses (by `listener:NAME`), which
+    /// a reload keeps (listeners change with a restart).
+    listener_senders: HashMap<String, Vec<String>>,
     pub(super) restart_fingerprint: String,
     pub(super) accounts: HashMap<String, RunningAccount>,
     running: HashMap<String, Running>,
@@ -136,11 +139,18 @@ impl Supervisor {
             wakers: shared.wakers.clone(),
             allowed_from: shared.allowed_from.clone(),
             restart_fingerprint,
+            listener_senders: HashMap::new(),
             accounts: HashMap::new(),
             running: HashMap::new(),
             wasm_files: Vec::new(),
             retiring: JoinSet::new(),
         }
+    }
+
+    /// The SMTP listeners' allowed From addresses, kept across reloads;
+    /// call before [`Supervisor::apply`].
+    pub fn set_listener_senders(&mut self, senders: HashMap<String, Vec<String>>) {
+        self.listener_senders = senders;
     }
 
     /// The files whose changes trigger a reload: the config and every
@@ -176,7 +186,7 @@ impl Supervisor {
             tracing::warn!("{w}");
         }
         if cfg.restart_fingerprint != self.restart_fingerprint {
-            tracing::warn!(config = %config_path.display(), "[daemon] changed: that takes effect at the next restart");
+            tracing::warn!(config = %config_path.display(), "[daemon] or [listeners] changed: that takes effect at the next restart");
         }
         let accounts = self.apply_accounts(cfg.accounts).await;
         let mut applied = self.apply(cfg.plugins).await;
@@ -314,6 +324,7 @@ impl Supervisor {
             self.running
                 .iter()
                 .map(|(n, r)| (n.clone(), r.loaded.policy.allowed_from.clone()))
+                .chain(self.listener_senders.clone())
                 .collect(),
         );
         self.routes.replace(
