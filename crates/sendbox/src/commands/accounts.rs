@@ -122,6 +122,25 @@ impl CheckArgs {
             }
         }
 
+        // SMTP listeners: who may submit, how.
+        for l in cfg.listeners.values() {
+            let s = &l.settings;
+            let tls = match &s.tls {
+                sendbox_submission::Tls::None => "no TLS",
+                sendbox_submission::Tls::StartTls(_) => "STARTTLS",
+                sendbox_submission::Tls::Implicit(_) => "implicit TLS",
+            };
+            let users = s.users.as_ref().map_or(0, |u| u.len());
+            let networks: Vec<String> = s.allow_networks.iter().map(|n| n.to_string()).collect();
+            println!(
+                "√ listener {} on {} ({tls}) -> account {}: {users} user(s) may log in; no login from [{}]",
+                l.name,
+                l.listen,
+                l.account,
+                networks.join(", ")
+            );
+        }
+
         // Delivery pauses recorded by a running `sendbox deliver`/`run`.
         if cfg.store.exists() {
             match sendbox_outbox::Outbox::open(&cfg.store).and_then(|o| o.paused_accounts()) {

@@ -36,6 +36,84 @@ mod unit {
         assert!(parse(Path::new("s.toml"), &allowed).is_ok());
     }
 
+    const ACCOUNT: &str = "[accounts.a]\nprovider = \"file\"\nmailbox = \"a@b.c\"\ndir = \"m\"\n";
+
+    #[test]
+    fn listeners_that_would_relay_for_anyone_or_leak_passwords_are_refused() {
+        let listener = |body: &str| format!("{ACCOUNT}[listeners.office]\naccount = \"a\"\n{body}");
+        // Nobody may submit.
+        let e = errors(&listener("listen = \"127.0.0.1:2525\"\n"));
+        assert!(
+            e[0].starts_with("sendbox.toml:7:")
+                && e[0].contains("`listeners.office.users_file`: nobody may submit"),
+            "{e:?}"
+        );
+        // Every address.
+        let e = errors(&listener(
+            "listen = \"127.0.0.1:2525\"\nallow_networks = [\"0.0.0.0/0\"]\n",
+        ));
+        assert!(
+            e[0].contains("`listeners.office.allow_networks`: 0.0.0.0/0 is every address"),
+            "{e:?}"
+        );
+        let e = errors(&listener(
+            "listen = \"127.0.0.1:2525\"\nallow_networks = [\"office\"]\n",
+        ));
+        assert!(e[0].contains("\"office\" is not a network"), "{e:?}");
+        // Logins in clear text over the network.
+        let dir = tempfile::tempdir().unwrap();
+        let users = dir.path().join("users");
+        let hash = sendbox_submission::PasswordHash::create("pw").unwrap();
+        std::fs::write(&users, format!("scanner:{hash}\n")).unwrap();
+        let with_users = format!("users_file = \"{}\"\n", users.display());
+        let e = errors(&listener(&format!(
+            "listen = \"0.0.0.0:587\"\n{with_users}"
+        )));
+        assert!(
+            e[0].contains("`listeners.office.tls`: logins would cross the network in clear text"),
+            "{e:?}"
+        );
+        assert!(
+            parse(
+                Path::new("s.toml"),
+                &listener(&format!("listen = \"127.0.0.1:2525\"\n{with_users}"))
+            )
+            .is_ok()
+        );
+        // TLS files that are not there are named.
+        let e = errors(&listener(&format!(
+            "listen = \"0.0.0.0:587\"\n{with_users}tls = \"starttls\"\ncertificate = \"/nonexistent/cert.pem\"\nprivate_key = \"/nonexistent/key.pem\"\n"
+        )));
+        assert!(
+            e[0].contains(
+                "`listeners.office.certificate`: /nonexistent/cert.pem: cannot read the certificate"
+            ),
+            "{e:?}"
+        );
+        let e = errors(&listener(
+            "listen = \"127.0.0.1:2525\"\nallow_networks = [\"10.0.0.0/8\"]\ntls = \"ssl\"\n",
+        ));
+        assert!(e[0].contains("\"ssl\" is not a TLS mode"), "{e:?}");
+        // A bad users file names its line; an unknown account is named.
+        std::fs::write(&users, "scanner:plaintext\n").unwrap();
+        let e = errors(&listener(&format!(
+            "listen = \"127.0.0.1:2525\"\n{with_users}"
+        )));
+        assert!(
+            e[0].contains("line 1:") && e[0].contains("sendbox hash-password"),
+            "{e:?}"
+        );
+        let e = errors(
+            &listener("listen = \"127.0.0.1:2525\"\nallow_networks = [\"10.0.0.0/8\"]\n")
+                .replace("account = \"a\"", "account = \"nope\""),
+        );
+        assert!(e[0].contains("no account named \"nope\""), "{e:?}");
+        let e = errors(&listener(
+            "listen = \"mail:25\"\nallow_networks = [\"10.0.0.0/8\"]\n",
+        ));
+        assert!(e[0].contains("`listeners.office.listen`"), "{e:?}");
+    }
+
     #[test]
     fn signature_schemes_are_checked() {
         // SAFETY: tests in this module set only their own variable.
@@ -239,6 +317,10 @@ mod example_files {
             quick.plugins["webhook-bridge"].webhook_path.as_deref(),
             Some("/hooks/alerts")
         );
+        let local = &quick.listeners["local"];
+        assert_eq!(local.listen.to_string(), "127.0.0.1:2525");
+        assert!(local.settings.users.is_none());
+        assert_eq!(local.settings.allow_networks.len(), 2);
 
         let gmail = load(&example("gmail.toml")).unwrap();
         let AccountKind::Smtp(a) = &gmail.accounts["gmail"].kind else {
