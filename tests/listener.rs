@@ -90,8 +90,25 @@ fn start_with_account(p: &Peers, dir: &Path, account: &str, listeners: &str) -> 
     Daemon::start(&config, &[(var, &secret)])
 }
 
+/// The Python client's arguments for user `scanner` over STARTTLS.
+fn starttls_login(port: &str, ca: &str) -> Vec<String> {
+    [
+        "--port",
+        port,
+        "--starttls",
+        "--cafile",
+        ca,
+        "--user",
+        "scanner",
+        "--password",
+        PASSWORD,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// Runs the Python client; one JSON object per message.
-fn submit(args: &[&str]) -> Vec<serde_json::Value> {
+fn submit<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> Vec<serde_json::Value> {
     let out = Command::new("python3")
         .arg(client_script())
         .args(args)
@@ -219,27 +236,23 @@ async fn a_device_logs_in_over_starttls_and_its_mail_arrives_through_xoauth2_as_
     std::fs::create_dir(&out).unwrap();
     let port = addr.port().to_string();
     let ca = p.info.ca_file.display().to_string();
-    let results = submit(&[
-        "--port",
-        &port,
-        "--starttls",
-        "--cafile",
-        &ca,
-        "--user",
-        "scanner",
-        "--password",
-        PASSWORD,
-        "--to",
-        "ops@example.com",
-        "--bcc",
-        "archive@example.com",
-        "--count",
-        "3",
-        "--prefix",
-        "scan",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let mut args = starttls_login(&port, &ca);
+    args.extend(
+        [
+            "--to",
+            "ops@example.com",
+            "--bcc",
+            "archive@example.com",
+            "--count",
+            "3",
+            "--prefix",
+            "scan",
+            "--out",
+        ]
+        .map(String::from),
+    );
+    args.push(out.display().to_string());
+    let results = submit(args);
     assert_eq!(results.len(), 3);
     assert!(results.iter().all(|r| r["ok"] == true), "{results:?}");
 
@@ -574,25 +587,21 @@ async fn a_kill_9_after_the_250s_loses_nothing() {
     let mut d = start_with_account(&p, dir.path(), &unreachable_account(&p), &section);
     let port = d.smtp("devices").port().to_string();
     let ca = p.info.ca_file.display().to_string();
-    let results = submit(&[
-        "--port",
-        &port,
-        "--starttls",
-        "--cafile",
-        &ca,
-        "--user",
-        "scanner",
-        "--password",
-        PASSWORD,
-        "--to",
-        "ops@example.com",
-        "--count",
-        "10",
-        "--threads",
-        "2",
-        "--prefix",
-        "durable",
-    ]);
+    let mut args = starttls_login(&port, &ca);
+    args.extend(
+        [
+            "--to",
+            "ops@example.com",
+            "--count",
+            "10",
+            "--threads",
+            "2",
+            "--prefix",
+            "durable",
+        ]
+        .map(String::from),
+    );
+    let results = submit(args);
     assert_eq!(
         results.iter().filter(|r| r["ok"] == true).count(),
         20,
@@ -634,7 +643,7 @@ async fn sixteen_clients_at_once_each_message_once_and_oversized_ones_refused_in
     let extra = "allow_networks = [\"127.0.0.0/8\"]\nmax_connections_per_client = 32\n[listeners.lan.policy]\nmessage_bytes = 1048576\n";
     let d = start(&p, dir.path(), &listener("lan", "127.0.0.1:0", extra));
     let port = d.smtp("lan").port().to_string();
-    let results = submit(&[
+    let results = submit([
         "--port",
         &port,
         "--to",
@@ -694,5 +703,82 @@ async fn sixteen_clients_at_once_each_message_once_and_oversized_ones_refused_in
         p.messages().await.len(),
         64,
         "nothing oversized was relayed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_screening_plugin_relays_replaces_drops_or_refuses_and_the_client_hears_it() {
+    let p = Peers::start();
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = format!(
+        "\n[plugins.screen]\nwasm = \"{}\"\naccount = \"app\"\n[plugins.screen.config]\nrefuse_from = \"noisy@office.example\"\ndrop_subject = \"toner low\"\ntidy_to = \"scans@example.com\"\n",
+        sendbox_test_support::wasm::example("device-screen").display()
+    );
+    let section = listener(
+        "lan",
+        "127.0.0.1:0",
+        "allow_networks = [\"127.0.0.1\"]\nplugin = \"screen\"\n",
+    );
+    let d = start(&p, dir.path(), &format!("{plugin}{section}"));
+    let addr = d.smtp("lan");
+    let send = |from: &str, subject: &str| {
+        let (mut c, _) = Dialogue::open(addr);
+        c.send("EHLO device.example");
+        assert!(c.send(&format!("MAIL FROM:<{from}>")).starts_with("250"));
+        assert!(c.send("RCPT TO:<ops@example.com>").starts_with("250"));
+        assert!(c.send("DATA").starts_with("354"));
+        c.send(&format!(
+            "From: {from}\r\nTo: ops@example.com\r\nSubject: {subject}\r\n\r\nhello\r\n."
+        ))
+    };
+    // Refused: the plugin's code and text reach the client.
+    let r = send("noisy@office.example", "anything");
+    assert!(
+        r.starts_with("550 5.7.1 noisy@office.example may not send through this relay"),
+        "{r}"
+    );
+    // Dropped: accepted, nothing sent, its state write committed.
+    let r = send("printer@office.example", "Toner low");
+    assert!(
+        r.starts_with("250 2.0.0 Accepted; the screening plugin sent nothing"),
+        "{r}"
+    );
+    // Relayed as sent.
+    let r = send("printer@office.example", "screened-relay");
+    assert!(r.starts_with("250 2.0.0 Queued as"), "{r}");
+    // Replaced: a scan with an attachment becomes a tidy notification.
+    let port = addr.port().to_string();
+    let results = submit([
+        "--port",
+        &port,
+        "--to",
+        "ops@example.com",
+        "--prefix",
+        "screened-scan",
+    ]);
+    assert!(results.iter().all(|r| r["ok"] == true), "{results:?}");
+
+    let relayed = wait_arrived(&p, "screened-relay", 1).await;
+    assert!(relayed[0].raw.contains("hello"));
+    let tidy = wait_arrived(&p, "Scan from 127.0.0.1", 1).await;
+    assert_eq!(tidy[0].to, ["scans@example.com"]);
+    assert!(
+        tidy[0].raw.contains("filename=\"screened-scan-0-0.pdf\""),
+        "{}",
+        tidy[0].raw
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        p.messages().await.len(),
+        2,
+        "the refused and the dropped messages went nowhere"
+    );
+    let outbox = sendbox_outbox::Outbox::open(&dir.path().join("var/sendbox.db")).unwrap();
+    assert_eq!(
+        outbox
+            .plugin_state_get("screen", "dropped")
+            .unwrap()
+            .map(|(v, _)| v),
+        Some(b"1".to_vec())
     );
 }

@@ -18,6 +18,7 @@
 pub mod error;
 pub mod file;
 pub mod message;
+pub mod parse;
 pub mod relay;
 pub mod smtp;
 

@@ -1,7 +1,9 @@
 //! The host-side event and outcome types (`sendbox-types`) to and from the
 //! WIT `types` interface.
 
-use crate::{Attachment, Bytes, Email, Event, FileChange, HttpResponse, Outcome, wit};
+use crate::{
+    Attachment, Bytes, Email, Event, FileChange, HttpResponse, Outcome, Submitted, Verdict, wit,
+};
 
 pub(crate) fn to_wit_event(e: &Event) -> wit::types::Event {
     use wit::types as t;
@@ -65,5 +67,57 @@ pub(crate) fn from_wit_outcome(o: wit::types::Outcome) -> Outcome {
             headers: r.headers,
             body: Bytes(r.body),
         }),
+    }
+}
+
+pub(crate) fn to_wit_submitted(
+    m: &Submitted,
+    raw_limit: u64,
+) -> crate::relay_bindings::sendbox::plugin::smtp::Submitted {
+    crate::relay_bindings::sendbox::plugin::smtp::Submitted {
+        listener: m.listener.clone(),
+        client: m.client.clone(),
+        user: m.user.clone(),
+        mail_from: m.mail_from.clone(),
+        recipients: m.recipients.clone(),
+        headers: m.headers.clone(),
+        subject: m.subject.clone(),
+        text: m.text.clone(),
+        html: m.html.clone(),
+        attachments: m
+            .attachments
+            .iter()
+            .map(|a| wit::types::Attachment {
+                filename: a.filename.clone(),
+                content_type: a.content_type.clone(),
+                data: a.data.0.clone(),
+            })
+            .collect(),
+        raw: m
+            .raw
+            .as_ref()
+            .filter(|r| r.0.len() as u64 <= raw_limit)
+            .map(|r| r.0.clone()),
+        size: m.size,
+    }
+}
+
+pub(crate) fn from_wit_verdict(
+    v: crate::relay_bindings::sendbox::plugin::smtp::Verdict,
+) -> Verdict {
+    use crate::relay_bindings::sendbox::plugin::smtp::Verdict as V;
+    match v {
+        V::Relay => Verdict::Relay,
+        V::Replace(emails) => Verdict::Replace(
+            from_wit_outcome(wit::types::Outcome {
+                emails,
+                response: None,
+            })
+            .emails,
+        ),
+        V::Refuse(r) => Verdict::Refuse {
+            code: r.code,
+            text: r.text,
+        },
     }
 }

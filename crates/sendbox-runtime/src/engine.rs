@@ -113,6 +113,11 @@ impl Runtime {
             .map_err(|e| RuntimeError(format!("{e:#}")))?;
         bindings::Hook::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| RuntimeError(format!("{e:#}")))?;
+        // `relay-hook` plugins import the `smtp` interface for its types
+        // only: an instance with no functions.
+        linker
+            .instance("sendbox:plugin/smtp@0.1.0")
+            .map_err(|e| RuntimeError(format!("{e:#}")))?;
         clock::bound_sleeps(&mut linker).map_err(|e| RuntimeError(format!("{e:#}")))?;
 
         let stop = Arc::new(AtomicBool::new(false));

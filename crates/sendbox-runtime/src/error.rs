@@ -27,7 +27,7 @@ pub enum LoadError {
     /// The component imports something the host does not offer.
     #[error(
         "plugin `{plugin}` imports `{import}`, which sendbox does not offer; plugins may import \
-         only sendbox:plugin/host, sendbox:plugin/state and WASI 0.2 (rebuild it against wit/sendbox.wit)"
+         only sendbox:plugin/host, sendbox:plugin/state, sendbox:plugin/smtp (types) and WASI 0.2 (rebuild it against wit/sendbox.wit)"
     )]
     UnsupportedImport {
         /// The plugin's name.

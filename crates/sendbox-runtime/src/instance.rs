@@ -10,7 +10,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, Store, Trap};
 use wasmtime_wasi::WasiCtx;
 
-use crate::convert::{from_wit_outcome, to_wit_event};
+use crate::convert::{from_wit_outcome, from_wit_verdict, to_wit_event, to_wit_submitted};
 use crate::host::{HostState, LogLevel, LogLine, LogSource};
 use crate::limiter::MemoryLimiter;
 use crate::{
@@ -18,7 +18,7 @@ use crate::{
     MAX_RESOURCES_PER_INSTANCE, Outcome, ReadSet, RunError, RunFailure, StateChange, StateStore,
     bindings, clock, output, state, validate,
 };
-use sendbox_types::truncate_text;
+use sendbox_types::{Submitted, Verdict, truncate_text};
 
 /// The operator's settings for one plugin.
 #[derive(Debug, Clone, Default)]
@@ -34,6 +34,8 @@ pub(crate) struct PluginInner {
     pub(crate) hash: String,
     pub(crate) source: CompileSource,
     pub(crate) pre: bindings::HookPre<HostState>,
+    /// For plugins that export `screen` (world `relay-hook`).
+    pub(crate) screen: Option<crate::relay_bindings::RelayHookPre<HostState>>,
     pub(crate) engine: Engine,
     pub(crate) settings: PluginSettings,
 }
@@ -93,6 +95,12 @@ impl Plugin {
         &self.inner.settings
     }
 
+    /// Whether it also screens SMTP submissions (exports `screen`, world
+    /// `relay-hook`).
+    pub fn screens(&self) -> bool {
+        self.inner.screen.is_some()
+    }
+
     /// Runs one event in a fresh instance.
     ///
     /// Blocks the calling thread for at most about `cpu_ms_per_event`; call
@@ -107,6 +115,117 @@ impl Plugin {
     ) -> Result<RunReport, RunError> {
         let span = tracing::info_span!("plugin_run", plugin = %self.inner.name, event_id, trigger = event.kind());
         let _enter = span.enter();
+        let done = self.execute(event_id, state, |store, instantiating| {
+            let hook = self.inner.pre.instantiate(&mut *store)?;
+            *instantiating = false;
+            Ok(hook
+                .call_handle(store, &to_wit_event(event))?
+                .map(from_wit_outcome))
+        })?;
+        let outcome = done.value;
+        self.checked(event_id, &outcome, done.store, done.started, |o| {
+            o.emails.len()
+        })
+        .map(|(outcome, parts)| RunReport {
+            outcome,
+            state_changes: parts.state_changes,
+            reads: parts.reads,
+            logs: parts.logs,
+            log_bytes_dropped: parts.log_bytes_dropped,
+            duration_us: parts.duration_us,
+        })
+    }
+
+    /// Screens one message submitted to an SMTP listener, in a fresh
+    /// instance, as [`Plugin::run`] runs an event. A plugin that does not
+    /// export `screen` fails with [`RunFailure::Host`].
+    pub fn screen(
+        &self,
+        message: &Submitted,
+        event_id: &str,
+        state: Arc<dyn StateStore>,
+    ) -> Result<ScreenReport, RunError> {
+        let span = tracing::info_span!("plugin_screen", plugin = %self.inner.name, event_id, listener = %message.listener);
+        let _enter = span.enter();
+        let Some(pre) = &self.inner.screen else {
+            return Err(RunError {
+                plugin: self.inner.name.clone(),
+                event_id: event_id.to_owned(),
+                cause: RunFailure::Host(
+                    "the plugin does not export `screen` (world relay-hook)".into(),
+                ),
+                logs: Vec::new(),
+            });
+        };
+        let raw_limit = self.inner.settings.limits.memory_bytes / 4;
+        let done = self.execute(event_id, state, |store, instantiating| {
+            let hook = pre.instantiate(&mut *store)?;
+            *instantiating = false;
+            Ok(hook
+                .call_screen(store, &to_wit_submitted(message, raw_limit))?
+                .map(from_wit_verdict))
+        })?;
+        let verdict = done.value;
+        let emails = |v: &Verdict| match v {
+            Verdict::Replace(e) => e.len(),
+            _ => 0,
+        };
+        self.checked(event_id, &verdict, done.store, done.started, emails)
+            .map(|(verdict, parts)| ScreenReport {
+                verdict,
+                state_changes: parts.state_changes,
+                reads: parts.reads,
+                logs: parts.logs,
+                log_bytes_dropped: parts.log_bytes_dropped,
+                duration_us: parts.duration_us,
+            })
+    }
+
+    /// Validates what a call returned (its emails against the limits) and
+    /// takes the state changes, reads and logs from its store.
+    fn checked<T: Clone + Validated>(
+        &self,
+        event_id: &str,
+        value: &T,
+        mut store: Store<HostState>,
+        started: Instant,
+        emails: impl Fn(&T) -> usize,
+    ) -> Result<(T, Parts), RunError> {
+        if let Err(cause) = value.validate(&self.inner.settings.limits) {
+            let logs = std::mem::take(&mut store.data_mut().logs);
+            tracing::warn!(kind = cause.kind(), error = %cause, "plugin outcome refused");
+            return Err(RunError {
+                plugin: self.inner.name.clone(),
+                event_id: event_id.to_owned(),
+                cause,
+                logs,
+            });
+        }
+        let data = store.into_data();
+        let duration_us = started.elapsed().as_micros() as u64;
+        tracing::debug!(emails = emails(value), duration_us, "plugin run ok");
+        let (state_changes, reads) = data.overlay.finish();
+        Ok((
+            value.clone(),
+            Parts {
+                state_changes,
+                reads,
+                logs: data.logs,
+                log_bytes_dropped: data.log_bytes_dropped,
+                duration_us,
+            },
+        ))
+    }
+
+    /// Builds a fresh store with the plugin's limits, runs `invoke` in it
+    /// (instantiate, then call; it clears `instantiating` in between) and
+    /// classifies whatever went wrong.
+    fn execute<T>(
+        &self,
+        event_id: &str,
+        state: Arc<dyn StateStore>,
+        invoke: impl FnOnce(&mut Store<HostState>, &mut bool) -> wasmtime::Result<Result<T, String>>,
+    ) -> Result<Executed<T>, RunError> {
         let started = Instant::now();
         let limits = &self.inner.settings.limits;
         let fail = |cause: RunFailure, logs: Vec<LogLine>| RunError {
@@ -157,10 +276,7 @@ impl Plugin {
         store.set_hostcall_fuel(usize::try_from(limits.outcome_bytes).unwrap_or(usize::MAX));
 
         let mut instantiating = true;
-        let result = self.inner.pre.instantiate(&mut store).and_then(|hook| {
-            instantiating = false;
-            hook.call_handle(&mut store, &to_wit_event(event))
-        });
+        let result = invoke(&mut store, &mut instantiating);
 
         // Collect what the guest printed, whatever the result.
         for (pipe, source, level) in [
@@ -177,7 +293,7 @@ impl Plugin {
             }
         }
 
-        let outcome = match result {
+        let value = match result {
             Ok(_) if store.data().slept_past_deadline => {
                 let logs = std::mem::take(&mut store.data_mut().logs);
                 let cause = RunFailure::Timeout {
@@ -186,7 +302,7 @@ impl Plugin {
                 tracing::warn!(kind = cause.kind(), error = %cause, "plugin slept past its time limit");
                 return Err(fail(cause, logs));
             }
-            Ok(Ok(outcome)) => from_wit_outcome(outcome),
+            Ok(Ok(value)) => value,
             Ok(Err(mut message)) => {
                 truncate_text(&mut message, MAX_ERROR_BYTES);
                 let logs = std::mem::take(&mut store.data_mut().logs);
@@ -200,24 +316,72 @@ impl Plugin {
                 return Err(fail(cause, logs));
             }
         };
-        if let Err(cause) = validate::outcome(&outcome, limits) {
-            let logs = std::mem::take(&mut store.data_mut().logs);
-            tracing::warn!(kind = cause.kind(), error = %cause, "plugin outcome refused");
-            return Err(fail(cause, logs));
-        }
-        let data = store.into_data();
-        let duration_us = started.elapsed().as_micros() as u64;
-        tracing::debug!(emails = outcome.emails.len(), duration_us, "plugin run ok");
-        let (state_changes, reads) = data.overlay.finish();
-        Ok(RunReport {
-            outcome,
-            state_changes,
-            reads,
-            logs: data.logs,
-            log_bytes_dropped: data.log_bytes_dropped,
-            duration_us,
+        Ok(Executed {
+            value,
+            store,
+            started,
         })
     }
+}
+
+/// A call that returned: its value and its store.
+struct Executed<T> {
+    value: T,
+    store: Store<HostState>,
+    started: Instant,
+}
+
+/// What every successful call hands back besides its value.
+struct Parts {
+    state_changes: Vec<StateChange>,
+    reads: ReadSet,
+    logs: Vec<LogLine>,
+    log_bytes_dropped: u64,
+    duration_us: u64,
+}
+
+/// What a call returns that must be checked against the limits.
+trait Validated {
+    fn validate(&self, limits: &Limits) -> Result<(), RunFailure>;
+}
+
+impl Validated for Outcome {
+    fn validate(&self, limits: &Limits) -> Result<(), RunFailure> {
+        validate::outcome(self, limits)
+    }
+}
+
+impl Validated for Verdict {
+    fn validate(&self, limits: &Limits) -> Result<(), RunFailure> {
+        match self {
+            Verdict::Relay => Ok(()),
+            Verdict::Replace(emails) => validate::outcome(
+                &Outcome {
+                    emails: emails.clone(),
+                    response: None,
+                },
+                limits,
+            ),
+            Verdict::Refuse { .. } => Ok(()),
+        }
+    }
+}
+
+/// The result of a successful `screen`.
+#[derive(Debug, Clone)]
+pub struct ScreenReport {
+    /// What the plugin decided, already validated.
+    pub verdict: Verdict,
+    /// State writes to commit together with the verdict.
+    pub state_changes: Vec<StateChange>,
+    /// What the call read from committed state.
+    pub reads: ReadSet,
+    /// What the plugin logged.
+    pub logs: Vec<LogLine>,
+    /// Log bytes dropped because of `log_bytes_per_event`.
+    pub log_bytes_dropped: u64,
+    /// Wall time of instantiate + screen, in microseconds.
+    pub duration_us: u64,
 }
 
 /// Turns a wasmtime error into the reason an operator can act on.

@@ -64,14 +64,14 @@ pub use cache::{CompileSource, content_hash};
 pub use engine::{Runtime, RuntimeError, RuntimeOptions, engine_config};
 pub use error::{LoadError, RunError, RunFailure};
 pub use host::{LogLevel, LogLine, LogSource};
-pub use instance::{Plugin, PluginSettings, RunReport};
+pub use instance::{Plugin, PluginSettings, RunReport, ScreenReport};
 pub use limits::{Limits, MAX_MEMORY_BYTES};
-pub use load::{InspectedItem, Inspection, WORLD};
+pub use load::{InspectedItem, Inspection, RELAY_WORLD, WORLD};
 /// The event and outcome types (re-exported from `sendbox-types`).
 pub use sendbox_types as event;
 pub use sendbox_types::{
     Attachment, Bytes, Email, Event, FileChange, FileEvent, HttpRequest, HttpResponse, Outcome,
-    Tick,
+    Submitted, Tick, Verdict,
 };
 pub use state::{MemoryState, ReadSet, StateChange, StateError, StateStore, Versioned};
 
@@ -80,6 +80,21 @@ mod bindings {
         path: "../../wit",
         world: "hook",
         imports: { default: trappable },
+    });
+}
+
+/// The `relay-hook` world: `hook` plus `screen`. Its imports are `hook`'s,
+/// so one linker serves both; only the `smtp` types are new.
+mod relay_bindings {
+    wasmtime::component::bindgen!({
+        path: "../../wit",
+        world: "relay-hook",
+        imports: { default: trappable },
+        with: {
+            "sendbox:plugin/types": super::bindings::sendbox::plugin::types,
+            "sendbox:plugin/host": super::bindings::sendbox::plugin::host,
+            "sendbox:plugin/state": super::bindings::sendbox::plugin::state,
+        },
     });
 }
 

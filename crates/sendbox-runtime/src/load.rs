@@ -74,6 +74,8 @@ impl Runtime {
                 plugin: name.to_owned(),
                 reason: format!("{e:#}"),
             })?;
+        // `relay-hook` plugins also screen SMTP submissions.
+        let screen = crate::relay_bindings::RelayHookPre::new(pre.clone()).ok();
         let pre = bindings::HookPre::new(pre).map_err(|e| LoadError::WrongWorld {
             plugin: name.to_owned(),
             reason: format!("{e:#}"),
@@ -84,6 +86,7 @@ impl Runtime {
                 hash,
                 source,
                 pre,
+                screen,
                 engine: self.engine.clone(),
                 settings,
             }),
@@ -144,6 +147,7 @@ const OFFERED_SENDBOX: &[&str] = &[
     "sendbox:plugin/types",
     "sendbox:plugin/host",
     "sendbox:plugin/state",
+    "sendbox:plugin/smtp",
 ];
 
 fn is_offered(import: &str) -> bool {
@@ -195,6 +199,9 @@ pub struct InspectedItem {
 /// The world plugins implement.
 pub const WORLD: &str = "sendbox:plugin/hook@0.1.0";
 
+/// The world of plugins that also screen SMTP submissions.
+pub const RELAY_WORLD: &str = "sendbox:plugin/relay-hook@0.1.0";
+
 impl Runtime {
     /// Describes a component without running it.
     pub fn inspect(&self, name: &str, bytes: &[u8]) -> Result<Inspection, LoadError> {
@@ -213,18 +220,20 @@ impl Runtime {
             .map(|(n, _)| n.to_owned())
             .collect();
         // The same compiled component: inspecting never compiles twice.
-        let problem = self
-            .prepare(
-                name,
-                &component,
-                hash.clone(),
-                source,
-                PluginSettings::default(),
-            )
-            .err()
-            .map(|e| e.to_string());
+        let prepared = self.prepare(
+            name,
+            &component,
+            hash.clone(),
+            source,
+            PluginSettings::default(),
+        );
+        let world = match &prepared {
+            Ok(p) if p.screens() => RELAY_WORLD,
+            _ => WORLD,
+        };
+        let problem = prepared.err().map(|e| e.to_string());
         Ok(Inspection {
-            world: WORLD,
+            world,
             implements_world: problem.is_none(),
             problem,
             imports,

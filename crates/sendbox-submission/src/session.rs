@@ -211,6 +211,15 @@ impl Session {
         Ok(Next::Continue)
     }
 
+    /// `552`: over `max_message_bytes`.
+    async fn too_big(&mut self, conn: &mut Conn) -> std::io::Result<Next> {
+        let text = format!(
+            "Message size exceeds the limit of {} bytes",
+            self.settings.max_message_bytes
+        );
+        self.reply(conn, 552, "5.3.4", &text).await
+    }
+
     fn offers_auth(&self, tls: bool) -> bool {
         self.settings.users.is_some() && (tls || self.loopback)
     }
@@ -318,17 +327,7 @@ impl Session {
                     if let Some(size) = p.to_ascii_uppercase().strip_prefix("SIZE=") {
                         match size.parse::<u64>() {
                             Ok(n) if n > self.settings.max_message_bytes as u64 => {
-                                return self
-                                    .reply(
-                                        conn,
-                                        552,
-                                        "5.3.4",
-                                        &format!(
-                                            "Message size exceeds the limit of {} bytes",
-                                            self.settings.max_message_bytes
-                                        ),
-                                    )
-                                    .await;
+                                return self.too_big(conn).await;
                             }
                             Ok(_) => {}
                             Err(_) => return self.reply(conn, 501, "5.5.4", "Bad SIZE").await,
@@ -395,17 +394,7 @@ impl Session {
                 };
                 if data.too_big {
                     self.reset();
-                    return self
-                        .reply(
-                            conn,
-                            552,
-                            "5.3.4",
-                            &format!(
-                                "Message size exceeds the limit of {} bytes",
-                                self.settings.max_message_bytes
-                            ),
-                        )
-                        .await;
+                    return self.too_big(conn).await;
                 }
                 let submission = Submission {
                     listener: self.settings.name.clone(),

@@ -17,8 +17,10 @@
 #![deny(missing_docs)]
 
 mod event;
+mod smtp;
 
 pub use event::*;
+pub use smtp::{Submitted, Verdict};
 
 use serde::{Deserialize, Serialize};
 

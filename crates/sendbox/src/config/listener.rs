@@ -56,6 +56,12 @@ pub struct RawListener {
     pub max_failed_logins: Option<u32>,
     /// See `max_failed_logins`. Default 300.
     pub login_window_secs: Option<u64>,
+    /// A plugin (world `relay-hook`, e.g. `plugins/device-screen`) that
+    /// screens every message before the client's `250`: relays it, replaces
+    /// it with other emails, or refuses it with an SMTP reply. Its mail is
+    /// then the plugin's (its `allowed_from` decides the From rewriting;
+    /// replacements go through its policy).
+    pub plugin: Option<Spanned<String>>,
     /// What mail through this listener may do, as for plugins
     /// (`[listeners.NAME.policy]`): `allowed_from` (a From outside it and
     /// the account's mailbox is rewritten to the mailbox),
@@ -79,6 +85,8 @@ pub struct ListenerConfig {
     pub settings: Settings,
     /// What its mail may do.
     pub policy: sendbox_outbox::Policy,
+    /// The plugin that screens its mail, if any.
+    pub plugin: Option<String>,
 }
 
 impl ListenerConfig {
@@ -94,6 +102,7 @@ pub(super) fn listener(
     name: &str,
     raw: RawListener,
     accounts: &[&str],
+    plugins: &[&str],
 ) -> Option<ListenerConfig> {
     let key = |k: &str| format!("listeners.{name}.{k}");
     let errors_before = cx.errors.len();
@@ -117,6 +126,15 @@ pub(super) fn listener(
                 "no account named {account:?}; define [accounts.{account}] or use one of: {}",
                 accounts.join(", ")
             ),
+        );
+    }
+    if let Some(p) = &raw.plugin
+        && !plugins.contains(&p.get_ref().as_str())
+    {
+        cx.error(
+            p.span().start,
+            &key("plugin"),
+            format!("no plugin named {:?}; define [plugins.{}] (a relay-hook component) or use one of: {}", p.get_ref(), p.get_ref(), plugins.join(", ")),
         );
     }
     let mode = raw.tls.as_ref().map(|t| t.get_ref().as_str());
@@ -271,6 +289,7 @@ pub(super) fn listener(
         account,
         settings,
         policy: raw.policy,
+        plugin: raw.plugin.map(Spanned::into_inner),
     })
 }
 

@@ -230,9 +230,16 @@ fn parse_with(path: &Path, source: &str, resolve_secrets: bool) -> Result<Config
         );
     }
     let account_names: Vec<&str> = accounts.keys().map(String::as_str).collect();
+    let plugin_names: Vec<&str> = plugins.keys().map(String::as_str).collect();
     let mut listeners = BTreeMap::new();
     for (name, l) in raw.listeners {
-        if let Some(l) = listener::listener(&mut cx, &name, l.into_inner(), &account_names) {
+        if let Some(l) = listener::listener(
+            &mut cx,
+            &name,
+            l.into_inner(),
+            &account_names,
+            &plugin_names,
+        ) {
             listeners.insert(name, l);
         }
     }

@@ -249,7 +249,14 @@ impl Daemon {
             }
         });
         let listeners = std::mem::take(&mut cfg.listeners);
-        let listeners = match Listeners::start(listeners, &mailboxes, &outbox, &shared.wakers).await
+        let listeners = match Listeners::start(
+            listeners,
+            &mailboxes,
+            &outbox,
+            &shared.wakers,
+            &shared.registry,
+        )
+        .await
         {
             Ok(l) => l,
             Err(e) => {

@@ -6,6 +6,12 @@
 //! recipients are the email's recipients; its Message-ID, when it has one,
 //! is its idempotency key, so a client that resends after a lost `250`
 //! does not send twice.
+//!
+//! A listener that names a plugin has it screen each message first (its
+//! `screen` export, one event at a time for that plugin): relay it, replace
+//! it (its emails and state writes committed together), or refuse it with
+//! the plugin's reply. A plugin that fails answers `451`: the client tries
+//! again later, nothing is lost.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -13,11 +19,12 @@ use std::sync::Arc;
 
 use sendbox_outbox::{Call, Outbox, OutboxError, Store};
 use sendbox_submission::{Handler, Reply, Submission};
-use sendbox_types::{Bytes, Email};
+use sendbox_types::{Bytes, Email, Submitted, Verdict};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::registry::Wakers;
+use super::dispatch::OutboxState;
+use super::registry::{Registry, Wakers};
 use crate::config::ListenerConfig;
 use crate::exit::{self, coded};
 
@@ -37,6 +44,7 @@ impl Listeners {
         mailboxes: &HashMap<String, String>,
         outbox: &Arc<Outbox>,
         wakers: &Arc<Wakers>,
+        registry: &Arc<Registry>,
     ) -> anyhow::Result<Listeners> {
         let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -50,7 +58,13 @@ impl Listeners {
             })?;
             addresses.push((name.clone(), socket.local_addr()?));
             let mailbox = mailboxes.get(&l.account).cloned().unwrap_or_default();
-            let handler = handler(&l, mailbox, outbox.clone(), wakers.clone());
+            let handler = handler(
+                &l,
+                mailbox,
+                outbox.clone(),
+                wakers.clone(),
+                registry.clone(),
+            );
             let mut stopped = stopped.clone();
             let until = async move {
                 let _ = stopped.wait_for(|s| *s).await;
@@ -77,24 +91,51 @@ impl Listeners {
     }
 }
 
-/// What happens to a listener's messages: one commit each, then the
-/// account's worker is woken.
+/// What happens to a listener's messages: screened by its plugin if it
+/// has one, then one commit each, then the account's worker is woken.
 fn handler(
     l: &ListenerConfig,
     mailbox: String,
     outbox: Arc<Outbox>,
     wakers: Arc<Wakers>,
+    registry: Arc<Registry>,
 ) -> Handler {
-    let (source, account, policy) = (l.source(), l.account.clone(), l.policy.clone());
+    let listener = Arc::new(Listener {
+        source: l.source(),
+        account: l.account.clone(),
+        policy: l.policy.clone(),
+        plugin: l.plugin.clone(),
+        mailbox,
+    });
     Arc::new(move |s: Submission| {
-        let call = call(&s, &source, &account, &mailbox, &policy);
-        let (outbox, wakers, account) = (outbox.clone(), wakers.clone(), account.clone());
-        let span = tracing::info_span!("smtp_message", listener = %s.listener, event = %call.event_id, client = %s.client);
+        let (listener, outbox, wakers, registry) = (
+            listener.clone(),
+            outbox.clone(),
+            wakers.clone(),
+            registry.clone(),
+        );
+        let event_id = sendbox_triggers::new_event_id("smtp");
+        let span = tracing::info_span!("smtp_message", listener = %s.listener, event = %event_id, client = %s.client);
         Box::pin(tracing::Instrument::instrument(
             async move {
-                let reply = answer(outbox.commit(call).await);
+                let call = match &listener.plugin {
+                    None => Ok(call(
+                        &s,
+                        &listener,
+                        &listener.source,
+                        &listener.policy,
+                        &event_id,
+                    )),
+                    Some(plugin) => {
+                        screened(&s, &listener, plugin, &event_id, &outbox, &registry).await
+                    }
+                };
+                let reply = match call {
+                    Ok(call) => answer(outbox.commit(call).await),
+                    Err(reply) => reply,
+                };
                 if reply.is_positive()
-                    && let Some(w) = wakers.get(&account)
+                    && let Some(w) = wakers.get(&listener.account)
                 {
                     w.notify_one();
                 }
@@ -106,13 +147,128 @@ fn handler(
     })
 }
 
-/// The outbox call for a submitted message.
+/// A listener's settings for its handler.
+struct Listener {
+    source: String,
+    account: String,
+    policy: sendbox_outbox::Policy,
+    plugin: Option<String>,
+    mailbox: String,
+}
+
+/// Has `plugin` screen the message; the call to commit, or the client's
+/// reply when there is nothing to commit.
+async fn screened(
+    s: &Submission,
+    listener: &Listener,
+    plugin: &str,
+    event_id: &str,
+    outbox: &Arc<Outbox>,
+    registry: &Arc<Registry>,
+) -> Result<Call, Reply> {
+    let try_later = |why: &str| {
+        tracing::error!(
+            plugin,
+            reason = why,
+            "message not screened; the client will try again"
+        );
+        Reply::new(
+            451,
+            "4.3.0",
+            "Cannot screen the message right now; try again later",
+        )
+    };
+    let Some(loaded) = registry.get(plugin) else {
+        return Err(try_later("the plugin is not loaded"));
+    };
+    if !loaded.plugin.screens() {
+        return Err(try_later(
+            "the plugin does not export `screen` (build it against world relay-hook)",
+        ));
+    }
+    let parsed = sendbox_mail::parse::parse(&s.raw);
+    let submitted = Submitted {
+        listener: s.listener.clone(),
+        client: s.client.to_string(),
+        user: s.user.clone(),
+        mail_from: s.mail_from.clone(),
+        recipients: s.recipients.clone(),
+        headers: parsed.headers,
+        subject: parsed.subject,
+        text: parsed.text,
+        html: parsed.html,
+        attachments: parsed.attachments,
+        raw: Some(Bytes(s.raw.clone())),
+        size: s.raw.len() as u64,
+    };
+    // One message at a time per plugin: its state reads stay valid until
+    // its commit.
+    let _alone = loaded.serial.write().await;
+    let state: Arc<dyn sendbox_runtime::StateStore> = Arc::new(OutboxState(outbox.clone()));
+    let (p, id) = (loaded.plugin.clone(), event_id.to_owned());
+    let report = match tokio::task::spawn_blocking(move || p.screen(&submitted, &id, state)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(try_later(&e.to_string())),
+        Err(e) => return Err(try_later(&e.to_string())),
+    };
+    let mut call = match report.verdict {
+        Verdict::Relay => call(s, listener, plugin, &listener.policy, event_id),
+        Verdict::Replace(emails) => Call {
+            plugin: plugin.to_owned(),
+            trigger: "smtp".into(),
+            event_id: event_id.to_owned(),
+            account: listener.account.clone(),
+            account_mailbox: listener.mailbox.clone(),
+            policy: loaded.policy.clone(),
+            emails,
+            ..Call::default()
+        },
+        Verdict::Refuse { code, text } => {
+            tracing::info!(plugin, code, "message refused by the plugin");
+            return Err(plugin_reply(code, &text));
+        }
+    };
+    call.state_changes = report.state_changes;
+    call.reads = report.reads;
+    call.state_quota_bytes = Some(loaded.plugin.settings().limits.state_bytes);
+    Ok(call)
+}
+
+/// A plugin's refusal as an SMTP reply: a 421-599 code (else 451), and an
+/// enhanced status code taken from the text or made from the code.
+fn plugin_reply(code: u16, text: &str) -> Reply {
+    let code = if (421..=599).contains(&code) {
+        code
+    } else {
+        451
+    };
+    let text = text.trim();
+    let (status, rest) = match text.split_once(' ') {
+        Some((st, rest))
+            if st.split('.').count() == 3
+                && st
+                    .split('.')
+                    .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) =>
+        {
+            (st.to_owned(), rest)
+        }
+        _ => (format!("{}.0.0", code / 100), text),
+    };
+    Reply::new(
+        code,
+        &status,
+        if rest.is_empty() { "Refused" } else { rest },
+    )
+}
+
+/// The outbox call relaying a submitted message as `source` (the
+/// listener, or its plugin).
 fn call(
     s: &Submission,
+    listener: &Listener,
     source: &str,
-    account: &str,
-    mailbox: &str,
     policy: &sendbox_outbox::Policy,
+    event_id: &str,
 ) -> Call {
     let header = |name| sendbox_mail::relay::header(&s.raw, name);
     let subject: String = header("Subject")
@@ -124,9 +280,9 @@ fn call(
     Call {
         plugin: source.to_owned(),
         trigger: "smtp".into(),
-        event_id: sendbox_triggers::new_event_id("smtp"),
-        account: account.to_owned(),
-        account_mailbox: mailbox.to_owned(),
+        event_id: event_id.to_owned(),
+        account: listener.account.clone(),
+        account_mailbox: listener.mailbox.clone(),
         policy: policy.clone(),
         emails: vec![Email {
             to: s.recipients.clone(),
@@ -153,6 +309,9 @@ fn answer(result: Result<sendbox_outbox::Committed, OutboxError>) -> Reply {
                 "2.0.0",
                 format!("Already queued as {} (outbox id {})", d.message_id, d.id),
             ),
+            (None, None) if c.suppressed.is_empty() => {
+                Reply::new(250, "2.0.0", "Accepted; the screening plugin sent nothing")
+            }
             (None, None) => Reply::new(550, "5.1.1", "Every recipient is on the suppression list"),
         },
         Err(OutboxError::Policy(why)) => Reply::new(550, "5.7.1", why),
