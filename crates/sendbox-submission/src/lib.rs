@@ -16,6 +16,7 @@
 //! client hears — so a `250` means whatever the handler made of it (the
 //! daemon answers only after its outbox commit).
 
+mod address;
 mod auth;
 mod io;
 mod session;
