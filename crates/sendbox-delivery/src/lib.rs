@@ -175,6 +175,8 @@ pub struct AccountWorker {
     outbox: Arc<Outbox>,
     settings: DeliverySettings,
     wake: Arc<Notify>,
+    /// Ends a pause before its recheck time (an operator's reload).
+    resume: Arc<Notify>,
     status: Arc<WorkerStatus>,
 }
 
@@ -201,6 +203,7 @@ impl AccountWorker {
             outbox,
             settings,
             wake: Arc::new(Notify::new()),
+            resume: Arc::new(Notify::new()),
             status: Arc::new(WorkerStatus::default()),
         }
     }
@@ -208,6 +211,12 @@ impl AccountWorker {
     /// Call `notify_one` on this after queueing to skip the poll delay.
     pub fn waker(&self) -> Arc<Notify> {
         self.wake.clone()
+    }
+
+    /// Call `notify_one` on this to end a pause now (new messages do not:
+    /// a paused account waits for its recheck time).
+    pub fn resumer(&self) -> Arc<Notify> {
+        self.resume.clone()
     }
 
     /// The account's status.
@@ -231,7 +240,8 @@ impl AccountWorker {
                 tokio::select! {
                     _ = &mut shutdown => return,
                     _ = tokio::time::sleep(self.settings.pause_recheck) => {}
-                    _ = self.wake.notified() => {}
+                    // Not `wake`: newly queued messages do not end a pause.
+                    _ = self.resume.notified() => {}
                 }
                 self.status.set(None);
                 self.record_pause(None).await;

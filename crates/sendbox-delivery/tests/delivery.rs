@@ -325,3 +325,50 @@ async fn a_refused_recipient_is_recorded_and_the_others_get_the_message() {
         "{reply}"
     );
 }
+
+#[tokio::test]
+async fn a_paused_account_waits_for_its_recheck_whatever_arrives_meanwhile() {
+    let p = Peers::start();
+    let (_d, outbox) = open();
+    enqueue(&outbox, 1);
+    let recheck = Duration::from_millis(1500);
+    let settings = DeliverySettings {
+        pause_recheck: recheck,
+        ..fast()
+    };
+    let worker = alerts_worker(&p, "wrong-secret", &outbox, settings);
+    let (status, waker) = (worker.status(), worker.waker());
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let s = stop.clone();
+    let handle = tokio::spawn(worker.run(async move { s.notified().await }));
+    let start = Instant::now();
+    while status.paused().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(20), "never paused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A stream of new messages, each waking the worker, for two recheck
+    // periods.
+    let paused_at = Instant::now();
+    while paused_at.elapsed() < recheck * 2 {
+        enqueue(&outbox, 1);
+        waker.notify_one();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let elapsed = paused_at.elapsed();
+    stop.notify_one();
+    handle.await.unwrap();
+    let refused = status
+        .attempts()
+        .into_iter()
+        .find(|(r, _)| *r == "account_refused")
+        .map_or(0, |(_, n)| n);
+    // The attempt that paused it, then one per recheck period (a message
+    // per connection at most): never one per new message (~60 here).
+    let periods = (elapsed.as_millis() / recheck.as_millis()) as u64;
+    let per_attempt = fast().concurrency as u64;
+    assert!(refused >= 1, "{refused}");
+    assert!(
+        refused <= (1 + periods) * per_attempt,
+        "{refused} refused attempts in {elapsed:?} with a {recheck:?} recheck"
+    );
+}

@@ -26,6 +26,8 @@ pub(super) struct RunningAccount {
     pub(super) fingerprint: config::SecretHash,
     pub(super) mailbox: String,
     pub(super) stop: watch::Sender<bool>,
+    /// Ends the worker's pause now.
+    pub(super) resume: std::sync::Arc<tokio::sync::Notify>,
     pub(super) task: tokio::task::JoinHandle<()>,
 }
 
@@ -103,6 +105,7 @@ impl Supervisor {
             }
             let (stop, rx) = watch::channel(false);
             self.wakers.set(&name, worker.waker());
+            let resume = worker.resumer();
             let task = tokio::spawn(run_worker(worker, rx));
             self.accounts.insert(
                 name.clone(),
@@ -110,6 +113,7 @@ impl Supervisor {
                     fingerprint,
                     mailbox,
                     stop,
+                    resume,
                     task,
                 },
             );

@@ -189,6 +189,11 @@ impl Supervisor {
             tracing::warn!(config = %config_path.display(), "[daemon] or [listeners] changed: that takes effect at the next restart");
         }
         let accounts = self.apply_accounts(cfg.accounts).await;
+        // A reload is the operator's word that something was fixed: paused
+        // accounts try again now rather than at their recheck time.
+        for a in self.accounts.values() {
+            a.resume.notify_one();
+        }
         let mut applied = self.apply(cfg.plugins).await;
         applied.accounts = accounts.restarted;
         applied.failed.extend(
