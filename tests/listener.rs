@@ -782,3 +782,74 @@ async fn a_screening_plugin_relays_replaces_drops_or_refuses_and_the_client_hear
         Some(b"1".to_vec())
     );
 }
+
+/// `sendbox_delivery_attempts_total{account="app",result=RESULT}`.
+async fn attempts(d: &Daemon, result: &str) -> u64 {
+    let needle = format!("sendbox_delivery_attempts_total{{account=\"app\",result=\"{result}\"}} ");
+    d.metrics()
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(&needle).and_then(|n| n.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_account_ignores_new_mail_until_a_reload_says_try_now() {
+    let p = Peers::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = daemon::write_config(
+        dir.path(),
+        &format!(
+            "{}{}",
+            p.app_account(),
+            listener("lan", "127.0.0.1:0", "allow_networks = [\"127.0.0.1\"]\n")
+        ),
+    );
+    // The wrong client secret: the first send pauses the account.
+    let d = Daemon::start(&config, &[("SENDBOX_TEST_APP_SECRET", "not-the-secret")]);
+    let port = d.smtp("lan").port().to_string();
+    let submitted = submit([
+        "--port",
+        &port,
+        "--to",
+        "ops@example.com",
+        "--prefix",
+        "paused-first",
+    ]);
+    assert!(submitted.iter().all(|r| r["ok"] == true));
+    let start = Instant::now();
+    while attempts(&d, "account_refused").await == 0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "never paused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let paused = attempts(&d, "account_refused").await;
+    // 20 more messages over two seconds: all accepted, none tried.
+    let more = submit([
+        "--port",
+        &port,
+        "--to",
+        "ops@example.com",
+        "--count",
+        "20",
+        "--prefix",
+        "paused-more",
+    ]);
+    assert_eq!(more.iter().filter(|r| r["ok"] == true).count(), 20);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        attempts(&d, "account_refused").await,
+        paused,
+        "new mail does not end a pause"
+    );
+    // A reload does: the worker tries (and is refused) again at once.
+    d.hangup();
+    let start = Instant::now();
+    while attempts(&d, "account_refused").await == paused {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the reload did not resume the account"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(p.messages().await.is_empty());
+}
