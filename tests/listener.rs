@@ -853,3 +853,85 @@ async fn a_paused_account_ignores_new_mail_until_a_reload_says_try_now() {
     }
     assert!(p.messages().await.is_empty());
 }
+
+/// Connects from another loopback address; the greeting.
+async fn greeting_from(ip: [u8; 4], to: SocketAddr) -> (tokio::net::TcpStream, String) {
+    use tokio::io::AsyncReadExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((ip, 0))).unwrap();
+    let mut stream = socket.connect(to).await.unwrap();
+    let mut buf = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("a greeting within 5 s")
+        .unwrap_or(0);
+    (stream, String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_caps_and_the_command_timeout_hold_under_a_flood() {
+    let p = Peers::start();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "allow_networks = [\"127.0.0.0/8\"]\nmax_connections = 4\nmax_connections_per_client = 3\ncommand_timeout_secs = 1\n";
+    let d = start(&p, dir.path(), &listener("lan", "127.0.0.1:0", extra));
+    let addr = d.smtp("lan");
+
+    // Three from one address are served; the fourth is refused at once.
+    let held: Vec<_> = (0..3).map(|_| Dialogue::open(addr)).collect();
+    assert!(held.iter().all(|(_, g)| g.starts_with("220 ")));
+    let (_, fourth) = Dialogue::open(addr);
+    assert!(
+        fourth.starts_with("421 4.7.0 Too many connections from your address"),
+        "{fourth}"
+    );
+    // The overall cap counts every address: from 127.0.0.2 the fourth is
+    // served, from 127.0.0.3 the fifth is refused.
+    let (_second_address, g) = greeting_from([127, 0, 0, 2], addr).await;
+    assert!(g.starts_with("220 "), "{g}");
+    let (_, g) = greeting_from([127, 0, 0, 3], addr).await;
+    assert!(
+        g.starts_with("421 4.7.0 Too many connections; try again later"),
+        "{g}"
+    );
+
+    // An idle client is dropped after the command timeout, freeing its slot.
+    let (mut idle, _) = held.into_iter().next().unwrap();
+    let r = idle.reply();
+    assert!(
+        r.starts_with("421 4.4.2 Timeout waiting for a command"),
+        "{r}"
+    );
+    assert_eq!(idle.reply(), "", "closed");
+
+    // A flood of 500 connections kept open (the first three timed out by
+    // now): exactly 3 are served, 497 refused, and the daemon holds none
+    // of those.
+    let mut flood = Vec::new();
+    let before = rss_kib(d.child.id());
+    let (mut served, mut refused) = (0, 0);
+    for _ in 0..500 {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut line = String::new();
+        let _ = BufReader::new(s.try_clone().unwrap()).read_line(&mut line);
+        if line.starts_with("220 ") {
+            served += 1;
+        } else if line.starts_with("421 4.7.0 Too many connections") {
+            refused += 1;
+        }
+        flood.push(s);
+    }
+    let after = rss_kib(d.child.id());
+    eprintln!("daemon RSS before {before} KiB, after a flood of 500 connections {after} KiB");
+    assert_eq!((served, refused), (3, 497));
+    assert!(
+        after < before + 16 * 1024,
+        "RSS grew from {before} to {after} KiB"
+    );
+    drop(flood);
+    // Every slot came back: a fresh client is served.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (mut c, greeting) = Dialogue::open(addr);
+    assert!(greeting.starts_with("220 "), "{greeting}");
+    assert!(c.send("QUIT").starts_with("221"));
+}

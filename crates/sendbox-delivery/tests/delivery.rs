@@ -85,6 +85,15 @@ fn open() -> (tempfile::TempDir, Arc<Outbox>) {
     (dir, outbox)
 }
 
+/// Waits (at most 20 s) until the worker has paused its account.
+async fn wait_paused(status: &sendbox_delivery::WorkerStatus) {
+    let start = Instant::now();
+    while status.paused().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(20), "never paused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Runs the worker until `done` holds or 20 s pass.
 async fn run_until(worker: AccountWorker, outbox: &Arc<Outbox>, done: impl Fn(&Outbox) -> bool) {
     let stop = Arc::new(tokio::sync::Notify::new());
@@ -206,11 +215,7 @@ async fn refused_credentials_pause_the_account_without_burning_the_message() {
     let stop = Arc::new(tokio::sync::Notify::new());
     let s = stop.clone();
     let handle = tokio::spawn(worker.run(async move { s.notified().await }));
-    let start = Instant::now();
-    while status.paused().is_none() {
-        assert!(start.elapsed() < Duration::from_secs(20), "never paused");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_paused(&status).await;
     assert!(status.paused().unwrap().contains("invalid_client"));
     let requests = p.stats().await.token_requests;
     assert!(
@@ -341,11 +346,7 @@ async fn a_paused_account_waits_for_its_recheck_whatever_arrives_meanwhile() {
     let stop = Arc::new(tokio::sync::Notify::new());
     let s = stop.clone();
     let handle = tokio::spawn(worker.run(async move { s.notified().await }));
-    let start = Instant::now();
-    while status.paused().is_none() {
-        assert!(start.elapsed() < Duration::from_secs(20), "never paused");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_paused(&status).await;
     // A stream of new messages, each waking the worker, for two recheck
     // periods.
     let paused_at = Instant::now();

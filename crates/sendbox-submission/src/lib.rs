@@ -265,13 +265,24 @@ pub async fn serve(
         while sessions.try_join_next().is_some() {}
         let _ = stream.set_nodelay(true);
         let ip = canonical(peer.ip());
+        let permit = connections.clone().try_acquire_owned().ok();
+        let slot = per_client.take(ip, settings.max_connections_per_client);
         let refusal = if logins.locked(ip) {
             Some("421 4.7.0 Too many failed logins from your address; try again later\r\n")
+        } else if permit.is_none() {
+            Some("421 4.7.0 Too many connections; try again later\r\n")
+        } else if slot.is_none() {
+            Some("421 4.7.0 Too many connections from your address; try again later\r\n")
         } else {
             None
         };
-        let permit = connections.clone().try_acquire_owned().ok();
-        let slot = per_client.take(ip, settings.max_connections_per_client);
+        if let Some(text) = refusal {
+            // Refused in place: one non-blocking write into the fresh
+            // socket's empty buffer, then closed. No task, nothing held.
+            tracing::warn!(listener = %settings.name, client = %peer, reason = text.trim_end(), "connection refused");
+            let _ = stream.try_write(text.as_bytes());
+            continue;
+        }
         let (settings, handler, logins, stopping) = (
             settings.clone(),
             handler.clone(),
@@ -279,16 +290,6 @@ pub async fn serve(
             stopping.clone(),
         );
         sessions.spawn(async move {
-            let refusal = refusal
-                .or(permit.is_none().then_some("421 4.7.0 Too many connections; try again later\r\n"))
-                .or(slot.is_none().then_some(
-                    "421 4.7.0 Too many connections from your address; try again later\r\n",
-                ));
-            if let Some(text) = refusal {
-                tracing::warn!(listener = %settings.name, client = %peer, reason = text.trim_end(), "connection refused");
-                session::refuse(stream, text).await;
-                return;
-            }
             let _held = (permit, slot);
             session::run(stream, peer, settings, handler, logins, stopping).await;
         });

@@ -19,17 +19,6 @@ const MAX_ERRORS: u32 = 10;
 /// ever within the session timeout.
 const MAX_COMMANDS: u32 = 10_000;
 
-/// Tells a client it is refused, then closes.
-pub(crate) async fn refuse(mut stream: TcpStream, text: &str) {
-    use tokio::io::AsyncWriteExt;
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        stream.write_all(text.as_bytes()),
-    )
-    .await;
-    let _ = stream.shutdown().await;
-}
-
 struct Session {
     settings: Arc<Settings>,
     handler: Handler,
