@@ -345,7 +345,7 @@ const control = http.createServer(async (req, res) => {
     const url = new URL(req.url, 'http://x');
     if (req.method === 'GET' && url.pathname === '/messages') return reply(200, received);
     if (req.method === 'GET' && url.pathname === '/stats') {
-      return reply(200, { authAttempts, tokenRequests, maxConnections, activeConnections, seenTokens: seenTokens.length });
+      return reply(200, { authAttempts, tokenRequests, maxConnections, activeConnections, seenTokens: seenTokens.length, messages: received.length });
     }
     if (req.method === 'GET' && url.pathname === '/tokens') return reply(200, seenTokens);
     if (req.method === 'POST' && url.pathname === '/faults') {

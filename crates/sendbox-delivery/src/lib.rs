@@ -5,9 +5,21 @@
 //! in flight, exponential backoff with jitter for transient failures, the
 //! maximum age after which a message goes dead, and pausing an account whose
 //! credentials or configuration are refused instead of burning retries. It
-//! decides only from [`SendError`]'s own answers (`is_transient`,
+//! decides only from [`SendError`](sendbox_mail::SendError)'s own answers (`is_transient`,
 //! `is_permanent`, `pauses_account`). It must not know SQL (the outbox's
 //! methods are its whole view of storage) or SMTP (the transport's).
+//!
+//! # The pipeline
+//!
+//! A worker keeps every allowed connection busy: it claims due messages
+//! ahead of the sends (a few rounds' worth without a rate, only what can go
+//! now with one), starts the next send the moment one ends, and records
+//! results in groups — whatever finished while the previous group was
+//! being written goes in one transaction — so no commit ever sits between
+//! two sends on a connection. At most `concurrency` sends are in flight and
+//! the rate is honoured per send. After a start or a pause the first
+//! message goes alone: if the account is still refused, that is one
+//! refused attempt, not one per connection.
 //!
 //! ```no_run
 //! # async fn demo(outbox: std::sync::Arc<sendbox_outbox::Outbox>, transport: sendbox_mail::Transport) {
@@ -19,17 +31,18 @@
 
 #![deny(missing_docs)]
 
+mod outcome;
+mod pipeline;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
-use sendbox_mail::message::{self, Envelope};
-use sendbox_mail::{SendError, Transport};
-use sendbox_outbox::{Message, Outbox, State, Store, now_ms};
+use sendbox_mail::Transport;
+use sendbox_outbox::{Outbox, Store};
 use tokio::sync::Notify;
-use tokio::time::Instant;
 
 /// How one account's worker behaves.
 #[derive(Debug, Clone)]
@@ -37,7 +50,11 @@ pub struct DeliverySettings {
     /// Most messages per minute; `None` for no limit. Default 30, Exchange's
     /// per-mailbox limit.
     pub rate_per_minute: Option<u32>,
-    /// Messages in flight at once. Default 3.
+    /// Sends at once: the account's connections (SMTP's `max_connections`;
+    /// the transport caps connections itself). Without a rate, up to 4×
+    /// this many messages are built and waiting for a connection, so a
+    /// connection that finishes a message starts the next at once.
+    /// Default 3.
     pub concurrency: usize,
     /// First retry delay; doubles per attempt. Default 30 s.
     pub backoff_base: Duration,
@@ -180,13 +197,6 @@ pub struct AccountWorker {
     status: Arc<WorkerStatus>,
 }
 
-/// The outcome of one attempt.
-enum Attempt {
-    Sent(sendbox_mail::Receipt),
-    Failed(SendError),
-    Unbuildable(String),
-}
-
 impl AccountWorker {
     /// A worker; nothing runs until [`AccountWorker::run`].
     pub fn new(
@@ -213,8 +223,10 @@ impl AccountWorker {
         self.wake.clone()
     }
 
-    /// Call `notify_one` on this to end a pause now (new messages do not:
-    /// a paused account waits for its recheck time).
+    /// Call `notify_waiters` on this to end a pause now. Only a pause
+    /// under way is ended (a reload before the pause does not shorten
+    /// it), and new messages never end one: a paused account waits for its
+    /// recheck time.
     pub fn resumer(&self) -> Arc<Notify> {
         self.resume.clone()
     }
@@ -224,209 +236,47 @@ impl AccountWorker {
         self.status.clone()
     }
 
-    /// Runs until `shutdown` resolves: then stops claiming, lets in-flight
-    /// sends finish, and returns.
+    /// Runs until `shutdown` resolves: then stops claiming, sends what it
+    /// has claimed (at most a few rounds' worth, or `concurrency` messages
+    /// under a rate), records the results, and returns.
+    ///
+    /// Delivery goes in rounds (see the crate docs): a round ends at shutdown
+    /// or when the account is refused; then the worker waits
+    /// `pause_recheck` (or a resume) and starts the next round with one
+    /// message alone, so a paused account costs one refused attempt per
+    /// recheck, whatever is queued.
     pub async fn run(self, shutdown: impl Future) {
         tokio::pin!(shutdown);
-        let mut next_slot = Instant::now();
-        let interval = self
-            .settings
-            .rate_per_minute
-            .filter(|r| *r > 0)
-            .map(|r| Duration::from_secs(60) / r);
+        let mut pace = pipeline::Pace::new(self.settings.rate_per_minute);
         loop {
-            if let Some(reason) = self.status.paused() {
-                tracing::warn!(account = %self.account, %reason, "account paused; retrying later");
-                tokio::select! {
-                    _ = &mut shutdown => return,
-                    _ = tokio::time::sleep(self.settings.pause_recheck) => {}
-                    // Not `wake`: newly queued messages do not end a pause.
-                    _ = self.resume.notified() => {}
-                }
-                self.status.set(None);
-                self.record_pause(None).await;
-            }
-            // Without a rate, claim a few rounds ahead so the connections
-            // never wait on a claim; with one, claim only what can go now,
-            // so nothing sits in `sending` waiting for its slot.
-            let limit = self.settings.concurrency.max(1) * if interval.is_some() { 1 } else { 8 };
-            let batch = match self.outbox.claim(&self.account, limit).await {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::error!(account = %self.account, error = %e, "cannot claim messages");
-                    Vec::new()
-                }
+            let reason = match self.round(shutdown.as_mut(), &mut pace).await {
+                pipeline::RoundEnd::Shutdown => return,
+                pipeline::RoundEnd::Paused(reason) => reason,
             };
-            if batch.is_empty() {
-                tokio::select! {
-                    _ = &mut shutdown => return,
-                    _ = tokio::time::sleep(self.settings.poll_interval) => {}
-                    _ = self.wake.notified() => {}
-                }
-                continue;
+            // Armed before the pause is visible, so a resume from then on
+            // is never missed, and one from before never counts.
+            let resumed = self.resume.notified();
+            tokio::pin!(resumed);
+            resumed.as_mut().enable();
+            tracing::error!(account = %self.account, %reason, recheck = ?self.settings.pause_recheck, "pausing the account's queue; fix the account and run `sendbox check` (a reload tries again at once)");
+            self.record_pause(Some(&reason)).await;
+            self.status.set(Some(reason));
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep(self.settings.pause_recheck) => {}
+                // Not `wake`: newly queued messages do not end a pause.
+                _ = resumed => {}
             }
-            let mut in_flight = tokio::task::JoinSet::new();
-            let mut pause: Option<String> = None;
-            for m in batch {
-                if pause.is_some() {
-                    self.release(m, "not attempted: the account is paused")
-                        .await;
-                    continue;
-                }
-                if let Some(step) = interval {
-                    let now = Instant::now();
-                    if next_slot > now {
-                        tokio::time::sleep_until(next_slot).await;
-                    }
-                    next_slot = next_slot.max(now) + step;
-                }
-                let transport = self.transport.clone();
-                let prepared = self.prepare(&m);
-                in_flight.spawn(async move {
-                    let attempt = match prepared {
-                        Ok(p) => match transport.send(&p).await {
-                            Ok(reply) => Attempt::Sent(reply),
-                            Err(e) => Attempt::Failed(e),
-                        },
-                        Err(reason) => Attempt::Unbuildable(reason),
-                    };
-                    (m, attempt)
-                });
-                // Never more in flight than the concurrency.
-                while in_flight.len() >= self.settings.concurrency.max(1) {
-                    if let Some(Ok((m, a))) = in_flight.join_next().await
-                        && let Some(p) = self.settle(m, a).await
-                    {
-                        pause = Some(p);
-                    }
-                }
-            }
-            while let Some(done) = in_flight.join_next().await {
-                if let Ok((m, a)) = done
-                    && let Some(p) = self.settle(m, a).await
-                {
-                    pause = Some(p);
-                }
-            }
-            if let Some(p) = pause {
-                tracing::error!(account = %self.account, reason = %p, "pausing the account's queue; fix the account and run `sendbox check`");
-                self.record_pause(Some(p.clone())).await;
-                self.status.set(Some(p));
-            }
-            // A finished batch may be followed right away by the next one.
-            if futures_ready(&mut shutdown).await {
-                return;
-            }
+            tracing::info!(account = %self.account, "account pause over: trying one message");
+            self.status.set(None);
+            self.record_pause(None).await;
         }
     }
 
-    async fn record_pause(&self, reason: Option<String>) {
-        let _ = self
-            .outbox
-            .set_account_paused(&self.account, reason.as_deref())
-            .await;
-    }
-
-    fn prepare(&self, m: &Message) -> Result<sendbox_mail::Prepared, String> {
-        let allowed = self.settings.allowed_from.of(&m.plugin);
-        message::build(
-            &m.email,
-            &Envelope {
-                account_mailbox: &self.mailbox,
-                allowed_from: &allowed,
-                message_id: &m.message_id,
-                date: UNIX_EPOCH + Duration::from_millis(m.created_ms.max(0) as u64),
-            },
-        )
-        .map_err(|e| e.to_string())
-    }
-
-    async fn release(&self, m: Message, why: &str) {
-        let _ = self
-            .outbox
-            .mark(m.id, State::Queued, Some(now_ms()), why)
-            .await;
-    }
-
-    /// Records an attempt's result; returns a pause reason when the account
-    /// must stop.
-    async fn settle(&self, m: Message, attempt: Attempt) -> Option<String> {
-        let span = tracing::info_span!("deliver", account = %self.account, plugin = %m.plugin, event_id = %m.event_id, message_id = %m.message_id, id = m.id, attempt = m.attempts);
-        let _e = span.enter();
-        let (state, next, detail, pause) = match attempt {
-            Attempt::Sent(receipt) => {
-                tracing::info!(reply = %receipt.reply, refused = receipt.refused.len(), "sent");
-                let mut detail = receipt.reply;
-                // A refused recipient fails only itself, on record.
-                for r in &receipt.refused {
-                    tracing::warn!(recipient = %r.address, error = %r.error, "recipient refused; the others got the message");
-                    detail.push_str(&format!("; refused {}: {}", r.address, r.error));
-                }
-                (State::Sent, None, detail, None)
-            }
-            Attempt::Unbuildable(reason) => {
-                tracing::warn!(%reason, "message cannot be built; dead");
-                (State::Dead, None, reason, None)
-            }
-            Attempt::Failed(e) if e.pauses_account() => {
-                tracing::error!(error = %e, "account refused; message requeued");
-                (
-                    State::Queued,
-                    Some(now_ms()),
-                    format!("account paused: {e}"),
-                    Some(e.to_string()),
-                )
-            }
-            Attempt::Failed(e) if e.is_permanent() => {
-                tracing::warn!(error = %e, "permanent failure; dead");
-                (State::Dead, None, e.to_string(), None)
-            }
-            Attempt::Failed(e) => {
-                let age = Duration::from_millis((now_ms() - m.created_ms).max(0) as u64);
-                if age >= self.settings.max_age {
-                    tracing::warn!(error = %e, ?age, "still failing after max_age; dead");
-                    (
-                        State::Dead,
-                        None,
-                        format!("gave up after {age:?}: {e}"),
-                        None,
-                    )
-                } else {
-                    let wait = backoff(&self.settings, m.attempts, &m.message_id);
-                    tracing::info!(error = %e, retry_in = ?wait, "transient failure; will retry");
-                    (
-                        State::Retry,
-                        Some(now_ms() + wait.as_millis() as i64),
-                        e.to_string(),
-                        None,
-                    )
-                }
-            }
-        };
-        self.status.count(match (state, &pause) {
-            (_, Some(_)) => "account_refused",
-            (State::Sent, _) => "sent",
-            (State::Dead, _) => "dead",
-            _ => "retry",
-        });
-        let id = m.id;
-        if let Err(e) = self.outbox.mark(id, state, next, &detail).await {
-            tracing::error!(
-                id,
-                error = %e,
-                "cannot record the delivery result; the message will be retried after a restart"
-            );
+    async fn record_pause(&self, reason: Option<&str>) {
+        if let Err(e) = self.outbox.set_account_paused(&self.account, reason).await {
+            tracing::warn!(account = %self.account, error = %e, "cannot record the account's pause");
         }
-        pause
-    }
-}
-
-/// Whether `fut` is already complete, without waiting.
-async fn futures_ready<F: Future + Unpin>(fut: &mut F) -> bool {
-    tokio::select! {
-        biased;
-        _ = fut => true,
-        _ = std::future::ready(()) => false,
     }
 }
 

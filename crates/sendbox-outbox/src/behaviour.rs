@@ -16,7 +16,7 @@ use std::sync::Arc;
 use sendbox_types::{Bytes, Email, StateChange};
 
 use crate::store::Store;
-use crate::{Call, OutboxError, Policy, PruneBefore, Pruned, State, now_ms};
+use crate::{Call, Mark, OutboxError, Policy, PruneBefore, Pruned, State, now_ms};
 
 /// Expands to one `#[tokio::test]` per behaviour scenario, each on a store
 /// from `$fresh().await`, which returns `(guard, store)`.
@@ -32,6 +32,7 @@ macro_rules! store_behaviour_tests {
             an_hourly_rate_limit_refuses_the_excess,
             a_message_left_sending_is_queued_again_with_its_message_id,
             states_move_with_their_replies_on_record,
+            results_recorded_together_are_answered_one_by_one,
             concurrent_commits_are_all_stored,
             a_call_whose_reads_changed_commits_nothing,
             usage_is_counted_in_bytes_and_the_quota_holds_at_commit,
@@ -351,6 +352,82 @@ pub async fn states_move_with_their_replies_on_record(store: impl Store) {
         store.drop_message(a).await,
         Err(OutboxError::NotFound(_))
     ));
+}
+
+/// Many delivery results recorded in one step: each lands with its reply
+/// and its audit row, and a result for a message no longer `sending` is
+/// refused alone without holding back the others.
+pub async fn results_recorded_together_are_answered_one_by_one(store: impl Store) {
+    let emails = (0..5).map(|i| email("a@x.org", &format!("m{i}"))).collect();
+    let ids: Vec<i64> = store
+        .commit(call(emails, vec![]))
+        .await
+        .unwrap()
+        .queued
+        .iter()
+        .map(|q| q.id)
+        .collect();
+    assert_eq!(store.claim("alerts", 4).await.unwrap().len(), 4);
+    let mark = |id, to, next, detail: &str| Mark {
+        id,
+        to,
+        next_attempt_ms: next,
+        detail: detail.into(),
+    };
+    let later = now_ms() + 60_000;
+    let answers = store
+        .mark_many(vec![
+            mark(ids[0], State::Sent, None, "250 one"),
+            mark(ids[1], State::Retry, Some(later), "451 two"),
+            // Not claimed: still queued.
+            mark(ids[4], State::Sent, None, "250 stale"),
+            mark(ids[2], State::Dead, None, "550 three"),
+            mark(ids[3], State::Queued, Some(now_ms()), "released"),
+            mark(i64::MAX, State::Sent, None, "250 nobody"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(answers.len(), 6);
+    assert!(answers[0].is_ok() && answers[1].is_ok() && answers[3].is_ok() && answers[4].is_ok());
+    assert!(
+        matches!(answers[2], Err(OutboxError::WrongState { .. })),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(answers[5], Err(OutboxError::NotFound(_))),
+        "{answers:?}"
+    );
+    let expect = [
+        (State::Sent, "250 one"),
+        (State::Retry, "451 two"),
+        (State::Dead, "550 three"),
+        (State::Queued, "released"),
+    ];
+    for (id, (state, reply)) in ids.iter().zip(expect) {
+        let m = store.get(*id).await.unwrap();
+        assert_eq!((m.state, m.last_reply.as_deref()), (state, Some(reply)));
+        let trail = store.audit_trail(*id).await.unwrap();
+        assert_eq!(trail.last().unwrap().to, state.as_str());
+        assert_eq!(trail.last().unwrap().detail.as_deref(), Some(reply));
+    }
+    assert_eq!(store.get(ids[1]).await.unwrap().next_attempt_ms, later);
+    let untouched = store.get(ids[4]).await.unwrap();
+    assert_eq!(
+        (untouched.state, untouched.last_reply),
+        (State::Queued, None)
+    );
+    // The released one and the stale one are claimable again; the retry
+    // is not due.
+    let mut again: Vec<i64> = store
+        .claim("alerts", 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    again.sort();
+    assert_eq!(again, [ids[3], ids[4]]);
+    assert!(store.mark_many(vec![]).await.unwrap().is_empty());
 }
 
 /// 8 tasks × 100 commits: all 800 stored, each task's last write wins.

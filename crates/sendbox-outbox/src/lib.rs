@@ -20,7 +20,8 @@
 //!   ([`store_behaviour_tests!`]).
 //! - `sqlite`: the SQLite backend — [`Outbox`] with its writer thread
 //!   (`writer`), the commit of a call (`commit`), reads (`read`), plugin
-//!   state (`plugin_state`), the delivery lock (`lock`), migrations
+//!   state (`plugin_state`), the delivery lock (`lock`), WAL checkpoints
+//!   off the writer's path (`checkpoint`), migrations
 //!   (`schema`) and [`Store`] on `Arc<Outbox>` (`store`).
 //!
 //! # Durability

@@ -202,6 +202,22 @@ pub struct Message {
     pub email: Email,
 }
 
+/// A delivery attempt's result for a message in `sending`, as recorded by
+/// [`Store::mark_many`](crate::Store::mark_many).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    /// The message's row id.
+    pub id: i64,
+    /// Its new state.
+    pub to: State,
+    /// When the next attempt is due, for `queued`/`retry` (ms since epoch);
+    /// `None` keeps the current value.
+    pub next_attempt_ms: Option<i64>,
+    /// The server's reply or the reason, kept as `last_reply` and in the
+    /// audit trail.
+    pub detail: String,
+}
+
 /// One entry of a message's audit trail.
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditEntry {

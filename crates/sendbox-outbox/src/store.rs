@@ -9,7 +9,7 @@
 
 use std::future::Future;
 
-use crate::{AuditEntry, Call, Committed, Message, OutboxError, PruneBefore, Pruned, State};
+use crate::{AuditEntry, Call, Committed, Mark, Message, OutboxError, PruneBefore, Pruned, State};
 
 /// Plugin state as read: the value and its version.
 pub type Versioned = (Vec<u8>, u64);
@@ -50,6 +50,14 @@ pub trait Store: Send + Sync + 'static {
         next_attempt_ms: Option<i64>,
         detail: &str,
     ) -> impl Future<Output = Result<(), OutboxError>> + Send;
+
+    /// Records many results in one atomic step (one transaction, one
+    /// fsync). The outer `Err` means none was recorded; otherwise each mark
+    /// has its own answer, in order, as [`Store::mark`] would give it.
+    fn mark_many(
+        &self,
+        marks: Vec<Mark>,
+    ) -> impl Future<Output = Result<Vec<Result<(), OutboxError>>, OutboxError>> + Send;
 
     /// Puts a message not being sent back in the queue now.
     fn retry_now(&self, id: i64) -> impl Future<Output = Result<(), OutboxError>> + Send;

@@ -3,6 +3,7 @@
 //! migrations (`schema`), the commit of a call (`commit`) and plugin state
 //! (`plugin_state`), and [`crate::Store`] on `Arc<Outbox>` (`store`).
 
+mod checkpoint;
 mod commit;
 mod lock;
 mod plugin_state;
@@ -20,7 +21,7 @@ use std::sync::{Mutex, PoisonError, mpsc};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use crate::{
-    Call, Committed, Message, OutboxError, PruneBefore, Pruned, State, StorageError, now_ms,
+    Call, Committed, Mark, Message, OutboxError, PruneBefore, Pruned, State, StorageError, now_ms,
 };
 
 impl From<rusqlite::Error> for OutboxError {
@@ -42,6 +43,7 @@ pub struct Outbox {
     writer: Mutex<Option<mpsc::SyncSender<Write>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     reader: Mutex<Connection>,
+    checkpointer: Mutex<Option<checkpoint::Checkpointer>>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -62,6 +64,8 @@ fn open_conn(path: &Path) -> Result<Connection, OutboxError> {
         message: format!("{e} (check that the folder exists and is writable by sendbox)"),
     })?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    // Every statement the writer and the reader run stays prepared.
+    conn.set_prepared_statement_cache_capacity(64);
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // FULL: the WAL is fsynced at every commit; see the crate docs.
     conn.pragma_update(None, "synchronous", "FULL")?;
@@ -93,7 +97,11 @@ impl Outbox {
             },
             other => other,
         })?;
+        // Checkpoints are the checkpointer's job; the writer's own only a
+        // backstop.
+        writer.pragma_update(None, "wal_autocheckpoint", checkpoint::BACKSTOP_PAGES)?;
         let reader = open_conn(path)?;
+        let checkpointer = checkpoint::Checkpointer::start(path)?;
         let (tx, rx) = mpsc::sync_channel::<Write>(4096);
         let thread = std::thread::Builder::new()
             .name("sendbox-outbox-writer".into())
@@ -108,6 +116,7 @@ impl Outbox {
             writer: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
             reader: Mutex::new(reader),
+            checkpointer: Mutex::new(Some(checkpointer)),
         })
     }
 
@@ -223,7 +232,7 @@ impl Outbox {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let now = now_ms();
             let msgs: Vec<Message> = {
-                let mut st = tx.prepare(&format!(
+                let mut st = tx.prepare_cached(&format!(
                     "SELECT {COLUMNS} FROM messages WHERE account = ?1 AND state IN ('queued','retry') \
                      AND next_attempt_ms <= ?2 ORDER BY next_attempt_ms, id LIMIT ?3"
                 ))?;
@@ -231,10 +240,10 @@ impl Outbox {
                     .collect::<Result<_, _>>()?
             };
             for m in &msgs {
-                tx.execute(
+                tx.prepare_cached(
                     "UPDATE messages SET state = 'sending', attempts = attempts + 1, updated_ms = ?2 WHERE id = ?1",
-                    params![m.id, now],
-                )?;
+                )?
+                .execute(params![m.id, now])?;
                 audit(&tx, m.id, Some(m.state.as_str()), "sending", None)?;
             }
             tx.commit()?;
@@ -263,6 +272,30 @@ impl Outbox {
         self.transition(id, &[State::Sending], to, next_attempt_ms, detail)
     }
 
+    /// [`Outbox::mark`] for many messages in one transaction (one fsync):
+    /// `Err` if none was recorded, else each mark's own answer in order.
+    pub fn mark_many(&self, marks: Vec<Mark>) -> Result<Vec<Result<(), OutboxError>>, OutboxError> {
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut answers = Vec::with_capacity(marks.len());
+            for m in &marks {
+                match transition_in(
+                    &tx,
+                    m.id,
+                    &[State::Sending],
+                    m.to,
+                    m.next_attempt_ms,
+                    &m.detail,
+                ) {
+                    Err(e @ OutboxError::Storage(_)) => return Err(e),
+                    answer => answers.push(answer),
+                }
+            }
+            tx.commit()?;
+            Ok(answers)
+        })
+    }
+
     fn transition(
         &self,
         id: i64,
@@ -273,30 +306,8 @@ impl Outbox {
     ) -> Result<(), OutboxError> {
         let detail = detail.to_owned();
         self.write(move |conn| {
-            let tx = conn.transaction()?;
-            let from: Option<String> = tx
-                .query_row("SELECT state FROM messages WHERE id = ?1", [id], |r| {
-                    r.get(0)
-                })
-                .optional()?;
-            let Some(from) = from else {
-                return Err(OutboxError::NotFound(id));
-            };
-            if !from_any.iter().any(|s| s.as_str() == from) {
-                let expected: Vec<&str> = from_any.iter().map(|s| s.as_str()).collect();
-                return Err(OutboxError::WrongState {
-                    id,
-                    state: from,
-                    expected: expected.join(" or "),
-                });
-            }
-            let now = now_ms();
-            tx.execute(
-                "UPDATE messages SET state = ?2, updated_ms = ?3, last_reply = ?4, \
-                 next_attempt_ms = COALESCE(?5, next_attempt_ms) WHERE id = ?1",
-                params![id, to.as_str(), now, detail, next_attempt_ms],
-            )?;
-            audit(&tx, id, Some(&from), to.as_str(), Some(&detail))?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            transition_in(&tx, id, from_any, to, next_attempt_ms, &detail)?;
             tx.commit()?;
             Ok(())
         })
@@ -425,6 +436,10 @@ impl Outbox {
 
     /// Stops the writer thread after the writes already queued.
     pub fn close(&self) {
+        self.checkpointer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         self.writer
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -446,6 +461,41 @@ impl Drop for Outbox {
     }
 }
 
+/// Moves message `id` from one of `from_any` to `to` inside `tx`, on record;
+/// checks before it writes, so a refusal leaves `tx` untouched.
+fn transition_in(
+    tx: &rusqlite::Transaction<'_>,
+    id: i64,
+    from_any: &[State],
+    to: State,
+    next_attempt_ms: Option<i64>,
+    detail: &str,
+) -> Result<(), OutboxError> {
+    let from: Option<String> = tx
+        .prepare_cached("SELECT state FROM messages WHERE id = ?1")?
+        .query_row([id], |r| r.get(0))
+        .optional()?;
+    let Some(from) = from else {
+        return Err(OutboxError::NotFound(id));
+    };
+    if !from_any.iter().any(|s| s.as_str() == from) {
+        let expected: Vec<&str> = from_any.iter().map(|s| s.as_str()).collect();
+        return Err(OutboxError::WrongState {
+            id,
+            state: from,
+            expected: expected.join(" or "),
+        });
+    }
+    let now = now_ms();
+    tx.prepare_cached(
+        "UPDATE messages SET state = ?2, updated_ms = ?3, last_reply = ?4, \
+         next_attempt_ms = COALESCE(?5, next_attempt_ms) WHERE id = ?1",
+    )?
+    .execute(params![id, to.as_str(), now, detail, next_attempt_ms])?;
+    audit(tx, id, Some(&from), to.as_str(), Some(detail))?;
+    Ok(())
+}
+
 fn audit(
     tx: &rusqlite::Transaction<'_>,
     id: i64,
@@ -453,10 +503,10 @@ fn audit(
     to: &str,
     detail: Option<&str>,
 ) -> rusqlite::Result<()> {
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO audit (message, at_ms, from_state, to_state, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![id, now_ms(), from, to, detail],
-    )?;
+    )?
+    .execute(params![id, now_ms(), from, to, detail])?;
     Ok(())
 }
 

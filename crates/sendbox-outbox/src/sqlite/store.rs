@@ -8,7 +8,8 @@ use std::sync::Arc;
 use super::Outbox;
 use crate::store::{Store, Versioned};
 use crate::{
-    AuditEntry, Call, Committed, Message, OutboxError, PruneBefore, Pruned, State, StorageError,
+    AuditEntry, Call, Committed, Mark, Message, OutboxError, PruneBefore, Pruned, State,
+    StorageError,
 };
 
 /// Runs `f` on a blocking thread with the outbox.
@@ -60,6 +61,13 @@ impl Store for Arc<Outbox> {
     ) -> impl Future<Output = Result<(), OutboxError>> + Send {
         let detail = detail.to_owned();
         blocking(self, move |o| o.mark(id, to, next_attempt_ms, &detail))
+    }
+
+    fn mark_many(
+        &self,
+        marks: Vec<Mark>,
+    ) -> impl Future<Output = Result<Vec<Result<(), OutboxError>>, OutboxError>> + Send {
+        blocking(self, move |o| o.mark_many(marks))
     }
 
     fn retry_now(&self, id: i64) -> impl Future<Output = Result<(), OutboxError>> + Send {

@@ -192,7 +192,7 @@ impl Supervisor {
         // A reload is the operator's word that something was fixed: paused
         // accounts try again now rather than at their recheck time.
         for a in self.accounts.values() {
-            a.resume.notify_one();
+            a.resume.notify_waiters();
         }
         let mut applied = self.apply(cfg.plugins).await;
         applied.accounts = accounts.restarted;

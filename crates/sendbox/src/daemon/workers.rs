@@ -17,11 +17,18 @@ pub fn account_worker(
     allowed_from: &AllowedFrom,
 ) -> anyhow::Result<(AccountWorker, Option<Arc<sendbox_auth::TokenProvider>>)> {
     let (name, mailbox) = (account.name.clone(), account.mailbox.clone());
+    let defaults = DeliverySettings::default();
+    // One send per connection the account may open.
+    let concurrency = match &account.kind {
+        crate::config::AccountKind::Smtp(a) => a.smtp.max_connections.max(1) as usize,
+        crate::config::AccountKind::File { .. } => defaults.concurrency,
+    };
     let settings = DeliverySettings {
         rate_per_minute: account.rate_per_minute,
+        concurrency,
         max_age: Duration::from_secs(u64::from(account.max_age_hours) * 3600),
         allowed_from: allowed_from.clone(),
-        ..DeliverySettings::default()
+        ..defaults
     };
     let (t, tokens) = transport(account)?;
     let worker = AccountWorker::new(&name, &mailbox, t, outbox.clone(), settings);

@@ -1,0 +1,314 @@
+//! One round of delivery: claims, sends and records overlap, so every
+//! allowed connection stays busy and results reach the outbox in groups.
+//!
+//! The round is one loop over one `select!`: each turn it starts what may
+//! start (sends up to the concurrency and the rate, a claim when the queue
+//! runs low, a group write when results wait and none is being written),
+//! then waits for whichever finishes first. Everything it holds is capped:
+//! claimed messages not yet started or in flight never exceed `ahead`, and
+//! no claim is made while [`MAX_UNRECORDED`] results wait to be written.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use sendbox_mail::message::{self, Envelope};
+use sendbox_outbox::{Mark, Message, OutboxError, Store};
+use tokio::task::{JoinError, JoinHandle, JoinSet};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::AccountWorker;
+use crate::outcome::{self, Attempt};
+
+/// How a round ended.
+pub(crate) enum RoundEnd {
+    /// Shutdown was requested; everything claimed was sent and recorded.
+    Shutdown,
+    /// The account was refused; everything claimed is recorded or released.
+    Paused(String),
+}
+
+/// The account's rate: when the next send may start.
+pub(crate) struct Pace {
+    step: Option<Duration>,
+    next: Instant,
+}
+
+impl Pace {
+    pub(crate) fn new(rate_per_minute: Option<u32>) -> Self {
+        Pace {
+            step: rate_per_minute
+                .filter(|r| *r > 0)
+                .map(|r| Duration::from_secs(60) / r),
+            next: Instant::now(),
+        }
+    }
+
+    fn limited(&self) -> bool {
+        self.step.is_some()
+    }
+
+    /// When a send may start (now, or later under a rate).
+    fn ready_at(&self) -> Instant {
+        if self.step.is_some() {
+            self.next
+        } else {
+            Instant::now()
+        }
+    }
+
+    /// Takes the slot for a send starting now.
+    fn take(&mut self) {
+        if let Some(step) = self.step {
+            self.next = self.next.max(Instant::now()) + step;
+        }
+    }
+}
+
+/// A send in flight: its message, span and result.
+type Sent = (Message, tracing::Span, Attempt);
+
+/// Awaits the task in `slot`, or forever when there is none.
+async fn finished<T>(slot: &mut Option<JoinHandle<T>>) -> Result<T, JoinError> {
+    match slot {
+        Some(handle) => handle.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends started per allowed connection, without a rate: one on the
+/// connection, the others built and waiting for it.
+const READY_PER_CONNECTION: usize = 4;
+/// Messages claimed ahead per allowed connection, without a rate.
+const CLAIM_ROUNDS_AHEAD: usize = 64;
+/// Results wait (while sends go on) until this many are ready or the
+/// oldest has waited [`LINGER`], so a busy worker writes a few large groups
+/// instead of one small transaction per send. An idle worker writes at
+/// once. This is the window in which a crash can forget that a message was
+/// sent (it is then sent again, with the same Message-ID).
+const GROUP_TARGET: usize = 128;
+/// See [`GROUP_TARGET`].
+const LINGER: Duration = Duration::from_millis(20);
+/// Most results written in one group.
+const MAX_GROUP: usize = 512;
+/// No more claims while this many results wait to be written.
+const MAX_UNRECORDED: usize = 1024;
+
+impl AccountWorker {
+    /// Delivers until `shutdown` resolves or the account is refused.
+    pub(crate) async fn round<F: Future>(
+        &self,
+        mut shutdown: Pin<&mut F>,
+        pace: &mut Pace,
+    ) -> RoundEnd {
+        let concurrency = self.settings.concurrency.max(1);
+        // Claimed and not yet recorded: queued + sending + results +
+        // recording never exceed this.
+        let ahead = if pace.limited() {
+            concurrency
+        } else {
+            concurrency * CLAIM_ROUNDS_AHEAD
+        };
+        let mut queue: VecDeque<Message> = VecDeque::new();
+        let mut sending: JoinSet<Sent> = JoinSet::new();
+        let mut results: Vec<Mark> = Vec::new();
+        // When the oldest result in `results` arrived.
+        let mut oldest_result: Option<Instant> = None;
+        let mut recording: Option<JoinHandle<()>> = None;
+        let mut recording_n = 0usize;
+        let mut claiming: Option<JoinHandle<Result<Vec<Message>, OutboxError>>> = None;
+        let mut asked = 0usize;
+        // Set when the last claim found less than it asked for: the next
+        // waits for a wake or the poll interval.
+        let mut idle_until: Option<Instant> = None;
+        // The first message goes alone until the account has answered.
+        let mut probing = true;
+        let mut ending: Option<RoundEnd> = None;
+
+        loop {
+            let running = ending.is_none();
+            // Sending goes on at shutdown (the claimed messages), not in a
+            // pause (they were released).
+            let sending_allowed = !matches!(ending, Some(RoundEnd::Paused(_)));
+            let cap = if probing {
+                1
+            } else if pace.limited() {
+                concurrency
+            } else {
+                concurrency * READY_PER_CONNECTION
+            };
+            while sending_allowed && sending.len() < cap && pace.ready_at() <= Instant::now() {
+                let Some(m) = queue.pop_front() else { break };
+                pace.take();
+                self.start(m, &mut sending);
+            }
+            let flush_at = oldest_result.map(|t| t + LINGER);
+            let flush = results.len() >= GROUP_TARGET
+                || flush_at.is_some_and(|t| t <= Instant::now())
+                || sending.is_empty()
+                || ending.is_some();
+            if recording.is_none() && !results.is_empty() && flush {
+                let group: Vec<Mark> = results.drain(..results.len().min(MAX_GROUP)).collect();
+                oldest_result = (!results.is_empty()).then(Instant::now);
+                recording_n = group.len();
+                recording = Some(tokio::spawn(record(self.outbox.clone(), group)));
+            }
+            let held = queue.len() + sending.len();
+            let unrecorded = results.len() + recording_n;
+            // Without a rate, claim again while half the claimed are still
+            // waiting, so a claim (queued behind a group write) never
+            // leaves a connection idle.
+            let low = if pace.limited() {
+                queue.is_empty()
+            } else {
+                queue.len() < ahead / 2
+            };
+            if running
+                && claiming.is_none()
+                && idle_until.is_none()
+                && low
+                && held < ahead
+                && unrecorded < MAX_UNRECORDED
+            {
+                asked = (ahead - held).min(if pace.limited() { concurrency } else { ahead });
+                let (outbox, account) = (self.outbox.clone(), self.account.clone());
+                claiming = Some(tokio::spawn(
+                    async move { outbox.claim(&account, asked).await },
+                ));
+            }
+            if let Some(end) = ending.take() {
+                let done = queue.is_empty() && sending.is_empty();
+                if done && claiming.is_none() && recording.is_none() && results.is_empty() {
+                    return end;
+                }
+                ending = Some(end);
+            }
+            let waiting_for_slot = sending_allowed && !queue.is_empty() && sending.len() < cap;
+            tokio::select! {
+                _ = &mut shutdown, if running => {
+                    // No more claims; what is claimed is still sent.
+                    ending = Some(RoundEnd::Shutdown);
+                }
+                Some(done) = sending.join_next(), if !sending.is_empty() => {
+                    let Ok((m, span, attempt)) = done else {
+                        // A send task panicked: its message stays `sending`
+                        // until the next start recovers it.
+                        tracing::error!(account = %self.account, "a send task failed");
+                        continue;
+                    };
+                    if attempt.reached_the_account() {
+                        probing = false;
+                    }
+                    let (mark, pause) = span.in_scope(|| outcome::settle(&self.settings, &self.status, &m, attempt));
+                    results.push(mark);
+                    oldest_result.get_or_insert_with(Instant::now);
+                    if let Some(reason) = pause && ending.is_none() {
+                        ending = Some(RoundEnd::Paused(reason));
+                        release(&mut queue, &mut results, "not attempted: the account is paused");
+                    }
+                }
+                claimed = finished(&mut claiming) => {
+                    claiming = None;
+                    match claimed {
+                        Ok(Ok(batch)) => {
+                            if batch.len() < asked {
+                                idle_until = Some(Instant::now() + self.settings.poll_interval);
+                            }
+                            queue.extend(batch);
+                            if !sending_allowed {
+                                release(&mut queue, &mut results, "not attempted: the account is paused");
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            tracing::error!(account = %self.account, error = %e, "cannot claim messages");
+                            idle_until = Some(Instant::now() + self.settings.poll_interval);
+                        }
+                        Err(e) => {
+                            tracing::error!(account = %self.account, error = %e, "the claim task failed");
+                            idle_until = Some(Instant::now() + self.settings.poll_interval);
+                        }
+                    }
+                }
+                _ = sleep_until(flush_at), if recording.is_none() && !results.is_empty() => {}
+                _ = finished(&mut recording) => {
+                    recording = None;
+                    recording_n = 0;
+                }
+                _ = sleep_until(idle_until), if running && idle_until.is_some() => {
+                    idle_until = None;
+                }
+                _ = self.wake.notified(), if running && idle_until.is_some() => {
+                    idle_until = None;
+                }
+                _ = tokio::time::sleep_until(pace.ready_at()), if waiting_for_slot => {}
+            }
+        }
+    }
+
+    /// Starts sending `m` on its own task.
+    fn start(&self, m: Message, sending: &mut JoinSet<Sent>) {
+        let span = tracing::info_span!("deliver", account = %self.account, plugin = %m.plugin, event_id = %m.event_id, message_id = %m.message_id, id = m.id, attempt = m.attempts);
+        let transport = self.transport.clone();
+        let allowed = self.settings.allowed_from.of(&m.plugin);
+        let mailbox = self.mailbox.clone();
+        let task_span = span.clone();
+        sending.spawn(
+            async move {
+                let prepared = message::build(
+                    &m.email,
+                    &Envelope {
+                        account_mailbox: &mailbox,
+                        allowed_from: &allowed,
+                        message_id: &m.message_id,
+                        date: std::time::UNIX_EPOCH
+                            + Duration::from_millis(m.created_ms.max(0) as u64),
+                    },
+                );
+                let attempt = match prepared {
+                    Ok(p) => match transport.send(&p).await {
+                        Ok(receipt) => Attempt::Sent(receipt),
+                        Err(e) => Attempt::Failed(e),
+                    },
+                    Err(e) => Attempt::Unbuildable(e.to_string()),
+                };
+                (m, span, attempt)
+            }
+            .instrument(task_span),
+        );
+    }
+}
+
+/// Moves every claimed message not yet started to the results, as going
+/// back to the queue now.
+fn release(queue: &mut VecDeque<Message>, results: &mut Vec<Mark>, why: &str) {
+    results.extend(queue.drain(..).map(|m| outcome::released(&m, why)));
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes one group of results; what cannot be written is logged (those
+/// messages stay `sending` until the next start recovers them).
+async fn record(outbox: std::sync::Arc<sendbox_outbox::Outbox>, group: Vec<Mark>) {
+    let ids: Vec<i64> = group.iter().map(|m| m.id).collect();
+    match outbox.mark_many(group).await {
+        Ok(answers) => {
+            for (id, answer) in ids.iter().zip(answers) {
+                if let Err(e) = answer {
+                    tracing::warn!(id, error = %e, "delivery result not recorded");
+                }
+            }
+        }
+        Err(e) => tracing::error!(
+            messages = ids.len(),
+            error = %e,
+            "cannot record delivery results; those messages will be retried after a restart"
+        ),
+    }
+}
