@@ -13,7 +13,7 @@
 //!
 //! A worker keeps every allowed connection busy: it claims due messages
 //! ahead of the sends (a few rounds' worth without a rate, only what can go
-//! now with one), starts the next send the moment one ends, and records
+//! now with one; never more than `claim_ahead_bytes` of content), starts the next send the moment one ends, and records
 //! results in groups — whatever finished while the previous group was
 //! being written goes in one transaction — so no commit ever sits between
 //! two sends on a connection. At most `concurrency` sends are in flight and
@@ -56,6 +56,10 @@ pub struct DeliverySettings {
     /// connection that finishes a message starts the next at once.
     /// Default 3.
     pub concurrency: usize,
+    /// Most email content (bodies and attachments) claimed ahead and held
+    /// in memory waiting for a connection, besides one message. Default
+    /// 32 MiB.
+    pub claim_ahead_bytes: u64,
     /// First retry delay; doubles per attempt. Default 30 s.
     pub backoff_base: Duration,
     /// Longest retry delay. Default 30 min.
@@ -107,6 +111,7 @@ impl Default for DeliverySettings {
         DeliverySettings {
             rate_per_minute: Some(30),
             concurrency: 3,
+            claim_ahead_bytes: 32 << 20,
             backoff_base: Duration::from_secs(30),
             backoff_max: Duration::from_secs(30 * 60),
             max_age: Duration::from_secs(24 * 3600),

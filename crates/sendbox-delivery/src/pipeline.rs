@@ -104,8 +104,12 @@ impl AccountWorker {
         pace: &mut Pace,
     ) -> RoundEnd {
         let concurrency = self.settings.concurrency.max(1);
-        // Claimed and not yet recorded: queued + sending + results +
-        // recording never exceed this.
+        // Claimed and not yet finished (queued + sending) never exceed
+        // this many messages, nor `claim_ahead_bytes` of content (plus one
+        // message: a claim always takes the first due one).
+        let budget = self.settings.claim_ahead_bytes;
+        let mut held_bytes = 0u64;
+        let mut asked_bytes = 0u64;
         let ahead = if pace.limited() {
             concurrency
         } else {
@@ -170,13 +174,15 @@ impl AccountWorker {
                 && idle_until.is_none()
                 && low
                 && held < ahead
+                && held_bytes < budget
                 && unrecorded < MAX_UNRECORDED
             {
                 asked = (ahead - held).min(if pace.limited() { concurrency } else { ahead });
+                asked_bytes = budget - held_bytes;
                 let (outbox, account) = (self.outbox.clone(), self.account.clone());
-                claiming = Some(tokio::spawn(
-                    async move { outbox.claim(&account, asked).await },
-                ));
+                claiming = Some(tokio::spawn(async move {
+                    outbox.claim_within(&account, asked, asked_bytes).await
+                }));
             }
             if let Some(end) = ending.take() {
                 let done = queue.is_empty() && sending.is_empty();
@@ -201,24 +207,30 @@ impl AccountWorker {
                     if attempt.reached_the_account() {
                         probing = false;
                     }
+                    held_bytes = held_bytes.saturating_sub(size(&m));
                     let (mark, pause) = span.in_scope(|| outcome::settle(&self.settings, &self.status, &m, attempt));
                     results.push(mark);
                     oldest_result.get_or_insert_with(Instant::now);
                     if let Some(reason) = pause && ending.is_none() {
                         ending = Some(RoundEnd::Paused(reason));
-                        release(&mut queue, &mut results, "not attempted: the account is paused");
+                        release(&mut queue, &mut held_bytes, &mut results, "not attempted: the account is paused");
                     }
                 }
                 claimed = finished(&mut claiming) => {
                     claiming = None;
                     match claimed {
                         Ok(Ok(batch)) => {
-                            if batch.len() < asked {
+                            let got: u64 = batch.iter().map(size).sum();
+                            // Fewer than asked, and not for the byte budget
+                            // (a batch cut by it holds most of it): nothing
+                            // more is due.
+                            if batch.len() < asked && got <= asked_bytes / 2 {
                                 idle_until = Some(Instant::now() + self.settings.poll_interval);
                             }
+                            held_bytes += got;
                             queue.extend(batch);
                             if !sending_allowed {
-                                release(&mut queue, &mut results, "not attempted: the account is paused");
+                                release(&mut queue, &mut held_bytes, &mut results, "not attempted: the account is paused");
                             }
                         }
                         Ok(Err(e)) => {
@@ -282,8 +294,21 @@ impl AccountWorker {
 
 /// Moves every claimed message not yet started to the results, as going
 /// back to the queue now.
-fn release(queue: &mut VecDeque<Message>, results: &mut Vec<Mark>, why: &str) {
-    results.extend(queue.drain(..).map(|m| outcome::released(&m, why)));
+fn release(
+    queue: &mut VecDeque<Message>,
+    held_bytes: &mut u64,
+    results: &mut Vec<Mark>,
+    why: &str,
+) {
+    for m in queue.drain(..) {
+        *held_bytes = held_bytes.saturating_sub(size(&m));
+        results.push(outcome::released(&m, why));
+    }
+}
+
+/// What a claimed message weighs against the byte budget.
+fn size(m: &Message) -> u64 {
+    m.email.content_bytes()
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -473,3 +473,44 @@ async fn stopping_sends_what_was_claimed_and_claims_nothing_more() {
     );
     assert_eq!(p.messages().await.len() as u64, 1 + claimed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_is_claimed_ahead_stays_within_its_byte_budget() {
+    let p = Peers::start();
+    let (dir, outbox) = open();
+    let emails = (0..20)
+        .map(|i| Email {
+            to: vec!["ops@example.com".into()],
+            subject: format!("large {i}"),
+            text: Some("x".repeat(100_000)),
+            ..Email::default()
+        })
+        .collect();
+    let ids = commit_emails(&outbox, emails);
+    let each = outbox.get(ids[0]).unwrap().email.content_bytes();
+    let settings = DeliverySettings {
+        claim_ahead_bytes: 3 * each,
+        ..fast()
+    };
+    let worker = alerts_worker(&p, &p.info.clients.secret.client_secret, &outbox, settings);
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let s = stop.clone();
+    let handle = tokio::spawn(worker.run(async move { s.notified().await }));
+    wait_for("the first claim", || count(&outbox, State::Sending) > 0).await;
+    // Nothing can be written for a while: whatever the worker holds now is
+    // all it claimed ahead, and it may claim no more until sends finish.
+    let other = rusqlite::Connection::open(dir.path().join("o.db")).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        count(&outbox, State::Sending),
+        3,
+        "3 messages' worth claimed ahead, not the 20 due"
+    );
+    assert!(p.messages().await.len() <= 3);
+    other.execute_batch("COMMIT").unwrap();
+    wait_for("all sent", || count(&outbox, State::Sent) == 20).await;
+    stop.notify_one();
+    handle.await.unwrap();
+    assert_eq!(p.messages().await.len(), 20, "each once");
+}

@@ -33,6 +33,7 @@ macro_rules! store_behaviour_tests {
             a_message_left_sending_is_queued_again_with_its_message_id,
             states_move_with_their_replies_on_record,
             results_recorded_together_are_answered_one_by_one,
+            a_claim_stops_at_its_byte_budget,
             concurrent_commits_are_all_stored,
             a_call_whose_reads_changed_commits_nothing,
             usage_is_counted_in_bytes_and_the_quota_holds_at_commit,
@@ -428,6 +429,37 @@ pub async fn results_recorded_together_are_answered_one_by_one(store: impl Store
     again.sort();
     assert_eq!(again, [ids[3], ids[4]]);
     assert!(store.mark_many(vec![]).await.unwrap().is_empty());
+}
+
+/// A claim with a byte budget takes due messages in order until the next
+/// would pass it, and always at least one (however large).
+pub async fn a_claim_stops_at_its_byte_budget(store: impl Store) {
+    let big = |subject: &str| Email {
+        text: Some("x".repeat(1000)),
+        ..email("a@x.org", subject)
+    };
+    let emails = vec![big("m0"), big("m1"), big("m2"), big("m3"), big("m4")];
+    let each = emails[0].content_bytes();
+    store.commit(call(emails, vec![])).await.unwrap();
+    let subjects = |claimed: Vec<crate::Message>| -> Vec<String> {
+        claimed.into_iter().map(|m| m.email.subject).collect()
+    };
+    let one = store.claim_within("alerts", 10, 1).await.unwrap();
+    assert_eq!(subjects(one), ["m0"], "the first always, whatever its size");
+    let two = store
+        .claim_within("alerts", 10, 2 * each + each / 2)
+        .await
+        .unwrap();
+    assert_eq!(subjects(two), ["m1", "m2"]);
+    assert_eq!(
+        depth(&store).await,
+        [(State::Queued, 2), (State::Sending, 3)],
+        "only what was returned was claimed"
+    );
+    let capped = store.claim_within("alerts", 1, u64::MAX).await.unwrap();
+    assert_eq!(subjects(capped), ["m3"], "the count still limits");
+    let rest = store.claim_within("alerts", 10, 2 * each).await.unwrap();
+    assert_eq!(subjects(rest), ["m4"]);
 }
 
 /// 8 tasks × 100 commits: all 800 stored, each task's last write wins.

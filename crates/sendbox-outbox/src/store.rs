@@ -39,6 +39,18 @@ pub trait Store: Send + Sync + 'static {
         &self,
         account: &str,
         limit: usize,
+    ) -> impl Future<Output = Result<Vec<Message>, OutboxError>> + Send {
+        self.claim_within(account, limit, u64::MAX)
+    }
+
+    /// [`Store::claim`], stopping before the claimed emails' content
+    /// ([`Email::content_bytes`](sendbox_types::Email::content_bytes)) would
+    /// pass `max_bytes`; the first due message is always claimed.
+    fn claim_within(
+        &self,
+        account: &str,
+        limit: usize,
+        max_bytes: u64,
     ) -> impl Future<Output = Result<Vec<Message>, OutboxError>> + Send;
 
     /// Records a delivery attempt's result for a message in `sending`;

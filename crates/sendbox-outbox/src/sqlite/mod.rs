@@ -227,17 +227,40 @@ impl Outbox {
     /// Claims up to `limit` due messages of `account` (queued, or retry whose
     /// time has come), moving them to `sending`.
     pub fn claim(&self, account: &str, limit: usize) -> Result<Vec<Message>, OutboxError> {
+        self.claim_within(account, limit, u64::MAX)
+    }
+
+    /// [`Outbox::claim`], stopping before the claimed emails' content would
+    /// pass `max_bytes` (the first due message is always claimed, whatever
+    /// its size): what a worker holds in memory stays bounded.
+    pub fn claim_within(
+        &self,
+        account: &str,
+        limit: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<Message>, OutboxError> {
         let account = account.to_owned();
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let now = now_ms();
             let msgs: Vec<Message> = {
+                // `bytes` comes last, after the message's columns, so a row
+                // past the budget is never decoded.
                 let mut st = tx.prepare_cached(&format!(
-                    "SELECT {COLUMNS} FROM messages WHERE account = ?1 AND state IN ('queued','retry') \
+                    "SELECT {COLUMNS}, bytes FROM messages WHERE account = ?1 AND state IN ('queued','retry') \
                      AND next_attempt_ms <= ?2 ORDER BY next_attempt_ms, id LIMIT ?3"
                 ))?;
-                st.query_map(params![account, now, limit as i64], row_to_message)?
-                    .collect::<Result<_, _>>()?
+                let mut rows = st.query(params![account, now, limit as i64])?;
+                let (mut msgs, mut total) = (Vec::new(), 0u64);
+                while let Some(row) = rows.next()? {
+                    let bytes = row.get::<_, i64>(13)?.max(0) as u64;
+                    total = total.saturating_add(bytes);
+                    if total > max_bytes && !msgs.is_empty() {
+                        break;
+                    }
+                    msgs.push(row_to_message(row)?);
+                }
+                msgs
             };
             for m in &msgs {
                 tx.prepare_cached(

@@ -43,13 +43,14 @@ impl Store for Arc<Outbox> {
         blocking(self, Outbox::recover)
     }
 
-    fn claim(
+    fn claim_within(
         &self,
         account: &str,
         limit: usize,
+        max_bytes: u64,
     ) -> impl Future<Output = Result<Vec<Message>, OutboxError>> + Send {
         let account = account.to_owned();
-        blocking(self, move |o| o.claim(&account, limit))
+        blocking(self, move |o| o.claim_within(&account, limit, max_bytes))
     }
 
     fn mark(
