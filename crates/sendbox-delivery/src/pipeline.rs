@@ -177,19 +177,18 @@ impl AccountWorker {
                 && held_bytes < budget
                 && unrecorded < MAX_UNRECORDED
             {
-                asked = (ahead - held).min(if pace.limited() { concurrency } else { ahead });
+                asked = ahead - held;
                 asked_bytes = budget - held_bytes;
                 let (outbox, account) = (self.outbox.clone(), self.account.clone());
                 claiming = Some(tokio::spawn(async move {
                     outbox.claim_within(&account, asked, asked_bytes).await
                 }));
             }
-            if let Some(end) = ending.take() {
-                let done = queue.is_empty() && sending.is_empty();
-                if done && claiming.is_none() && recording.is_none() && results.is_empty() {
-                    return end;
-                }
-                ending = Some(end);
+            let settled = queue.is_empty() && sending.is_empty() && results.is_empty();
+            if let Some(end) =
+                ending.take_if(|_| settled && claiming.is_none() && recording.is_none())
+            {
+                return end;
             }
             let waiting_for_slot = sending_allowed && !queue.is_empty() && sending.len() < cap;
             tokio::select! {
