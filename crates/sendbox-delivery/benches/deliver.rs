@@ -192,9 +192,9 @@ async fn main() {
                 ours.push(rate(total, elapsed));
                 ours_cpu += cpu;
             }
-            let got = p.messages().await.len();
-            assert_eq!(got, total, "every message arrived, once");
-            max_connections = max_connections.max(p.stats().await.max_connections);
+            let stats = p.stats().await;
+            assert_eq!(stats.messages, total as u64, "every message arrived, once");
+            max_connections = max_connections.max(stats.max_connections);
         }
     }
     let (b, o) = (summary(&mut bare), summary(&mut ours));

@@ -69,6 +69,8 @@ pub struct Stats {
     pub token_requests: u64,
     pub max_connections: u64,
     pub active_connections: u64,
+    /// Messages the SMTP peer has received since the last reset.
+    pub messages: u64,
 }
 
 pub struct Peers {
