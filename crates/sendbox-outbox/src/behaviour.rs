@@ -462,9 +462,17 @@ pub async fn a_claim_stops_at_its_byte_budget(store: impl Store) {
     assert_eq!(subjects(rest), ["m4"]);
 }
 
-/// 8 tasks × 100 commits: all 800 stored, each task's last write wins.
+/// 8 tasks × 100 commits, with delivery results recorded meanwhile: all
+/// 800 stored, each task's last write wins, all 50 results on record.
 pub async fn concurrent_commits_are_all_stored(store: impl Store) {
     let store = Arc::new(store);
+    // 50 messages being delivered, their results recorded in groups of 10
+    // while the commits go on.
+    let emails = (0..50)
+        .map(|i| email("b@x.org", &format!("d{i}")))
+        .collect();
+    store.commit(call(emails, vec![])).await.unwrap();
+    let claimed = store.claim("alerts", 50).await.unwrap();
     let mut tasks = tokio::task::JoinSet::new();
     for t in 0..8 {
         let store = store.clone();
@@ -480,10 +488,26 @@ pub async fn concurrent_commits_are_all_stored(store: impl Store) {
             }
         });
     }
+    for group in claimed.chunks(10) {
+        let marks = group
+            .iter()
+            .map(|m| Mark {
+                id: m.id,
+                to: State::Sent,
+                next_attempt_ms: None,
+                detail: "250 ok".into(),
+            })
+            .collect();
+        let answers = store.mark_many(marks).await.unwrap();
+        assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+    }
     tasks.join_all().await;
-    assert_eq!(store.list(None, 10_000).await.unwrap().len(), 800);
+    assert_eq!(store.list(None, 10_000).await.unwrap().len(), 850);
     assert_eq!(value(&*store, "k3").await, Some(b"99".to_vec()));
-    assert_eq!(depth(&*store).await, [(State::Queued, 800)]);
+    assert_eq!(
+        depth(&*store).await,
+        [(State::Queued, 800), (State::Sent, 50)]
+    );
 }
 
 /// Optimistic state: a call whose reads (keys, absences, listings) changed

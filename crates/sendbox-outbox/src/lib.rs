@@ -29,8 +29,10 @@
 //! The database runs in WAL mode with `synchronous = FULL`: a commit returns
 //! only after the WAL is fsynced, so an acknowledged outcome survives power
 //! loss. To keep that affordable under load, commits go through one writer
-//! thread that groups whatever is waiting into one transaction (each call in
-//! its own savepoint) and pays one fsync for the group.
+//! thread that groups whatever is waiting — commits and delivery results —
+//! into one transaction (each call in its own savepoint) and pays one fsync
+//! for the group. A message's state row is kept apart from its content
+//! (`message_bodies`), so delivery's state changes rewrite small rows.
 //!
 //! ```no_run
 //! use sendbox_outbox::{Call, Outbox, Policy};

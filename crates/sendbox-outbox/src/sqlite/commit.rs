@@ -99,8 +99,8 @@ pub(crate) fn apply(c: &Connection, call: &Call) -> Result<Committed, OutboxErro
         let json = serde_json::to_string(&email)
             .map_err(|e| OutboxError::Policy(format!("email cannot be stored: {e}")))?;
         c.prepare_cached("INSERT INTO messages (message_id, plugin, trigger, event_id, account, state, attempts, \
-             next_attempt_ms, created_ms, updated_ms, recipients, bytes, email_json, idempotency_key) \
-             VALUES (?1, ?2, ?3, ?4, ?5, 'queued', 0, ?6, ?6, ?6, ?7, ?8, ?9, ?10)")?
+             next_attempt_ms, created_ms, updated_ms, recipients, bytes, idempotency_key) \
+             VALUES (?1, ?2, ?3, ?4, ?5, 'queued', 0, ?6, ?6, ?6, ?7, ?8, ?9)")?
             .execute(params![
                 message_id,
                 call.plugin,
@@ -110,10 +110,11 @@ pub(crate) fn apply(c: &Connection, call: &Call) -> Result<Committed, OutboxErro
                 now,
                 recipients.join(", "),
                 email.content_bytes() as i64,
-                json,
                 email.idempotency_key
             ])?;
         let id = c.last_insert_rowid();
+        c.prepare_cached("INSERT INTO message_bodies (message, email_json) VALUES (?1, ?2)")?
+            .execute(params![id, json])?;
         c.prepare_cached("INSERT INTO audit (message, at_ms, from_state, to_state, detail) VALUES (?1, ?2, NULL, 'queued', ?3)")?
             .execute(params![id, now, format!("plugin {} event {} ({})", call.plugin, call.event_id, call.trigger)])?;
         if let Some(key) = &email.idempotency_key {

@@ -12,7 +12,7 @@ mod schema;
 mod store;
 mod writer;
 
-use read::{COLUMNS, row_to_message};
+use read::{COLUMNS, MESSAGES, row_to_message};
 use writer::{CommitReply, Write, writer_loop};
 
 use std::path::{Path, PathBuf};
@@ -247,7 +247,7 @@ impl Outbox {
                 // `bytes` comes last, after the message's columns, so a row
                 // past the budget is never decoded.
                 let mut st = tx.prepare_cached(&format!(
-                    "SELECT {COLUMNS}, bytes FROM messages WHERE account = ?1 AND state IN ('queued','retry') \
+                    "SELECT {COLUMNS}, bytes FROM {MESSAGES} WHERE account = ?1 AND state IN ('queued','retry') \
                      AND next_attempt_ms <= ?2 ORDER BY next_attempt_ms, id LIMIT ?3"
                 ))?;
                 let mut rows = st.query(params![account, now, limit as i64])?;
@@ -298,25 +298,9 @@ impl Outbox {
     /// [`Outbox::mark`] for many messages in one transaction (one fsync):
     /// `Err` if none was recorded, else each mark's own answer in order.
     pub fn mark_many(&self, marks: Vec<Mark>) -> Result<Vec<Result<(), OutboxError>>, OutboxError> {
-        self.write(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut answers = Vec::with_capacity(marks.len());
-            for m in &marks {
-                match transition_in(
-                    &tx,
-                    m.id,
-                    &[State::Sending],
-                    m.to,
-                    m.next_attempt_ms,
-                    &m.detail,
-                ) {
-                    Err(e @ OutboxError::Storage(_)) => return Err(e),
-                    answer => answers.push(answer),
-                }
-            }
-            tx.commit()?;
-            Ok(answers)
-        })
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.send(Write::Marks(marks, tx))?;
+        rx.recv().map_err(|_| OutboxError::Closed)?
     }
 
     fn transition(
@@ -486,7 +470,7 @@ impl Drop for Outbox {
 
 /// Moves message `id` from one of `from_any` to `to` inside `tx`, on record;
 /// checks before it writes, so a refusal leaves `tx` untouched.
-fn transition_in(
+pub(super) fn transition_in(
     tx: &rusqlite::Transaction<'_>,
     id: i64,
     from_any: &[State],

@@ -10,6 +10,9 @@ use crate::{AuditEntry, Message, OutboxError, State};
 
 pub(super) const COLUMNS: &str = "id, message_id, plugin, trigger, event_id, account, state, attempts, \
                        next_attempt_ms, created_ms, recipients, last_reply, email_json";
+/// The tables [`COLUMNS`] come from: a message's state row and its body.
+pub(super) const MESSAGES: &str =
+    "messages JOIN message_bodies ON message_bodies.message = messages.id";
 pub(super) fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
     let json: String = r.get(12)?;
     let email: sendbox_types::Email = serde_json::from_str(&json).map_err(|e| {
@@ -73,7 +76,7 @@ impl Outbox {
     pub fn list(&self, state: Option<State>, limit: usize) -> Result<Vec<Message>, OutboxError> {
         self.read(|c| {
             let mut st = c.prepare(&format!(
-                "SELECT {COLUMNS} FROM messages WHERE (?1 IS NULL OR state = ?1) ORDER BY id DESC LIMIT ?2"
+                "SELECT {COLUMNS} FROM {MESSAGES} WHERE (?1 IS NULL OR state = ?1) ORDER BY id DESC LIMIT ?2"
             ))?;
             st.query_map(params![state.map(State::as_str), limit as i64], row_to_message)?
                 .collect()
@@ -83,7 +86,7 @@ impl Outbox {
     pub fn get(&self, id: i64) -> Result<Message, OutboxError> {
         self.read(|c| {
             c.query_row(
-                &format!("SELECT {COLUMNS} FROM messages WHERE id = ?1"),
+                &format!("SELECT {COLUMNS} FROM {MESSAGES} WHERE id = ?1"),
                 [id],
                 row_to_message,
             )

@@ -1,13 +1,14 @@
-//! The one writer thread: every write runs there, and commits waiting
-//! together are grouped into one transaction (each call in its own
-//! savepoint) that pays one fsync.
+//! The one writer thread: every write runs there, and the commits and
+//! delivery results waiting together are grouped into one transaction
+//! (each call in its own savepoint) that pays one fsync — so a group of
+//! results never makes the commits behind it wait for an fsync of its own.
 
 use std::sync::mpsc;
 
 use rusqlite::{Connection, TransactionBehavior};
 
-use super::commit;
-use crate::{Call, Committed, OutboxError, StorageError};
+use super::{commit, transition_in};
+use crate::{Call, Committed, Mark, OutboxError, State, StorageError};
 
 pub(super) type Reply<T> = mpsc::SyncSender<Result<T, OutboxError>>;
 
@@ -16,6 +17,8 @@ pub(super) type WriteFn = Box<dyn FnOnce(&mut Connection) -> Result<(), OutboxEr
 
 pub(super) enum Write {
     Commit(Box<Call>, CommitReply),
+    /// Delivery results: each mark's own answer, or the group's failure.
+    Marks(Vec<Mark>, Reply<Vec<Result<(), OutboxError>>>),
     Run(WriteFn),
 }
 
@@ -51,15 +54,17 @@ pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Write>) {
             }
         }
         let mut commits = Vec::new();
+        let mut marks = Vec::new();
         let mut others = Vec::new();
         for w in batch {
             match w {
                 Write::Commit(c, r) => commits.push((c, r)),
+                Write::Marks(m, r) => marks.push((m, r)),
                 Write::Run(f) => others.push(f),
             }
         }
-        if !commits.is_empty() {
-            commit_group(&mut conn, commits);
+        if !commits.is_empty() || !marks.is_empty() {
+            commit_group(&mut conn, commits, marks);
         }
         for f in others {
             let _ = f(&mut conn);
@@ -67,10 +72,16 @@ pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Write>) {
     }
 }
 
-/// Commits a group of calls in one transaction, each in its own savepoint
-/// so a policy refusal drops only that call.
-fn commit_group(conn: &mut Connection, group: Vec<(Box<Call>, CommitReply)>) {
+/// Commits a group of calls and delivery results in one transaction, each
+/// call in its own savepoint so a policy refusal drops only that call (a
+/// refused mark writes nothing, so it needs none).
+fn commit_group(
+    conn: &mut Connection,
+    group: Vec<(Box<Call>, CommitReply)>,
+    marks: Vec<(Vec<Mark>, Reply<Vec<Result<(), OutboxError>>>)>,
+) {
     let mut results: Vec<Result<Committed, OutboxError>> = Vec::with_capacity(group.len());
+    let mut answers: Vec<Vec<Result<(), OutboxError>>> = Vec::with_capacity(marks.len());
     let outcome = (|| -> Result<(), OutboxError> {
         let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for (call, _) in &group {
@@ -90,6 +101,24 @@ fn commit_group(conn: &mut Connection, group: Vec<(Box<Call>, CommitReply)>) {
                 }
             }
         }
+        for (group_marks, _) in &marks {
+            let mut these = Vec::with_capacity(group_marks.len());
+            for m in group_marks {
+                let answer = transition_in(
+                    &tx,
+                    m.id,
+                    &[State::Sending],
+                    m.to,
+                    m.next_attempt_ms,
+                    &m.detail,
+                );
+                if let Err(e @ OutboxError::Storage(_)) = answer {
+                    return Err(e);
+                }
+                these.push(answer);
+            }
+            answers.push(these);
+        }
         Ok(tx.commit()?)
     })();
     match outcome {
@@ -97,14 +126,21 @@ fn commit_group(conn: &mut Connection, group: Vec<(Box<Call>, CommitReply)>) {
             for ((_, reply), r) in group.into_iter().zip(results) {
                 reply.send(r);
             }
+            for ((_, reply), a) in marks.into_iter().zip(answers) {
+                let _ = reply.send(Ok(a));
+            }
         }
         Err(e) => {
-            tracing::error!(error = %e, calls = group.len(), "outbox commit failed; nothing of these calls was stored");
+            tracing::error!(error = %e, calls = group.len(), results = marks.len(), "outbox write failed; nothing of these calls or results was stored");
+            let failed = || match &e {
+                OutboxError::Storage(s) => OutboxError::Storage(s.clone()),
+                other => OutboxError::Storage(StorageError(other.to_string())),
+            };
             for (_, reply) in group {
-                reply.send(Err(match &e {
-                    OutboxError::Storage(s) => OutboxError::Storage(s.clone()),
-                    other => OutboxError::Storage(StorageError(other.to_string())),
-                }));
+                reply.send(Err(failed()));
+            }
+            for (_, reply) in marks {
+                let _ = reply.send(Err(failed()));
             }
         }
     }
