@@ -368,3 +368,39 @@ async fn an_edited_account_restarts_its_worker_and_its_plugins_follow() {
     let text = daemon::wait_for_mail(&s.dir.path().join("mail2"), "DiskFull");
     assert!(text.contains("From: relay@localhost"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_folder_does_not_hold_off_a_config_reload() {
+    let s = setup();
+    let d = Daemon::start(&s.config, &[]);
+    // Something else writes beside the config all the time (a database or
+    // a log kept in the same folder): every 20 ms, more often than the
+    // reload's quiet period.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy = {
+        let (stop, file) = (stop.clone(), s.dir.path().join("busy.log"));
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut f = std::fs::File::create(file).unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                writeln!(f, "a line").unwrap();
+                f.flush().unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    write_config(&s, config_text("/hooks/b", "v1", true));
+    let done = d.reload_done(1);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    busy.join().unwrap();
+    assert!(done.contains("reload done"), "{done}");
+    let http = reqwest::Client::new();
+    let (status, _) = post(&http, &format!("{}/hooks/b", d.base), alert(), &s.store()).await;
+    assert_eq!(status, 202, "the moved route serves");
+    assert_eq!(
+        d.logs().matches("reload done").count(),
+        1,
+        "the other file's writes reload nothing"
+    );
+}

@@ -2,34 +2,47 @@
 //! call for a reload.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 /// Watches the files a reload depends on and sends once per burst of
 /// changes (editors and `cp` write in several steps).
+///
+/// The folders are watched, so every write in them raises an event (a
+/// database or a log kept beside the config writes all the time): events
+/// are matched against the watched files on the watcher's own thread, and
+/// only theirs reach [`FileChanges::next`] — through a channel of one, as
+/// one pending change is all a reload needs to know.
 pub struct FileChanges {
     _watcher: Option<notify::RecommendedWatcher>,
-    rx: tokio::sync::mpsc::UnboundedReceiver<PathBuf>,
-    files: Vec<PathBuf>,
+    rx: tokio::sync::mpsc::Receiver<()>,
+    files: Arc<RwLock<Vec<PathBuf>>>,
 }
 
 impl FileChanges {
     /// Watches the folders holding `files`. If watching fails, reloads
     /// still happen on SIGHUP.
     pub fn new(files: &[PathBuf]) -> Self {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let watched: Arc<RwLock<Vec<PathBuf>>> = Arc::default();
+        let ours = watched.clone();
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if let Ok(ev) = res
-                && !matches!(ev.kind, notify::EventKind::Access(_))
-            {
-                for p in ev.paths {
-                    let _ = tx.send(p);
-                }
+            let Ok(ev) = res else { return };
+            if matches!(ev.kind, notify::EventKind::Access(_)) {
+                return;
+            }
+            // The folders are watched by their canonical paths, so an
+            // event's path is the folder's canonical path and a name.
+            let files = ours.read().unwrap_or_else(PoisonError::into_inner);
+            if ev.paths.iter().any(|p| files.contains(p)) {
+                // Full means a change is already pending: that one will do.
+                let _ = tx.try_send(());
             }
         });
         let mut me = FileChanges {
             _watcher: None,
             rx,
-            files: Vec::new(),
+            files: watched,
         };
         match watcher {
             Ok(w) => me._watcher = Some(w),
@@ -59,26 +72,16 @@ impl FileChanges {
                 }
             }
         }
-        self.files = canonical;
+        *self.files.write().unwrap_or_else(PoisonError::into_inner) = canonical;
     }
 
     /// Waits for a change to one of the files, then for `quiet` without
-    /// further changes.
+    /// further changes to them.
     pub async fn next(&mut self, quiet: Duration) {
-        loop {
-            let Some(p) = self.rx.recv().await else {
-                return std::future::pending().await;
-            };
-            if self.files.contains(&canonical_file(&p)) {
-                break;
-            }
+        if self.rx.recv().await.is_none() {
+            return std::future::pending().await;
         }
-        loop {
-            match tokio::time::timeout(quiet, self.rx.recv()).await {
-                Ok(Some(_)) => continue,
-                Ok(None) | Err(_) => return,
-            }
-        }
+        while let Ok(Some(())) = tokio::time::timeout(quiet, self.rx.recv()).await {}
     }
 }
 
