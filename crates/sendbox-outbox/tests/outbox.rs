@@ -111,3 +111,54 @@ fn one_process_delivers_from_a_database_and_is_named_to_the_next() {
     second.lock_for_delivery("sendbox deliver").unwrap();
     assert_eq!(second.recover().unwrap(), 0);
 }
+
+#[test]
+fn an_unreadable_message_fails_its_claims_not_the_commits_written_with_them() {
+    let (dir, outbox) = open();
+    outbox
+        .commit(call(vec![email("a@x.org", "poison")], vec![]))
+        .unwrap();
+    rusqlite::Connection::open(dir.path().join("var/sendbox.db"))
+        .unwrap()
+        .execute("UPDATE message_bodies SET email_json = 'not json'", [])
+        .unwrap();
+    let outbox = Arc::new(outbox);
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Claims keep failing on the unreadable row while 8 threads commit:
+    // some of those commits share a transaction with a failing claim.
+    let claimer = {
+        let (outbox, done) = (outbox.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut failed = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                failed += usize::from(outbox.claim("alerts", 1).is_err());
+            }
+            failed
+        })
+    };
+    let committers: Vec<_> = (0..8)
+        .map(|t| {
+            let outbox = outbox.clone();
+            std::thread::spawn(move || {
+                for i in 0..25 {
+                    let mut c = call(vec![email("b@x.org", &format!("{t}-{i}"))], vec![]);
+                    c.account = "other".into();
+                    outbox.commit(c).unwrap();
+                }
+            })
+        })
+        .collect();
+    for c in committers {
+        c.join().unwrap();
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let failed = claimer.join().unwrap();
+    assert!(failed > 0, "the unreadable row fails its claims");
+    // The poisoned claims rolled back: nothing moved to `sending`.
+    let depth = outbox.depth().unwrap();
+    assert!(depth.contains(&(State::Queued, 201)), "{depth:?}");
+    assert!(
+        !depth.iter().any(|(s, n)| *s == State::Sending && *n > 0),
+        "{depth:?}"
+    );
+}

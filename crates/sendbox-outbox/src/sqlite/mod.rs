@@ -239,46 +239,14 @@ impl Outbox {
         limit: usize,
         max_bytes: u64,
     ) -> Result<Vec<Message>, OutboxError> {
-        let account = account.to_owned();
-        self.write(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let now = now_ms();
-            let msgs: Vec<Message> = {
-                // `bytes` comes last, after the message's columns, so a row
-                // past the budget is never decoded.
-                let mut st = tx.prepare_cached(&format!(
-                    "SELECT {COLUMNS}, bytes FROM {MESSAGES} WHERE account = ?1 AND state IN ('queued','retry') \
-                     AND next_attempt_ms <= ?2 ORDER BY next_attempt_ms, id LIMIT ?3"
-                ))?;
-                let mut rows = st.query(params![account, now, limit as i64])?;
-                let (mut msgs, mut total) = (Vec::new(), 0u64);
-                while let Some(row) = rows.next()? {
-                    let bytes = row.get::<_, i64>(13)?.max(0) as u64;
-                    total = total.saturating_add(bytes);
-                    if total > max_bytes && !msgs.is_empty() {
-                        break;
-                    }
-                    msgs.push(row_to_message(row)?);
-                }
-                msgs
-            };
-            for m in &msgs {
-                tx.prepare_cached(
-                    "UPDATE messages SET state = 'sending', attempts = attempts + 1, updated_ms = ?2 WHERE id = ?1",
-                )?
-                .execute(params![m.id, now])?;
-                audit(&tx, m.id, Some(m.state.as_str()), "sending", None)?;
-            }
-            tx.commit()?;
-            Ok(msgs
-                .into_iter()
-                .map(|mut m| {
-                    m.state = State::Sending;
-                    m.attempts += 1;
-                    m
-                })
-                .collect())
-        })
+        let (tx, rx) = mpsc::sync_channel(1);
+        let claim = Claim {
+            account: account.to_owned(),
+            limit,
+            max_bytes,
+        };
+        self.send(Write::Claim(claim, tx))?;
+        rx.recv().map_err(|_| OutboxError::Closed)?
     }
 
     /// Records a delivery attempt's result: moves a message this process
@@ -468,6 +436,52 @@ impl Drop for Outbox {
     }
 }
 
+/// What [`Outbox::claim_within`] asks of the writer.
+pub(super) struct Claim {
+    pub(super) account: String,
+    pub(super) limit: usize,
+    pub(super) max_bytes: u64,
+}
+
+/// Claims inside `tx` (see [`Outbox::claim_within`]).
+pub(super) fn claim_in(tx: &Connection, claim: &Claim) -> Result<Vec<Message>, OutboxError> {
+    let now = now_ms();
+    let msgs: Vec<Message> = {
+        // `bytes` comes last, after the message's columns, so a row past
+        // the budget is never decoded.
+        let mut st = tx.prepare_cached(&format!(
+            "SELECT {COLUMNS}, bytes FROM {MESSAGES} WHERE account = ?1 AND state IN ('queued','retry') \
+             AND next_attempt_ms <= ?2 ORDER BY next_attempt_ms, id LIMIT ?3"
+        ))?;
+        let mut rows = st.query(params![claim.account, now, claim.limit as i64])?;
+        let (mut msgs, mut total) = (Vec::new(), 0u64);
+        while let Some(row) = rows.next()? {
+            let bytes = row.get::<_, i64>(13)?.max(0) as u64;
+            total = total.saturating_add(bytes);
+            if total > claim.max_bytes && !msgs.is_empty() {
+                break;
+            }
+            msgs.push(row_to_message(row)?);
+        }
+        msgs
+    };
+    let mut update = tx.prepare_cached(
+        "UPDATE messages SET state = 'sending', attempts = attempts + 1, updated_ms = ?2 WHERE id = ?1",
+    )?;
+    for m in &msgs {
+        update.execute(params![m.id, now])?;
+        audit(tx, m.id, Some(m.state.as_str()), "sending", None)?;
+    }
+    Ok(msgs
+        .into_iter()
+        .map(|mut m| {
+            m.state = State::Sending;
+            m.attempts += 1;
+            m
+        })
+        .collect())
+}
+
 /// Moves message `id` from one of `from_any` to `to` inside `tx`, on record;
 /// checks before it writes, so a refusal leaves `tx` untouched.
 pub(super) fn transition_in(
@@ -504,7 +518,7 @@ pub(super) fn transition_in(
 }
 
 fn audit(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     id: i64,
     from: Option<&str>,
     to: &str,

@@ -1,14 +1,14 @@
-//! The one writer thread: every write runs there, and the commits and
-//! delivery results waiting together are grouped into one transaction
-//! (each call in its own savepoint) that pays one fsync — so a group of
-//! results never makes the commits behind it wait for an fsync of its own.
+//! The one writer thread: every write runs there, and the commits, delivery
+//! results and claims waiting together are grouped into one transaction
+//! (each call in its own savepoint) that pays one fsync — so delivery's
+//! writes never make the commits behind them wait for fsyncs of their own.
 
 use std::sync::mpsc;
 
 use rusqlite::{Connection, TransactionBehavior};
 
-use super::{commit, transition_in};
-use crate::{Call, Committed, Mark, OutboxError, State, StorageError};
+use super::{Claim, claim_in, commit, transition_in};
+use crate::{Call, Committed, Mark, Message, OutboxError, State, StorageError};
 
 pub(super) type Reply<T> = mpsc::SyncSender<Result<T, OutboxError>>;
 
@@ -19,6 +19,8 @@ pub(super) enum Write {
     Commit(Box<Call>, CommitReply),
     /// Delivery results: each mark's own answer, or the group's failure.
     Marks(Vec<Mark>, Reply<Vec<Result<(), OutboxError>>>),
+    /// A delivery worker's claim.
+    Claim(Claim, Reply<Vec<Message>>),
     Run(WriteFn),
 }
 
@@ -53,18 +55,18 @@ pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Write>) {
                 Err(_) => break,
             }
         }
-        let mut commits = Vec::new();
-        let mut marks = Vec::new();
+        let mut group = Group::default();
         let mut others = Vec::new();
         for w in batch {
             match w {
-                Write::Commit(c, r) => commits.push((c, r)),
-                Write::Marks(m, r) => marks.push((m, r)),
+                Write::Commit(c, r) => group.commits.push((c, r)),
+                Write::Marks(m, r) => group.marks.push((m, r)),
+                Write::Claim(c, r) => group.claims.push((c, r)),
                 Write::Run(f) => others.push(f),
             }
         }
-        if !commits.is_empty() || !marks.is_empty() {
-            commit_group(&mut conn, commits, marks);
+        if !group.is_empty() {
+            commit_group(&mut conn, group);
         }
         for f in others {
             let _ = f(&mut conn);
@@ -72,24 +74,38 @@ pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Write>) {
     }
 }
 
-/// Commits a group of calls and delivery results in one transaction, each
-/// call in its own savepoint so a policy refusal drops only that call (a
-/// refused mark writes nothing, so it needs none).
-fn commit_group(
-    conn: &mut Connection,
-    group: Vec<(Box<Call>, CommitReply)>,
+/// What goes into one transaction: commits, then delivery results, then
+/// claims (which may take what the commits just queued).
+#[derive(Default)]
+struct Group {
+    commits: Vec<(Box<Call>, CommitReply)>,
     marks: Vec<(Vec<Mark>, Reply<Vec<Result<(), OutboxError>>>)>,
-) {
-    let mut results: Vec<Result<Committed, OutboxError>> = Vec::with_capacity(group.len());
-    let mut answers: Vec<Vec<Result<(), OutboxError>>> = Vec::with_capacity(marks.len());
+    claims: Vec<(Claim, Reply<Vec<Message>>)>,
+}
+
+impl Group {
+    fn is_empty(&self) -> bool {
+        self.commits.is_empty() && self.marks.is_empty() && self.claims.is_empty()
+    }
+}
+
+/// Writes a group in one transaction (one fsync). Each call runs in its own
+/// savepoint so a policy refusal drops only that call; a refused mark
+/// writes nothing, so it needs none; a storage failure fails the group.
+fn commit_group(conn: &mut Connection, group: Group) {
+    let mut committed: Vec<Result<Committed, OutboxError>> =
+        Vec::with_capacity(group.commits.len());
+    let mut marked: Vec<Vec<Result<(), OutboxError>>> = Vec::with_capacity(group.marks.len());
+    let mut claimed: Vec<Result<Vec<Message>, OutboxError>> =
+        Vec::with_capacity(group.claims.len());
     let outcome = (|| -> Result<(), OutboxError> {
         let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        for (call, _) in &group {
+        for (call, _) in &group.commits {
             let mut sp = tx.savepoint()?;
             match commit::apply(&sp, call) {
                 Ok(done) => {
                     sp.commit()?;
-                    results.push(Ok(done));
+                    committed.push(Ok(done));
                 }
                 // A storage failure (disk full, I/O) may already have rolled
                 // the whole transaction back: fail the group with it.
@@ -97,13 +113,13 @@ fn commit_group(
                 Err(e) => {
                     sp.rollback()?;
                     drop(sp);
-                    results.push(Err(e));
+                    committed.push(Err(e));
                 }
             }
         }
-        for (group_marks, _) in &marks {
-            let mut these = Vec::with_capacity(group_marks.len());
-            for m in group_marks {
+        for (marks, _) in &group.marks {
+            let mut answers = Vec::with_capacity(marks.len());
+            for m in marks {
                 let answer = transition_in(
                     &tx,
                     m.id,
@@ -115,31 +131,58 @@ fn commit_group(
                 if let Err(e @ OutboxError::Storage(_)) = answer {
                     return Err(e);
                 }
-                these.push(answer);
+                answers.push(answer);
             }
-            answers.push(these);
+            marked.push(answers);
+        }
+        // A claim that fails (an unreadable row) fails alone; after an I/O
+        // failure the rollback or the commit fails, and with it the group.
+        for (claim, _) in &group.claims {
+            let mut sp = tx.savepoint()?;
+            match claim_in(&sp, claim) {
+                Ok(messages) => {
+                    sp.commit()?;
+                    claimed.push(Ok(messages));
+                }
+                Err(e) => {
+                    sp.rollback()?;
+                    drop(sp);
+                    claimed.push(Err(e));
+                }
+            }
         }
         Ok(tx.commit()?)
     })();
+    let Group {
+        commits,
+        marks,
+        claims,
+    } = group;
     match outcome {
         Ok(()) => {
-            for ((_, reply), r) in group.into_iter().zip(results) {
+            for ((_, reply), r) in commits.into_iter().zip(committed) {
                 reply.send(r);
             }
-            for ((_, reply), a) in marks.into_iter().zip(answers) {
+            for ((_, reply), a) in marks.into_iter().zip(marked) {
                 let _ = reply.send(Ok(a));
+            }
+            for ((_, reply), c) in claims.into_iter().zip(claimed) {
+                let _ = reply.send(c);
             }
         }
         Err(e) => {
-            tracing::error!(error = %e, calls = group.len(), results = marks.len(), "outbox write failed; nothing of these calls or results was stored");
+            tracing::error!(error = %e, calls = commits.len(), results = marks.len(), claims = claims.len(), "outbox write failed; nothing of this group was stored");
             let failed = || match &e {
                 OutboxError::Storage(s) => OutboxError::Storage(s.clone()),
                 other => OutboxError::Storage(StorageError(other.to_string())),
             };
-            for (_, reply) in group {
+            for (_, reply) in commits {
                 reply.send(Err(failed()));
             }
             for (_, reply) in marks {
+                let _ = reply.send(Err(failed()));
+            }
+            for (_, reply) in claims {
                 let _ = reply.send(Err(failed()));
             }
         }
