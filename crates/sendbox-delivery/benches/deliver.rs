@@ -5,7 +5,7 @@
 //! - `transport`: the same messages built and handed to the SMTP transport,
 //!   3 at a time, with no storage at all — the ceiling.
 //! - `outbox`: one account worker delivering a filled outbox, every claim
-//!   and result committed (fsync on), the clock stopped when every message
+//!   and result committed to SQLite, the clock stopped when every message
 //!   is recorded `sent`.
 //!
 //! Each run starts warm (a new transport whose token is fetched and whose 3
@@ -210,7 +210,7 @@ async fn main() {
         b.0, b.1, b.2
     );
     println!(
-        "  outbox -> SMTP   min {:>6.0}  median {:>6.0}  max {:>6.0} messages/s   (every claim and result fsynced)",
+        "  outbox -> SMTP   min {:>6.0}  median {:>6.0}  max {:>6.0} messages/s   (every claim and result recorded)",
         o.0, o.1, o.2
     );
     let per_message = |cpu: Duration, n: usize| cpu.as_micros() as f64 / (total * n).max(1) as f64;

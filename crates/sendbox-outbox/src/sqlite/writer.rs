@@ -1,7 +1,8 @@
 //! The one writer thread: every write runs there, and the commits, delivery
 //! results and claims waiting together are grouped into one transaction
-//! (each call in its own savepoint) that pays one fsync — so delivery's
-//! writes never make the commits behind them wait for fsyncs of their own.
+//! (each call in its own savepoint) that pays one fsync — and a group with
+//! no commit in it pays none (see `commit_group`) — so delivery's writes
+//! never make the commits behind them wait for fsyncs of their own.
 
 use std::sync::mpsc;
 
@@ -93,6 +94,24 @@ impl Group {
 /// savepoint so a policy refusal drops only that call; a refused mark
 /// writes nothing, so it needs none; a storage failure fails the group.
 fn commit_group(conn: &mut Connection, group: Group) {
+    // Only a commit is acknowledged to someone who was promised
+    // durability. Claims and results alone are written without an fsync:
+    // a crash of sendbox loses nothing (the OS has the pages), and a power
+    // cut loses at most what came after the last fsync (the next commit's,
+    // or the checkpointer's within 250 ms) — a claim that is lost leaves
+    // its message queued, a result that is lost sends it again with the
+    // same Message-ID, as after any crash.
+    let durable = !group.commits.is_empty();
+    if !durable {
+        let _ = conn.pragma_update(None, "synchronous", "NORMAL");
+    }
+    write_group(conn, group);
+    if !durable {
+        let _ = conn.pragma_update(None, "synchronous", "FULL");
+    }
+}
+
+fn write_group(conn: &mut Connection, group: Group) {
     let mut committed: Vec<Result<Committed, OutboxError>> =
         Vec::with_capacity(group.commits.len());
     let mut marked: Vec<Vec<Result<(), OutboxError>>> = Vec::with_capacity(group.marks.len());
@@ -186,5 +205,25 @@ fn commit_group(conn: &mut Connection, group: Group) {
                 let _ = reply.send(Err(failed()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::Outbox;
+
+    fn synchronous(o: &Outbox) -> i64 {
+        o.write(|c| Ok(c.pragma_query_value(None, "synchronous", |r| r.get(0))?))
+            .unwrap()
+    }
+
+    #[test]
+    fn commits_are_fsynced_again_after_a_group_of_claims_and_results() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(&dir.path().join("o.db")).unwrap();
+        assert_eq!(synchronous(&o), 2, "FULL");
+        o.claim("alerts", 10).unwrap();
+        o.mark_many(vec![]).unwrap();
+        assert_eq!(synchronous(&o), 2, "back to FULL for the next commit");
     }
 }
