@@ -113,29 +113,30 @@ fn one_process_delivers_from_a_database_and_is_named_to_the_next() {
 }
 
 #[test]
-fn an_unreadable_message_fails_its_claims_not_the_commits_written_with_them() {
+fn an_unreadable_message_goes_dead_and_claims_and_commits_go_on() {
     let (dir, outbox) = open();
-    outbox
-        .commit(call(vec![email("a@x.org", "poison")], vec![]))
-        .unwrap();
+    let emails = vec![email("a@x.org", "poison"), email("a@x.org", "fine")];
+    let ids: Vec<i64> = outbox
+        .commit(call(emails, vec![]))
+        .unwrap()
+        .queued
+        .iter()
+        .map(|q| q.id)
+        .collect();
+    // Damaged on disk (or written by a newer sendbox).
     rusqlite::Connection::open(dir.path().join("var/sendbox.db"))
         .unwrap()
-        .execute("UPDATE message_bodies SET email_json = 'not json'", [])
+        .execute(
+            "UPDATE message_bodies SET email_json = 'not json' WHERE message = ?1",
+            [ids[0]],
+        )
         .unwrap();
     let outbox = Arc::new(outbox);
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // Claims keep failing on the unreadable row while 8 threads commit:
-    // some of those commits share a transaction with a failing claim.
     let claimer = {
-        let (outbox, done) = (outbox.clone(), done.clone());
-        std::thread::spawn(move || {
-            let mut failed = 0;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                failed += usize::from(outbox.claim("alerts", 1).is_err());
-            }
-            failed
-        })
+        let outbox = outbox.clone();
+        std::thread::spawn(move || outbox.claim("alerts", 10).unwrap())
     };
+    // Meanwhile 8 threads commit: some share a transaction with the claim.
     let committers: Vec<_> = (0..8)
         .map(|t| {
             let outbox = outbox.clone();
@@ -151,14 +152,27 @@ fn an_unreadable_message_fails_its_claims_not_the_commits_written_with_them() {
     for c in committers {
         c.join().unwrap();
     }
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let failed = claimer.join().unwrap();
-    assert!(failed > 0, "the unreadable row fails its claims");
-    // The poisoned claims rolled back: nothing moved to `sending`.
-    let depth = outbox.depth().unwrap();
-    assert!(depth.contains(&(State::Queued, 201)), "{depth:?}");
+    let claimed = claimer.join().unwrap();
+    assert_eq!(claimed.len(), 1, "the readable one is claimed");
+    assert_eq!(claimed[0].id, ids[1]);
+    let poison = outbox.get(ids[0]);
     assert!(
-        !depth.iter().any(|(s, n)| *s == State::Sending && *n > 0),
-        "{depth:?}"
+        poison.is_err(),
+        "its email cannot be read, so neither can the message"
+    );
+    let trail = outbox.audit_trail(ids[0]).unwrap();
+    let last = trail.last().unwrap();
+    assert_eq!(last.to, "dead");
+    assert!(
+        last.detail.as_deref().unwrap().contains("cannot be read"),
+        "{trail:?}"
+    );
+    let depth = outbox.depth().unwrap();
+    for expected in [(State::Queued, 200), (State::Sending, 1), (State::Dead, 1)] {
+        assert!(depth.contains(&expected), "{depth:?}");
+    }
+    assert!(
+        outbox.claim("alerts", 10).unwrap().is_empty(),
+        "nothing left to block"
     );
 }

@@ -446,6 +446,9 @@ pub(super) struct Claim {
 /// Claims inside `tx` (see [`Outbox::claim_within`]).
 pub(super) fn claim_in(tx: &Connection, claim: &Claim) -> Result<Vec<Message>, OutboxError> {
     let now = now_ms();
+    // Messages whose stored email cannot be read (a damaged file, or one
+    // written by a newer sendbox): (id, state, why).
+    let mut unreadable: Vec<(i64, String, String)> = Vec::new();
     let msgs: Vec<Message> = {
         // `bytes` comes last, after the message's columns, so a row past
         // the budget is never decoded.
@@ -461,10 +464,24 @@ pub(super) fn claim_in(tx: &Connection, claim: &Claim) -> Result<Vec<Message>, O
             if total > claim.max_bytes && !msgs.is_empty() {
                 break;
             }
-            msgs.push(row_to_message(row)?);
+            match row_to_message(row) {
+                Ok(m) => msgs.push(m),
+                Err(e) => unreadable.push((row.get(0)?, row.get(6)?, e.to_string())),
+            }
         }
         msgs
     };
+    // Such a message would block its account's queue at every claim: it
+    // goes dead, with the reason, instead.
+    for (id, from, why) in unreadable {
+        let detail = format!("the stored email cannot be read: {why}");
+        tracing::error!(id, %detail, "message cannot be read; dead");
+        tx.prepare_cached(
+            "UPDATE messages SET state = 'dead', updated_ms = ?2, last_reply = ?3 WHERE id = ?1",
+        )?
+        .execute(params![id, now, detail])?;
+        audit(tx, id, Some(&from), "dead", Some(&detail))?;
+    }
     let mut update = tx.prepare_cached(
         "UPDATE messages SET state = 'sending', attempts = attempts + 1, updated_ms = ?2 WHERE id = ?1",
     )?;
