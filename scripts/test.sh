@@ -2,7 +2,8 @@
 # Runs the whole test suite on a fresh machine with Rust (rustup) installed:
 # installs what the tests need that cargo does not (the wasm32-wasip2
 # target; Node.js, npm, openssl and systemd-analyze from Debian packages
-# when missing; the npm test peers), then `cargo test` over the workspace.
+# when missing; the npm test peers; a PostgreSQL server, or a throwaway one),
+# then `cargo test` over the workspace.
 # Tests build the example and hostile plugins themselves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,10 @@ if ((${#missing[@]})); then
     exit 1
   fi
 fi
+
+# The PostgreSQL server the outbox's second backend is tested against: the
+# one running here, or a throwaway cluster for this run.
+source scripts/postgres-for-tests.sh
 
 # The real protocol peers the tests talk to (smtp-server, oidc-provider),
 # pinned by tests/peers/package-lock.json.

@@ -1,7 +1,8 @@
 //! The durable outbox: every accepted email is stored before anyone is told
 //! it was accepted, and every state change after that is on record.
 //!
-//! This crate owns the SQLite file: schema migrations, the one-transaction
+//! This crate owns the store (a SQLite file, or a PostgreSQL database that
+//! several nodes share): schema migrations, the one-transaction
 //! commit of a plugin call (its emails *and* its state writes, or none of
 //! them), policy at enqueue, idempotency keys, the suppression list, message
 //! states (`queued → sending → sent`, or `retry`, or `dead`) and the audit
@@ -23,6 +24,10 @@
 //!   state (`plugin_state`), the delivery lock (`lock`), WAL checkpoints
 //!   off the writer's path (`checkpoint`), migrations
 //!   (`schema`) and [`Store`] on `Arc<Outbox>` (`store`).
+//! - `postgres`: the PostgreSQL backend, one database shared by several
+//!   nodes — [`PgOutbox`] with its pool, migrations, the commit of a call,
+//!   claims with leases and fenced results (`delivery`), and [`Store`] on
+//!   `Arc<PgOutbox>`.
 //!
 //! # Durability
 //!
@@ -57,11 +62,13 @@
 pub mod behaviour;
 mod model;
 mod policy;
+mod postgres;
 mod sqlite;
 mod store;
 
 pub use model::*;
 pub use policy::{Policy, default_idempotency_hours};
+pub use postgres::{DEFAULT_LEASE, PgOutbox};
 pub use sendbox_types::now_ms;
 pub use sqlite::Outbox;
 pub use store::{Store, Versioned};

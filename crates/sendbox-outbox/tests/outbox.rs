@@ -176,3 +176,66 @@ fn an_unreadable_message_goes_dead_and_claims_and_commits_go_on() {
         "nothing left to block"
     );
 }
+
+/// The child half of the next test: opens the outbox, commits 300 calls a
+/// millisecond apart (each acknowledged after its fsync; the WAL starts
+/// over several times meanwhile, leaving older frames behind the new ones),
+/// says so and waits to be killed.
+fn commit_then_wait_to_be_killed(path: &std::path::Path) {
+    let outbox = Outbox::open(path).unwrap();
+    for i in 0..300 {
+        let mut c = call(vec![email("a@x.org", &format!("m{i}"))], vec![]);
+        c.event_id = format!("evt-{i}");
+        outbox.commit(c).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    println!("COMMITTED 300");
+    std::thread::sleep(std::time::Duration::from_secs(600));
+}
+
+#[test]
+fn a_process_killed_while_its_wal_starts_over_recovers_every_commit() {
+    const CHILD: &str = "SENDBOX_OUTBOX_TEST_CHILD_DB";
+    if let Some(path) = std::env::var_os(CHILD) {
+        return commit_then_wait_to_be_killed(std::path::Path::new(&path));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sendbox.db");
+    // This same test, run as a child process that commits and is killed.
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_process_killed_while_its_wal_starts_over_recovers_every_commit",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, &path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert!(n > 0, "the child ended before committing");
+        if line.contains("COMMITTED 300") {
+            break;
+        }
+    }
+    child.kill().unwrap(); // SIGKILL: no close, no final checkpoint
+    child.wait().unwrap();
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    assert!(
+        std::fs::metadata(&wal).unwrap().len() > 0,
+        "the killed process left its WAL behind"
+    );
+    let outbox = Outbox::open(&path).unwrap();
+    let queued = outbox.list(Some(State::Queued), 1000).unwrap();
+    assert_eq!(queued.len(), 300, "every acknowledged commit is there");
+    let mut subjects: Vec<String> = queued.iter().map(|m| m.email.subject.clone()).collect();
+    subjects.sort();
+    subjects.dedup();
+    assert_eq!(subjects.len(), 300);
+}

@@ -13,7 +13,7 @@ mod store;
 mod writer;
 
 use read::{COLUMNS, MESSAGES, row_to_message};
-use writer::{CommitReply, Write, writer_loop};
+use writer::{Answer, Write, writer_loop};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError, mpsc};
@@ -76,6 +76,13 @@ fn open_conn(path: &Path) -> Result<Connection, OutboxError> {
 impl Outbox {
     /// Opens (creating and migrating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Outbox, OutboxError> {
+        Outbox::open_with_catch_up(path, true)
+    }
+
+    /// [`Outbox::open`] with the writer finishing the checkpointer's passes
+    /// (`true`, as sendbox runs) or not (the benchmark's baseline).
+    #[doc(hidden)]
+    pub fn open_with_catch_up(path: &Path, catch_up: bool) -> Result<Outbox, OutboxError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             sendbox_fs::private_dir(dir).map_err(|e| OutboxError::Open {
                 path: path.to_owned(),
@@ -101,11 +108,12 @@ impl Outbox {
         // backstop.
         writer.pragma_update(None, "wal_autocheckpoint", checkpoint::BACKSTOP_PAGES)?;
         let reader = open_conn(path)?;
-        let checkpointer = checkpoint::Checkpointer::start(path)?;
+        let catch_up = checkpoint::CatchUp::new(catch_up);
+        let checkpointer = checkpoint::Checkpointer::start(path, catch_up.clone())?;
         let (tx, rx) = mpsc::sync_channel::<Write>(4096);
         let thread = std::thread::Builder::new()
             .name("sendbox-outbox-writer".into())
-            .spawn(move || writer_loop(writer, rx))
+            .spawn(move || writer_loop(writer, rx, catch_up))
             .map_err(|e| OutboxError::Open {
                 path: path.to_owned(),
                 message: format!("cannot start the writer thread: {e}"),
@@ -140,7 +148,7 @@ impl Outbox {
     /// `Ok`. On `Err` nothing of the call was stored.
     pub fn commit(&self, call: Call) -> Result<Committed, OutboxError> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.send(Write::Commit(Box::new(call), CommitReply::Blocking(tx)))?;
+        self.send(Write::Commit(Box::new(call), Answer::Blocking(tx)))?;
         rx.recv().map_err(|_| OutboxError::Closed)?
     }
 
@@ -151,8 +159,43 @@ impl Outbox {
         self: &std::sync::Arc<Self>,
         call: Call,
     ) -> Result<Committed, OutboxError> {
+        self.write_async(|tx| Write::Commit(Box::new(call), Answer::Async(tx)))
+            .await
+    }
+
+    /// [`Outbox::claim_within`] for async code, without holding a thread.
+    pub async fn claim_within_async(
+        self: &std::sync::Arc<Self>,
+        account: &str,
+        limit: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<Message>, OutboxError> {
+        let claim = Claim {
+            account: account.to_owned(),
+            limit,
+            max_bytes,
+        };
+        self.write_async(|tx| Write::Claim(claim, Answer::Async(tx)))
+            .await
+    }
+
+    /// [`Outbox::mark_many`] for async code, without holding a thread.
+    pub async fn mark_many_async(
+        self: &std::sync::Arc<Self>,
+        marks: Vec<Mark>,
+    ) -> Result<Vec<Result<(), OutboxError>>, OutboxError> {
+        self.write_async(|tx| Write::Marks(marks, Answer::Async(tx)))
+            .await
+    }
+
+    /// Queues a write for the writer thread and awaits its answer; a
+    /// blocking thread is used only if thousands of writes already wait.
+    async fn write_async<T: Send + 'static>(
+        self: &std::sync::Arc<Self>,
+        write: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, OutboxError>>) -> Write,
+    ) -> Result<T, OutboxError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let w = Write::Commit(Box::new(call), CommitReply::Async(tx));
+        let w = write(tx);
         let full = {
             let guard = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
             match guard.as_ref().ok_or(OutboxError::Closed)?.try_send(w) {
@@ -245,7 +288,7 @@ impl Outbox {
             limit,
             max_bytes,
         };
-        self.send(Write::Claim(claim, tx))?;
+        self.send(Write::Claim(claim, Answer::Blocking(tx)))?;
         rx.recv().map_err(|_| OutboxError::Closed)?
     }
 
@@ -267,7 +310,7 @@ impl Outbox {
     /// `Err` if none was recorded, else each mark's own answer in order.
     pub fn mark_many(&self, marks: Vec<Mark>) -> Result<Vec<Result<(), OutboxError>>, OutboxError> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.send(Write::Marks(marks, tx))?;
+        self.send(Write::Marks(marks, Answer::Blocking(tx)))?;
         rx.recv().map_err(|_| OutboxError::Closed)?
     }
 

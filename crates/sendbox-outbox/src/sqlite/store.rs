@@ -49,8 +49,8 @@ impl Store for Arc<Outbox> {
         limit: usize,
         max_bytes: u64,
     ) -> impl Future<Output = Result<Vec<Message>, OutboxError>> + Send {
-        let account = account.to_owned();
-        blocking(self, move |o| o.claim_within(&account, limit, max_bytes))
+        let (outbox, account) = (self.clone(), account.to_owned());
+        async move { outbox.claim_within_async(&account, limit, max_bytes).await }
     }
 
     fn mark(
@@ -68,7 +68,8 @@ impl Store for Arc<Outbox> {
         &self,
         marks: Vec<Mark>,
     ) -> impl Future<Output = Result<Vec<Result<(), OutboxError>>, OutboxError>> + Send {
-        blocking(self, move |o| o.mark_many(marks))
+        let outbox = self.clone();
+        async move { outbox.mark_many_async(marks).await }
     }
 
     fn retry_now(&self, id: i64) -> impl Future<Output = Result<(), OutboxError>> + Send {

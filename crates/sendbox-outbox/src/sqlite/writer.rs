@@ -8,6 +8,7 @@ use std::sync::mpsc;
 
 use rusqlite::{Connection, TransactionBehavior};
 
+use super::checkpoint::CatchUp;
 use super::{Claim, claim_in, commit, transition_in};
 use crate::{Call, Committed, Mark, Message, OutboxError, State, StorageError};
 
@@ -17,27 +18,28 @@ pub(super) type Reply<T> = mpsc::SyncSender<Result<T, OutboxError>>;
 pub(super) type WriteFn = Box<dyn FnOnce(&mut Connection) -> Result<(), OutboxError> + Send>;
 
 pub(super) enum Write {
-    Commit(Box<Call>, CommitReply),
+    Commit(Box<Call>, Answer<Committed>),
     /// Delivery results: each mark's own answer, or the group's failure.
-    Marks(Vec<Mark>, Reply<Vec<Result<(), OutboxError>>>),
+    Marks(Vec<Mark>, Answer<Vec<Result<(), OutboxError>>>),
     /// A delivery worker's claim.
-    Claim(Claim, Reply<Vec<Message>>),
+    Claim(Claim, Answer<Vec<Message>>),
     Run(WriteFn),
 }
 
-/// Where a commit's result goes: a blocked thread or an awaiting task.
-pub(super) enum CommitReply {
-    Blocking(Reply<Committed>),
-    Async(tokio::sync::oneshot::Sender<Result<Committed, OutboxError>>),
+/// Where a write's result goes: a blocked thread or an awaiting task (which
+/// then needs no thread of its own while it waits).
+pub(super) enum Answer<T> {
+    Blocking(Reply<T>),
+    Async(tokio::sync::oneshot::Sender<Result<T, OutboxError>>),
 }
 
-impl CommitReply {
-    pub(super) fn send(self, r: Result<Committed, OutboxError>) {
+impl<T> Answer<T> {
+    pub(super) fn send(self, r: Result<T, OutboxError>) {
         match self {
-            CommitReply::Blocking(tx) => {
+            Answer::Blocking(tx) => {
                 let _ = tx.send(r);
             }
-            CommitReply::Async(tx) => {
+            Answer::Async(tx) => {
                 let _ = tx.send(r);
             }
         }
@@ -47,8 +49,9 @@ impl CommitReply {
 /// Largest group of calls committed in one transaction.
 pub(super) const MAX_GROUP: usize = 512;
 
-pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Write>) {
+pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Write>, catch_up: CatchUp) {
     while let Ok(first) = rx.recv() {
+        catch_up.finish_on_writer(&conn);
         let mut batch = vec![first];
         while batch.len() < MAX_GROUP {
             match rx.try_recv() {
@@ -79,9 +82,9 @@ pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Write>) {
 /// claims (which may take what the commits just queued).
 #[derive(Default)]
 struct Group {
-    commits: Vec<(Box<Call>, CommitReply)>,
-    marks: Vec<(Vec<Mark>, Reply<Vec<Result<(), OutboxError>>>)>,
-    claims: Vec<(Claim, Reply<Vec<Message>>)>,
+    commits: Vec<(Box<Call>, Answer<Committed>)>,
+    marks: Vec<(Vec<Mark>, Answer<Vec<Result<(), OutboxError>>>)>,
+    claims: Vec<(Claim, Answer<Vec<Message>>)>,
 }
 
 impl Group {
@@ -98,7 +101,7 @@ fn commit_group(conn: &mut Connection, group: Group) {
     // durability. Claims and results alone are written without an fsync:
     // a crash of sendbox loses nothing (the OS has the pages), and a power
     // cut loses at most what came after the last fsync (the next commit's,
-    // or the checkpointer's within 250 ms) — a claim that is lost leaves
+    // or the checkpointer's within 100 ms) — a claim that is lost leaves
     // its message queued, a result that is lost sends it again with the
     // same Message-ID, as after any crash.
     let durable = !group.commits.is_empty();
@@ -183,10 +186,10 @@ fn write_group(conn: &mut Connection, group: Group) {
                 reply.send(r);
             }
             for ((_, reply), a) in marks.into_iter().zip(marked) {
-                let _ = reply.send(Ok(a));
+                reply.send(Ok(a));
             }
             for ((_, reply), c) in claims.into_iter().zip(claimed) {
-                let _ = reply.send(c);
+                reply.send(c);
             }
         }
         Err(e) => {
@@ -199,10 +202,10 @@ fn write_group(conn: &mut Connection, group: Group) {
                 reply.send(Err(failed()));
             }
             for (_, reply) in marks {
-                let _ = reply.send(Err(failed()));
+                reply.send(Err(failed()));
             }
             for (_, reply) in claims {
-                let _ = reply.send(Err(failed()));
+                reply.send(Err(failed()));
             }
         }
     }

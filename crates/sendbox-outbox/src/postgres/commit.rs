@@ -1,0 +1,303 @@
+//! The commit of one plugin call in one PostgreSQL transaction, with the
+//! same rules as SQLite's (`sqlite::commit`): the reads still hold, the
+//! policy (shape, then rates), suppressed recipients dropped, duplicate
+//! idempotency keys skipped, the emails queued with their audit rows, the
+//! state changes applied with their byte usage.
+//!
+//! A call that reads or writes plugin state, is rate-limited or carries an
+//! idempotency key first takes its plugin's advisory lock, so no other
+//! commit of that plugin, on any node, runs between its checks and its
+//! writes: the same serializable guarantee SQLite gets from its one writer.
+//! Other calls need no lock and commit side by side.
+
+use sendbox_types::{ReadSet, StateChange, bare_address};
+use tokio_postgres::Transaction;
+
+use super::pg_err;
+use crate::{Call, Committed, OutboxError, Queued, now_ms};
+
+/// Whether the call's checks read something another commit of the same
+/// plugin could change meanwhile.
+fn needs_plugin_lock(call: &Call) -> bool {
+    !call.reads.keys.is_empty()
+        || !call.reads.prefixes.is_empty()
+        || !call.state_changes.is_empty()
+        || call.policy.emails_per_hour.is_some()
+        || call.policy.emails_per_day.is_some()
+        || call.emails.iter().any(|e| e.idempotency_key.is_some())
+}
+
+async fn count_since(
+    tx: &Transaction<'_>,
+    plugin: &str,
+    since_ms: i64,
+) -> Result<u64, OutboxError> {
+    let row = tx
+        .query_one(
+            "SELECT COUNT(*) FROM messages WHERE plugin = $1 AND created_ms > $2",
+            &[&plugin, &since_ms],
+        )
+        .await
+        .map_err(pg_err)?;
+    Ok(row.get::<_, i64>(0).max(0) as u64)
+}
+
+/// Checks the call against its policy and stores it inside `tx`; on `Err`
+/// the caller rolls back.
+pub(super) async fn apply(tx: &Transaction<'_>, call: &Call) -> Result<Committed, OutboxError> {
+    if needs_plugin_lock(call) {
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            &[&call.plugin],
+        )
+        .await
+        .map_err(pg_err)?;
+    }
+    // First: is what the call read still what is stored? If not, its
+    // outcome may be wrong; the caller runs the event again.
+    validate(tx, &call.plugin, &call.reads).await?;
+    // The shape (pure, shared by every backend); any violation refuses the
+    // whole call.
+    crate::policy::check(call)?;
+
+    let p = &call.policy;
+    let mailbox = bare_address(&call.account_mailbox);
+    let mut done = Committed::default();
+    let now = now_ms();
+    let new = call.emails.len() as u64;
+    for (limit, window_ms, name, span) in [
+        (p.emails_per_hour, 3_600_000, "emails_per_hour", "hour"),
+        (p.emails_per_day, 86_400_000, "emails_per_day", "day"),
+    ] {
+        if let Some(limit) = limit {
+            let used = count_since(tx, &call.plugin, now - window_ms).await?;
+            if used + new > u64::from(limit) {
+                return Err(OutboxError::Policy(format!(
+                    "plugin `{}` queued {used} emails in the last {span}; {new} more would pass {name} = {limit}",
+                    call.plugin
+                )));
+            }
+        }
+    }
+
+    let retention_start = now - i64::from(p.idempotency_hours) * 3_600_000;
+    for email in &call.emails {
+        let mut email = email.clone();
+        // Suppressed addresses are removed; an email left without
+        // recipients is not queued.
+        for list in [&mut email.to, &mut email.cc, &mut email.bcc] {
+            let mut kept = Vec::with_capacity(list.len());
+            for r in list.drain(..) {
+                let bare = bare_address(&r);
+                let suppressed = tx
+                    .query_opt("SELECT 1 FROM suppressions WHERE address = $1", &[&bare])
+                    .await
+                    .map_err(pg_err)?
+                    .is_some();
+                if suppressed {
+                    done.suppressed.push(bare);
+                } else {
+                    kept.push(r);
+                }
+            }
+            *list = kept;
+        }
+        if email.recipients().next().is_none() {
+            continue;
+        }
+        if let Some(key) = &email.idempotency_key {
+            let earlier = tx
+                .query_opt(
+                    "SELECT i.message, i.created_ms, m.message_id FROM idempotency i \
+                     LEFT JOIN messages m ON m.id = i.message WHERE i.plugin = $1 AND i.key = $2",
+                    &[&call.plugin, key],
+                )
+                .await
+                .map_err(pg_err)?;
+            if let Some(row) = earlier
+                && row.get::<_, i64>(1) > retention_start
+            {
+                done.duplicates.push(Queued {
+                    id: row.get(0),
+                    message_id: row.get::<_, Option<String>>(2).unwrap_or_default(),
+                });
+                continue;
+            }
+        }
+        let message_id = sendbox_types::new_message_id(sendbox_types::domain_of(&mailbox));
+        let recipients: Vec<String> = email.recipients().map(bare_address).collect();
+        let json = serde_json::to_string(&email)
+            .map_err(|e| OutboxError::Policy(format!("email cannot be stored: {e}")))?;
+        let bytes = email.content_bytes() as i64;
+        let row = tx
+            .query_one(
+                "INSERT INTO messages (message_id, plugin, trigger, event_id, account, state, attempts, \
+                 next_attempt_ms, created_ms, updated_ms, recipients, bytes, idempotency_key, email_json) \
+                 VALUES ($1, $2, $3, $4, $5, 'queued', 0, $6, $6, $6, $7, $8, $9, $10) RETURNING id",
+                &[
+                    &message_id,
+                    &call.plugin,
+                    &call.trigger,
+                    &call.event_id,
+                    &call.account,
+                    &now,
+                    &recipients.join(", "),
+                    &bytes,
+                    &email.idempotency_key,
+                    &json,
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+        let id: i64 = row.get(0);
+        let detail = format!(
+            "plugin {} event {} ({})",
+            call.plugin, call.event_id, call.trigger
+        );
+        tx.execute(
+            "INSERT INTO audit (message, at_ms, from_state, to_state, detail) VALUES ($1, $2, NULL, 'queued', $3)",
+            &[&id, &now, &detail],
+        )
+        .await
+        .map_err(pg_err)?;
+        if let Some(key) = &email.idempotency_key {
+            tx.execute(
+                "INSERT INTO idempotency (plugin, key, message, created_ms) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (plugin, key) DO UPDATE SET message = excluded.message, created_ms = excluded.created_ms",
+                &[&call.plugin, key, &id, &now],
+            )
+            .await
+            .map_err(pg_err)?;
+        }
+        done.queued.push(Queued { id, message_id });
+    }
+
+    apply_state(
+        tx,
+        &call.plugin,
+        &call.state_changes,
+        call.state_quota_bytes,
+    )
+    .await?;
+    Ok(done)
+}
+
+/// Keys of `plugin` starting with `prefix`, in byte order, at most `limit`.
+pub(super) async fn keys(
+    c: &impl tokio_postgres::GenericClient,
+    plugin: &str,
+    prefix: &str,
+    limit: usize,
+) -> Result<Vec<String>, OutboxError> {
+    let rows = c
+        .query(
+            "SELECT key FROM plugin_state WHERE plugin = $1 AND key >= $2 AND starts_with(key, $2) \
+             ORDER BY key LIMIT $3",
+            &[&plugin, &prefix, &(limit as i64)],
+        )
+        .await
+        .map_err(pg_err)?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Refuses the call with [`OutboxError::Conflict`] if anything it read
+/// changed since: a key's version, or the keys under a listed prefix.
+async fn validate(tx: &Transaction<'_>, plugin: &str, reads: &ReadSet) -> Result<(), OutboxError> {
+    for (key, seen) in &reads.keys {
+        let now = tx
+            .query_opt(
+                "SELECT version FROM plugin_state WHERE plugin = $1 AND key = $2",
+                &[&plugin, key],
+            )
+            .await
+            .map_err(pg_err)?
+            .map_or(0, |r| r.get::<_, i64>(0) as u64);
+        if now != *seen {
+            return Err(OutboxError::Conflict(format!("key {key:?} was written")));
+        }
+    }
+    for (prefix, seen) in &reads.prefixes {
+        let now = keys(tx, plugin, prefix, seen.len() + 1).await?;
+        if &now != seen {
+            return Err(OutboxError::Conflict(format!(
+                "keys under {prefix:?} were added or removed"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Applies a call's state changes and its plugin's usage, stamping every
+/// key written with the plugin's next sequence number (versions only grow,
+/// even across a delete and a re-create). Growing past `quota` is refused
+/// as a conflict, as in SQLite.
+async fn apply_state(
+    tx: &Transaction<'_>,
+    plugin: &str,
+    changes: &[StateChange],
+    quota: Option<u64>,
+) -> Result<(), OutboxError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let row = tx
+        .query_one(
+            "INSERT INTO plugin_usage (plugin, bytes, seq) VALUES ($1, 0, 1) \
+             ON CONFLICT (plugin) DO UPDATE SET seq = plugin_usage.seq + 1 RETURNING seq, bytes",
+            &[&plugin],
+        )
+        .await
+        .map_err(pg_err)?;
+    let (seq, before): (i64, i64) = (row.get(0), row.get(1));
+    let mut delta: i64 = 0;
+    for change in changes {
+        let key = match change {
+            StateChange::Set { key, .. } | StateChange::Delete { key } => key,
+        };
+        let old: Option<i32> = tx
+            .query_opt(
+                "SELECT octet_length(value) FROM plugin_state WHERE plugin = $1 AND key = $2",
+                &[&plugin, key],
+            )
+            .await
+            .map_err(pg_err)?
+            .map(|r| r.get(0));
+        delta -= old.map_or(0, |n| key.len() as i64 + i64::from(n));
+        match change {
+            StateChange::Set { key, value } => {
+                tx.execute(
+                    "INSERT INTO plugin_state (plugin, key, value, version) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value, version = excluded.version",
+                    &[&plugin, key, &value.0, &seq],
+                )
+                .await
+                .map_err(pg_err)?;
+                delta += (key.len() + value.0.len()) as i64;
+            }
+            StateChange::Delete { key } => {
+                tx.execute(
+                    "DELETE FROM plugin_state WHERE plugin = $1 AND key = $2",
+                    &[&plugin, key],
+                )
+                .await
+                .map_err(pg_err)?;
+            }
+        }
+    }
+    let after = before + delta;
+    if let Some(quota) = quota
+        && delta > 0
+        && after > quota as i64
+    {
+        return Err(OutboxError::Conflict(format!(
+            "state would grow to {after} bytes, over the quota of {quota}"
+        )));
+    }
+    tx.execute(
+        "UPDATE plugin_usage SET bytes = $2 WHERE plugin = $1",
+        &[&plugin, &after],
+    )
+    .await
+    .map_err(pg_err)?;
+    Ok(())
+}

@@ -1,0 +1,278 @@
+//! The outbox on a real PostgreSQL server: the behaviour every backend
+//! shares (`sendbox_outbox::behaviour`), then what is PostgreSQL's own:
+//! several nodes on one database (claims that never overlap, results fenced
+//! by the lease, a dead node's messages freed when its lease expires),
+//! migrations run once by nodes starting together.
+//!
+//! The server is `DATABASE_URL` (a `postgres://` URL), else
+//! `postgres://postgres@localhost:5432/postgres`; `./scripts/test.sh`
+//! starts a throwaway one when none is running. Each test gets a database
+//! of its own, dropped afterwards. No server: the tests fail, loudly.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use sendbox_outbox::behaviour::{call, email};
+use sendbox_outbox::{Mark, OutboxError, PgOutbox, State, Store};
+
+fn server_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@localhost:5432/postgres".into())
+}
+
+/// `url` pointing at database `db` instead.
+fn with_database(url: &str, db: &str) -> String {
+    let (scheme, rest) = url
+        .split_once("://")
+        .expect("DATABASE_URL is a postgres:// URL");
+    let (authority, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    let query = tail
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
+    format!("{scheme}://{authority}/{db}{query}")
+}
+
+/// A database of its own on the test server; dropped with the guard.
+pub struct Database {
+    pub url: String,
+    name: String,
+}
+
+async fn admin() -> tokio_postgres::Client {
+    let url = server_url();
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "no PostgreSQL server at {url} ({e}): start one, or run ./scripts/test.sh, which does"
+            )
+        });
+    tokio::spawn(conn);
+    client
+}
+
+impl Database {
+    pub async fn create() -> Database {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "sendbox_test_{}_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed),
+            sendbox_outbox::now_ms()
+        );
+        admin()
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        Database {
+            url: with_database(&server_url(), &name),
+            name,
+        }
+    }
+
+    pub async fn node(&self, node: &str, lease: Duration) -> Arc<PgOutbox> {
+        PgOutbox::connect(&self.url, node, 4, lease).await.unwrap()
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Dropped inside the test's runtime: a thread with its own.
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async move {
+                    let _ = admin()
+                        .await
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                })
+        })
+        .join();
+    }
+}
+
+async fn fresh_postgres() -> (Database, Arc<PgOutbox>) {
+    let db = Database::create().await;
+    let store = db.node("node-a", sendbox_outbox::DEFAULT_LEASE).await;
+    (db, store)
+}
+
+sendbox_outbox::store_behaviour_tests!(fresh_postgres);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_claiming_at_once_never_take_the_same_message() {
+    let db = Database::create().await;
+    let nodes = [
+        db.node("a", Duration::from_secs(60)).await,
+        db.node("b", Duration::from_secs(60)).await,
+        db.node("c", Duration::from_secs(60)).await,
+    ];
+    let emails = (0..300)
+        .map(|i| email("a@x.org", &format!("m{i}")))
+        .collect();
+    nodes[0].commit(call(emails, vec![])).await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (k, node) in nodes.iter().enumerate() {
+        for _ in 0..4 {
+            let node = node.clone();
+            tasks.spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let got = node.claim("alerts", 7).await.unwrap();
+                    if got.is_empty() {
+                        return (k, mine);
+                    }
+                    mine.extend(got.into_iter().map(|m| m.id));
+                }
+            });
+        }
+    }
+    let mut seen = HashSet::new();
+    let mut per_node = [0usize; 3];
+    for (k, ids) in tasks.join_all().await {
+        per_node[k] += ids.len();
+        for id in ids {
+            assert!(seen.insert(id), "message {id} claimed twice");
+        }
+    }
+    assert_eq!(seen.len(), 300, "every message claimed once");
+    assert_eq!(per_node.iter().sum::<usize>(), 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_lease_holder_records_a_result() {
+    let db = Database::create().await;
+    let a = db.node("a", Duration::from_secs(60)).await;
+    let b = db.node("b", Duration::from_secs(60)).await;
+    let id = a
+        .commit(call(vec![email("a@x.org", "x")], vec![]))
+        .await
+        .unwrap()
+        .queued[0]
+        .id;
+    assert_eq!(a.claim("alerts", 10).await.unwrap().len(), 1);
+    let refused = b.mark(id, State::Sent, None, "250 ok").await;
+    match refused {
+        Err(OutboxError::WrongState { state, .. }) => {
+            assert!(state.contains("node a"), "{state}")
+        }
+        other => panic!("node b recorded a result for a's message: {other:?}"),
+    }
+    assert_eq!(a.get(id).await.unwrap().state, State::Sending);
+    a.mark(id, State::Sent, None, "250 ok").await.unwrap();
+    assert_eq!(b.get(id).await.unwrap().state, State::Sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_messages_go_out_again_with_their_message_id_when_its_lease_expires() {
+    let db = Database::create().await;
+    // Node a claims with a short lease, then "dies": its keeper stops
+    // renewing when it is dropped.
+    let a = db.node("a", Duration::from_millis(900)).await;
+    let queued = a
+        .commit(call(
+            vec![email("a@x.org", "x"), email("b@x.org", "y")],
+            vec![],
+        ))
+        .await
+        .unwrap()
+        .queued;
+    assert_eq!(a.claim("alerts", 10).await.unwrap().len(), 2);
+    drop(a);
+    let b = db.node("b", Duration::from_secs(60)).await;
+    assert!(
+        b.claim("alerts", 10).await.unwrap().is_empty(),
+        "a live lease is never taken"
+    );
+    // b's keeper frees expired leases every third of b's lease; recover()
+    // does the same at once.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(Store::recover(&b).await.unwrap(), 2);
+    let again = b.claim("alerts", 10).await.unwrap();
+    let mut ids: Vec<(i64, String)> = again.iter().map(|m| (m.id, m.message_id.clone())).collect();
+    ids.sort();
+    let mut expected: Vec<(i64, String)> = queued
+        .iter()
+        .map(|q| (q.id, q.message_id.clone()))
+        .collect();
+    expected.sort();
+    assert_eq!(ids, expected, "the same messages, the same Message-IDs");
+    assert!(again.iter().all(|m| m.attempts == 2));
+    let trail = b.audit_trail(queued[0].id).await.unwrap();
+    assert!(
+        trail.iter().any(|e| e
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("node a") && d.contains("expired"))),
+        "{trail:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_nodes_leases_are_renewed_while_it_sends() {
+    let db = Database::create().await;
+    let a = db.node("a", Duration::from_millis(600)).await;
+    a.commit(call(vec![email("a@x.org", "x")], vec![]))
+        .await
+        .unwrap();
+    let claimed = a.claim("alerts", 10).await.unwrap();
+    let b = db.node("b", Duration::from_secs(60)).await;
+    // Three lease periods later, a (alive, renewing) still holds it.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    assert_eq!(Store::recover(&b).await.unwrap(), 0);
+    assert!(b.claim("alerts", 10).await.unwrap().is_empty());
+    let answers = a
+        .mark_many(vec![Mark {
+            id: claimed[0].id,
+            to: State::Sent,
+            next_attempt_ms: None,
+            detail: "250 ok".into(),
+        }])
+        .await
+        .unwrap();
+    assert!(answers[0].is_ok(), "{answers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_starting_together_migrate_once() {
+    let db = Database::create().await;
+    let url = db.url.clone();
+    let mut tasks = tokio::task::JoinSet::new();
+    for k in 0..6 {
+        let url = url.clone();
+        tasks.spawn(async move {
+            PgOutbox::connect(&url, &format!("n{k}"), 1, Duration::from_secs(60))
+                .await
+                .map(|_| ())
+        });
+    }
+    for r in tasks.join_all().await {
+        r.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_is_a_clear_error_without_the_password() {
+    let err = PgOutbox::connect(
+        "postgres://sendbox:s3cret-pw@127.0.0.1:1/sendbox",
+        "a",
+        1,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("cannot reach the database at postgres://127.0.0.1:1/sendbox"),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret-pw"), "{err}");
+}
