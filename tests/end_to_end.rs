@@ -6,6 +6,7 @@
 mod support;
 
 mod accounts_cli;
+mod cluster;
 mod crash;
 mod daemon;
 mod daemon_peers;

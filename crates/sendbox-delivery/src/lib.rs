@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use sendbox_mail::Transport;
-use sendbox_outbox::{Outbox, Store};
+use sendbox_outbox::{AnyStore, Store};
 use tokio::sync::Notify;
 
 /// How one account's worker behaves.
@@ -194,7 +194,7 @@ pub struct AccountWorker {
     account: String,
     mailbox: String,
     transport: Arc<Transport>,
-    outbox: Arc<Outbox>,
+    outbox: AnyStore,
     settings: DeliverySettings,
     wake: Arc<Notify>,
     /// Ends a pause before its recheck time (an operator's reload).
@@ -208,14 +208,14 @@ impl AccountWorker {
         account: &str,
         mailbox: &str,
         transport: Transport,
-        outbox: Arc<Outbox>,
+        outbox: impl Into<AnyStore>,
         settings: DeliverySettings,
     ) -> Self {
         AccountWorker {
             account: account.to_owned(),
             mailbox: mailbox.to_owned(),
             transport: Arc::new(transport),
-            outbox,
+            outbox: outbox.into(),
             settings,
             wake: Arc::new(Notify::new()),
             resume: Arc::new(Notify::new()),

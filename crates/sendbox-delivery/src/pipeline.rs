@@ -319,7 +319,7 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// Writes one group of results; what cannot be written is logged (those
 /// messages stay `sending` until the next start recovers them).
-async fn record(outbox: std::sync::Arc<sendbox_outbox::Outbox>, group: Vec<Mark>) {
+async fn record(outbox: sendbox_outbox::AnyStore, group: Vec<Mark>) {
     let ids: Vec<i64> = group.iter().map(|m| m.id).collect();
     match outbox.mark_many(group).await {
         Ok(answers) => {

@@ -59,6 +59,7 @@
 
 #![deny(missing_docs)]
 
+mod any;
 pub mod behaviour;
 mod model;
 mod policy;
@@ -66,9 +67,10 @@ mod postgres;
 mod sqlite;
 mod store;
 
+pub use any::AnyStore;
 pub use model::*;
 pub use policy::{Policy, default_idempotency_hours};
-pub use postgres::{DEFAULT_LEASE, PgOutbox};
+pub use postgres::{DEFAULT_LEASE, NodeSeen, PgOutbox};
 pub use sendbox_types::now_ms;
 pub use sqlite::Outbox;
 pub use store::{Store, Versioned};

@@ -132,6 +132,21 @@ pub trait Store: Send + Sync + 'static {
         scheduled_at_ms: i64,
     ) -> impl Future<Output = Result<(), OutboxError>> + Send;
 
+    /// Takes the schedule's tick due at `scheduled_at_ms` for this process:
+    /// `true` for the first caller on the store, `false` if it was taken
+    /// already (another node runs it). A backend only one process uses
+    /// (SQLite, behind its delivery lock) always answers `true` and records
+    /// the run afterwards with [`Store::set_schedule_run`].
+    fn claim_schedule_tick(
+        &self,
+        plugin: &str,
+        schedule: &str,
+        scheduled_at_ms: i64,
+    ) -> impl Future<Output = Result<bool, OutboxError>> + Send {
+        let _ = (plugin, schedule, scheduled_at_ms);
+        async { Ok(true) }
+    }
+
     /// When a schedule last ran, if ever.
     fn schedule_run(
         &self,

@@ -11,97 +11,22 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use sendbox_outbox::behaviour::{call, email};
 use sendbox_outbox::{Mark, OutboxError, PgOutbox, State, Store};
+use sendbox_test_support::postgres::Database;
 
-fn server_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@localhost:5432/postgres".into())
-}
-
-/// `url` pointing at database `db` instead.
-fn with_database(url: &str, db: &str) -> String {
-    let (scheme, rest) = url
-        .split_once("://")
-        .expect("DATABASE_URL is a postgres:// URL");
-    let (authority, tail) = rest.split_once('/').unwrap_or((rest, ""));
-    let query = tail
-        .split_once('?')
-        .map(|(_, q)| format!("?{q}"))
-        .unwrap_or_default();
-    format!("{scheme}://{authority}/{db}{query}")
-}
-
-/// A database of its own on the test server; dropped with the guard.
-pub struct Database {
-    pub url: String,
-    name: String,
-}
-
-async fn admin() -> tokio_postgres::Client {
-    let url = server_url();
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+/// Node `node` of the outbox in `db`.
+async fn node(db: &Database, node: &str, lease: Duration) -> Arc<PgOutbox> {
+    PgOutbox::connect(&db.url, None, node, 4, lease)
         .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "no PostgreSQL server at {url} ({e}): start one, or run ./scripts/test.sh, which does"
-            )
-        });
-    tokio::spawn(conn);
-    client
-}
-
-impl Database {
-    pub async fn create() -> Database {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "sendbox_test_{}_{}_{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed),
-            sendbox_outbox::now_ms()
-        );
-        admin()
-            .await
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
-        Database {
-            url: with_database(&server_url(), &name),
-            name,
-        }
-    }
-
-    pub async fn node(&self, node: &str, lease: Duration) -> Arc<PgOutbox> {
-        PgOutbox::connect(&self.url, node, 4, lease).await.unwrap()
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        // Dropped inside the test's runtime: a thread with its own.
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async move {
-                    let _ = admin()
-                        .await
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
-                })
-        })
-        .join();
-    }
+        .unwrap()
 }
 
 async fn fresh_postgres() -> (Database, Arc<PgOutbox>) {
     let db = Database::create().await;
-    let store = db.node("node-a", sendbox_outbox::DEFAULT_LEASE).await;
+    let store = node(&db, "node-a", sendbox_outbox::DEFAULT_LEASE).await;
     (db, store)
 }
 
@@ -111,9 +36,9 @@ sendbox_outbox::store_behaviour_tests!(fresh_postgres);
 async fn three_nodes_claiming_at_once_never_take_the_same_message() {
     let db = Database::create().await;
     let nodes = [
-        db.node("a", Duration::from_secs(60)).await,
-        db.node("b", Duration::from_secs(60)).await,
-        db.node("c", Duration::from_secs(60)).await,
+        node(&db, "a", Duration::from_secs(60)).await,
+        node(&db, "b", Duration::from_secs(60)).await,
+        node(&db, "c", Duration::from_secs(60)).await,
     ];
     let emails = (0..300)
         .map(|i| email("a@x.org", &format!("m{i}")))
@@ -150,8 +75,8 @@ async fn three_nodes_claiming_at_once_never_take_the_same_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_lease_holder_records_a_result() {
     let db = Database::create().await;
-    let a = db.node("a", Duration::from_secs(60)).await;
-    let b = db.node("b", Duration::from_secs(60)).await;
+    let a = node(&db, "a", Duration::from_secs(60)).await;
+    let b = node(&db, "b", Duration::from_secs(60)).await;
     let id = a
         .commit(call(vec![email("a@x.org", "x")], vec![]))
         .await
@@ -176,7 +101,7 @@ async fn a_dead_nodes_messages_go_out_again_with_their_message_id_when_its_lease
     let db = Database::create().await;
     // Node a claims with a short lease, then "dies": its keeper stops
     // renewing when it is dropped.
-    let a = db.node("a", Duration::from_millis(900)).await;
+    let a = node(&db, "a", Duration::from_millis(900)).await;
     let queued = a
         .commit(call(
             vec![email("a@x.org", "x"), email("b@x.org", "y")],
@@ -187,7 +112,7 @@ async fn a_dead_nodes_messages_go_out_again_with_their_message_id_when_its_lease
         .queued;
     assert_eq!(a.claim("alerts", 10).await.unwrap().len(), 2);
     drop(a);
-    let b = db.node("b", Duration::from_secs(60)).await;
+    let b = node(&db, "b", Duration::from_secs(60)).await;
     assert!(
         b.claim("alerts", 10).await.unwrap().is_empty(),
         "a live lease is never taken"
@@ -219,12 +144,12 @@ async fn a_dead_nodes_messages_go_out_again_with_their_message_id_when_its_lease
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_nodes_leases_are_renewed_while_it_sends() {
     let db = Database::create().await;
-    let a = db.node("a", Duration::from_millis(600)).await;
+    let a = node(&db, "a", Duration::from_millis(600)).await;
     a.commit(call(vec![email("a@x.org", "x")], vec![]))
         .await
         .unwrap();
     let claimed = a.claim("alerts", 10).await.unwrap();
-    let b = db.node("b", Duration::from_secs(60)).await;
+    let b = node(&db, "b", Duration::from_secs(60)).await;
     // Three lease periods later, a (alive, renewing) still holds it.
     tokio::time::sleep(Duration::from_millis(1800)).await;
     assert_eq!(Store::recover(&b).await.unwrap(), 0);
@@ -249,7 +174,7 @@ async fn nodes_starting_together_migrate_once() {
     for k in 0..6 {
         let url = url.clone();
         tasks.spawn(async move {
-            PgOutbox::connect(&url, &format!("n{k}"), 1, Duration::from_secs(60))
+            PgOutbox::connect(&url, None, &format!("n{k}"), 1, Duration::from_secs(60))
                 .await
                 .map(|_| ())
         });
@@ -263,6 +188,7 @@ async fn nodes_starting_together_migrate_once() {
 async fn an_unreachable_server_is_a_clear_error_without_the_password() {
     let err = PgOutbox::connect(
         "postgres://sendbox:s3cret-pw@127.0.0.1:1/sendbox",
+        Some("an0ther-pw"),
         "a",
         1,
         Duration::from_secs(60),
@@ -274,5 +200,8 @@ async fn an_unreachable_server_is_a_clear_error_without_the_password() {
         err.contains("cannot reach the database at postgres://127.0.0.1:1/sendbox"),
         "{err}"
     );
-    assert!(!err.contains("s3cret-pw"), "{err}");
+    assert!(
+        !err.contains("s3cret-pw") && !err.contains("an0ther-pw"),
+        "{err}"
+    );
 }

@@ -4,11 +4,13 @@
 //!   server (oidc-provider) and SMTP servers (smtp-server), on loopback;
 //! - [`smtp_peer`]: token providers, SMTP settings and messages for them;
 //! - [`wasm`]: the example and hostile plugins, built from source;
-//! - [`capture`]: tracing output kept in memory, to grep for secrets.
+//! - [`capture`]: tracing output kept in memory, to grep for secrets;
+//! - [`postgres`]: a PostgreSQL database of its own per test.
 //!
 //! It must not be a dependency of anything but tests and benchmarks.
 
 pub mod capture;
 pub mod peers;
+pub mod postgres;
 pub mod smtp_peer;
 pub mod wasm;

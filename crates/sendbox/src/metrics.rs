@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use sendbox_auth::TokenProvider;
 use sendbox_delivery::WorkerStatus;
-use sendbox_outbox::Outbox;
+use sendbox_outbox::AnyStore;
 
 /// Writes a metric family's `# HELP` and `# TYPE` lines.
 fn family(out: &mut String, name: &str, help: &str, kind: &str) {
@@ -108,8 +108,17 @@ impl Metrics {
     }
 
     /// The text exposition.
-    pub fn render(&self, outbox: &Outbox) -> String {
+    pub fn render(&self, outbox: &AnyStore) -> String {
         let mut out = String::new();
+        if let AnyStore::Postgres(pg) = outbox {
+            family(
+                &mut out,
+                "sendbox_node_info",
+                "This node, among those sharing the PostgreSQL outbox.",
+                "gauge",
+            );
+            let _ = writeln!(out, "sendbox_node_info{{node=\"{}\"}} 1", pg.node());
+        }
         family(
             &mut out,
             "sendbox_events_total",
@@ -181,7 +190,11 @@ impl Metrics {
             "Messages in the outbox, by state (sent and dead are delivery results).",
             "gauge",
         );
-        if let Ok(depth) = outbox.depth() {
+        let depth = match outbox {
+            AnyStore::Sqlite(o) => o.depth(),
+            store => crate::daemon::wait_for(sendbox_outbox::Store::depth(store)),
+        };
+        if let Ok(depth) = depth {
             for (s, n) in depth {
                 let _ = writeln!(
                     out,

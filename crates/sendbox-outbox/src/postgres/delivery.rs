@@ -18,7 +18,7 @@ use std::sync::Weak;
 
 use tokio_postgres::Transaction;
 
-use super::{COLUMNS, PgOutbox, audit, message_from_row, pg_err};
+use super::{COLUMNS, NodeSeen, PgOutbox, audit, message_from_row, pg_err};
 use crate::{Mark, Message, OutboxError, State, now_ms};
 
 impl PgOutbox {
@@ -70,10 +70,11 @@ impl PgOutbox {
             )
             .await
             .map_err(pg_err)?;
+        let by = format!("claimed by node {}", self.node);
         tx.execute(
-            "INSERT INTO audit (message, at_ms, from_state, to_state) \
-             SELECT m, $2, f, 'sending' FROM unnest($1::bigint[], $3::text[]) AS u(m, f)",
-            &[&ids, &now, &froms],
+            "INSERT INTO audit (message, at_ms, from_state, to_state, detail) \
+             SELECT m, $2, f, 'sending', $4 FROM unnest($1::bigint[], $3::text[]) AS u(m, f)",
+            &[&ids, &now, &froms, &by],
         )
         .await
         .map_err(pg_err)?;
@@ -269,6 +270,30 @@ impl PgOutbox {
         .await
         .map_err(pg_err)?;
         Ok(())
+    }
+
+    /// The nodes that have used this database, most recently seen first,
+    /// with how many messages each holds under a lease now.
+    pub async fn nodes(&self) -> Result<Vec<NodeSeen>, OutboxError> {
+        let conn = self.pool.get().await?;
+        let rows = conn
+            .query(
+                "SELECT n.node, n.seen_ms, n.detail, \
+                 (SELECT COUNT(*) FROM messages m WHERE m.state = 'sending' AND m.lease_node = n.node) \
+                 FROM nodes n ORDER BY n.seen_ms DESC, n.node",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(rows
+            .iter()
+            .map(|r| NodeSeen {
+                node: r.get(0),
+                seen_ms: r.get(1),
+                detail: r.get(2),
+                leases: r.get::<_, i64>(3).max(0) as u64,
+            })
+            .collect())
     }
 
     /// Extends this node's leases by a full lease from now.

@@ -37,6 +37,19 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
 const COLUMNS: &str = "id, message_id, plugin, trigger, event_id, account, state, attempts, \
                        next_attempt_ms, created_ms, recipients, last_reply, email_json";
 
+/// A node that has used the database, as `sendbox check` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSeen {
+    /// Its name.
+    pub node: String,
+    /// When it last said it was alive (ms since the epoch).
+    pub seen_ms: i64,
+    /// What it is (command, pid).
+    pub detail: String,
+    /// Messages it holds under a lease now.
+    pub leases: u64,
+}
+
 /// The outbox in a PostgreSQL database, as one node sees it.
 pub struct PgOutbox {
     pool: Pool,
@@ -71,17 +84,19 @@ impl Drop for PgOutbox {
 }
 
 impl PgOutbox {
-    /// Connects to the database at `url` (`postgres://user@host:port/db`,
-    /// password by reference in the config, never here in logs) as node
-    /// `node`, migrating the schema if needed, with `pool_size` connections.
-    /// Must be called inside a tokio runtime: the lease keeper runs there.
+    /// Connects to the database at `url` (`postgres://user@host:port/db`)
+    /// with `password` if the role needs one (kept in the connection
+    /// settings only, never shown), as node `node`, migrating the schema if
+    /// needed, with `pool_size` connections and leases of `lease`. Must be
+    /// called inside a tokio runtime: the lease keeper runs there.
     pub async fn connect(
         url: &str,
+        password: Option<&str>,
         node: &str,
         pool_size: usize,
         lease: Duration,
     ) -> Result<Arc<PgOutbox>, OutboxError> {
-        let pool = Pool::new(url, pool_size)?;
+        let pool = Pool::new(url, password, pool_size)?;
         {
             let mut client = pool.get().await?;
             schema::migrate(&mut client).await?;
@@ -98,6 +113,25 @@ impl PgOutbox {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(keeper);
         Ok(outbox)
+    }
+
+    /// Connects only to look (`sendbox check`): one connection, no node
+    /// registered, no lease kept or freed.
+    pub async fn connect_to_look(
+        url: &str,
+        password: Option<&str>,
+    ) -> Result<Arc<PgOutbox>, OutboxError> {
+        let pool = Pool::new(url, password, 1)?;
+        {
+            let mut client = pool.get().await?;
+            schema::migrate(&mut client).await?;
+        }
+        Ok(Arc::new(PgOutbox {
+            pool,
+            node: String::new(),
+            lease: DEFAULT_LEASE,
+            keeper: std::sync::Mutex::new(None),
+        }))
     }
 
     /// This node's id.

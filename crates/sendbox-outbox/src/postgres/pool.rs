@@ -40,11 +40,14 @@ impl std::ops::DerefMut for Conn<'_> {
 }
 
 impl Pool {
-    pub(crate) fn new(url: &str, size: usize) -> Result<Pool, OutboxError> {
+    pub(crate) fn new(url: &str, password: Option<&str>, size: usize) -> Result<Pool, OutboxError> {
         let mut config: Config = url.parse().map_err(|e| OutboxError::Storage(StorageError(format!(
             "the PostgreSQL address is not a valid connection string ({e}); write it as postgres://USER@HOST:PORT/DATABASE"
         ))))?;
         config.connect_timeout(CONNECT_TIMEOUT);
+        if let Some(p) = password {
+            config.password(p);
+        }
         config.application_name("sendbox");
         let host = match config.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),

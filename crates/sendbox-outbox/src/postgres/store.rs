@@ -207,6 +207,27 @@ impl PgOutbox {
         Ok(())
     }
 
+    /// Takes a schedule's tick for this node: the first node to ask for
+    /// (schedule, due time) gets `true` and runs it, every other `false`.
+    pub async fn claim_schedule_tick(
+        &self,
+        plugin: &str,
+        schedule: &str,
+        scheduled_at_ms: i64,
+    ) -> Result<bool, OutboxError> {
+        let conn = self.pool.get().await?;
+        let taken = conn
+            .query_opt(
+                "INSERT INTO schedule_runs (plugin, schedule, last_ms) VALUES ($1, $2, $3) \
+                 ON CONFLICT (plugin, schedule) DO UPDATE SET last_ms = excluded.last_ms \
+                 WHERE schedule_runs.last_ms < excluded.last_ms RETURNING 1",
+                &[&plugin, &schedule, &scheduled_at_ms],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(taken.is_some())
+    }
+
     /// When a schedule last ran, if ever.
     pub async fn schedule_run(
         &self,
@@ -311,7 +332,10 @@ impl Store for Arc<PgOutbox> {
         &self,
         holder: &str,
     ) -> impl Future<Output = Result<(), OutboxError>> + Send {
-        let (o, holder) = (self.clone(), holder.to_owned());
+        let (o, holder) = (
+            self.clone(),
+            format!("{holder} (pid {})", std::process::id()),
+        );
         async move { o.heartbeat(Some(&holder)).await }
     }
 
@@ -451,6 +475,16 @@ impl Store for Arc<PgOutbox> {
     ) -> impl Future<Output = Result<(), OutboxError>> + Send {
         let (o, plugin, schedule) = (self.clone(), plugin.to_owned(), schedule.to_owned());
         async move { PgOutbox::set_schedule_run(&o, &plugin, &schedule, scheduled_at_ms).await }
+    }
+
+    fn claim_schedule_tick(
+        &self,
+        plugin: &str,
+        schedule: &str,
+        scheduled_at_ms: i64,
+    ) -> impl Future<Output = Result<bool, OutboxError>> + Send {
+        let (o, plugin, schedule) = (self.clone(), plugin.to_owned(), schedule.to_owned());
+        async move { PgOutbox::claim_schedule_tick(&o, &plugin, &schedule, scheduled_at_ms).await }
     }
 
     fn schedule_run(

@@ -141,8 +141,22 @@ impl CheckArgs {
             );
         }
 
-        // Delivery pauses recorded by a running `sendbox deliver`/`run`.
-        if cfg.store.exists() {
+        // Delivery pauses recorded by a running `sendbox deliver`/`run`;
+        // on PostgreSQL, by any node, and the nodes seen.
+        if let Some(pg) = cfg.postgres.as_ref().filter(|_| !self.no_environment) {
+            match tokio_runtime()?.block_on(shared_store_status(pg)) {
+                Ok(lines) => {
+                    for (ok, line) in lines {
+                        failed |= !ok;
+                        println!("{} {line}", if ok { "√" } else { "x" });
+                    }
+                }
+                Err(e) => {
+                    failed = true;
+                    println!("x outbox {}: {e}", pg.url);
+                }
+            }
+        } else if cfg.postgres.is_none() && cfg.store.exists() {
             match sendbox_outbox::Outbox::open(&cfg.store).and_then(|o| o.paused_accounts()) {
                 Ok(paused) => {
                     for (account, _since, reason) in paused {
@@ -186,6 +200,49 @@ impl CheckArgs {
 }
 
 /// Token, then SMTP connect + TLS + AUTH + QUIT, per account.
+/// A shared PostgreSQL outbox as `sendbox check` reports it: reachable,
+/// the accounts paused by any node, and the nodes seen with their leases.
+/// Each line says whether it is fine.
+async fn shared_store_status(
+    pg: &crate::config::PostgresStore,
+) -> Result<Vec<(bool, String)>, sendbox_outbox::OutboxError> {
+    use sendbox_outbox::Store;
+    // Checking, not delivering: no node registered, no lease touched.
+    let store = sendbox_outbox::PgOutbox::connect_to_look(
+        &pg.url,
+        pg.password.as_ref().map(sendbox_auth::Secret::expose),
+    )
+    .await?;
+    let mut lines = vec![(true, format!("outbox {} reachable", store.server()))];
+    for (account, _since, reason) in store.paused_accounts().await? {
+        lines.push((
+            false,
+            format!("account {account}: delivery is paused: {reason}"),
+        ));
+    }
+    let now = sendbox_outbox::now_ms();
+    for n in store.nodes().await? {
+        let ago = (now - n.seen_ms).max(0) / 1000;
+        let alive = ago <= pg.lease.as_secs() as i64;
+        lines.push((
+            true,
+            format!(
+                "node {}{}: seen {ago} s ago ({}), holds {} message(s) under lease{}",
+                n.node,
+                if n.node == pg.node { " (this one)" } else { "" },
+                n.detail,
+                n.leases,
+                if alive {
+                    ""
+                } else {
+                    "; not seen for a lease: its messages go to the others"
+                }
+            ),
+        ));
+    }
+    Ok(lines)
+}
+
 async fn check_account(account: AccountConfig) -> Result<Vec<String>, Vec<String>> {
     let mut done = Vec::new();
     let name = account.name.clone();

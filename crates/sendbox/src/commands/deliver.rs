@@ -26,12 +26,13 @@ pub struct DeliverArgs {
 impl DeliverArgs {
     /// Runs the workers.
     pub fn run(self) -> anyhow::Result<ExitCode> {
-        let daemon = Daemon::open(&self.config, "sendbox deliver")?;
         let mode = Mode::DeliverOnly {
             until_empty: self.until_empty,
         };
-        let stopped =
-            tokio_runtime()?.block_on(async { daemon.run(mode, Shutdown::on_signals()?).await })?;
+        let stopped = tokio_runtime()?.block_on(async {
+            let daemon = Daemon::open(&self.config, "sendbox deliver").await?;
+            daemon.run(mode, Shutdown::on_signals()?).await
+        })?;
         Ok(stopped.exit_code())
     }
 }

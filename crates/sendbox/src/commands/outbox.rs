@@ -16,7 +16,22 @@ fn open(c: &ConfigArg) -> anyhow::Result<Outbox> {
     // environment need not resolve here.
     let store =
         crate::config::store_path(&c.config).map_err(|e| coded(exit::EX_CONFIG, e.to_string()))?;
+    refuse_postgres(&store)?;
     Outbox::open(&store).map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))
+}
+
+/// These commands read and change a SQLite file; a shared PostgreSQL
+/// outbox is not theirs yet.
+fn refuse_postgres(store: &std::path::Path) -> anyhow::Result<()> {
+    if crate::config::is_postgres_url(store) {
+        return Err(coded(
+            exit::EX_USAGE,
+            "`sendbox outbox` and `sendbox suppress` work on a SQLite store; this config's store is \
+             PostgreSQL: run `sendbox check` for paused accounts and nodes, and query the database \
+             (tables `messages`, `audit`, `suppressions`) with psql meanwhile",
+        ));
+    }
+    Ok(())
 }
 
 fn not_found(e: OutboxError) -> anyhow::Error {
@@ -193,6 +208,9 @@ impl OutboxCommand {
                 // needed for that.
                 let cfg = crate::config::load_without_secrets(&config.config)
                     .map_err(|e| coded(exit::EX_CONFIG, e.to_string()))?;
+                if cfg.postgres.is_some() {
+                    refuse_postgres(std::path::Path::new("postgres://"))?;
+                }
                 let outbox = Outbox::open(&cfg.store)
                     .map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?;
                 let p = outbox

@@ -22,7 +22,6 @@ impl RunArgs {
     /// Runs the daemon until a signal.
     pub fn run(self) -> anyhow::Result<ExitCode> {
         let started = std::time::Instant::now();
-        let daemon = Daemon::open(&self.config, "sendbox run")?;
         let on_ready = Box::new(move |ready: Ready| {
             // The line scripts and tests wait for.
             println!(
@@ -32,6 +31,7 @@ impl RunArgs {
             let _ = std::io::stdout().flush();
         });
         let stopped = tokio_runtime()?.block_on(async {
+            let daemon = Daemon::open(&self.config, "sendbox run").await?;
             daemon
                 .run(Mode::Serve { on_ready }, Shutdown::on_signals()?)
                 .await

@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use toml::Spanned;
+
+use super::secrets::secret_bytes;
 
 use super::*;
 
@@ -14,9 +17,13 @@ pub struct RawDaemon {
     /// Where compiled plugin code is cached, e.g. `"var/cache"`. Default:
     /// `$XDG_CACHE_HOME/sendbox` or `~/.cache/sendbox`.
     pub cache_dir: Option<PathBuf>,
-    /// The outbox database (SQLite), relative to this file. Default
-    /// `"var/sendbox.db"`.
+    /// The outbox: a SQLite file, relative to this file (default
+    /// `"var/sendbox.db"`), or a PostgreSQL database several nodes share,
+    /// `"postgres://USER@HOST:PORT/DATABASE"` (no password here: see
+    /// `[daemon.postgres]`).
     pub store: Option<PathBuf>,
+    /// `[daemon.postgres]`: how this node uses a `postgres://` store.
+    pub postgres: Option<Spanned<RawPostgres>>,
     /// Where webhooks are served, e.g. `"127.0.0.1:8025"`. Default
     /// `"127.0.0.1:8025"`; port 0 picks a free one.
     pub listen: Option<String>,
@@ -42,6 +49,119 @@ pub struct RawDaemon {
     pub keep_sent_days: Option<u32>,
     /// Days a `dead` message (and its history) is kept. Default 90.
     pub keep_dead_days: Option<u32>,
+}
+
+/// `[daemon.postgres]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPostgres {
+    /// The role's password, by reference (`{ env = "..." }` or
+    /// `{ file = "..." }`); none for `trust` or `peer` authentication.
+    pub password: Option<Spanned<RawSecretRef>>,
+    /// This node's name, written on the messages it holds and shown by
+    /// `sendbox check` on every node. Unique per node. Default: the host
+    /// name.
+    pub node: Option<String>,
+    /// Connections this node keeps to the database. Default 8.
+    pub pool: Option<usize>,
+    /// Seconds a message this node claimed stays its own without being
+    /// renewed (renewed every third of it while the node lives); a node
+    /// that dies has its messages sent by another after this. Default 60.
+    pub lease_secs: Option<u64>,
+}
+
+/// A `postgres://` store, validated.
+#[derive(Clone)]
+pub struct PostgresStore {
+    /// The connection URL, without a password.
+    pub url: String,
+    /// The password, if the role needs one.
+    pub password: Option<sendbox_auth::Secret>,
+    /// This node's name.
+    pub node: String,
+    /// Connections to keep.
+    pub pool: usize,
+    /// A claimed message's lease.
+    pub lease: std::time::Duration,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("url", &self.url)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("node", &self.node)
+            .field("pool", &self.pool)
+            .field("lease", &self.lease)
+            .finish()
+    }
+}
+
+/// Whether `store` names a PostgreSQL database rather than a file.
+pub fn is_postgres_url(store: &Path) -> bool {
+    let s = store.to_string_lossy();
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
+/// This machine's host name (the default node name).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "sendbox".into())
+}
+
+/// Validates a `postgres://` store and its `[daemon.postgres]` table.
+pub(super) fn postgres_store(
+    cx: &mut Ctx<'_>,
+    url: &str,
+    raw: Option<Spanned<RawPostgres>>,
+) -> Option<PostgresStore> {
+    let offset = raw.as_ref().map_or(0, |r| r.span().start);
+    let raw = raw.map(Spanned::into_inner).unwrap_or_default();
+    let authority = url
+        .split_once("://")
+        .map_or("", |(_, rest)| rest.split(['/', '?']).next().unwrap_or(""));
+    if authority
+        .rsplit_once('@')
+        .is_some_and(|(user, _)| user.contains(':'))
+    {
+        cx.error(
+            0,
+            "daemon.store",
+            "the URL holds a password: remove it, and give it by reference as              `[daemon.postgres] password = { env = \"...\" }` (or `{ file = \"...\" }`)",
+        );
+        return None;
+    }
+    let password = match &raw.password {
+        Some(r) => {
+            let bytes = secret_bytes(cx, r.span().start, "daemon.postgres.password", r.get_ref())?;
+            Some(sendbox_auth::Secret::new(
+                String::from_utf8_lossy(&bytes).trim().to_owned(),
+            ))
+        }
+        None => None,
+    };
+    if raw.pool == Some(0) {
+        cx.error(offset, "daemon.postgres.pool", "must be at least 1");
+        return None;
+    }
+    if raw.lease_secs.is_some_and(|s| s < 3) {
+        cx.error(
+            offset,
+            "daemon.postgres.lease_secs",
+            "must be at least 3 (leases are renewed every third of it)",
+        );
+        return None;
+    }
+    Some(PostgresStore {
+        url: url.to_owned(),
+        password,
+        node: raw.node.unwrap_or_else(host_name),
+        pool: raw.pool.unwrap_or(8),
+        lease: std::time::Duration::from_secs(raw.lease_secs.unwrap_or(60)),
+    })
 }
 
 /// How long finished work stays in the outbox; pruned hourly by `sendbox
@@ -99,7 +219,7 @@ pub fn store_path(path: &Path) -> Result<PathBuf, ConfigErrors> {
         .daemon
         .store
         .unwrap_or_else(|| PathBuf::from("var/sendbox.db"));
-    Ok(if store.is_absolute() {
+    Ok(if store.is_absolute() || is_postgres_url(&store) {
         store
     } else {
         path.parent().unwrap_or(Path::new(".")).join(store)

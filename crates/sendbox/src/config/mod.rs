@@ -22,7 +22,7 @@ mod tests;
 mod triggers;
 
 pub use account::{AccountConfig, AccountKind, RawAccount, SecretHash, SmtpAccount};
-pub use daemon::{RawDaemon, Retention, store_path};
+pub use daemon::{PostgresStore, RawDaemon, RawPostgres, Retention, is_postgres_url, store_path};
 
 pub use listener::{ListenerConfig, RawListener};
 pub use plugin::{Fingerprint, PluginConfig, RawPlugin};
@@ -60,8 +60,10 @@ pub struct Config {
     pub path: PathBuf,
     /// Compiled-code cache.
     pub cache_dir: Option<PathBuf>,
-    /// The outbox database.
+    /// The outbox database (SQLite), when `postgres` is `None`.
     pub store: PathBuf,
+    /// The shared PostgreSQL outbox, when `store` is a `postgres://` URL.
+    pub postgres: Option<PostgresStore>,
     /// Webhook listen address.
     pub listen: String,
     /// Caps and timeouts of the webhook server.
@@ -161,7 +163,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
 }
 
 fn parse_with(path: &Path, source: &str, resolve_secrets: bool) -> Result<Config, ConfigErrors> {
-    let raw: RawConfig = toml::from_str(source).map_err(|e| {
+    let mut raw: RawConfig = toml::from_str(source).map_err(|e| {
         let at = e
             .span()
             .map(|s| position(path, source, s.start))
@@ -291,6 +293,22 @@ fn parse_with(path: &Path, source: &str, resolve_secrets: bool) -> Result<Config
             }
         }
     }
+    let postgres_url = (raw.daemon.store.as_deref())
+        .filter(|s| daemon::is_postgres_url(s))
+        .map(|s| s.to_string_lossy().into_owned());
+    let postgres = match postgres_url {
+        Some(url) => daemon::postgres_store(&mut cx, &url, raw.daemon.postgres.take()),
+        None => {
+            if let Some(p) = &raw.daemon.postgres {
+                cx.error(
+                    p.span().start,
+                    "daemon.postgres",
+                    "is only for a `postgres://` store: set `[daemon] store = \"postgres://USER@HOST:PORT/DATABASE\"`, or remove this table",
+                );
+            }
+            None
+        }
+    };
     if !cx.errors.is_empty() {
         return Err(ConfigErrors { errors: cx.errors });
     }
@@ -337,6 +355,7 @@ fn parse_with(path: &Path, source: &str, resolve_secrets: bool) -> Result<Config
                 .as_deref()
                 .unwrap_or(Path::new("var/sendbox.db")),
         ),
+        postgres,
         accounts,
         plugins,
         listeners,

@@ -281,7 +281,21 @@ mod example_files {
         unsafe {
             std::env::set_var("M365_CLIENT_SECRET", "example-secret");
             std::env::set_var("GOOGLE_CLIENT_SECRET", "example-secret");
+            std::env::set_var("SENDBOX_PG_PASSWORD", "example-pg-password");
         }
+        let node = load(&example("cluster-node.toml")).unwrap();
+        let pg = node.postgres.as_ref().expect("a postgres:// store");
+        assert_eq!(pg.url, "postgres://sendbox@db.internal:5432/sendbox");
+        assert_eq!(pg.node, "mail-1");
+        assert_eq!((pg.pool, pg.lease.as_secs()), (8, 60));
+        assert_eq!(
+            pg.password.as_ref().map(sendbox_auth::Secret::expose),
+            Some("example-pg-password")
+        );
+        assert!(
+            !format!("{node:?}").contains("example-pg-password"),
+            "the password never shows in Debug"
+        );
         let m365 = load(&example("microsoft365-app-only.toml")).unwrap();
         let AccountKind::Smtp(a) = &m365.accounts["alerts"].kind else {
             panic!()
@@ -335,5 +349,53 @@ mod example_files {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_postgres_store_refuses_a_password_in_its_url_and_names_the_fix() {
+        let errs = parse(
+            Path::new("/etc/sendbox/sendbox.toml"),
+            "[daemon]\nstore = \"postgres://sendbox:hunter2@db:5432/sendbox\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            errs.contains("`daemon.store`: the URL holds a password"),
+            "{errs}"
+        );
+        assert!(
+            errs.contains("[daemon.postgres] password = { env"),
+            "{errs}"
+        );
+        assert!(!errs.contains("hunter2"), "{errs}");
+    }
+
+    #[test]
+    fn a_postgres_table_without_a_postgres_store_is_refused_with_its_line() {
+        let errs = parse(
+            Path::new("/etc/sendbox/sendbox.toml"),
+            "[daemon]\nstore = \"var/sendbox.db\"\n\n[daemon.postgres]\nnode = \"a\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            (errs.contains("/etc/sendbox/sendbox.toml:4:")
+                || errs.contains("/etc/sendbox/sendbox.toml:5:"))
+                && errs.contains("`daemon.postgres`: is only for a `postgres://` store"),
+            "{errs}"
+        );
+    }
+
+    #[test]
+    fn a_postgres_node_defaults_to_the_host_name() {
+        let cfg = parse(
+            Path::new("/etc/sendbox/sendbox.toml"),
+            "[daemon]\nstore = \"postgresql://sendbox@db/sendbox\"\n",
+        )
+        .unwrap();
+        let pg = cfg.postgres.unwrap();
+        assert!(!pg.node.is_empty());
+        assert_eq!((pg.pool, pg.lease.as_secs()), (8, 60));
+        assert!(pg.password.is_none());
     }
 }

@@ -5,14 +5,22 @@
 
 use std::sync::Arc;
 
-use sendbox_outbox::{Call, Outbox, OutboxError, Store};
+use sendbox_outbox::{AnyStore, Call, Outbox, OutboxError, Store};
 use sendbox_runtime::{StateError, StateStore, Versioned};
 use sendbox_triggers::{Dispatch, Dispatched, Job};
 
 use super::registry::{Registry, Wakers};
 
 /// Plugin state, read from the outbox's database.
-pub struct OutboxState(pub Arc<Outbox>);
+pub struct OutboxState(pub AnyStore);
+
+/// Runs an async store call from synchronous code: a blocking thread (a
+/// plugin's state read) or a runtime worker (the `/metrics` page), which
+/// hands its other tasks to another worker meanwhile.
+pub fn wait_for<F: std::future::Future>(f: F) -> F::Output {
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| handle.block_on(f))
+}
 
 fn state_err(e: OutboxError) -> StateError {
     StateError(e.to_string())
@@ -20,16 +28,29 @@ fn state_err(e: OutboxError) -> StateError {
 
 impl StateStore for OutboxState {
     fn get(&self, plugin: &str, key: &str) -> Result<Option<Versioned>, StateError> {
-        // The blocking reads: the plugin runs on a blocking thread.
-        Ok(Outbox::plugin_state_get(&self.0, plugin, key)
+        // The plugin runs on a blocking thread: SQLite is read directly,
+        // PostgreSQL through the runtime.
+        let got = match &self.0 {
+            AnyStore::Sqlite(o) => Outbox::plugin_state_get(o, plugin, key),
+            store => wait_for(store.plugin_state_get(plugin, key)),
+        };
+        Ok(got
             .map_err(state_err)?
             .map(|(value, version)| Versioned { value, version }))
     }
     fn keys(&self, plugin: &str, prefix: &str, limit: usize) -> Result<Vec<String>, StateError> {
-        Outbox::plugin_state_keys(&self.0, plugin, prefix, limit).map_err(state_err)
+        match &self.0 {
+            AnyStore::Sqlite(o) => Outbox::plugin_state_keys(o, plugin, prefix, limit),
+            store => wait_for(store.plugin_state_keys(plugin, prefix, limit)),
+        }
+        .map_err(state_err)
     }
     fn usage_bytes(&self, plugin: &str) -> Result<u64, StateError> {
-        Outbox::plugin_state_usage(&self.0, plugin).map_err(state_err)
+        match &self.0 {
+            AnyStore::Sqlite(o) => Outbox::plugin_state_usage(o, plugin),
+            store => wait_for(store.plugin_state_usage(plugin)),
+        }
+        .map_err(state_err)
     }
 }
 
@@ -37,7 +58,7 @@ impl StateStore for OutboxState {
 /// nudge to the account's delivery worker.
 pub fn dispatcher(
     plugins: Arc<Registry>,
-    outbox: Arc<Outbox>,
+    outbox: AnyStore,
     wakers: Arc<Wakers>,
     metrics: Arc<crate::metrics::Metrics>,
 ) -> Dispatch {
@@ -53,6 +74,32 @@ pub fn dispatcher(
                 sendbox_types::Event::Schedule(t) => Some(t.clone()),
                 _ => None,
             };
+            // Several nodes on one store: each tick runs on the first node
+            // that takes it.
+            if let Some(tick) = &tick {
+                match outbox
+                    .claim_schedule_tick(&plugin_name, &tick.schedule, tick.scheduled_at_ms)
+                    .await
+                {
+                    Ok(true) => {
+                        tracing::info!(plugin = %plugin_name, schedule = %tick.schedule, scheduled_at_ms = tick.scheduled_at_ms, "schedule tick taken by this node");
+                    }
+                    Ok(false) => {
+                        tracing::debug!(plugin = %plugin_name, schedule = %tick.schedule, "tick taken by another node");
+                        metrics.event(trigger, &plugin_name, "run_elsewhere");
+                        return Dispatched::Committed {
+                            queued: Vec::new(),
+                            duplicates: Vec::new(),
+                            response: None,
+                        };
+                    }
+                    Err(e) => {
+                        tracing::warn!(plugin = %plugin_name, error = %e, "cannot take the schedule's tick");
+                        metrics.event(trigger, &plugin_name, "store_failed");
+                        return Dispatched::StoreFailed(e.to_string());
+                    }
+                }
+            }
             let result = run_job(job, &plugins, &outbox, &wakers, &metrics).await;
             if let Some(tick) = tick {
                 // Remembered so a restart can catch up on runs it missed.
@@ -94,7 +141,7 @@ enum Turn<'a> {
 async fn run_job(
     job: Job,
     plugins: &Registry,
-    outbox: &Arc<Outbox>,
+    outbox: &AnyStore,
     wakers: &Wakers,
     metrics: &crate::metrics::Metrics,
 ) -> Dispatched {

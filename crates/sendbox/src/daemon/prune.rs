@@ -1,8 +1,6 @@
 //! Retention: finished work deleted in batches, every hour.
 
-use std::sync::Arc;
-
-use sendbox_outbox::{Outbox, Store};
+use sendbox_outbox::{AnyStore, Store};
 
 /// How often finished work past its retention is deleted.
 pub const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -11,7 +9,7 @@ pub const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600
 /// hold up commits for long.
 pub async fn prune_every(
     period: std::time::Duration,
-    outbox: Arc<Outbox>,
+    outbox: AnyStore,
     retention: crate::config::Retention,
 ) {
     let mut ticks = tokio::time::interval(period);

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sendbox_delivery::AllowedFrom;
-use sendbox_outbox::{Outbox, State, Store};
+use sendbox_outbox::{AnyStore, State, Store};
 use sendbox_runtime::{Runtime, RuntimeOptions};
 
 use super::prune::{PRUNE_EVERY, prune_every};
@@ -139,18 +139,18 @@ impl Stopped {
 pub struct Daemon {
     config_path: PathBuf,
     cfg: Config,
-    outbox: Arc<Outbox>,
+    outbox: AnyStore,
 }
 
 impl Daemon {
     /// Loads the config (its warnings logged) and opens the outbox for
     /// delivery, as `holder` (named to whoever else tries).
-    pub fn open(config_path: &Path, holder: &str) -> anyhow::Result<Daemon> {
+    pub async fn open(config_path: &Path, holder: &str) -> anyhow::Result<Daemon> {
         let cfg = load_config(config_path)?;
         for w in &cfg.warnings {
             tracing::warn!("{w}");
         }
-        let outbox = open_and_recover(&cfg.store, holder)?;
+        let outbox = open_and_recover(&cfg, holder).await?;
         Ok(Daemon {
             config_path: config_path.to_owned(),
             cfg,
@@ -330,7 +330,7 @@ impl Daemon {
 }
 
 /// Whether anything is left to send (or the count could not be read).
-async fn pending(outbox: &Arc<Outbox>) -> bool {
+async fn pending(outbox: &AnyStore) -> bool {
     outbox.depth().await.map_or(true, |d| {
         d.iter()
             .any(|(s, n)| *n > 0 && matches!(s, State::Queued | State::Sending | State::Retry))
@@ -366,6 +366,7 @@ mod tests {
     //! outbox is empty.
 
     use super::*;
+    use sendbox_outbox::Outbox;
     use sendbox_test_support::wasm;
 
     fn config(dir: &Path) -> PathBuf {
@@ -398,7 +399,7 @@ mod tests {
     async fn serve_commits_an_event_delivers_it_and_drains_on_one_request() {
         let dir = tempfile::tempdir().unwrap();
         let file = config(dir.path());
-        let daemon = Daemon::open(&file, "test").unwrap();
+        let daemon = Daemon::open(&file, "test").await.unwrap();
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
         let on_ready = Box::new(move |ready: Ready| {
             let _ = ready_tx.send(ready.webhooks);
@@ -425,7 +426,7 @@ mod tests {
         // Accepted before the request: delivered before the drain ended.
         assert_eq!(mails(dir.path()), 1);
         // The outbox is closed and unlocked: the next process opens it.
-        Daemon::open(&file, "next").unwrap();
+        Daemon::open(&file, "next").await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -456,7 +457,7 @@ mod tests {
         outbox.close();
         drop(outbox);
 
-        let daemon = Daemon::open(&file, "test").unwrap();
+        let daemon = Daemon::open(&file, "test").await.unwrap();
         let (_handle, shutdown) = Shutdown::manual();
         let stopped = daemon
             .run(Mode::DeliverOnly { until_empty: true }, shutdown)

@@ -9,7 +9,7 @@ use sendbox_auth::TokenProvider;
 use sendbox_mail::Transport;
 use sendbox_mail::file::FileTransport;
 use sendbox_mail::smtp::SmtpTransport;
-use sendbox_outbox::Outbox;
+use sendbox_outbox::{AnyStore, Outbox, PgOutbox, Store};
 
 use crate::config::{self, AccountConfig, AccountKind, Config};
 use crate::exit::{self, coded};
@@ -57,17 +57,37 @@ pub fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// Opens the outbox and requeues what a previous run left in `sending`.
-pub fn open_and_recover(store: &std::path::Path, holder: &str) -> anyhow::Result<Arc<Outbox>> {
-    let outbox =
-        Arc::new(Outbox::open(store).map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?);
-    // One delivering process per database: a second would requeue the
-    // first one's messages in flight and send them twice.
+/// Opens the outbox the config names — its SQLite file, or the shared
+/// PostgreSQL database as this node — and requeues what a previous run
+/// left in `sending` (on PostgreSQL: this node's, and any node's whose
+/// lease expired).
+pub async fn open_and_recover(cfg: &Config, holder: &str) -> anyhow::Result<AnyStore> {
+    let outbox: AnyStore = match &cfg.postgres {
+        None => {
+            Arc::new(Outbox::open(&cfg.store).map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?)
+                .into()
+        }
+        Some(pg) => PgOutbox::connect(
+            &pg.url,
+            pg.password.as_ref().map(sendbox_auth::Secret::expose),
+            &pg.node,
+            pg.pool,
+            pg.lease,
+        )
+        .await
+        .map_err(|e| coded(exit::EX_TEMPFAIL, e.to_string()))?
+        .into(),
+    };
+    // SQLite: one delivering process per database (a second would requeue
+    // the first one's messages in flight and send them twice). PostgreSQL:
+    // this node registers; leases keep the nodes apart.
     outbox
         .lock_for_delivery(holder)
+        .await
         .map_err(|e| coded(exit::EX_TEMPFAIL, e.to_string()))?;
     let recovered = outbox
         .recover()
+        .await
         .map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?;
     if recovered > 0 {
         tracing::warn!(

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use sendbox_outbox::{Call, Outbox, OutboxError, Store};
+use sendbox_outbox::{AnyStore, Call, OutboxError, Store};
 use sendbox_submission::{Handler, Reply, Submission};
 use sendbox_types::{Bytes, Email, Submitted, Verdict};
 use tokio::sync::watch;
@@ -42,7 +42,7 @@ impl Listeners {
     pub async fn start(
         listeners: BTreeMap<String, ListenerConfig>,
         mailboxes: &HashMap<String, String>,
-        outbox: &Arc<Outbox>,
+        outbox: &AnyStore,
         wakers: &Arc<Wakers>,
         registry: &Arc<Registry>,
     ) -> anyhow::Result<Listeners> {
@@ -96,7 +96,7 @@ impl Listeners {
 fn handler(
     l: &ListenerConfig,
     mailbox: String,
-    outbox: Arc<Outbox>,
+    outbox: AnyStore,
     wakers: Arc<Wakers>,
     registry: Arc<Registry>,
 ) -> Handler {
@@ -163,7 +163,7 @@ async fn screened(
     listener: &Listener,
     plugin: &str,
     event_id: &str,
-    outbox: &Arc<Outbox>,
+    outbox: &AnyStore,
     registry: &Arc<Registry>,
 ) -> Result<Call, Reply> {
     let try_later = |why: &str| {

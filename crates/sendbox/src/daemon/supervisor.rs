@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sendbox_delivery::AllowedFrom;
-use sendbox_outbox::Outbox;
+use sendbox_outbox::{AnyStore, Store};
 use sendbox_runtime::{Plugin, Runtime};
 use sendbox_triggers::Dispatch;
 use sendbox_triggers::webhook::{Route, RouteTable};
@@ -72,7 +72,7 @@ struct Running {
 /// applies config changes.
 pub struct Supervisor {
     pub(super) runtime: Runtime,
-    pub(super) outbox: Arc<Outbox>,
+    pub(super) outbox: AnyStore,
     pub(super) registry: Arc<Registry>,
     pub(super) routes: RouteTable,
     pub(super) dispatch: Dispatch,
@@ -124,7 +124,7 @@ impl Supervisor {
     /// `restart_fingerprint` is the config's.
     pub fn new(
         runtime: Runtime,
-        outbox: Arc<Outbox>,
+        outbox: AnyStore,
         shared: &Shared,
         dispatch: Dispatch,
         restart_fingerprint: String,
@@ -365,19 +365,18 @@ impl Supervisor {
             }
         }
         for sch in p.schedules.iter().cloned() {
-            let last = match self.outbox.schedule_run(&sch.plugin, &sch.name) {
-                Ok(last) => last,
-                Err(e) => {
-                    tracing::error!(plugin = %sch.plugin, schedule = %sch.name, error = %e, "cannot read the schedule's last run; missed runs are skipped");
-                    None
-                }
-            };
-            tasks.spawn(sendbox_triggers::cron::run(
-                sch,
-                last,
-                self.dispatch.clone(),
-                stopped(),
-            ));
+            let (outbox, dispatch, stopped) =
+                (self.outbox.clone(), self.dispatch.clone(), stopped());
+            tasks.spawn(async move {
+                let last = match outbox.schedule_run(&sch.plugin, &sch.name).await {
+                    Ok(last) => last,
+                    Err(e) => {
+                        tracing::error!(plugin = %sch.plugin, schedule = %sch.name, error = %e, "cannot read the schedule's last run; missed runs are skipped");
+                        None
+                    }
+                };
+                sendbox_triggers::cron::run(sch, last, dispatch, stopped).await
+            });
         }
         TriggerTasks { stop, tasks }
     }
@@ -449,7 +448,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = config(dir.path(), "/hooks/a", "ops@example.com");
         let cfg = config::load(&file).unwrap();
-        let outbox = Arc::new(Outbox::open(&cfg.store).unwrap());
+        let outbox: AnyStore = Arc::new(sendbox_outbox::Outbox::open(&cfg.store).unwrap()).into();
         let runtime = Runtime::new(sendbox_runtime::RuntimeOptions::default()).unwrap();
         let shared = Shared::default();
         let dispatch: Dispatch =

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sendbox_delivery::{AccountWorker, AllowedFrom, DeliverySettings};
-use sendbox_outbox::Outbox;
+use sendbox_outbox::AnyStore;
 
 use super::setup::transport;
 
@@ -13,7 +13,7 @@ use super::setup::transport;
 /// one.
 pub fn account_worker(
     account: crate::config::AccountConfig,
-    outbox: &Arc<Outbox>,
+    outbox: &AnyStore,
     allowed_from: &AllowedFrom,
 ) -> anyhow::Result<(AccountWorker, Option<Arc<sendbox_auth::TokenProvider>>)> {
     let (name, mailbox) = (account.name.clone(), account.mailbox.clone());
@@ -56,7 +56,7 @@ pub async fn run_worker(worker: AccountWorker, mut stop: tokio::sync::watch::Rec
 /// true.
 pub fn start_workers(
     accounts: std::collections::BTreeMap<String, crate::config::AccountConfig>,
-    outbox: &Arc<Outbox>,
+    outbox: &AnyStore,
     allowed_from: &AllowedFrom,
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinSet<()>> {

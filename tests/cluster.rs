@@ -1,0 +1,299 @@
+//! Several `sendbox run` nodes on one PostgreSQL outbox, against the real
+//! peers: webhooks spread over the nodes are each delivered once, and a
+//! node killed with messages in flight loses none of them — another node
+//! sends them, with their original Message-IDs, once the lease expires.
+
+use crate::support::daemon;
+use sendbox_test_support::peers;
+use sendbox_test_support::postgres::Database;
+use sendbox_test_support::wasm;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use daemon::Daemon;
+use peers::Peers;
+
+const WEBHOOK_SECRET: &str = "webhook-secret-for-cluster-tests";
+
+/// A node's config: the shared database as node `node` (leases of
+/// `lease_secs`), the peers' account, webhook-bridge on `/hooks/alerts`.
+fn node_config(p: &Peers, db: &Database, dir: &Path, node: &str, lease_secs: u64) -> PathBuf {
+    node_config_with(p, db, dir, node, lease_secs, "")
+}
+
+/// [`node_config`] with more plugin sections.
+fn node_config_with(
+    p: &Peers,
+    db: &Database,
+    dir: &Path,
+    node: &str,
+    lease_secs: u64,
+    more: &str,
+) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("sendbox.toml");
+    let text = format!(
+        r#"[daemon]
+listen = "127.0.0.1:0"
+store = "{url}"
+cache_dir = "{cache}"
+shutdown_grace_secs = 30
+
+[daemon.postgres]
+node = "{node}"
+pool = 4
+lease_secs = {lease_secs}
+{account}
+[plugins.webhook-bridge]
+wasm = "{wasm}"
+account = "app"
+[plugins.webhook-bridge.config]
+to = "oncall@example.com"
+[plugins.webhook-bridge.webhook]
+path = "/hooks/alerts"
+secret = {{ env = "SENDBOX_TEST_WEBHOOK_SECRET" }}
+concurrency = 64
+{more}"#,
+        url = db.url,
+        cache = wasm::wasm_target_dir().join("sendbox-cache").display(),
+        account = p.app_account(),
+        wasm = wasm::example("webhook-bridge").display(),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn start(p: &Peers, config: &Path) -> Daemon {
+    let (var, secret) = p.app_env();
+    Daemon::start(
+        config,
+        &[
+            (var, &secret),
+            ("SENDBOX_TEST_WEBHOOK_SECRET", WEBHOOK_SECRET),
+        ],
+    )
+}
+
+/// The sample alert in alert group `group` (each its own email).
+fn alert(group: &str) -> Vec<u8> {
+    String::from_utf8(
+        std::fs::read(wasm::repo_root().join("plugins/webhook-bridge/samples/alert.json")).unwrap(),
+    )
+    .unwrap()
+    .replace(r#""groupKey": ""#, &format!(r#""groupKey": "{group}-"#))
+    .into_bytes()
+}
+
+/// POSTs `n` alerts (groups `{prefix}-0..n`), 16 at a time, each to the
+/// next node in turn; returns how many were answered 202.
+async fn post_spread(nodes: &[&Daemon], prefix: &str, n: usize) -> usize {
+    let bases: Vec<String> = nodes.iter().map(|d| d.base.clone()).collect();
+    let client = reqwest::Client::new();
+    let mut accepted = 0;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(16) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for &i in chunk {
+            let (client, base) = (client.clone(), bases[i % bases.len()].clone());
+            let body = alert(&format!("{prefix}-{i}"));
+            tasks.spawn(async move {
+                client
+                    .post(format!("{base}/hooks/alerts"))
+                    .header("content-type", "application/json")
+                    .header("x-hub-signature-256", daemon::sign(WEBHOOK_SECRET, &body))
+                    .body(body)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            });
+        }
+        for status in tasks.join_all().await {
+            if status.is_ok_and(|s| s == 202) {
+                accepted += 1;
+            }
+        }
+    }
+    accepted
+}
+
+/// The Message-ID of a raw message.
+fn message_id(raw: &str) -> String {
+    raw.split("\r\n\r\n")
+        .next()
+        .unwrap_or("")
+        .split("\r\n")
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case("message-id"))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_default()
+}
+
+/// How many times each Message-ID arrived at the SMTP peer.
+async fn arrived(p: &Peers) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for m in p.messages().await {
+        *seen.entry(message_id(&m.raw)).or_insert(0) += 1;
+    }
+    seen
+}
+
+/// Waits until the SMTP peer has `n` distinct messages (or fails after
+/// `limit`), then a second more for stragglers; returns how many times
+/// each Message-ID arrived.
+async fn arrivals(p: &Peers, n: usize, limit: Duration) -> HashMap<String, usize> {
+    let start = Instant::now();
+    loop {
+        let distinct = arrived(p).await.len();
+        if distinct >= n {
+            break;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "only {distinct} of {n} messages arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    arrived(p).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_one_database_deliver_every_webhook_once() {
+    let p = Peers::start();
+    let db = Database::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(
+        &p,
+        &node_config(&p, &db, &dir.path().join("a"), "node-a", 60),
+    );
+    let b = start(
+        &p,
+        &node_config(&p, &db, &dir.path().join("b"), "node-b", 60),
+    );
+    let n = 300;
+    assert_eq!(post_spread(&[&a, &b], "spread", n).await, n);
+    let seen = arrivals(&p, n, Duration::from_secs(120)).await;
+    assert_eq!(seen.len(), n, "{n} distinct messages");
+    assert!(seen.values().all(|&k| k == 1), "each exactly once");
+    // Both nodes served webhooks into the one outbox, and say who they are.
+    for (d, node) in [(&a, "node-a"), (&b, "node-b")] {
+        let m = d.metrics().await;
+        assert!(
+            m.contains(&format!("sendbox_node_info{{node=\"{node}\"}} 1")),
+            "{m}"
+        );
+    }
+    let sent = db
+        .query("SELECT COUNT(*) FROM messages WHERE state = 'sent'")
+        .await;
+    assert_eq!(sent, [n.to_string()]);
+    let committed_by: Vec<String> = db.query("SELECT COUNT(DISTINCT detail) FROM nodes").await;
+    assert_eq!(committed_by, ["2"], "both nodes registered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_delivery_loses_nothing() {
+    let p = Peers::start();
+    let db = Database::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    // The SMTP peer answers each message 150 ms late, so node a is killed
+    // with messages in flight (some already received by the peer, their
+    // results not recorded); b starts only afterwards.
+    p.faults(serde_json::json!([{"stage": "data", "count": 100000, "hold_ms": 150}]))
+        .await;
+    let mut a = start(
+        &p,
+        &node_config(&p, &db, &dir.path().join("a"), "node-a", 3),
+    );
+    let n = 60;
+    assert_eq!(post_spread(&[&a], "killed", n).await, n);
+    let waiting = Instant::now();
+    while p.stats().await.messages < 6 {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(60),
+            "node a sends nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.child.kill().unwrap(); // SIGKILL, mid-delivery
+    a.child.wait().unwrap();
+    let in_flight: usize = db
+        .query("SELECT COUNT(*) FROM messages WHERE state = 'sending'")
+        .await[0]
+        .parse()
+        .unwrap();
+    assert!(in_flight > 0, "killed mid-delivery");
+    p.faults(serde_json::json!([])).await;
+    let b = start(
+        &p,
+        &node_config(&p, &db, &dir.path().join("b"), "node-b", 3),
+    );
+    let seen = arrivals(&p, n, Duration::from_secs(120)).await;
+    assert_eq!(seen.len(), n, "every message arrived");
+    let twice = seen.values().filter(|&&k| k > 1).count();
+    assert!(
+        twice <= in_flight,
+        "only messages in flight at the kill may arrive twice: {twice} > {in_flight}"
+    );
+    assert!(seen.values().all(|&k| k <= 2));
+    eprintln!("killed with {in_flight} in flight; {twice} arrived twice (same Message-ID)");
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_on_three_nodes_runs_each_tick_once() {
+    let p = Peers::start();
+    let db = Database::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let digest = format!(
+        r#"
+[plugins.daily-digest]
+wasm = "{}"
+account = "app"
+[plugins.daily-digest.config]
+to = "team@example.com"
+[[plugins.daily-digest.schedule]]
+name = "every-second"
+cron = "* * * * * *"
+"#,
+        wasm::example("daily-digest").display()
+    );
+    let nodes: Vec<Daemon> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|n| {
+            start(
+                &p,
+                &node_config_with(&p, &db, &dir.path().join(n), n, 60, &digest),
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    // Every node logs the ticks it took, by due time.
+    let mut taken: HashMap<String, Vec<&str>> = HashMap::new();
+    let logs: Vec<String> = nodes.iter().map(Daemon::logs).collect();
+    for (k, log) in logs.iter().enumerate() {
+        for line in log
+            .lines()
+            .filter(|l| l.contains("schedule tick taken by this node"))
+        {
+            let at = line
+                .split("scheduled_at_ms=")
+                .nth(1)
+                .and_then(|r| r.split([' ', ',', '}']).next())
+                .unwrap_or_else(|| panic!("no due time in {line:?}"))
+                .to_owned();
+            taken.entry(at).or_default().push(["n1", "n2", "n3"][k]);
+        }
+    }
+    assert!(taken.len() >= 5, "ticks taken over 8 s: {}", taken.len());
+    let twice: Vec<_> = taken.iter().filter(|(_, by)| by.len() > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "ticks run on more than one node: {twice:?}"
+    );
+    let by_nodes: std::collections::HashSet<&str> = taken.values().flatten().copied().collect();
+    eprintln!("{} ticks, taken by {by_nodes:?}", taken.len());
+}
