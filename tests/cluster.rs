@@ -192,6 +192,22 @@ async fn two_nodes_on_one_database_deliver_every_webhook_once() {
     assert_eq!(sent, [n.to_string()]);
     let committed_by: Vec<String> = db.query("SELECT COUNT(DISTINCT detail) FROM nodes").await;
     assert_eq!(committed_by, ["2"], "both nodes registered");
+
+    // `sendbox check` on either node sees the shared store and both nodes.
+    let (var, secret) = p.app_env();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sendbox"))
+        .args(["check", "--config"])
+        .arg(dir.path().join("b/sendbox.toml"))
+        .env(var, &secret)
+        .env("SENDBOX_TEST_WEBHOOK_SECRET", WEBHOOK_SECRET)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("reachable"), "{text}");
+    assert!(text.contains("node node-a: seen"), "{text}");
+    assert!(text.contains("node node-b (this one): seen"), "{text}");
+    assert!(text.contains("holds 0 message(s) under lease"), "{text}");
+    assert!(out.status.success(), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,4 +312,78 @@ cron = "* * * * * *"
     );
     let by_nodes: std::collections::HashSet<&str> = taken.values().flatten().copied().collect();
     eprintln!("{} ticks, taken by {by_nodes:?}", taken.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_state_stays_serializable_across_nodes() {
+    let p = Peers::start();
+    let db = Database::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Each event reads n, sleeps 20 ms, writes n+1 and mails "n=<n+1>".
+    let counter = format!(
+        r#"
+[plugins.counter]
+wasm = "{}"
+account = "app"
+[plugins.counter.config]
+mode = "counter"
+[plugins.counter.webhook]
+path = "/hooks/counter"
+unauthenticated = true
+concurrency = 16
+queue_ms = 60000
+"#,
+        wasm::hostile("hostile").display()
+    );
+    let nodes: Vec<Daemon> = ["s1", "s2"]
+        .iter()
+        .map(|n| {
+            start(
+                &p,
+                &node_config_with(&p, &db, &dir.path().join(n), n, 60, &counter),
+            )
+        })
+        .collect();
+    let client = reqwest::Client::new();
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..60 {
+        let (client, sem) = (client.clone(), sem.clone());
+        let url = format!("{}/hooks/counter", nodes[i % 2].base);
+        tasks.spawn(async move {
+            let _p = sem.acquire().await.unwrap();
+            client
+                .post(url)
+                .body("{}")
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        });
+    }
+    for status in tasks.join_all().await {
+        assert_eq!(status.unwrap(), 202);
+    }
+    // Every event, on whichever node, saw a different count: n=1..60.
+    let start_wait = Instant::now();
+    let subjects = loop {
+        let subjects: Vec<String> = p
+            .messages()
+            .await
+            .iter()
+            .filter_map(|m| {
+                m.raw
+                    .split("\r\n")
+                    .find_map(|l| l.strip_prefix("Subject: ").map(str::to_owned))
+            })
+            .filter(|s| s.starts_with("n="))
+            .collect();
+        if subjects.len() >= 60 || start_wait.elapsed() > Duration::from_secs(120) {
+            break subjects;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let seen: std::collections::BTreeSet<String> = subjects.iter().cloned().collect();
+    let expected: std::collections::BTreeSet<String> = (1..=60).map(|n| format!("n={n}")).collect();
+    assert_eq!(seen, expected);
+    assert_eq!(subjects.len(), 60, "each count once");
 }

@@ -110,7 +110,7 @@ async fn main() {
     );
     let real = dispatcher(
         Arc::new(Registry::new(plugins)),
-        outbox.clone(),
+        outbox.clone().into(),
         Arc::new(sendbox::daemon::Wakers::default()),
         Arc::new(sendbox::metrics::Metrics::default()),
     );
