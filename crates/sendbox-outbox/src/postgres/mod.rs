@@ -23,6 +23,8 @@ mod store;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use store::PluginAlone;
+
 use tokio_postgres::Row;
 
 use crate::{Message, OutboxError, State, StorageError, now_ms};

@@ -88,7 +88,8 @@ impl Pool {
         Ok(Conn(slot))
     }
 
-    async fn connect(&self) -> Result<Client, OutboxError> {
+    /// A connection of its own, outside the pool (closed when dropped).
+    pub(crate) async fn connect(&self) -> Result<Client, OutboxError> {
         let (client, connection) = self.config.connect(NoTls).await.map_err(|e| {
             OutboxError::Storage(StorageError(format!(
                 "cannot reach the database at {}: {} (is PostgreSQL running, and may this role connect?)",

@@ -25,6 +25,25 @@ impl PgOutbox {
         Ok(done)
     }
 
+    /// Makes the next run of `plugin` the only one committing across all
+    /// nodes until the returned [`PluginAlone`] is dropped: the plugin's
+    /// commit lock is held, on a connection of its own, from before the
+    /// event reads its state until its commit. Other nodes' commits of the
+    /// plugin that need the lock wait meanwhile, so the event cannot
+    /// conflict. (Within one node the dispatcher already lets no other
+    /// event of the plugin run.)
+    pub async fn plugin_alone(&self, plugin: &str) -> Result<PluginAlone, OutboxError> {
+        let client = self.pool.connect().await?;
+        client
+            .execute(
+                "SELECT pg_advisory_lock(hashtextextended($1, 0))",
+                &[&plugin],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(PluginAlone { client })
+    }
+
     /// One message.
     pub async fn get(&self, id: i64) -> Result<Message, OutboxError> {
         let conn = self.pool.get().await?;
@@ -317,6 +336,23 @@ impl PgOutbox {
                 return Ok(pruned);
             }
         }
+    }
+}
+
+/// A plugin's commit lock held across nodes; released when dropped (its
+/// connection closes).
+pub struct PluginAlone {
+    client: tokio_postgres::Client,
+}
+
+impl PluginAlone {
+    /// Commits the plugin's call under the held lock (taken again by the
+    /// commit in the same session, so it does not wait for itself).
+    pub async fn commit(&mut self, call: Call) -> Result<Committed, OutboxError> {
+        let tx = self.client.transaction().await.map_err(pg_err)?;
+        let done = commit::apply(&tx, &call).await?;
+        tx.commit().await.map_err(pg_err)?;
+        Ok(done)
     }
 }
 

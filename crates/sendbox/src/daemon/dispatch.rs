@@ -171,6 +171,17 @@ async fn run_job(
         } else {
             Turn::Alone(loaded.serial.write().await)
         };
+        // Several nodes on one PostgreSQL outbox: alone means alone across
+        // the nodes too, from before the run reads its state to its commit.
+        let mut alone = match outbox {
+            AnyStore::Postgres(pg) if attempt > OPTIMISTIC_ATTEMPTS => {
+                match pg.plugin_alone(&name).await {
+                    Ok(a) => Some(a),
+                    Err(e) => return Dispatched::StoreFailed(e.to_string()),
+                }
+            }
+            _ => None,
+        };
         let ran = {
             let (plugin, event, event_id, state) = (
                 loaded.plugin.clone(),
@@ -200,7 +211,12 @@ async fn run_job(
             reads: report.reads,
             state_quota_bytes: Some(loaded.plugin.settings().limits.state_bytes),
         };
-        match outbox.commit(call).await {
+        let committed = match alone.as_mut() {
+            Some(a) => a.commit(call).await,
+            None => outbox.commit(call).await,
+        };
+        drop(alone);
+        match committed {
             Err(OutboxError::Conflict(why)) if attempt < MAX_ATTEMPTS => {
                 tracing::debug!(plugin = %name, event_id = %event_id, attempt, %why, "state changed meanwhile: running the event again");
                 metrics.rerun(&name);
