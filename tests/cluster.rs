@@ -5,7 +5,7 @@
 
 use crate::support::daemon;
 use sendbox_test_support::peers;
-use sendbox_test_support::postgres::Database;
+use sendbox_test_support::postgres::{Database, Throwaway};
 use sendbox_test_support::wasm;
 
 use std::collections::HashMap;
@@ -20,13 +20,13 @@ const WEBHOOK_SECRET: &str = "webhook-secret-for-cluster-tests";
 /// A node's config: the shared database as node `node` (leases of
 /// `lease_secs`), the peers' account, webhook-bridge on `/hooks/alerts`.
 fn node_config(p: &Peers, db: &Database, dir: &Path, node: &str, lease_secs: u64) -> PathBuf {
-    node_config_with(p, db, dir, node, lease_secs, "")
+    node_config_with(p, &db.url, dir, node, lease_secs, "")
 }
 
 /// [`node_config`] with more plugin sections.
 fn node_config_with(
     p: &Peers,
-    db: &Database,
+    url: &str,
     dir: &Path,
     node: &str,
     lease_secs: u64,
@@ -56,7 +56,6 @@ path = "/hooks/alerts"
 secret = {{ env = "SENDBOX_TEST_WEBHOOK_SECRET" }}
 concurrency = 64
 {more}"#,
-        url = db.url,
         cache = wasm::wasm_target_dir().join("sendbox-cache").display(),
         account = p.app_account(),
         wasm = wasm::example("webhook-bridge").display(),
@@ -282,7 +281,7 @@ cron = "* * * * * *"
         .map(|n| {
             start(
                 &p,
-                &node_config_with(&p, &db, &dir.path().join(n), n, 60, &digest),
+                &node_config_with(&p, &db.url, &dir.path().join(n), n, 60, &digest),
             )
         })
         .collect();
@@ -340,7 +339,7 @@ queue_ms = 60000
         .map(|n| {
             start(
                 &p,
-                &node_config_with(&p, &db, &dir.path().join(n), n, 60, &counter),
+                &node_config_with(&p, &db.url, &dir.path().join(n), n, 60, &counter),
             )
         })
         .collect();
@@ -386,4 +385,90 @@ queue_ms = 60000
     let expected: std::collections::BTreeSet<String> = (1..=60).map(|n| format!("n={n}")).collect();
     assert_eq!(seen, expected);
     assert_eq!(subjects.len(), 60, "each count once");
+}
+
+/// POSTs one alert (group `group`) to `base`; the status (0: no answer).
+async fn post_one(base: &str, group: &str) -> u16 {
+    let body = alert(group);
+    reqwest::Client::new()
+        .post(format!("{base}/hooks/alerts"))
+        .header("content-type", "application/json")
+        .header("x-hub-signature-256", daemon::sign(WEBHOOK_SECRET, &body))
+        .body(body)
+        .send()
+        .await
+        .map_or(0, |r| r.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_restarting_mid_run_loses_nothing_acknowledged() {
+    let p = Peers::start();
+    let pg = Throwaway::start();
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(
+        &p,
+        &node_config_with(&p, &pg.url(), &dir.path().join("a"), "node-a", 60, ""),
+    );
+    // The SMTP peer answers 300 ms late, so the database goes away with
+    // messages in flight whose results cannot be written.
+    p.faults(serde_json::json!([{"stage": "data", "count": 100000, "hold_ms": 300}]))
+        .await;
+    let mut accepted = post_spread(&[&d], "before", 20).await;
+    assert_eq!(accepted, 20);
+    let sending = Instant::now();
+    while p.stats().await.messages < 1 {
+        assert!(sending.elapsed() < Duration::from_secs(30), "nothing sent");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    pg.down();
+    // Meanwhile: refused with 503, so the sender retries; nothing stored.
+    for i in 0..5 {
+        assert_eq!(post_one(&d.base, &format!("during-{i}")).await, 503);
+    }
+    d.wait_logged("cannot record delivery results; trying again", 1);
+    p.faults(serde_json::json!([])).await;
+    pg.up();
+    // The node reconnects by itself at the next use.
+    let back = Instant::now();
+    loop {
+        let status = post_one(&d.base, &format!("back-{}", back.elapsed().as_millis())).await;
+        if status == 202 {
+            accepted += 1;
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "still {status} 30 s after the database came back"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    accepted += post_spread(&[&d], "after", 20).await;
+    assert_eq!(accepted, 41);
+    // Every acknowledged webhook arrives, and nothing refused does.
+    let seen = arrivals(&p, accepted, Duration::from_secs(120)).await;
+    assert_eq!(seen.len(), accepted, "exactly the acknowledged ones");
+    assert!(
+        d.logs().contains("PostgreSQL connection lost")
+            || d.logs().contains("cannot reach the database"),
+        "the outage was noticed"
+    );
+    // And every result is on record: results that could not be written
+    // during the outage were kept and written once it was back.
+    let settled = Instant::now();
+    loop {
+        let counts = sendbox_test_support::postgres::query(
+            &pg.url(),
+            "SELECT (COUNT(*) FILTER (WHERE state = 'sent'))::text || '/' || COUNT(*)::text FROM messages",
+        )
+        .await;
+        if counts == [format!("{accepted}/{accepted}")] {
+            break;
+        }
+        assert!(
+            settled.elapsed() < Duration::from_secs(30),
+            "sent/all: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }

@@ -120,7 +120,10 @@ impl AccountWorker {
         let mut results: Vec<Mark> = Vec::new();
         // When the oldest result in `results` arrived.
         let mut oldest_result: Option<Instant> = None;
-        let mut recording: Option<JoinHandle<()>> = None;
+        let mut recording: Option<JoinHandle<Vec<Mark>>> = None;
+        // After a group could not be written (the store away), the next
+        // try waits until then.
+        let mut record_again_at: Option<Instant> = None;
         let mut recording_n = 0usize;
         let mut claiming: Option<JoinHandle<Result<Vec<Message>, OutboxError>>> = None;
         let mut asked = 0usize;
@@ -148,11 +151,13 @@ impl AccountWorker {
                 pace.take();
                 self.start(m, &mut sending);
             }
-            let flush_at = oldest_result.map(|t| t + LINGER);
-            let flush = results.len() >= GROUP_TARGET
-                || flush_at.is_some_and(|t| t <= Instant::now())
-                || sending.is_empty()
-                || ending.is_some();
+            let flush_at = oldest_result.map(|t| t + LINGER).max(record_again_at);
+            let waiting_to_retry = record_again_at.is_some_and(|t| t > Instant::now());
+            let flush = !waiting_to_retry
+                && (results.len() >= GROUP_TARGET
+                    || flush_at.is_some_and(|t| t <= Instant::now())
+                    || sending.is_empty()
+                    || ending.is_some());
             if recording.is_none() && !results.is_empty() && flush {
                 let group: Vec<Mark> = results.drain(..results.len().min(MAX_GROUP)).collect();
                 oldest_result = (!results.is_empty()).then(Instant::now);
@@ -243,9 +248,21 @@ impl AccountWorker {
                     }
                 }
                 _ = sleep_until(flush_at), if recording.is_none() && !results.is_empty() => {}
-                _ = finished(&mut recording) => {
+                written = finished(&mut recording) => {
                     recording = None;
                     recording_n = 0;
+                    // Not written: kept, first in line, and tried again in
+                    // a moment (what is held stays capped: sending stops
+                    // while MAX_UNRECORDED results wait).
+                    if let Ok(back) = written
+                        && !back.is_empty()
+                    {
+                        results.splice(0..0, back);
+                        oldest_result.get_or_insert_with(Instant::now);
+                        record_again_at = Some(Instant::now() + RECORD_RETRY);
+                    } else {
+                        record_again_at = None;
+                    }
                 }
                 _ = sleep_until(idle_until), if running && idle_until.is_some() => {
                     idle_until = None;
@@ -317,22 +334,31 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Writes one group of results; what cannot be written is logged (those
-/// messages stay `sending` until the next start recovers them).
-async fn record(outbox: sendbox_outbox::AnyStore, group: Vec<Mark>) {
+/// How long a group of results that could not be written waits before
+/// it is tried again.
+const RECORD_RETRY: Duration = Duration::from_secs(1);
+
+/// Writes one group of results; returns it if the store could not take it
+/// (to be tried again), nothing otherwise. A result the store refuses on
+/// its own (the message was retried or dropped meanwhile) is logged.
+async fn record(outbox: sendbox_outbox::AnyStore, group: Vec<Mark>) -> Vec<Mark> {
     let ids: Vec<i64> = group.iter().map(|m| m.id).collect();
-    match outbox.mark_many(group).await {
+    match outbox.mark_many(group.clone()).await {
         Ok(answers) => {
             for (id, answer) in ids.iter().zip(answers) {
                 if let Err(e) = answer {
                     tracing::warn!(id, error = %e, "delivery result not recorded");
                 }
             }
+            Vec::new()
         }
-        Err(e) => tracing::error!(
-            messages = ids.len(),
-            error = %e,
-            "cannot record delivery results; those messages will be retried after a restart"
-        ),
+        Err(e) => {
+            tracing::error!(
+                messages = ids.len(),
+                error = %e,
+                "cannot record delivery results; trying again"
+            );
+            group
+        }
     }
 }
