@@ -65,6 +65,52 @@ impl Default for Policy {
     }
 }
 
+/// The rate limits of a policy, each with its window in ms and the words
+/// a refusal uses: (limit, window, key, span).
+pub(crate) fn rates(p: &Policy) -> [(Option<u32>, i64, &'static str, &'static str); 2] {
+    [
+        (p.emails_per_hour, 3_600_000, "emails_per_hour", "hour"),
+        (p.emails_per_day, 86_400_000, "emails_per_day", "day"),
+    ]
+}
+
+/// The refusal when `new` more emails after `used` in the window would
+/// pass `limit`; `None` when they fit.
+pub(crate) fn over_rate(
+    plugin: &str,
+    (used, new): (u64, u64),
+    (limit, key, span): (u32, &str, &str),
+) -> Option<OutboxError> {
+    (used + new > u64::from(limit)).then(|| {
+        OutboxError::Policy(format!(
+            "plugin `{plugin}` queued {used} emails in the last {span}; {new} more would pass {key} = {limit}"
+        ))
+    })
+}
+
+/// The refusal of a state change that grows a plugin's state past its
+/// quota (checked against state that changed since the plugin looked, so a
+/// conflict: the event runs again). Shrinking is always allowed.
+pub(crate) fn over_quota(delta: i64, after: i64, quota: Option<u64>) -> Option<OutboxError> {
+    match quota {
+        Some(quota) if delta > 0 && after > quota as i64 => Some(OutboxError::Conflict(format!(
+            "state would grow to {after} bytes, over the quota of {quota}"
+        ))),
+        _ => None,
+    }
+}
+
+/// The refusal of a state change from `state` when only `from_any` may
+/// move.
+pub(crate) fn wrong_state(id: i64, state: String, from_any: &[crate::State]) -> OutboxError {
+    let expected: Vec<&str> = from_any.iter().map(|s| s.as_str()).collect();
+    OutboxError::WrongState {
+        id,
+        state,
+        expected: expected.join(" or "),
+    }
+}
+
 /// Checks the shape of a call against its policy: allowed senders and
 /// recipients, recipients per email, sizes. Pure: no store is read, so
 /// every backend applies the same rules. (Rates, suppression and

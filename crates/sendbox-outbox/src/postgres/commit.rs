@@ -65,17 +65,13 @@ pub(super) async fn apply(tx: &Transaction<'_>, call: &Call) -> Result<Committed
     let mut done = Committed::default();
     let now = now_ms();
     let new = call.emails.len() as u64;
-    for (limit, window_ms, name, span) in [
-        (p.emails_per_hour, 3_600_000, "emails_per_hour", "hour"),
-        (p.emails_per_day, 86_400_000, "emails_per_day", "day"),
-    ] {
+    for (limit, window_ms, key, span) in crate::policy::rates(p) {
         if let Some(limit) = limit {
             let used = count_since(tx, &call.plugin, now - window_ms).await?;
-            if used + new > u64::from(limit) {
-                return Err(OutboxError::Policy(format!(
-                    "plugin `{}` queued {used} emails in the last {span}; {new} more would pass {name} = {limit}",
-                    call.plugin
-                )));
+            if let Some(refused) =
+                crate::policy::over_rate(&call.plugin, (used, new), (limit, key, span))
+            {
+                return Err(refused);
             }
         }
     }
@@ -285,13 +281,8 @@ async fn apply_state(
         }
     }
     let after = before + delta;
-    if let Some(quota) = quota
-        && delta > 0
-        && after > quota as i64
-    {
-        return Err(OutboxError::Conflict(format!(
-            "state would grow to {after} bytes, over the quota of {quota}"
-        )));
+    if let Some(refused) = crate::policy::over_quota(delta, after, quota) {
+        return Err(refused);
     }
     tx.execute(
         "UPDATE plugin_usage SET bytes = $2 WHERE plugin = $1",

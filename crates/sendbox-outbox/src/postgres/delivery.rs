@@ -199,12 +199,7 @@ impl PgOutbox {
             return Err(OutboxError::NotFound(id));
         };
         if !from_any.iter().any(|s| s.as_str() == from) {
-            let expected: Vec<&str> = from_any.iter().map(|s| s.as_str()).collect();
-            return Err(OutboxError::WrongState {
-                id,
-                state: from,
-                expected: expected.join(" or "),
-            });
+            return Err(crate::policy::wrong_state(id, from, from_any));
         }
         tx.execute(
             "UPDATE messages SET state = $2, updated_ms = $3, last_reply = $4, \

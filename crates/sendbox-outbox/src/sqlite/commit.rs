@@ -30,22 +30,14 @@ pub(crate) fn apply(c: &Connection, call: &Call) -> Result<Committed, OutboxErro
     crate::policy::check(call)?;
     let now = now_ms();
     let new = call.emails.len() as u64;
-    if let Some(limit) = p.emails_per_hour {
-        let used = count_since(c, &call.plugin, now - 3_600_000)?;
-        if used + new > u64::from(limit) {
-            return Err(OutboxError::Policy(format!(
-                "plugin `{}` queued {used} emails in the last hour; {new} more would pass emails_per_hour = {limit}",
-                call.plugin
-            )));
-        }
-    }
-    if let Some(limit) = p.emails_per_day {
-        let used = count_since(c, &call.plugin, now - 86_400_000)?;
-        if used + new > u64::from(limit) {
-            return Err(OutboxError::Policy(format!(
-                "plugin `{}` queued {used} emails in the last day; {new} more would pass emails_per_day = {limit}",
-                call.plugin
-            )));
+    for (limit, window_ms, key, span) in crate::policy::rates(p) {
+        if let Some(limit) = limit {
+            let used = count_since(c, &call.plugin, now - window_ms)?;
+            if let Some(refused) =
+                crate::policy::over_rate(&call.plugin, (used, new), (limit, key, span))
+            {
+                return Err(refused);
+            }
         }
     }
 

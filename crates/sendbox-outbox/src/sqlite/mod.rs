@@ -560,12 +560,7 @@ pub(super) fn transition_in(
         return Err(OutboxError::NotFound(id));
     };
     if !from_any.iter().any(|s| s.as_str() == from) {
-        let expected: Vec<&str> = from_any.iter().map(|s| s.as_str()).collect();
-        return Err(OutboxError::WrongState {
-            id,
-            state: from,
-            expected: expected.join(" or "),
-        });
+        return Err(crate::policy::wrong_state(id, from, from_any));
     }
     let now = now_ms();
     tx.prepare_cached(

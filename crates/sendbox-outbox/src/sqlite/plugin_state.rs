@@ -128,13 +128,8 @@ pub(crate) fn apply(
         }
     }
     let after = before + delta;
-    if let Some(quota) = quota
-        && delta > 0
-        && after > quota as i64
-    {
-        return Err(OutboxError::Conflict(format!(
-            "state would grow to {after} bytes, over the quota of {quota}"
-        )));
+    if let Some(refused) = crate::policy::over_quota(delta, after, quota) {
+        return Err(refused);
     }
     c.prepare_cached("UPDATE plugin_usage SET bytes = ?2 WHERE plugin = ?1")?
         .execute(params![plugin, after])?;
