@@ -174,7 +174,10 @@ impl AccountWorker {
             } else {
                 queue.len() < ahead / 2
             };
+            // A round ending for a pause claims nothing more: what it would
+            // claim it could only release again.
             if running
+                && sending_allowed
                 && claiming.is_none()
                 && idle_until.is_none()
                 && low

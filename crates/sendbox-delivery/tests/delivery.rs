@@ -333,6 +333,7 @@ async fn a_refused_recipient_is_recorded_and_the_others_get_the_message() {
 
 #[tokio::test]
 async fn a_paused_account_waits_for_its_recheck_whatever_arrives_meanwhile() {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let p = Peers::start();
     let (_d, outbox) = open();
     enqueue(&outbox, 1);
