@@ -133,12 +133,15 @@ impl AccountWorker {
         // The first message goes alone until the account has answered.
         let mut probing = true;
         let mut ending: Option<RoundEnd> = None;
+        // The account refused us: nothing more is sent this round, even at
+        // shutdown (which otherwise sends what was claimed).
+        let mut refused = false;
 
         loop {
             let running = ending.is_none();
-            // Sending goes on at shutdown (the claimed messages), not in a
-            // pause (they were released).
-            let sending_allowed = !matches!(ending, Some(RoundEnd::Paused(_)));
+            // Sending goes on at shutdown (the claimed messages), not once
+            // the account refused (they were released).
+            let sending_allowed = !refused;
             let cap = if probing {
                 1
             } else if pace.limited() {
@@ -218,8 +221,11 @@ impl AccountWorker {
                     let (mark, pause) = span.in_scope(|| outcome::settle(&self.settings, &self.status, &m, attempt));
                     results.push(mark);
                     oldest_result.get_or_insert_with(Instant::now);
-                    if let Some(reason) = pause && ending.is_none() {
-                        ending = Some(RoundEnd::Paused(reason));
+                    if let Some(reason) = pause && !refused {
+                        refused = true;
+                        if ending.is_none() {
+                            ending = Some(RoundEnd::Paused(reason));
+                        }
                         release(&mut queue, &mut held_bytes, &mut results, "not attempted: the account is paused");
                     }
                 }
