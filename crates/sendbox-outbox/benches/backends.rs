@@ -12,30 +12,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sendbox_outbox::{AnyStore, Call, Outbox, PgOutbox, Policy, Store};
+use sendbox_outbox::{AnyStore, Call, Outbox, PgOutbox, Store};
 use sendbox_test_support::postgres::Database;
-use sendbox_types::{Bytes, Email, StateChange};
+
+mod common;
 
 fn call(i: usize) -> Call {
-    Call {
-        plugin: format!("bench-{}", i % 8),
-        trigger: "webhook".into(),
-        event_id: format!("evt-{i}"),
-        account: "alerts".into(),
-        account_mailbox: "alerts@example.com".into(),
-        policy: Policy::default(),
-        emails: vec![Email {
-            to: vec!["ops@example.com".into()],
-            subject: format!("alert {i}"),
-            text: Some("x".repeat(500)),
-            ..Email::default()
-        }],
-        state_changes: vec![StateChange::Set {
-            key: format!("k{}", i % 100),
-            value: Bytes(vec![1; 32]),
-        }],
-        ..Default::default()
-    }
+    common::call(i, format!("bench-{}", i % 8))
 }
 
 /// `callers` tasks committing `each` calls; commits/s and p50/p99.

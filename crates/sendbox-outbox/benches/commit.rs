@@ -13,29 +13,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sendbox_outbox::{Call, Outbox, Policy};
-use sendbox_types::{Bytes, Email, StateChange};
+use sendbox_outbox::{Call, Outbox};
+
+mod common;
 
 fn call(i: usize) -> Call {
-    Call {
-        plugin: "bench".into(),
-        trigger: "webhook".into(),
-        event_id: format!("evt-{i}"),
-        account: "alerts".into(),
-        account_mailbox: "alerts@example.com".into(),
-        policy: Policy::default(),
-        emails: vec![Email {
-            to: vec!["ops@example.com".into()],
-            subject: format!("alert {i}"),
-            text: Some("x".repeat(500)),
-            ..Email::default()
-        }],
-        state_changes: vec![StateChange::Set {
-            key: format!("k{}", i % 100),
-            value: Bytes(vec![1; 32]),
-        }],
-        ..Default::default()
-    }
+    common::call(i, "bench".into())
 }
 
 fn run(outbox: &Arc<Outbox>, threads: usize, per_thread: usize) -> (f64, Duration, Duration) {

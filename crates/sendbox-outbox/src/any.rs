@@ -33,23 +33,6 @@ impl From<Arc<PgOutbox>> for AnyStore {
 }
 
 impl AnyStore {
-    /// Where the store is, for messages: the file, or the server and
-    /// database (never credentials).
-    pub fn describe(&self) -> String {
-        match self {
-            AnyStore::Sqlite(o) => o.path().display().to_string(),
-            AnyStore::Postgres(o) => format!("{} (node {})", o.server(), o.node()),
-        }
-    }
-
-    /// The SQLite outbox, if that is the backend.
-    pub fn as_sqlite(&self) -> Option<&Arc<Outbox>> {
-        match self {
-            AnyStore::Sqlite(o) => Some(o),
-            AnyStore::Postgres(_) => None,
-        }
-    }
-
     /// Finishes what is queued for the store and lets go of it (SQLite:
     /// the writer thread drains and stops; PostgreSQL: nothing waits).
     pub fn close(&self) {

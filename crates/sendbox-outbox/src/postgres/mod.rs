@@ -118,15 +118,16 @@ impl PgOutbox {
     }
 
     /// Connects only to look (`sendbox check`): one connection, no node
-    /// registered, no lease kept or freed.
+    /// registered, no lease kept or freed, and nothing migrated — a
+    /// database at another schema version is named as such.
     pub async fn connect_to_look(
         url: &str,
         password: Option<&str>,
     ) -> Result<Arc<PgOutbox>, OutboxError> {
         let pool = Pool::new(url, password, 1)?;
         {
-            let mut client = pool.get().await?;
-            schema::migrate(&mut client).await?;
+            let client = pool.get().await?;
+            schema::check_current(&client).await?;
         }
         Ok(Arc::new(PgOutbox {
             pool,

@@ -101,6 +101,31 @@ const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
+/// Refuses a database that is not at this sendbox's schema version,
+/// without changing it: not set up yet, older, or newer.
+pub(super) async fn check_current(client: &Client) -> Result<(), OutboxError> {
+    let known = MIGRATIONS.len() as i32;
+    let version: Option<i32> = match client
+        .query_opt("SELECT version FROM sendbox_schema", &[])
+        .await
+    {
+        Ok(row) => row.map(|r| r.get(0)),
+        // No such table: no sendbox has started on this database yet.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => None,
+        Err(e) => return Err(pg_err(e)),
+    };
+    match version {
+        Some(v) if v == known => Ok(()),
+        None => Err(OutboxError::Schema(
+            "the database has no sendbox tables yet: the first `sendbox run` on it creates them"
+                .into(),
+        )),
+        Some(v) => Err(OutboxError::Schema(format!(
+            "the database is at schema version {v}, this sendbox is at {known}: run the sendbox the nodes run"
+        ))),
+    }
+}
+
 /// Brings the database to the latest version; refuses one from a newer
 /// sendbox.
 pub(super) async fn migrate(client: &mut Client) -> Result<(), OutboxError> {
