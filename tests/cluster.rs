@@ -32,6 +32,20 @@ fn node_config_with(
     lease_secs: u64,
     more: &str,
 ) -> PathBuf {
+    node_config_limited(p, url, dir, node, lease_secs, "max_connections = 3", more)
+}
+
+/// [`node_config_with`], the account's `max_connections = 3` line replaced
+/// by `limits`.
+fn node_config_limited(
+    p: &Peers,
+    url: &str,
+    dir: &Path,
+    node: &str,
+    lease_secs: u64,
+    limits: &str,
+    more: &str,
+) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("sendbox.toml");
     let text = format!(
@@ -57,7 +71,7 @@ secret = {{ env = "SENDBOX_TEST_WEBHOOK_SECRET" }}
 concurrency = 64
 {more}"#,
         cache = wasm::wasm_target_dir().join("sendbox-cache").display(),
-        account = p.app_account(),
+        account = p.app_account().replace("max_connections = 3", limits),
         wasm = wasm::example("webhook-bridge").display(),
     );
     std::fs::write(&path, text).unwrap();
@@ -145,7 +159,12 @@ async fn arrived(p: &Peers) -> HashMap<String, usize> {
 async fn arrivals(p: &Peers, n: usize, limit: Duration) -> HashMap<String, usize> {
     let start = Instant::now();
     loop {
-        let distinct = arrived(p).await.len();
+        // The count is cheap to ask; the messages only once it is there.
+        let distinct = if p.stats().await.messages >= n as u64 {
+            arrived(p).await.len()
+        } else {
+            0
+        };
         if distinct >= n {
             break;
         }
@@ -160,7 +179,7 @@ async fn arrivals(p: &Peers, n: usize, limit: Duration) -> HashMap<String, usize
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_nodes_on_one_database_deliver_every_webhook_once() {
+async fn three_nodes_on_one_database_deliver_every_webhook_once() {
     let p = Peers::start();
     let db = Database::create().await;
     let dir = tempfile::tempdir().unwrap();
@@ -172,13 +191,24 @@ async fn two_nodes_on_one_database_deliver_every_webhook_once() {
         &p,
         &node_config(&p, &db, &dir.path().join("b"), "node-b", 60),
     );
-    let n = 300;
-    assert_eq!(post_spread(&[&a, &b], "spread", n).await, n);
-    let seen = arrivals(&p, n, Duration::from_secs(120)).await;
+    let c = start(
+        &p,
+        &node_config(&p, &db, &dir.path().join("c"), "node-c", 60),
+    );
+    let n = 3000;
+    assert_eq!(post_spread(&[&a, &b, &c], "spread", n).await, n);
+    let seen = arrivals(&p, n, Duration::from_secs(300)).await;
     assert_eq!(seen.len(), n, "{n} distinct messages");
     assert!(seen.values().all(|&k| k == 1), "each exactly once");
-    // Both nodes served webhooks into the one outbox, and say who they are.
-    for (d, node) in [(&a, "node-a"), (&b, "node-b")] {
+    // The account's 3 connections held for the three nodes together.
+    let most = p.stats().await.max_connections_by_user["alerts@example.com"];
+    assert!((1..=3).contains(&most), "{most} connections at once");
+    let claimers = db
+        .query("SELECT COUNT(DISTINCT detail) FROM audit WHERE detail LIKE 'claimed by node %'")
+        .await;
+    eprintln!("{n} webhooks on 3 nodes: {most} connections at most, sent by {claimers:?} nodes");
+    // Every node served webhooks into the one outbox, and says who it is.
+    for (d, node) in [(&a, "node-a"), (&b, "node-b"), (&c, "node-c")] {
         let m = d.metrics().await;
         assert!(
             m.contains(&format!("sendbox_node_info{{node=\"{node}\"}} 1")),
@@ -190,7 +220,7 @@ async fn two_nodes_on_one_database_deliver_every_webhook_once() {
         .await;
     assert_eq!(sent, [n.to_string()]);
     let committed_by: Vec<String> = db.query("SELECT COUNT(DISTINCT detail) FROM nodes").await;
-    assert_eq!(committed_by, ["2"], "both nodes registered");
+    assert_eq!(committed_by, ["3"], "every node registered");
 
     // `sendbox check` on either node sees the shared store and both nodes.
     let (var, secret) = p.app_env();
@@ -285,7 +315,7 @@ cron = "* * * * * *"
             )
         })
         .collect();
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
     // Every node logs the ticks it took, by due time.
     let mut taken: HashMap<String, Vec<&str>> = HashMap::new();
     let logs: Vec<String> = nodes.iter().map(Daemon::logs).collect();
@@ -303,11 +333,19 @@ cron = "* * * * * *"
             taken.entry(at).or_default().push(["n1", "n2", "n3"][k]);
         }
     }
-    assert!(taken.len() >= 5, "ticks taken over 8 s: {}", taken.len());
+    assert!(taken.len() >= 25, "ticks taken over 30 s: {}", taken.len());
     let twice: Vec<_> = taken.iter().filter(|(_, by)| by.len() > 1).collect();
     assert!(
         twice.is_empty(),
         "ticks run on more than one node: {twice:?}"
+    );
+    // And none is missed: every second from the first tick to the last.
+    let due: std::collections::BTreeSet<i64> = taken.keys().map(|t| t.parse().unwrap()).collect();
+    let (first, last) = (due.first().unwrap(), due.last().unwrap());
+    assert_eq!(
+        due.len() as i64,
+        (last - first) / 1000 + 1,
+        "ticks missed between {first} and {last}: {due:?}"
     );
     let by_nodes: std::collections::HashSet<&str> = taken.values().flatten().copied().collect();
     eprintln!("{} ticks, taken by {by_nodes:?}", taken.len());
@@ -471,4 +509,247 @@ async fn the_database_restarting_mid_run_loses_nothing_acknowledged() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_up_once_runs_a_missed_tick_on_one_node_of_three() {
+    let p = Peers::start();
+    let db = Database::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    // The schedule last ran an hour ago (the database set up first, as a
+    // node would have), so a run every minute was missed while down.
+    {
+        use sendbox_outbox::Store;
+        let first =
+            sendbox_outbox::PgOutbox::connect(&db.url, None, "setup", 1, Duration::from_secs(60))
+                .await
+                .unwrap();
+        let hour_ago = sendbox_outbox::now_ms() / 60_000 * 60_000 - 3_600_000;
+        first
+            .set_schedule_run("daily-digest", "every-minute", hour_ago)
+            .await
+            .unwrap();
+    }
+    let digest = format!(
+        r#"
+[plugins.daily-digest]
+wasm = "{}"
+account = "app"
+[plugins.daily-digest.config]
+to = "team@example.com"
+[[plugins.daily-digest.schedule]]
+name = "every-minute"
+cron = "0 * * * * *"
+catch_up = "once"
+"#,
+        wasm::example("daily-digest").display()
+    );
+    // The three start at once.
+    let configs: Vec<PathBuf> = ["c1", "c2", "c3"]
+        .iter()
+        .map(|n| node_config_with(&p, &db.url, &dir.path().join(n), n, 60, &digest))
+        .collect();
+    let nodes: Vec<Daemon> = std::thread::scope(|s| {
+        let started: Vec<_> = configs.iter().map(|c| s.spawn(|| start(&p, c))).collect();
+        started.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Each node that still found the run missed tries it; one runs it.
+    let waiting = Instant::now();
+    let caught_up = |logs: &[String]| -> Vec<String> {
+        logs.iter()
+            .flat_map(|l| l.lines())
+            .filter(|x| x.contains("catching up on a run missed while down"))
+            .map(str::to_owned)
+            .collect()
+    };
+    while caught_up(&nodes.iter().map(Daemon::logs).collect::<Vec<_>>()).is_empty() {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(30),
+            "no node caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let logs: Vec<String> = nodes.iter().map(Daemon::logs).collect();
+    let missed: Vec<String> = caught_up(&logs)
+        .iter()
+        .filter_map(|x| {
+            x.split("scheduled_at_ms=")
+                .nth(1)
+                .and_then(|r| r.split([' ', ',', '}']).next())
+                .map(str::to_owned)
+        })
+        .collect();
+    assert!(missed.iter().all(|m| *m == missed[0]), "{missed:?}");
+    let taken = logs
+        .iter()
+        .flat_map(|l| l.lines())
+        .filter(|x| {
+            x.contains("schedule tick taken by this node")
+                && x.contains(&format!("scheduled_at_ms={}", missed[0]))
+        })
+        .count();
+    eprintln!(
+        "{} node(s) found the run missed; {taken} ran it",
+        missed.len()
+    );
+    assert_eq!(taken, 1, "the missed run ran on one node");
+    let last = db
+        .query("SELECT last_ms FROM schedule_runs WHERE schedule = 'every-minute'")
+        .await;
+    assert!(
+        last[0].parse::<i64>().unwrap() >= missed[0].parse::<i64>().unwrap(),
+        "{last:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accounts_rate_and_connections_hold_over_a_minute_across_three_nodes() {
+    let p = Peers::start();
+    let db = Database::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Exchange-like limits, but 120 a minute so the test takes one minute:
+    // 2 connections and 120 messages a minute for the three nodes together.
+    let limits = "max_connections = 2\nrate_per_minute = 120";
+    let nodes: Vec<Daemon> = ["r1", "r2", "r3"]
+        .iter()
+        .map(|n| {
+            start(
+                &p,
+                &node_config_limited(&p, &db.url, &dir.path().join(n), n, 60, limits, ""),
+            )
+        })
+        .collect();
+    let n = 125;
+    let refs: Vec<&Daemon> = nodes.iter().collect();
+    assert_eq!(post_spread(&refs, "paced", n).await, n);
+    let seen = arrivals(&p, n, Duration::from_secs(150)).await;
+    assert_eq!(seen.len(), n);
+    assert!(seen.values().all(|&k| k == 1), "each exactly once");
+    let mut times: Vec<i64> = p.messages().await.iter().map(|m| m.at_ms).collect();
+    times.sort_unstable();
+    // Windows starting at each arrival.
+    let most_in = |width: i64| {
+        times
+            .iter()
+            .map(|&t| times.iter().filter(|&&u| u >= t && u < t + width).count())
+            .max()
+            .unwrap_or(0)
+    };
+    let (minute, ten) = (most_in(60_000), most_in(10_000));
+    let span = times[n - 1] - times[0];
+    let most = p.stats().await.max_connections_by_user["alerts@example.com"];
+    let claimers = db
+        .query("SELECT COUNT(DISTINCT detail) FROM audit WHERE detail LIKE 'claimed by node %'")
+        .await;
+    eprintln!(
+        "{n} messages in {span} ms: at most {minute} in a minute, {ten} in 10 s, {most} connections; sent by {claimers:?} nodes"
+    );
+    // Sends start 500 ms apart across the nodes (one more on a window's
+    // edge); a connection's first message may arrive late (TLS, token),
+    // bunched with later ones: one more per connection.
+    assert!(minute <= 123, "{minute} in one minute at 120/min");
+    assert!(ten <= 23, "{ten} in 10 s at 120/min");
+    assert!(span >= 61_000, "{n} messages in {span} ms at 120/min");
+    assert!(
+        (1..=2).contains(&most),
+        "{most} connections at once (limit 2)"
+    );
+    assert!(
+        claimers[0].parse::<u32>().unwrap() >= 2,
+        "the nodes shared the sending: {claimers:?}"
+    );
+}
+
+/// Runs `sendbox ARGS --config CONFIG` (the store's password in the
+/// environment, nothing else); its stdout, or a failure with stderr.
+fn cli(config: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sendbox"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("SENDBOX_TEST_PG_PASSWORD", "not-needed-with-trust")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sendbox {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_and_suppress_commands_work_on_the_shared_database() {
+    use sendbox_outbox::{Call, Policy, State, Store};
+    let db = Database::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = sendbox_outbox::PgOutbox::connect(&db.url, None, "n1", 1, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let queue = |subject: &str| Call {
+        plugin: "file-alert".into(),
+        trigger: "file".into(),
+        event_id: "evt-1".into(),
+        account: "local".into(),
+        account_mailbox: "sendbox@localhost".into(),
+        policy: Policy::default(),
+        emails: vec![sendbox_types::Email {
+            to: vec!["ops@example.com".into()],
+            subject: subject.into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let dead = node.commit(queue("disk full")).await.unwrap().queued[0].id;
+    let other = node.commit(queue("cpu hot")).await.unwrap().queued[0].id;
+    let claimed = node.claim("local", 1).await.unwrap();
+    assert_eq!(claimed[0].id, dead);
+    node.mark(dead, State::Dead, None, "550 no such user")
+        .await
+        .unwrap();
+
+    // A config as on any node; the account's secrets are not needed, the
+    // store's password (by reference) is read.
+    let config = dir.path().join("sendbox.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nstore = \"{}\"\n[daemon.postgres]\nnode = \"cli\"\npassword = {{ env = \"SENDBOX_TEST_PG_PASSWORD\" }}\n\n\
+             [accounts.local]\nprovider = \"file\"\nmailbox = \"sendbox@localhost\"\ndir = \"mail\"\n",
+            db.url
+        ),
+    )
+    .unwrap();
+    let list = cli(&config, &["outbox", "list"]);
+    assert!(
+        list.contains("disk full") && list.contains("cpu hot"),
+        "{list}"
+    );
+    assert!(list.contains("dead"), "{list}");
+    let show = cli(&config, &["outbox", "show", &dead.to_string()]);
+    assert!(show.contains("claimed by node n1"), "{show}");
+    assert!(show.contains("550 no such user"), "{show}");
+    let retried = cli(&config, &["outbox", "retry", "--dead"]);
+    assert!(retried.contains("queued 1 message(s)"), "{retried}");
+    assert_eq!(node.get(dead).await.unwrap().state, State::Queued);
+    cli(&config, &["outbox", "drop", &other.to_string()]);
+    assert!(node.get(other).await.is_err(), "dropped");
+
+    cli(
+        &config,
+        &["suppress", "add", "ops@example.com", "--reason", "bounced"],
+    );
+    let listed = cli(&config, &["suppress", "list"]);
+    assert!(listed.contains("ops@example.com  (bounced)"), "{listed}");
+    // Every node's next commit honours it.
+    let kept = node.commit(queue("after")).await.unwrap();
+    assert!(kept.queued.is_empty(), "{kept:?}");
+    let removed = cli(&config, &["suppress", "remove", "ops@example.com"]);
+    assert!(removed.contains("removed ops@example.com"), "{removed}");
+    let pruned = cli(&config, &["outbox", "prune"]);
+    assert!(pruned.contains("pruned 0 message(s)"), "{pruned}");
+    // The commands joined as a tool: no node registered for them.
+    let nodes = db.query("SELECT node FROM nodes ORDER BY node").await;
+    assert_eq!(nodes, ["n1"]);
 }

@@ -237,6 +237,10 @@ let authStyle = 'challenge'; // 'challenge': 334 {json} then 535 (Gmail); 'direc
 let authAttempts = 0;
 let activeConnections = 0;
 let maxConnections = 0;
+// Authenticated connections open now and at most, per mailbox: what a
+// provider counts against its per-mailbox connection limit.
+const activeByUser = {};
+const maxByUser = {};
 
 function takeFault(stage, address) {
   const f = faults.find(
@@ -260,8 +264,9 @@ function smtpOptions(extra) {
       maxConnections = Math.max(maxConnections, activeConnections);
       cb();
     },
-    onClose() {
+    onClose(session) {
       activeConnections -= 1;
+      if (session && session.countedUser) activeByUser[session.countedUser] -= 1;
     },
     async onAuth(auth, session, cb) {
       authAttempts += 1;
@@ -276,7 +281,13 @@ function smtpOptions(extra) {
         return cb(err);
       }
       if (info.active && (info.scope || '').split(' ').includes('smtp')) {
-        return cb(null, { user: auth.username });
+        const user = auth.username;
+        if (!session.countedUser) {
+          session.countedUser = user;
+          activeByUser[user] = (activeByUser[user] || 0) + 1;
+          maxByUser[user] = Math.max(maxByUser[user] || 0, activeByUser[user]);
+        }
+        return cb(null, { user });
       }
       if (authStyle === 'challenge') {
         return cb(null, { data: { status: '401', schemes: 'bearer', scope: 'smtp' } });
@@ -306,6 +317,7 @@ function smtpOptions(extra) {
           to: session.envelope.rcptTo.map((r) => r.address),
           raw: Buffer.concat(chunks).toString('utf8'),
           tls: Boolean(session.secure),
+          at_ms: Date.now(),
         });
         if (hold) return setTimeout(() => cb(null, 'Message accepted late'), hold.hold_ms);
         cb(null, 'Message accepted');
@@ -345,7 +357,7 @@ const control = http.createServer(async (req, res) => {
     const url = new URL(req.url, 'http://x');
     if (req.method === 'GET' && url.pathname === '/messages') return reply(200, received);
     if (req.method === 'GET' && url.pathname === '/stats') {
-      return reply(200, { authAttempts, tokenRequests, maxConnections, activeConnections, seenTokens: seenTokens.length, messages: received.length });
+      return reply(200, { authAttempts, tokenRequests, maxConnections, activeConnections, maxConnectionsByUser: maxByUser, seenTokens: seenTokens.length, messages: received.length });
     }
     if (req.method === 'GET' && url.pathname === '/tokens') return reply(200, seenTokens);
     if (req.method === 'POST' && url.pathname === '/faults') {
@@ -367,6 +379,7 @@ const control = http.createServer(async (req, res) => {
       authAttempts = 0;
       tokenRequests = 0;
       maxConnections = activeConnections;
+      for (const u of Object.keys(maxByUser)) maxByUser[u] = activeByUser[u] || 0;
       return reply(200, { ok: true });
     }
     if (req.method === 'POST' && url.pathname === '/revoke-last-token') {

@@ -32,6 +32,7 @@
 #![deny(missing_docs)]
 
 mod outcome;
+mod pause;
 mod pipeline;
 
 use std::collections::HashMap;
@@ -252,12 +253,25 @@ impl AccountWorker {
     /// recheck, whatever is queued.
     pub async fn run(self, shutdown: impl Future) {
         tokio::pin!(shutdown);
-        let mut pace = pipeline::Pace::new(self.settings.rate_per_minute);
+        let shared = self.outbox.shared();
+        let mut pace = pipeline::Pace::new(self.settings.rate_per_minute, shared);
         loop {
+            if shared && !self.wait_out_the_clusters_pause(shutdown.as_mut()).await {
+                return;
+            }
             let reason = match self.round(shutdown.as_mut(), &mut pace).await {
                 pipeline::RoundEnd::Shutdown => return,
                 pipeline::RoundEnd::Paused(reason) => reason,
             };
+            if shared {
+                // The pause is every node's: recorded in the store, and
+                // waited out (by one probe for the cluster) before the
+                // next round.
+                tracing::error!(account = %self.account, %reason, recheck = ?self.settings.pause_recheck, "pausing the account's queue on every node; fix the account and run `sendbox check` (a reload tries again at once)");
+                self.record_pause(Some(&reason)).await;
+                self.status.set(Some(reason));
+                continue;
+            }
             // Armed before the pause is visible, so a resume from then on
             // is never missed, and one from before never counts.
             let resumed = self.resume.notified();

@@ -30,19 +30,32 @@ pub(crate) enum RoundEnd {
     Paused(String),
 }
 
-/// The account's rate: when the next send may start.
+/// The account's rate: when the next send may start. On a store several
+/// nodes share, each send's turn is asked of the store (one at a time), so
+/// the rate holds across the nodes together.
 pub(crate) struct Pace {
     step: Option<Duration>,
     next: Instant,
+    /// Turns come from the store ([`Store::take_send_turn`]).
+    shared: bool,
+    /// Shared: whether `next` is a turn the store gave and not yet used.
+    granted: bool,
+    asking: Option<JoinHandle<Result<Duration, OutboxError>>>,
+    /// Shared: after the store could not answer, when to ask again.
+    ask_again_at: Option<Instant>,
 }
 
 impl Pace {
-    pub(crate) fn new(rate_per_minute: Option<u32>) -> Self {
+    pub(crate) fn new(rate_per_minute: Option<u32>, shared: bool) -> Self {
         Pace {
             step: rate_per_minute
                 .filter(|r| *r > 0)
                 .map(|r| Duration::from_secs(60) / r),
             next: Instant::now(),
+            shared,
+            granted: false,
+            asking: None,
+            ask_again_at: None,
         }
     }
 
@@ -50,22 +63,72 @@ impl Pace {
         self.step.is_some()
     }
 
-    /// When a send may start (now, or later under a rate).
-    fn ready_at(&self) -> Instant {
-        if self.step.is_some() {
-            self.next
-        } else {
-            Instant::now()
+    /// When a send may start (now, or later under a rate); `None` while a
+    /// shared rate's turn is not held yet.
+    fn ready_at(&self) -> Option<Instant> {
+        match self.step {
+            None => Some(Instant::now()),
+            Some(_) if self.shared => self.granted.then_some(self.next),
+            Some(_) => Some(self.next),
         }
     }
 
     /// Takes the slot for a send starting now.
     fn take(&mut self) {
         if let Some(step) = self.step {
-            self.next = self.next.max(Instant::now()) + step;
+            if self.shared {
+                self.granted = false;
+            } else {
+                self.next = self.next.max(Instant::now()) + step;
+            }
+        }
+    }
+
+    /// Shared: asks the store for the next turn, unless one is held or
+    /// being asked for.
+    fn ask(&mut self, outbox: &sendbox_outbox::AnyStore, account: &str) {
+        let Some(step) = self.step else { return };
+        if !self.shared
+            || self.granted
+            || self.asking.is_some()
+            || self.ask_again_at.is_some_and(|t| t > Instant::now())
+        {
+            return;
+        }
+        let (outbox, account) = (outbox.clone(), account.to_owned());
+        self.asking = Some(tokio::spawn(async move {
+            outbox.take_send_turn(&account, step).await
+        }));
+    }
+
+    /// The store's answer to [`Pace::ask`].
+    fn answered(
+        &mut self,
+        answer: Result<Result<Duration, OutboxError>, JoinError>,
+        account: &str,
+    ) {
+        self.asking = None;
+        match answer {
+            Ok(Ok(wait)) => {
+                self.next = Instant::now() + wait;
+                self.granted = true;
+                self.ask_again_at = None;
+            }
+            Ok(Err(e)) => {
+                tracing::error!(%account, error = %e, "cannot take a turn under the account's rate; trying again");
+                self.ask_again_at = Some(Instant::now() + ASK_AGAIN);
+            }
+            Err(e) => {
+                tracing::error!(%account, error = %e, "the rate's turn task failed; trying again");
+                self.ask_again_at = Some(Instant::now() + ASK_AGAIN);
+            }
         }
     }
 }
+
+/// After the store could not give a turn or connection slots, the next
+/// try waits this long.
+const ASK_AGAIN: Duration = Duration::from_secs(1);
 
 /// A send in flight: its message, span and result.
 type Sent = (Message, tracing::Span, Attempt);
@@ -136,23 +199,41 @@ impl AccountWorker {
         // The account refused us: nothing more is sent this round, even at
         // shutdown (which otherwise sends what was claimed).
         let mut refused = false;
+        // On a store several nodes share, this node sends on at most the
+        // connection slots it holds there (taken when it has mail, given
+        // back with its connections closed when it has none); on a store
+        // of its own, on all of them.
+        let shared = self.outbox.shared();
+        let mut slots = if shared { 0 } else { concurrency };
+        let mut holding: Option<JoinHandle<Result<u32, OutboxError>>> = None;
+        let mut hold_again_at: Option<Instant> = None;
+        let mut releasing: Option<JoinHandle<()>> = None;
+        let mut pause_cleared = false;
 
         loop {
             let running = ending.is_none();
             // Sending goes on at shutdown (the claimed messages), not once
             // the account refused (they were released).
             let sending_allowed = !refused;
+            // Shared store: no more sends than slots, so the transport
+            // never opens more connections than this node holds.
             let cap = if probing {
-                1
-            } else if pace.limited() {
-                concurrency
+                slots.min(1)
+            } else if pace.limited() || shared {
+                slots
             } else {
-                concurrency * READY_PER_CONNECTION
+                slots * READY_PER_CONNECTION
             };
-            while sending_allowed && sending.len() < cap && pace.ready_at() <= Instant::now() {
+            while sending_allowed
+                && sending.len() < cap
+                && pace.ready_at().is_some_and(|t| t <= Instant::now())
+            {
                 let Some(m) = queue.pop_front() else { break };
                 pace.take();
                 self.start(m, &mut sending);
+            }
+            if sending_allowed && !queue.is_empty() && sending.len() < cap {
+                pace.ask(&self.outbox, &self.account);
             }
             let flush_at = oldest_result.map(|t| t + LINGER).max(record_again_at);
             let waiting_to_retry = record_again_at.is_some_and(|t| t > Instant::now());
@@ -181,6 +262,7 @@ impl AccountWorker {
             // claim it could only release again.
             if running
                 && sending_allowed
+                && slots > 0
                 && claiming.is_none()
                 && idle_until.is_none()
                 && low
@@ -195,13 +277,51 @@ impl AccountWorker {
                     outbox.claim_within(&account, asked, asked_bytes).await
                 }));
             }
-            let settled = queue.is_empty() && sending.is_empty() && results.is_empty();
-            if let Some(end) =
-                ending.take_if(|_| settled && claiming.is_none() && recording.is_none())
+            // Shared store: a slot when there may be mail, one more while
+            // every held connection is busy and more mail waits (up to the
+            // account's connections); none kept while idle.
+            if shared
+                && running
+                && sending_allowed
+                && holding.is_none()
+                && releasing.is_none()
+                && slots < concurrency
+                && idle_until.is_none()
+                && (slots == 0 || (!queue.is_empty() && sending.len() >= slots))
+                && hold_again_at.is_none_or(|t| t <= Instant::now())
             {
+                let (outbox, account) = (self.outbox.clone(), self.account.clone());
+                let max = u32::try_from(concurrency).unwrap_or(u32::MAX);
+                let want = u32::try_from(slots + 1).unwrap_or(max);
+                holding = Some(tokio::spawn(async move {
+                    outbox.hold_connections(&account, want, max).await
+                }));
+            }
+            if shared
+                && slots > 0
+                && idle_until.is_some()
+                && queue.is_empty()
+                && sending.is_empty()
+                && holding.is_none()
+                && releasing.is_none()
+            {
+                slots = 0;
+                releasing = Some(tokio::spawn(self.give_back_connections()));
+            }
+            let settled = queue.is_empty() && sending.is_empty() && results.is_empty();
+            if let Some(end) = ending.take_if(|_| {
+                settled && claiming.is_none() && recording.is_none() && holding.is_none()
+            }) {
+                if let Some(r) = releasing.take() {
+                    let _ = r.await;
+                }
+                if shared && slots > 0 {
+                    self.give_back_connections().await;
+                }
                 return end;
             }
             let waiting_for_slot = sending_allowed && !queue.is_empty() && sending.len() < cap;
+            let ready_at = pace.ready_at();
             tokio::select! {
                 _ = &mut shutdown, if running => {
                     // No more claims; what is claimed is still sent.
@@ -216,6 +336,17 @@ impl AccountWorker {
                     };
                     if attempt.reached_the_account() {
                         probing = false;
+                        // The account answers: a pause another node (or
+                        // this one) recorded is over, for every node.
+                        if shared && !pause_cleared {
+                            pause_cleared = true;
+                            let (outbox, account) = (self.outbox.clone(), self.account.clone());
+                            tokio::spawn(async move {
+                                if let Err(e) = outbox.set_account_paused(&account, None).await {
+                                    tracing::warn!(%account, error = %e, "cannot record that the account's pause is over");
+                                }
+                            });
+                        }
                     }
                     held_bytes = held_bytes.saturating_sub(size(&m));
                     let (mark, pause) = span.in_scope(|| outcome::settle(&self.settings, &self.status, &m, attempt));
@@ -279,7 +410,52 @@ impl AccountWorker {
                 _ = self.wake.notified(), if running && idle_until.is_some() => {
                     idle_until = None;
                 }
-                _ = tokio::time::sleep_until(pace.ready_at()), if waiting_for_slot => {}
+                _ = sleep_until(ready_at), if waiting_for_slot => {}
+                answer = finished(&mut pace.asking) => pace.answered(answer, &self.account),
+                _ = sleep_until(pace.ask_again_at), if pace.ask_again_at.is_some() => {
+                    pace.ask_again_at = None;
+                }
+                held = finished(&mut holding) => {
+                    holding = None;
+                    match held {
+                        Ok(Ok(n)) => {
+                            let before = slots;
+                            slots = (n as usize).min(concurrency);
+                            if slots <= before {
+                                // None free: other nodes hold them.
+                                hold_again_at = Some(Instant::now() + ASK_AGAIN);
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            tracing::error!(account = %self.account, error = %e, "cannot take the account's connection slots; trying again");
+                            hold_again_at = Some(Instant::now() + ASK_AGAIN);
+                        }
+                        Err(e) => {
+                            tracing::error!(account = %self.account, error = %e, "the connection slot task failed; trying again");
+                            hold_again_at = Some(Instant::now() + ASK_AGAIN);
+                        }
+                    }
+                }
+                _ = sleep_until(hold_again_at), if hold_again_at.is_some() && holding.is_none() => {
+                    hold_again_at = None;
+                }
+                _ = finished(&mut releasing) => releasing = None,
+            }
+        }
+    }
+
+    /// Closes the account's idle connections, then gives their slots
+    /// back to the store for other nodes.
+    fn give_back_connections(&self) -> impl Future<Output = ()> + Send + 'static {
+        let (transport, outbox, account) = (
+            self.transport.clone(),
+            self.outbox.clone(),
+            self.account.clone(),
+        );
+        async move {
+            transport.close().await;
+            if let Err(e) = outbox.release_connections(&account).await {
+                tracing::warn!(%account, error = %e, "cannot give back the account's connection slots; they stay this node's");
             }
         }
     }

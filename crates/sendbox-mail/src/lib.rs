@@ -47,4 +47,12 @@ impl Transport {
             }),
         }
     }
+
+    /// Closes the connections kept open between sends (SMTP's idle ones);
+    /// the next send opens a new one.
+    pub async fn close(&self) {
+        if let Transport::Smtp(t) = self {
+            t.close().await;
+        }
+    }
 }

@@ -190,6 +190,49 @@ impl Store for AnyStore {
         )
     }
 
+    fn shared(&self) -> bool {
+        match self {
+            AnyStore::Sqlite(s) => Store::shared(s),
+            AnyStore::Postgres(s) => Store::shared(s),
+        }
+    }
+
+    fn take_send_turn(
+        &self,
+        account: &str,
+        step: std::time::Duration,
+    ) -> impl Future<Output = Result<std::time::Duration, OutboxError>> + Send {
+        let account = account.to_owned();
+        on_backend!(self, take_send_turn(&account, step))
+    }
+
+    fn hold_connections(
+        &self,
+        account: &str,
+        want: u32,
+        max: u32,
+    ) -> impl Future<Output = Result<u32, OutboxError>> + Send {
+        let account = account.to_owned();
+        on_backend!(self, hold_connections(&account, want, max))
+    }
+
+    fn take_pause_probe(
+        &self,
+        account: &str,
+        since_ms: i64,
+    ) -> impl Future<Output = Result<bool, OutboxError>> + Send {
+        let account = account.to_owned();
+        on_backend!(self, take_pause_probe(&account, since_ms))
+    }
+
+    fn release_connections(
+        &self,
+        account: &str,
+    ) -> impl Future<Output = Result<(), OutboxError>> + Send {
+        let account = account.to_owned();
+        on_backend!(self, release_connections(&account))
+    }
+
     fn schedule_run(
         &self,
         plugin: &str,

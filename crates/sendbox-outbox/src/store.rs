@@ -118,6 +118,19 @@ pub trait Store: Send + Sync + 'static {
         reason: Option<&str>,
     ) -> impl Future<Output = Result<(), OutboxError>> + Send;
 
+    /// Takes the probe of `account`'s pause recorded at `since_ms` (its
+    /// recheck is due): `true` for the one caller that moves the pause's
+    /// time to now and tries one message, `false` when another took it or
+    /// the pause changed. A store one process uses answers `true`.
+    fn take_pause_probe(
+        &self,
+        account: &str,
+        since_ms: i64,
+    ) -> impl Future<Output = Result<bool, OutboxError>> + Send {
+        let _ = (account, since_ms);
+        async { Ok(true) }
+    }
+
     /// Paused accounts: name, since (ms), reason.
     fn paused_accounts(
         &self,
@@ -145,6 +158,51 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool, OutboxError>> + Send {
         let _ = (plugin, schedule, scheduled_at_ms);
         async { Ok(true) }
+    }
+
+    /// Whether several processes deliver from this store at once, so an
+    /// account's rate, connections and pause are held through the store
+    /// ([`Store::take_send_turn`], [`Store::hold_connections`]) rather than
+    /// by each worker alone.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Under a rate every node shares: reserves `account`'s next send,
+    /// `step` after the previous one whichever node made it, and says how
+    /// long to wait before starting it. A store one process uses answers
+    /// "now" (its worker paces itself).
+    fn take_send_turn(
+        &self,
+        account: &str,
+        step: std::time::Duration,
+    ) -> impl Future<Output = Result<std::time::Duration, OutboxError>> + Send {
+        let _ = (account, step);
+        async { Ok(std::time::Duration::ZERO) }
+    }
+
+    /// Takes connection slots of `account` (of `max` across every node)
+    /// until this process holds `want`; returns how many it holds. Until it
+    /// gives them back ([`Store::release_connections`]) no other node may
+    /// use them. A store one process uses grants `want` (up to `max`).
+    fn hold_connections(
+        &self,
+        account: &str,
+        want: u32,
+        max: u32,
+    ) -> impl Future<Output = Result<u32, OutboxError>> + Send {
+        let _ = account;
+        async move { Ok(want.min(max)) }
+    }
+
+    /// Gives back every connection slot of `account` this process holds;
+    /// its connections to the account's server are closed by then.
+    fn release_connections(
+        &self,
+        account: &str,
+    ) -> impl Future<Output = Result<(), OutboxError>> + Send {
+        let _ = account;
+        async { Ok(()) }
     }
 
     /// When a schedule last ran, if ever.

@@ -209,7 +209,7 @@ async fn an_unreachable_server_is_a_clear_error_without_the_password() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn looking_at_a_database_changes_nothing_and_says_what_is_missing() {
     let db = Database::create().await;
-    let err = PgOutbox::connect_to_look(&db.url, None)
+    let err = PgOutbox::connect_as_tool(&db.url, None)
         .await
         .unwrap_err()
         .to_string();
@@ -221,6 +221,6 @@ async fn looking_at_a_database_changes_nothing_and_says_what_is_missing() {
         "looking created nothing"
     );
     let _node = node(&db, "a", Duration::from_secs(60)).await;
-    let looked = PgOutbox::connect_to_look(&db.url, None).await.unwrap();
+    let looked = PgOutbox::connect_as_tool(&db.url, None).await.unwrap();
     assert!(looked.paused_accounts().await.unwrap().is_empty());
 }

@@ -59,6 +59,8 @@ pub struct Received {
     pub to: Vec<String>,
     pub raw: String,
     pub tls: bool,
+    /// When the peer accepted it (ms since the epoch, the peer's clock).
+    pub at_ms: i64,
 }
 
 /// Counters from the peers.
@@ -69,6 +71,8 @@ pub struct Stats {
     pub token_requests: u64,
     pub max_connections: u64,
     pub active_connections: u64,
+    /// Most authenticated connections open at once, per mailbox.
+    pub max_connections_by_user: std::collections::HashMap<String, u64>,
     /// Messages the SMTP peer has received since the last reset.
     pub messages: u64,
 }

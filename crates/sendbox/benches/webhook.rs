@@ -1,7 +1,8 @@
 //! Webhook → durably committed outbox row, at 16 and then 64 concurrent
 //! connections, side by side with a bare POST route of the same server that
 //! runs no plugin and commits nothing: requests/s, p50 and p99 of each, and
-//! the ratios.
+//! the ratios; then the same committed route on a PostgreSQL outbox (the
+//! local server, `synchronous_commit` on) against SQLite.
 //! The committed route runs `webhook-bridge` on an Alertmanager payload in a
 //! fresh instance and commits its email with fsync on.
 //!
@@ -93,11 +94,9 @@ async fn main() {
     let plugin = runtime
         .load_file("webhook-bridge", &wasm::example("webhook-bridge"), settings)
         .unwrap();
-    let mut plugins = HashMap::new();
-    plugins.insert(
-        "webhook-bridge".to_string(),
-        Loaded {
-            plugin,
+    let registry = |name: &str| {
+        let loaded = Loaded {
+            plugin: plugin.clone(),
             plugin_path: wasm::example("webhook-bridge"),
             account: "local".into(),
             mailbox: "sendbox@localhost".into(),
@@ -106,16 +105,29 @@ async fn main() {
                 ..Policy::default()
             },
             serial: Default::default(),
-        },
-    );
+        };
+        Arc::new(Registry::new(HashMap::from([(name.to_string(), loaded)])))
+    };
     let real = dispatcher(
-        Arc::new(Registry::new(plugins)),
+        registry("webhook-bridge"),
         outbox.clone().into(),
         Arc::new(sendbox::daemon::Wakers::default()),
         Arc::new(sendbox::metrics::Metrics::default()),
     );
+    let db = sendbox_test_support::postgres::Database::create().await;
+    let pg = sendbox_outbox::PgOutbox::connect(&db.url, None, "bench", 8, Duration::from_secs(60))
+        .await
+        .expect("the PostgreSQL server (DATABASE_URL or localhost:5432) for the PostgreSQL route");
+    let on_pg = dispatcher(
+        registry("webhook-bridge-pg"),
+        pg.clone().into(),
+        Arc::new(sendbox::daemon::Wakers::default()),
+        Arc::new(sendbox::metrics::Metrics::default()),
+    );
     let dispatch: Dispatch = Arc::new(move |job: Job| {
-        if job.plugin == "bare" {
+        if job.plugin == "webhook-bridge-pg" {
+            on_pg(job)
+        } else if job.plugin == "bare" {
             Box::pin(async {
                 Dispatched::Committed {
                     queued: vec![],
@@ -138,6 +150,7 @@ async fn main() {
     let routes = HashMap::from([
         ("/hooks/alerts".to_string(), route("webhook-bridge")),
         ("/bare".to_string(), route("bare")),
+        ("/hooks/alerts-pg".to_string(), route("webhook-bridge-pg")),
     ]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -196,4 +209,38 @@ async fn main() {
         64.0 / committed.0 * 1e3
     );
     assert!(rows > 0);
+
+    // The same route on each backend, alternated.
+    println!("the committed route on PostgreSQL and on SQLite, alternated, 64 connections");
+    let (mut on_sqlite, mut on_postgres) = (Vec::new(), Vec::new());
+    for round in 0..if full { 2 } else { 1 } {
+        for postgres in [round % 2 == 1, round % 2 == 0] {
+            let path = if postgres {
+                "/hooks/alerts-pg"
+            } else {
+                "/hooks/alerts"
+            };
+            let r = load(format!("http://{addr}{path}"), body.clone(), 64, secs).await;
+            println!(
+                "  {:<10} {:>7.0} req/s  p50 {:>8.2?}  p99 {:>8.2?}  errors {}",
+                if postgres { "PostgreSQL" } else { "SQLite" },
+                r.0,
+                r.1,
+                r.2,
+                r.3
+            );
+            if postgres {
+                on_postgres.push(r.0);
+            } else {
+                on_sqlite.push(r.0);
+            }
+        }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    println!(
+        "  PostgreSQL / SQLite: {:.2}x the requests/s",
+        mean(&on_postgres) / mean(&on_sqlite)
+    );
+    let pg_rows = pg.list(None, 10_000_000).await.unwrap().len();
+    assert!(pg_rows > 0, "the PostgreSQL route committed");
 }

@@ -22,7 +22,7 @@ use super::{COLUMNS, NodeSeen, PgOutbox, audit, message_from_row, pg_err};
 use crate::{Mark, Message, OutboxError, State, now_ms};
 
 impl PgOutbox {
-    fn lease_ms(&self) -> i64 {
+    pub(super) fn lease_ms(&self) -> i64 {
         self.lease.as_millis().min(i64::MAX as u128) as i64
     }
 
@@ -313,6 +313,9 @@ pub(super) async fn keep_leases(outbox: Weak<PgOutbox>) {
             Some(o) => {
                 if let Err(e) = o.renew_leases().await {
                     tracing::warn!(node = %o.node, error = %e, "renewing leases failed; trying again");
+                }
+                if let Err(e) = o.renew_slots().await {
+                    tracing::warn!(node = %o.node, error = %e, "renewing connection slots failed; trying again");
                 }
                 if let Err(e) = o.heartbeat(None).await {
                     tracing::warn!(node = %o.node, error = %e, "heartbeat failed; trying again");

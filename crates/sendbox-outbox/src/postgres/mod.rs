@@ -2,7 +2,8 @@
 //! A small pool of connections (`pool`), versioned migrations run under an
 //! advisory lock so nodes starting together migrate once (`schema`), the
 //! commit of a call in one transaction (`commit`), claims with leases and
-//! fenced results (`delivery`), and [`crate::Store`] on `Arc<PgOutbox>`
+//! fenced results (`delivery`), an account's rate and connections shared
+//! by every node (`limits`), and [`crate::Store`] on `Arc<PgOutbox>`
 //! (`store`).
 //!
 //! What SQLite gets from its single writer, PostgreSQL gets from locks:
@@ -16,6 +17,7 @@
 
 mod commit;
 mod delivery;
+mod limits;
 mod pool;
 mod schema;
 mod store;
@@ -117,10 +119,11 @@ impl PgOutbox {
         Ok(outbox)
     }
 
-    /// Connects only to look (`sendbox check`): one connection, no node
-    /// registered, no lease kept or freed, and nothing migrated — a
-    /// database at another schema version is named as such.
-    pub async fn connect_to_look(
+    /// Connects as a tool rather than a node (`sendbox check`, `sendbox
+    /// outbox`, `sendbox suppress`): one connection, no node registered, no
+    /// lease kept or freed, and nothing migrated — a database at another
+    /// schema version is named as such.
+    pub async fn connect_as_tool(
         url: &str,
         password: Option<&str>,
     ) -> Result<Arc<PgOutbox>, OutboxError> {

@@ -99,6 +99,23 @@ const MIGRATIONS: &[&str] = &[
         detail      TEXT NOT NULL
     );
     "#,
+    // v2: what the nodes share to hold an account's limits together: the
+    // time of the account's next send under its rate, and its connection
+    // slots, each leased by the node that may hold that connection open.
+    r#"
+    CREATE TABLE account_pace (
+        account     TEXT PRIMARY KEY,
+        next_ms     BIGINT NOT NULL
+    );
+    CREATE TABLE account_slots (
+        account     TEXT NOT NULL,
+        slot        INTEGER NOT NULL,
+        node        TEXT,
+        until_ms    BIGINT NOT NULL DEFAULT 0,
+        PRIMARY KEY (account, slot)
+    );
+    CREATE INDEX account_slots_node ON account_slots (node) WHERE node IS NOT NULL;
+    "#,
 ];
 
 /// Refuses a database that is not at this sendbox's schema version,

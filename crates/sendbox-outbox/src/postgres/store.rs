@@ -191,6 +191,24 @@ impl PgOutbox {
         Ok(())
     }
 
+    /// Takes the probe of `account`'s pause recorded at `since_ms`: moves
+    /// the pause's time to now if it is still that pause; whether it did.
+    pub async fn take_pause_probe(
+        &self,
+        account: &str,
+        since_ms: i64,
+    ) -> Result<bool, OutboxError> {
+        let conn = self.pool.get().await?;
+        let n = conn
+            .execute(
+                "UPDATE account_status SET paused_ms = $3 WHERE account = $1 AND paused_ms = $2",
+                &[&account, &since_ms, &now_ms().max(since_ms + 1)],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(n == 1)
+    }
+
     /// Paused accounts: name, since (ms), reason.
     pub async fn paused_accounts(&self) -> Result<Vec<(String, i64, String)>, OutboxError> {
         let conn = self.pool.get().await?;
@@ -388,6 +406,46 @@ impl Store for Arc<PgOutbox> {
     ) -> impl Future<Output = Result<Vec<Message>, OutboxError>> + Send {
         let (o, account) = (self.clone(), account.to_owned());
         async move { PgOutbox::claim_within(&o, &account, limit, max_bytes).await }
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn take_send_turn(
+        &self,
+        account: &str,
+        step: std::time::Duration,
+    ) -> impl Future<Output = Result<std::time::Duration, OutboxError>> + Send {
+        let (o, account) = (self.clone(), account.to_owned());
+        async move { PgOutbox::take_send_turn(&o, &account, step).await }
+    }
+
+    fn hold_connections(
+        &self,
+        account: &str,
+        want: u32,
+        max: u32,
+    ) -> impl Future<Output = Result<u32, OutboxError>> + Send {
+        let (o, account) = (self.clone(), account.to_owned());
+        async move { PgOutbox::hold_connections(&o, &account, want, max).await }
+    }
+
+    fn take_pause_probe(
+        &self,
+        account: &str,
+        since_ms: i64,
+    ) -> impl Future<Output = Result<bool, OutboxError>> + Send {
+        let (o, account) = (self.clone(), account.to_owned());
+        async move { PgOutbox::take_pause_probe(&o, &account, since_ms).await }
+    }
+
+    fn release_connections(
+        &self,
+        account: &str,
+    ) -> impl Future<Output = Result<(), OutboxError>> + Send {
+        let (o, account) = (self.clone(), account.to_owned());
+        async move { PgOutbox::release_connections(&o, &account).await }
     }
 
     fn mark(

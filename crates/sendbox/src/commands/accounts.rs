@@ -208,7 +208,7 @@ async fn shared_store_status(
 ) -> Result<Vec<(bool, String)>, sendbox_outbox::OutboxError> {
     use sendbox_outbox::Store;
     // Checking, not delivering: no node registered, no lease touched.
-    let store = sendbox_outbox::PgOutbox::connect_to_look(
+    let store = sendbox_outbox::PgOutbox::connect_as_tool(
         &pg.url,
         pg.password.as_ref().map(sendbox_auth::Secret::expose),
     )

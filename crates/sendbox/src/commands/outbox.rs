@@ -1,37 +1,49 @@
 //! `sendbox outbox ...` and `sendbox suppress ...`: look into and act on the
-//! outbox database named by the config.
+//! outbox the config names — its SQLite file, or the PostgreSQL database
+//! the nodes share (from any node, while they run).
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Subcommand;
-use sendbox_outbox::{Outbox, OutboxError, State};
+use sendbox_outbox::{AnyStore, Outbox, OutboxError, PgOutbox, State, Store};
 
 use crate::exit::{self, coded};
 
 use crate::cli::ConfigArg;
 
-fn open(c: &ConfigArg) -> anyhow::Result<Outbox> {
-    // Only the database's path: secrets the daemon resolves from its own
-    // environment need not resolve here.
+/// The outbox the config names, and a runtime to use it on.
+fn open(c: &ConfigArg) -> anyhow::Result<(tokio::runtime::Runtime, AnyStore)> {
+    // Only the store: secrets the daemon resolves from its own environment
+    // need not resolve here (but a PostgreSQL store's password must).
     let store =
         crate::config::store_path(&c.config).map_err(|e| coded(exit::EX_CONFIG, e.to_string()))?;
-    refuse_postgres(&store)?;
-    Outbox::open(&store).map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))
+    let rt = crate::daemon::setup::tokio_runtime()?;
+    let outbox = if crate::config::is_postgres_url(&store) {
+        let cfg = crate::config::load_for_store(&c.config)
+            .map_err(|e| coded(exit::EX_CONFIG, e.to_string()))?;
+        rt.block_on(shared_store(&cfg))?
+    } else {
+        let outbox = Outbox::open(&store).map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?;
+        AnyStore::from(Arc::new(outbox))
+    };
+    Ok((rt, outbox))
 }
 
-/// These commands read and change a SQLite file; a shared PostgreSQL
-/// outbox is not theirs yet.
-fn refuse_postgres(store: &std::path::Path) -> anyhow::Result<()> {
-    if crate::config::is_postgres_url(store) {
-        return Err(coded(
-            exit::EX_USAGE,
-            "`sendbox outbox` and `sendbox suppress` work on a SQLite store; this config's store is \
-             PostgreSQL: run `sendbox check` for paused accounts and nodes, and query the database \
-             (tables `messages`, `audit`, `suppressions`) with psql meanwhile",
-        ));
-    }
-    Ok(())
+/// The shared PostgreSQL outbox, joined as a tool (not a node: no lease
+/// held, nothing migrated).
+async fn shared_store(cfg: &crate::config::Config) -> anyhow::Result<AnyStore> {
+    let Some(pg) = &cfg.postgres else {
+        return Err(coded(exit::EX_CONFIG, "no PostgreSQL store in the config"));
+    };
+    let outbox = PgOutbox::connect_as_tool(
+        &pg.url,
+        pg.password.as_ref().map(sendbox_auth::Secret::expose),
+    )
+    .await
+    .map_err(|e| coded(exit::EX_TEMPFAIL, format!("outbox {}: {e}", pg.url)))?;
+    Ok(AnyStore::from(outbox))
 }
 
 fn not_found(e: OutboxError) -> anyhow::Error {
@@ -130,8 +142,8 @@ impl OutboxCommand {
                 json,
                 limit,
             } => {
-                let outbox = open(&config)?;
-                for m in outbox.list(state, limit).map_err(not_found)? {
+                let (rt, outbox) = open(&config)?;
+                for m in rt.block_on(outbox.list(state, limit)).map_err(not_found)? {
                     if json {
                         serde_json::to_writer(&mut out, &m)?;
                         writeln!(out)?;
@@ -151,8 +163,8 @@ impl OutboxCommand {
                 }
             }
             OutboxCommand::Show { config, id } => {
-                let outbox = open(&config)?;
-                let m = outbox.get(id).map_err(not_found)?;
+                let (rt, outbox) = open(&config)?;
+                let m = rt.block_on(outbox.get(id)).map_err(not_found)?;
                 writeln!(out, "id:          {}", m.id)?;
                 writeln!(out, "message-id:  {}", printable(&m.message_id))?;
                 writeln!(
@@ -173,7 +185,7 @@ impl OutboxCommand {
                     writeln!(out, "last reply:  {}", printable(r))?;
                 }
                 writeln!(out, "history:")?;
-                for a in outbox.audit_trail(id).map_err(not_found)? {
+                for a in rt.block_on(outbox.audit_trail(id)).map_err(not_found)? {
                     writeln!(
                         out,
                         "  {}  {} -> {}{}",
@@ -187,10 +199,9 @@ impl OutboxCommand {
                 }
             }
             OutboxCommand::Retry { config, id, dead } => {
-                let outbox = open(&config)?;
+                let (rt, outbox) = open(&config)?;
                 let ids: Vec<i64> = if dead {
-                    outbox
-                        .list(Some(State::Dead), usize::MAX >> 1)
+                    rt.block_on(outbox.list(Some(State::Dead), usize::MAX >> 1))
                         .map_err(not_found)?
                         .into_iter()
                         .map(|m| m.id)
@@ -199,22 +210,25 @@ impl OutboxCommand {
                     id.into_iter().collect()
                 };
                 for id in &ids {
-                    outbox.retry_now(*id).map_err(not_found)?;
+                    rt.block_on(outbox.retry_now(*id)).map_err(not_found)?;
                 }
                 writeln!(out, "queued {} message(s) for another attempt", ids.len())?;
             }
             OutboxCommand::Prune { config } => {
                 // The retention comes from the config; its secrets are not
                 // needed for that.
-                let cfg = crate::config::load_without_secrets(&config.config)
+                let cfg = crate::config::load_for_store(&config.config)
                     .map_err(|e| coded(exit::EX_CONFIG, e.to_string()))?;
-                if cfg.postgres.is_some() {
-                    refuse_postgres(std::path::Path::new("postgres://"))?;
-                }
-                let outbox = Outbox::open(&cfg.store)
-                    .map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?;
-                let p = outbox
-                    .prune(cfg.retention.before(sendbox_outbox::now_ms()))
+                let rt = crate::daemon::setup::tokio_runtime()?;
+                let outbox = if cfg.postgres.is_some() {
+                    rt.block_on(shared_store(&cfg))?
+                } else {
+                    let outbox = Outbox::open(&cfg.store)
+                        .map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?;
+                    AnyStore::from(Arc::new(outbox))
+                };
+                let p = rt
+                    .block_on(outbox.prune(cfg.retention.before(sendbox_outbox::now_ms())))
                     .map_err(not_found)?;
                 writeln!(
                     out,
@@ -223,7 +237,8 @@ impl OutboxCommand {
                 )?;
             }
             OutboxCommand::Drop { config, id } => {
-                open(&config)?.drop_message(id).map_err(not_found)?;
+                let (rt, outbox) = open(&config)?;
+                rt.block_on(outbox.drop_message(id)).map_err(not_found)?;
                 writeln!(out, "dropped message {id}")?;
             }
         }
@@ -274,20 +289,25 @@ impl SuppressCommand {
                         format!("{address:?} is not an email address"),
                     ));
                 }
-                open(&config)?
-                    .suppress(&address, reason.as_deref())
+                let (rt, outbox) = open(&config)?;
+                rt.block_on(outbox.suppress(&address, reason.as_deref()))
                     .map_err(not_found)?;
                 writeln!(out, "suppressed {address}")?;
             }
             SuppressCommand::Remove { config, address } => {
-                if open(&config)?.unsuppress(&address).map_err(not_found)? {
+                let (rt, outbox) = open(&config)?;
+                if rt
+                    .block_on(outbox.unsuppress(&address))
+                    .map_err(not_found)?
+                {
                     writeln!(out, "removed {address}")?;
                 } else {
                     writeln!(out, "{address} was not suppressed")?;
                 }
             }
             SuppressCommand::List { config } => {
-                for (a, r) in open(&config)?.suppressions().map_err(not_found)? {
+                let (rt, outbox) = open(&config)?;
+                for (a, r) in rt.block_on(outbox.suppressions()).map_err(not_found)? {
                     writeln!(
                         out,
                         "{}{}",

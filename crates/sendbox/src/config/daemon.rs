@@ -136,7 +136,11 @@ pub(super) fn postgres_store(
     }
     let password = match &raw.password {
         Some(r) => {
-            let bytes = secret_bytes(cx, r.span().start, "daemon.postgres.password", r.get_ref())?;
+            let only_form = !cx.resolve_secrets;
+            cx.resolve_secrets |= cx.resolve_store_secret;
+            let bytes = secret_bytes(cx, r.span().start, "daemon.postgres.password", r.get_ref());
+            cx.resolve_secrets = !only_form;
+            let bytes = bytes?;
             Some(sendbox_auth::Secret::new(
                 String::from_utf8_lossy(&bytes).trim().to_owned(),
             ))

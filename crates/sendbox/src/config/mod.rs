@@ -112,6 +112,8 @@ struct Ctx<'a> {
     /// Read the secrets references point at; when false, references are
     /// checked for form only and their values left empty.
     resolve_secrets: bool,
+    /// Read the store's password even when `resolve_secrets` is false.
+    resolve_store_secret: bool,
     source: &'a str,
     errors: Vec<String>,
     warnings: Vec<String>,
@@ -153,16 +155,29 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// and validates the file where the daemon's secrets are not at hand. The
 /// result must not be used to run anything.
 pub fn load_without_secrets(path: &Path) -> Result<Config, ConfigErrors> {
-    parse_with(path, &read_source(path)?, false)
+    parse_with(path, &read_source(path)?, false, false)
+}
+
+/// Like [`load_without_secrets`], but the store's own password (a
+/// PostgreSQL store's `[daemon.postgres] password`) is read: for the
+/// commands that work on the outbox (`sendbox outbox`, `sendbox suppress`),
+/// which need the store and nothing else.
+pub fn load_for_store(path: &Path) -> Result<Config, ConfigErrors> {
+    parse_with(path, &read_source(path)?, false, true)
 }
 
 /// Parses and validates config text (`path` is used for messages and to
 /// resolve relative paths).
 pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
-    parse_with(path, source, true)
+    parse_with(path, source, true, true)
 }
 
-fn parse_with(path: &Path, source: &str, resolve_secrets: bool) -> Result<Config, ConfigErrors> {
+fn parse_with(
+    path: &Path,
+    source: &str,
+    resolve_secrets: bool,
+    resolve_store_secret: bool,
+) -> Result<Config, ConfigErrors> {
     let mut raw: RawConfig = toml::from_str(source).map_err(|e| {
         let at = e
             .span()
@@ -175,6 +190,7 @@ fn parse_with(path: &Path, source: &str, resolve_secrets: bool) -> Result<Config
     let mut cx = Ctx {
         path,
         resolve_secrets,
+        resolve_store_secret,
         source,
         errors: Vec::new(),
         warnings: Vec::new(),
