@@ -2,7 +2,8 @@
 # Runs the whole test suite on a fresh machine with Rust (rustup) installed:
 # installs what the tests need that cargo does not (the wasm32-wasip2
 # target; Node.js, npm, openssl and systemd-analyze from Debian packages
-# when missing; the npm test peers; a PostgreSQL server, or a throwaway one),
+# when missing; the npm test peers; componentize-py for the Python plugins;
+# a PostgreSQL server, or a throwaway one),
 # then `cargo test` over the workspace.
 # Tests build the example and hostile plugins themselves.
 set -euo pipefail
@@ -27,6 +28,24 @@ if ((${#missing[@]})); then
     exit 1
   fi
 fi
+
+# componentize-py builds the Python plugins the tests run: pinned, in a
+# virtualenv outside the clone so CI runs reuse it.
+COMPONENTIZE_PY_VERSION=0.25.1
+py_env="${SENDBOX_PYTHON_ENV:-$HOME/.cache/sendbox-python}"
+if ! "$py_env/bin/componentize-py" --version 2>/dev/null | grep -qx "componentize-py $COMPONENTIZE_PY_VERSION"; then
+  if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+      apt-get update -qq && apt-get install -y -qq python3-venv
+    else
+      echo "missing: python3-venv — install it, then run this again" >&2
+      exit 1
+    fi
+  fi
+  python3 -m venv "$py_env"
+  "$py_env/bin/pip" install -q --disable-pip-version-check "componentize-py==$COMPONENTIZE_PY_VERSION"
+fi
+export SENDBOX_COMPONENTIZE_PY="$py_env/bin/componentize-py"
 
 # The PostgreSQL server the outbox's second backend is tested against: the
 # one running here, or a throwaway cluster for this run.

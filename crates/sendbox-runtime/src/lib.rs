@@ -66,7 +66,7 @@ pub use error::{LoadError, RunError, RunFailure};
 pub use host::{LogLevel, LogLine, LogSource};
 pub use instance::{Plugin, PluginSettings, RunReport, ScreenReport};
 pub use limits::{Limits, MAX_MEMORY_BYTES};
-pub use load::{InspectedItem, Inspection, RELAY_WORLD, WORLD};
+pub use load::{InspectedItem, Inspection, Linked, RELAY_WORLD, WORLD};
 /// The event and outcome types (re-exported from `sendbox-types`).
 pub use sendbox_types as event;
 pub use sendbox_types::{

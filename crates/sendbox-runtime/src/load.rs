@@ -142,6 +142,22 @@ const OFFERED_WASI: &[&str] = &[
     "wasi:random/insecure-seed",
 ];
 
+/// WASI 0.2 interfaces that toolchains with an interpreter inside import
+/// whether the plugin uses them or not (componentize-py's Python runtime
+/// imports every `wasi:sockets` interface). They are linked to a context
+/// that refuses every call — no TCP, no UDP, no name lookup, no address
+/// allowed — so such a component loads, and a socket it asks for is
+/// refused when asked (an error the plugin sees), never opened.
+const DENIED_WASI: &[&str] = &[
+    "wasi:sockets/network",
+    "wasi:sockets/instance-network",
+    "wasi:sockets/tcp",
+    "wasi:sockets/tcp-create-socket",
+    "wasi:sockets/udp",
+    "wasi:sockets/udp-create-socket",
+    "wasi:sockets/ip-name-lookup",
+];
+
 /// Our own interfaces.
 const OFFERED_SENDBOX: &[&str] = &[
     "sendbox:plugin/types",
@@ -150,17 +166,36 @@ const OFFERED_SENDBOX: &[&str] = &[
     "sendbox:plugin/smtp",
 ];
 
-fn is_offered(import: &str) -> bool {
+/// How the host links one import.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Linked {
+    /// Linked and working (within the sandbox's limits).
+    Offered,
+    /// Linked, and every call refused (see [`DENIED_WASI`]).
+    Denied,
+    /// Not linked: the component is refused at load.
+    Refused,
+}
+
+fn linked(import: &str) -> Linked {
     let (iface, version) = import.split_once('@').unwrap_or((import, ""));
-    if OFFERED_SENDBOX.contains(&iface) {
-        return version.starts_with("0.1.");
+    let known = if OFFERED_SENDBOX.contains(&iface) {
+        version.starts_with("0.1.")
+    } else {
+        (OFFERED_WASI.contains(&iface) || DENIED_WASI.contains(&iface))
+            && version.starts_with("0.2.")
+    };
+    match known {
+        false => Linked::Refused,
+        true if DENIED_WASI.contains(&iface) => Linked::Denied,
+        true => Linked::Offered,
     }
-    OFFERED_WASI.contains(&iface) && version.starts_with("0.2.")
 }
 
 fn check_imports(engine: &Engine, plugin: &str, component: &Component) -> Result<(), LoadError> {
     for (import, _) in component.component_type().imports(engine) {
-        if !is_offered(import) {
+        if linked(import) == Linked::Refused {
             return Err(LoadError::UnsupportedImport {
                 plugin: plugin.to_owned(),
                 import: import.to_owned(),
@@ -192,8 +227,10 @@ pub struct Inspection {
 pub struct InspectedItem {
     /// Full name, e.g. `wasi:cli/stdout@0.2.6`.
     pub name: String,
-    /// Whether sendbox offers it.
+    /// Whether sendbox offers it (linked, working or denied).
     pub offered: bool,
+    /// How it is linked.
+    pub linked: Linked,
 }
 
 /// The world plugins implement.
@@ -212,7 +249,8 @@ impl Runtime {
             .imports(&self.engine)
             .map(|(name, _)| InspectedItem {
                 name: name.to_owned(),
-                offered: is_offered(name),
+                offered: linked(name) != Linked::Refused,
+                linked: linked(name),
             })
             .collect();
         let exports = ty

@@ -457,16 +457,44 @@ fn log_floods_are_capped_and_the_event_still_succeeds() {
 }
 
 #[test]
-fn a_tcp_client_is_refused_at_load_naming_the_socket_import() {
-    let err = runtime()
-        .load_file("hostile-tcp", &wasm::hostile("hostile-tcp"), settings(&[]))
+fn a_tcp_client_loads_but_every_socket_it_asks_for_is_refused() {
+    // A real listener the plugin is told to reach: nothing may arrive.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let plugin = runtime()
+        .load_file(
+            "hostile-tcp",
+            &wasm::hostile("hostile-tcp"),
+            settings(&[("addr", &addr)]),
+        )
+        .expect("the sockets a toolchain imports are linked, denied");
+    let err = plugin
+        .run(&webhook("{}"), "e1", Arc::new(MemoryState::new()))
         .unwrap_err();
-    match &err {
-        LoadError::UnsupportedImport { import, .. } => {
-            assert!(import.starts_with("wasi:sockets/"), "{import}")
-        }
-        other => panic!("expected UnsupportedImport, got {other}"),
-    }
+    let text = err.to_string();
+    assert!(text.contains(&format!("connect {addr}")), "{text}");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(
+        matches!(listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the plugin reached the listener"
+    );
+    // inspect names them as linked and denied.
+    let bytes = std::fs::read(wasm::hostile("hostile-tcp")).unwrap();
+    let inspection = runtime().inspect("hostile-tcp", &bytes).unwrap();
+    assert!(inspection.implements_world, "{:?}", inspection.problem);
+    let sockets: Vec<_> = inspection
+        .imports
+        .iter()
+        .filter(|i| i.name.starts_with("wasi:sockets/"))
+        .collect();
+    assert!(!sockets.is_empty());
+    assert!(
+        sockets
+            .iter()
+            .all(|i| i.linked == sendbox_runtime::Linked::Denied),
+        "{sockets:?}"
+    );
     assert_runtime_still_serves();
 }
 

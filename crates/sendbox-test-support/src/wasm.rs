@@ -1,5 +1,6 @@
 //! Builds the plugin components the tests run: the example plugins in
-//! `plugins/` and the hostile ones in `tests/plugins/`.
+//! `plugins/` and the hostile ones in `tests/plugins/` (Rust with cargo,
+//! Python with componentize-py).
 //!
 //! Tests use real `.wasm` components built from source, never checked-in
 //! binaries. A missing `wasm32-wasip2` target fails the test loudly with the
@@ -67,4 +68,92 @@ pub fn hostile(name: &str) -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     let dir = DIR.get_or_init(|| build("tests/plugins"));
     dir.join(format!("{}.wasm", name.replace('-', "_")))
+}
+
+/// The componentize-py the tests build Python plugins with:
+/// `SENDBOX_COMPONENTIZE_PY`, else `componentize-py` on the `PATH`
+/// (`./scripts/test.sh` installs the pinned version).
+fn componentize_py() -> PathBuf {
+    if let Some(p) = std::env::var_os("SENDBOX_COMPONENTIZE_PY") {
+        return PathBuf::from(p);
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("componentize-py"))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "componentize-py is needed to build the Python plugins: `pip install componentize-py==0.25.1` \
+             (./scripts/test.sh installs it), or set SENDBOX_COMPONENTIZE_PY to its path"
+        )
+    })
+}
+
+/// Path of a Python plugin's component, built from `<dir>/app.py` (`dir`
+/// relative to the repository, e.g. `plugins/webhook-bridge-py`) with the
+/// Python PDK in `sdk/python`, against `wit/sendbox.wit`. Built once per
+/// change of its sources: the output is kept with a hash of them.
+pub fn python(dir: &str) -> PathBuf {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let root = repo_root();
+    let src = root.join(dir);
+    let name = src
+        .file_name()
+        .expect("a folder")
+        .to_string_lossy()
+        .into_owned();
+    let out_dir = wasm_target_dir().join("python");
+    std::fs::create_dir_all(&out_dir).expect("the build folder can be made");
+    let out = out_dir.join(format!("{name}.wasm"));
+    let stamp = out_dir.join(format!("{name}.sources"));
+    let mut sources = String::new();
+    for folder in [src.clone(), root.join("sdk/python/sendbox_pdk")] {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&folder)
+            .expect("the plugin's folder exists")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "py"))
+            .collect();
+        files.sort();
+        for f in files {
+            sources.push_str(&std::fs::read_to_string(&f).expect("readable source"));
+        }
+    }
+    sources.push_str(&std::fs::read_to_string(root.join("wit/sendbox.wit")).expect("the WIT"));
+    let digest = format!("{:x}", fnv1a(&sources));
+    if out.is_file() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == digest) {
+        return out;
+    }
+    let tmp = out_dir.join(format!("{name}.{}.tmp.wasm", std::process::id()));
+    let result = Command::new(componentize_py())
+        .arg("-d")
+        .arg(root.join("wit"))
+        .args(["-w", "hook", "componentize", "app", "-p"])
+        .arg(&src)
+        .arg("-p")
+        .arg(root.join("sdk/python"))
+        .arg("-o")
+        .arg(&tmp)
+        .output()
+        .expect("componentize-py can be started");
+    if !result.status.success() {
+        panic!(
+            "building {dir} with componentize-py failed:\n{}{}",
+            String::from_utf8_lossy(&result.stdout),
+            String::from_utf8_lossy(&result.stderr)
+        );
+    }
+    std::fs::rename(&tmp, &out).expect("the component can be moved in place");
+    std::fs::write(&stamp, digest).expect("the stamp can be written");
+    out
+}
+
+/// A 64-bit FNV-1a hash: enough to tell sources apart, no dependency.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    })
 }

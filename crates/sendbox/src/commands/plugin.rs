@@ -310,7 +310,11 @@ impl InspectArgs {
                 writeln!(
                     out,
                     "  {} {}",
-                    if i.offered { "ok     " } else { "REFUSED" },
+                    match i.linked {
+                        sendbox_runtime::Linked::Offered => "ok     ",
+                        sendbox_runtime::Linked::Denied => "denied ",
+                        sendbox_runtime::Linked::Refused => "REFUSED",
+                    },
                     i.name
                 )?;
             }

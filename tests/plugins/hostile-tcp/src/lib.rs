@@ -1,5 +1,6 @@
-//! A plugin that opens a TCP connection. Importing `wasi:sockets` is enough
-//! for the host to refuse it at load.
+//! A plugin that opens a TCP connection to its `addr` config. The host
+//! links `wasi:sockets` to a context that refuses every call: it loads, and
+//! the connect fails (the error is the plugin's answer).
 
 use std::io::Write;
 
