@@ -232,7 +232,9 @@ impl AccountWorker {
                 pace.take();
                 self.start(m, &mut sending);
             }
-            if sending_allowed && !queue.is_empty() && sending.len() < cap {
+            // A turn is asked for even while every connection is busy: a
+            // turn that comes due then says this node needs another one.
+            if sending_allowed && !queue.is_empty() {
                 pace.ask(&self.outbox, &self.account);
             }
             let flush_at = oldest_result.map(|t| t + LINGER).max(record_again_at);
@@ -277,9 +279,15 @@ impl AccountWorker {
                     outbox.claim_within(&account, asked, asked_bytes).await
                 }));
             }
-            // Shared store: a slot when there may be mail, one more while
-            // every held connection is busy and more mail waits (up to the
-            // account's connections); none kept while idle.
+            // Shared store: a slot when there may be mail; one more when a
+            // message could start now (its turn under the rate has come)
+            // but every held connection is busy — under a rate one
+            // connection usually keeps up, and the slots stay free for the
+            // other nodes; none kept while idle.
+            let held_up = !probing
+                && !queue.is_empty()
+                && sending.len() >= slots
+                && pace.ready_at().is_some_and(|t| t <= Instant::now());
             if shared
                 && running
                 && sending_allowed
@@ -287,7 +295,7 @@ impl AccountWorker {
                 && releasing.is_none()
                 && slots < concurrency
                 && idle_until.is_none()
-                && (slots == 0 || (!queue.is_empty() && sending.len() >= slots))
+                && (slots == 0 || held_up)
                 && hold_again_at.is_none_or(|t| t <= Instant::now())
             {
                 let (outbox, account) = (self.outbox.clone(), self.account.clone());
