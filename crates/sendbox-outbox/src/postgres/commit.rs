@@ -4,11 +4,14 @@
 //! idempotency keys skipped, the emails queued with their audit rows, the
 //! state changes applied with their byte usage.
 //!
-//! A call that reads or writes plugin state, is rate-limited or carries an
-//! idempotency key first takes its plugin's advisory lock, so no other
-//! commit of that plugin, on any node, runs between its checks and its
-//! writes: the same serializable guarantee SQLite gets from its one writer.
-//! Other calls need no lock and commit side by side.
+//! A call that reads or writes plugin state or is rate-limited first takes
+//! its plugin's advisory lock, so no other commit of that plugin, on any
+//! node, runs between its checks and its writes: the same serializable
+//! guarantee SQLite gets from its one writer. An idempotency key takes a
+//! lock of its own (plugin and key), so two commits of one key are one
+//! after the other but different keys commit side by side — and share the
+//! server's WAL flush (a lock held across the flush would let one commit
+//! through per flush). Other calls need no lock.
 
 use sendbox_types::{ReadSet, StateChange, bare_address};
 use tokio_postgres::Transaction;
@@ -17,14 +20,31 @@ use super::pg_err;
 use crate::{Call, Committed, OutboxError, Queued, now_ms};
 
 /// Whether the call's checks read something another commit of the same
-/// plugin could change meanwhile.
+/// plugin could change meanwhile (its state, its counts).
 fn needs_plugin_lock(call: &Call) -> bool {
     !call.reads.keys.is_empty()
         || !call.reads.prefixes.is_empty()
         || !call.state_changes.is_empty()
         || call.policy.emails_per_hour.is_some()
         || call.policy.emails_per_day.is_some()
-        || call.emails.iter().any(|e| e.idempotency_key.is_some())
+}
+
+/// The advisory locks a call takes, in the one order every commit takes
+/// them (the plugin's first, then its keys sorted), so two commits never
+/// wait on each other in a circle.
+fn locks(call: &Call) -> Vec<String> {
+    let mut keys: Vec<String> = call
+        .emails
+        .iter()
+        .filter_map(|e| e.idempotency_key.as_ref())
+        .map(|k| format!("{}\u{1f}{k}", call.plugin))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    if needs_plugin_lock(call) {
+        keys.insert(0, call.plugin.clone());
+    }
+    keys
 }
 
 async fn count_since(
@@ -45,10 +65,13 @@ async fn count_since(
 /// Checks the call against its policy and stores it inside `tx`; on `Err`
 /// the caller rolls back.
 pub(super) async fn apply(tx: &Transaction<'_>, call: &Call) -> Result<Committed, OutboxError> {
-    if needs_plugin_lock(call) {
+    let locks = locks(call);
+    if !locks.is_empty() {
+        // One statement takes them all, in order.
         tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-            &[&call.plugin],
+            "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) \
+             FROM unnest($1::text[]) WITH ORDINALITY AS l(k, n) ORDER BY n",
+            &[&locks],
         )
         .await
         .map_err(pg_err)?;
@@ -77,6 +100,22 @@ pub(super) async fn apply(tx: &Transaction<'_>, call: &Call) -> Result<Committed
     }
 
     let retention_start = now - i64::from(p.idempotency_hours) * 3_600_000;
+    // Every recipient of the call looked up at once.
+    let all: Vec<String> = call
+        .emails
+        .iter()
+        .flat_map(|e| e.recipients().map(bare_address))
+        .collect();
+    let suppressed: std::collections::HashSet<String> = tx
+        .query(
+            "SELECT address FROM suppressions WHERE address = ANY($1)",
+            &[&all],
+        )
+        .await
+        .map_err(pg_err)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     for email in &call.emails {
         let mut email = email.clone();
         // Suppressed addresses are removed; an email left without
@@ -85,12 +124,7 @@ pub(super) async fn apply(tx: &Transaction<'_>, call: &Call) -> Result<Committed
             let mut kept = Vec::with_capacity(list.len());
             for r in list.drain(..) {
                 let bare = bare_address(&r);
-                let suppressed = tx
-                    .query_opt("SELECT 1 FROM suppressions WHERE address = $1", &[&bare])
-                    .await
-                    .map_err(pg_err)?
-                    .is_some();
-                if suppressed {
+                if suppressed.contains(&bare) {
                     done.suppressed.push(bare);
                 } else {
                     kept.push(r);
@@ -125,11 +159,18 @@ pub(super) async fn apply(tx: &Transaction<'_>, call: &Call) -> Result<Committed
         let json = serde_json::to_string(&email)
             .map_err(|e| OutboxError::Policy(format!("email cannot be stored: {e}")))?;
         let bytes = email.content_bytes() as i64;
+        let detail = format!(
+            "plugin {} event {} ({})",
+            call.plugin, call.event_id, call.trigger
+        );
+        // The message and its first audit row in one statement.
         let row = tx
             .query_one(
-                "INSERT INTO messages (message_id, plugin, trigger, event_id, account, state, attempts, \
+                "WITH m AS (INSERT INTO messages (message_id, plugin, trigger, event_id, account, state, attempts, \
                  next_attempt_ms, created_ms, updated_ms, recipients, bytes, idempotency_key, email_json) \
-                 VALUES ($1, $2, $3, $4, $5, 'queued', 0, $6, $6, $6, $7, $8, $9, $10) RETURNING id",
+                 VALUES ($1, $2, $3, $4, $5, 'queued', 0, $6, $6, $6, $7, $8, $9, $10) RETURNING id) \
+                 INSERT INTO audit (message, at_ms, from_state, to_state, detail) \
+                 SELECT id, $6, NULL, 'queued', $11 FROM m RETURNING message",
                 &[
                     &message_id,
                     &call.plugin,
@@ -141,21 +182,12 @@ pub(super) async fn apply(tx: &Transaction<'_>, call: &Call) -> Result<Committed
                     &bytes,
                     &email.idempotency_key,
                     &json,
+                    &detail,
                 ],
             )
             .await
             .map_err(pg_err)?;
         let id: i64 = row.get(0);
-        let detail = format!(
-            "plugin {} event {} ({})",
-            call.plugin, call.event_id, call.trigger
-        );
-        tx.execute(
-            "INSERT INTO audit (message, at_ms, from_state, to_state, detail) VALUES ($1, $2, NULL, 'queued', $3)",
-            &[&id, &now, &detail],
-        )
-        .await
-        .map_err(pg_err)?;
         if let Some(key) = &email.idempotency_key {
             tx.execute(
                 "INSERT INTO idempotency (plugin, key, message, created_ms) VALUES ($1, $2, $3, $4) \
