@@ -28,6 +28,7 @@ macro_rules! store_behaviour_tests {
             a_policy_violation_queues_nothing_and_says_why,
             a_refused_call_does_not_disturb_the_others_committed_with_it,
             an_idempotency_key_seen_again_is_not_queued_twice,
+            one_key_committed_sixteen_times_at_once_is_queued_once,
             suppressed_recipients_are_removed_at_enqueue,
             an_hourly_rate_limit_refuses_the_excess,
             a_message_left_sending_is_queued_again_with_its_message_id,
@@ -208,6 +209,34 @@ pub async fn an_idempotency_key_seen_again_is_not_queued_twice(store: impl Store
     let mut other = call(vec![e], vec![]);
     other.plugin = "q".into();
     assert_eq!(store.commit(other).await.unwrap().queued.len(), 1);
+}
+
+/// Sixteen commits of one idempotency key at once (sixteen deliveries of
+/// one webhook): one queues it, fifteen name it as their duplicate; other
+/// keys committed meanwhile are each queued.
+pub async fn one_key_committed_sixteen_times_at_once_is_queued_once(store: impl Store) {
+    let store = Arc::new(store);
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..16 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let mut same = email("a@x.org", "alert");
+            same.idempotency_key = Some("alert-7-firing".into());
+            let mut own = email("a@x.org", &format!("own {t}"));
+            own.idempotency_key = Some(format!("own-{t}"));
+            let a = store.commit(call(vec![same], vec![])).await.unwrap();
+            let b = store.commit(call(vec![own], vec![])).await.unwrap();
+            (a, b)
+        });
+    }
+    let done = tasks.join_all().await;
+    let queued: Vec<_> = done.iter().flat_map(|(a, _)| a.queued.clone()).collect();
+    assert_eq!(queued.len(), 1, "queued once");
+    let duplicates: Vec<_> = done.iter().flat_map(|(a, _)| a.duplicates.clone()).collect();
+    assert_eq!(duplicates.len(), 15);
+    assert!(duplicates.iter().all(|d| *d == queued[0]), "{duplicates:?}");
+    assert!(done.iter().all(|(_, b)| b.queued.len() == 1));
+    assert_eq!(store.list(None, 100).await.unwrap().len(), 17);
 }
 
 /// Suppressed addresses (any case, with display names) are dropped at
