@@ -232,7 +232,10 @@ pub async fn one_key_committed_sixteen_times_at_once_is_queued_once(store: impl 
     let done = tasks.join_all().await;
     let queued: Vec<_> = done.iter().flat_map(|(a, _)| a.queued.clone()).collect();
     assert_eq!(queued.len(), 1, "queued once");
-    let duplicates: Vec<_> = done.iter().flat_map(|(a, _)| a.duplicates.clone()).collect();
+    let duplicates: Vec<_> = done
+        .iter()
+        .flat_map(|(a, _)| a.duplicates.clone())
+        .collect();
     assert_eq!(duplicates.len(), 15);
     assert!(duplicates.iter().all(|d| *d == queued[0]), "{duplicates:?}");
     assert!(done.iter().all(|(_, b)| b.queued.len() == 1));
