@@ -753,3 +753,40 @@ async fn the_outbox_and_suppress_commands_work_on_the_shared_database() {
     let nodes = db.query("SELECT node FROM nodes ORDER BY node").await;
     assert_eq!(nodes, ["n1"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sendbox_check_on_any_node_shows_an_account_another_node_paused() {
+    use sendbox_outbox::Store;
+    let p = Peers::start();
+    let db = Database::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Node n1 was refused and paused the account for everyone.
+    let n1 = sendbox_outbox::PgOutbox::connect(&db.url, None, "n1", 1, Duration::from_secs(60))
+        .await
+        .unwrap();
+    n1.set_account_paused(
+        "app",
+        Some("the token endpoint refused the client (invalid_client)"),
+    )
+    .await
+    .unwrap();
+    // `sendbox check` with node n2's config says so.
+    let config = node_config(&p, &db, &dir.path().join("n2"), "n2", 60);
+    let (var, secret) = p.app_env();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sendbox"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .env(var, &secret)
+        .env("SENDBOX_TEST_WEBHOOK_SECRET", WEBHOOK_SECRET)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("account app: delivery is paused: the token endpoint refused the client"),
+        "{text}"
+    );
+    assert!(
+        !out.status.success(),
+        "a paused account fails the check: {text}"
+    );
+}
