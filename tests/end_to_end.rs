@@ -14,5 +14,6 @@ mod hardening;
 mod listener;
 mod outbox_cli;
 mod plugin_cli;
+mod python_plugins;
 mod reload;
 mod systemd_unit;
