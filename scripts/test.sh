@@ -2,7 +2,8 @@
 # Runs the whole test suite on a fresh machine with Rust (rustup) installed:
 # installs what the tests need that cargo does not (the wasm32-wasip2
 # target; Node.js, npm, openssl and systemd-analyze from Debian packages
-# when missing; the npm test peers; componentize-py for the Python plugins;
+# when missing; the npm test peers; componentize-py and componentize-js for
+# the Python and JavaScript plugins;
 # a PostgreSQL server, or a throwaway one),
 # then `cargo test` over the workspace.
 # Tests build the example and hostile plugins themselves.
@@ -54,6 +55,9 @@ source scripts/postgres-for-tests.sh
 # The real protocol peers the tests talk to (smtp-server, oidc-provider),
 # pinned by tests/peers/package-lock.json.
 npm ci --prefix tests/peers --no-audit --no-fund --loglevel=error
+# componentize-js builds the JavaScript plugins the tests run, pinned by
+# tests/toolchains/package-lock.json.
+npm ci --prefix tests/toolchains --no-audit --no-fund --loglevel=error
 
 # --all-targets also builds and smoke-runs the benches (a few iterations),
 # so they cannot rot; doctests need their own pass.

@@ -50,7 +50,7 @@ fn sign(body: &[u8]) -> String {
 }
 
 /// Waits until the SMTP peer has a message containing `needle`.
-async fn wait_received(p: &Peers, needle: &str) -> peers::Received {
+pub(crate) async fn wait_received(p: &Peers, needle: &str) -> peers::Received {
     let start = Instant::now();
     loop {
         if let Some(m) = p

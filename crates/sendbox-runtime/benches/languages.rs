@@ -1,11 +1,12 @@
-//! The same plugin in Rust and in Python (`webhook-bridge` and
-//! `plugins/webhook-bridge-py`, an interpreter inside an 18 MB component),
-//! side by side in one run:
+//! The same plugins in Rust, Python and JavaScript (`webhook-bridge` and
+//! `plugins/webhook-bridge-py`; `file-alert` and `plugins/file-alert-js`:
+//! an interpreter inside a 12–18 MB component), side by side in one run:
 //!
 //! - compile: loading into an empty compiled-code cache (cold) against
 //!   loading from it (what a daemon restart does);
 //! - per event: the sample alert through a fresh instance each time
-//!   (instantiate + handle), median and p99;
+//!   (instantiate + handle) — each plugin's own sample event — median and
+//!   p99;
 //! - memory: this process's resident memory before and after loading each.
 //!
 //! Full run:   cargo bench -p sendbox-runtime --bench languages
@@ -99,25 +100,64 @@ fn measure(name: &str, path: &Path, event: &Event, events: usize) -> Measured {
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let events = if full { 500 } else { 5 };
-    let sample = wasm::repo_root().join("plugins/webhook-bridge/sample-event.json");
-    let event: Event = serde_json::from_str(&std::fs::read_to_string(sample).unwrap()).unwrap();
-    let rust = measure("rust", &wasm::example("webhook-bridge"), &event, events);
-    let python = measure(
-        "python",
-        &wasm::python("plugins/webhook-bridge-py"),
-        &event,
-        events,
+    let sample = |plugin: &str| -> Event {
+        let path = wasm::repo_root()
+            .join("plugins")
+            .join(plugin)
+            .join("sample-event.json");
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let (bridge, alert) = (sample("webhook-bridge"), sample("file-alert"));
+    let rows = [
+        (
+            "webhook-bridge",
+            "Rust",
+            measure("rs", &wasm::example("webhook-bridge"), &bridge, events),
+        ),
+        (
+            "webhook-bridge",
+            "Python",
+            measure(
+                "py",
+                &wasm::python("plugins/webhook-bridge-py"),
+                &bridge,
+                events,
+            ),
+        ),
+        (
+            "file-alert",
+            "Rust",
+            measure("rs", &wasm::example("file-alert"), &alert, events),
+        ),
+        (
+            "file-alert",
+            "JavaScript",
+            measure(
+                "js",
+                &wasm::javascript("plugins/file-alert-js"),
+                &alert,
+                events,
+            ),
+        ),
+    ];
+    println!(
+        "the same plugins in Rust, Python and JavaScript: compile, load, {events} events each"
     );
-    println!("webhook-bridge in Rust and in Python: compile, load, {events} events each");
-    for (lang, m) in [("Rust", &rust), ("Python", &python)] {
+    for (plugin, lang, m) in &rows {
         println!(
-            "  {lang:<7} cold compile {:>9.2?}  cached load {:>9.2?}  event p50 {:>9.2?}  p99 {:>9.2?}  +{:.0} MB resident",
+            "  {plugin:<15} {lang:<10} cold compile {:>9.2?}  cached load {:>9.2?}  event p50 {:>9.2?}  p99 {:>9.2?}  +{:.0} MB resident",
             m.cold, m.cached, m.median, m.p99, m.rss_added_mb
         );
     }
-    println!(
-        "  Python / Rust: event p50 {:.1}x, cached load {:.1}x  (targets: Python event p50 < 5 ms, cached load < 100 ms)",
-        python.median.as_secs_f64() / rust.median.as_secs_f64(),
-        python.cached.as_secs_f64() / rust.cached.as_secs_f64()
-    );
+    for pair in rows.chunks(2) {
+        let (rust, other) = (&pair[0].2, &pair[1].2);
+        println!(
+            "  {} / Rust ({}): event p50 {:.1}x, cached load {:.1}x",
+            pair[1].1,
+            pair[0].0,
+            other.median.as_secs_f64() / rust.median.as_secs_f64(),
+            other.cached.as_secs_f64() / rust.cached.as_secs_f64()
+        );
+    }
+    println!("  targets: an interpreter plugin's event p50 < 5 ms, a cached load < 100 ms");
 }
