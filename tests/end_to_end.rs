@@ -14,6 +14,7 @@ mod hardening;
 mod language_plugins;
 mod listener;
 mod outbox_cli;
+mod plugin_build;
 mod plugin_cli;
 mod reload;
 mod systemd_unit;

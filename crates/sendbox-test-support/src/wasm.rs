@@ -74,7 +74,7 @@ pub fn hostile(name: &str) -> PathBuf {
 /// `SENDBOX_COMPONENTIZE_PY`, else the pinned one `./scripts/test.sh`
 /// installs (`~/.cache/sendbox-python`), else `componentize-py` on the
 /// `PATH`.
-fn componentize_py() -> PathBuf {
+pub fn componentize_py() -> PathBuf {
     if let Some(p) = std::env::var_os("SENDBOX_COMPONENTIZE_PY") {
         return PathBuf::from(p);
     }
@@ -124,7 +124,7 @@ pub fn python(dir: &str) -> PathBuf {
 /// The componentize-js the tests build JavaScript plugins with:
 /// `SENDBOX_COMPONENTIZE_JS`, else the one `tests/toolchains` pins
 /// (`npm ci --prefix tests/toolchains`, which `./scripts/test.sh` runs).
-fn componentize_js() -> PathBuf {
+pub fn componentize_js() -> PathBuf {
     if let Some(p) = std::env::var_os("SENDBOX_COMPONENTIZE_JS") {
         return PathBuf::from(p);
     }

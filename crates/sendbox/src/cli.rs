@@ -77,6 +77,8 @@ pub enum PluginCommand {
     Run(commands::plugin::RunArgs),
     /// Print the world a component implements and its imports.
     Inspect(commands::plugin::InspectArgs),
+    /// Build a plugin folder (Rust, Python or JavaScript) into a component.
+    Build(commands::plugin_build::BuildArgs),
 }
 
 impl Command {
@@ -85,6 +87,7 @@ impl Command {
         match self {
             Command::Plugin(PluginCommand::Run(c)) => c.run(),
             Command::Plugin(PluginCommand::Inspect(c)) => c.run(),
+            Command::Plugin(PluginCommand::Build(c)) => c.run(),
             Command::Check(c) => c.run(),
             Command::SendTest(c) => c.run(),
             Command::Login(c) => c.run(),

@@ -13,6 +13,8 @@ pub const EX_USAGE: u8 = 64;
 pub const EX_DATAERR: u8 = 65;
 /// An input file did not exist or was not readable.
 pub const EX_NOINPUT: u8 = 66;
+/// A tool the command needs is not installed.
+pub const EX_UNAVAILABLE: u8 = 69;
 /// Something the command needs from the system failed.
 pub const EX_SOFTWARE: u8 = 70;
 /// A resource is busy (e.g. another process delivers from the outbox).

@@ -5,4 +5,5 @@ pub mod deliver;
 pub mod hash_password;
 pub mod outbox;
 pub mod plugin;
+pub mod plugin_build;
 pub mod run;

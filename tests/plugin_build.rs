@@ -1,0 +1,137 @@
+//! `sendbox plugin build` through the real binary: a plugin folder in each
+//! language becomes a component that `sendbox plugin run` runs, with the
+//! WIT and SDKs the binary carries (the Python and JavaScript folders hold
+//! only the plugin's own file); a missing toolchain is named with the
+//! command that installs it.
+
+use sendbox_test_support::wasm;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// `sendbox ARGS` with the pinned toolchains (as an author's machine would
+/// have them on its PATH).
+fn sendbox(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sendbox"))
+        .args(args)
+        .env("SENDBOX_COMPONENTIZE_PY", wasm::componentize_py())
+        .env("SENDBOX_COMPONENTIZE_JS", wasm::componentize_js())
+        .env("CARGO_TARGET_DIR", wasm::wasm_target_dir())
+        .env(
+            "SENDBOX_CACHE_DIR",
+            wasm::wasm_target_dir().join("sendbox-cache"),
+        )
+        .output()
+        .expect("sendbox starts")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Copies `file` of the repository's `from` folder into `to`.
+fn copy(from: &str, file: &str, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    std::fs::copy(wasm::repo_root().join(from).join(file), to.join(file)).unwrap();
+}
+
+/// Runs `wasm` on `event` with `to` as its recipient; the outcome's first
+/// email's subject.
+fn subject(wasm: &Path, event: &Path) -> String {
+    let out = ok(&sendbox(&[
+        "plugin",
+        "run",
+        wasm.to_str().unwrap(),
+        "--event",
+        event.to_str().unwrap(),
+        "--config",
+        "to=ops@example.com",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["outcome"]["emails"][0]["subject"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn a_folder_in_each_language_builds_into_a_component_that_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = wasm::repo_root();
+    let alert = root.join("plugins/file-alert/sample-event.json");
+
+    // Python: only app.py in the folder.
+    let py = dir.path().join("bridge");
+    copy("plugins/webhook-bridge-py", "app.py", &py);
+    let built = ok(&sendbox(&["plugin", "build", py.to_str().unwrap()]));
+    assert!(built.contains("bridge.wasm"), "{built}");
+    assert_eq!(
+        subject(
+            &py.join("bridge.wasm"),
+            &root.join("plugins/webhook-bridge-py/sample-event.json")
+        ),
+        "[webhook] FIRING: DiskFull (1 alert, 1 firing)"
+    );
+
+    // JavaScript: only app.js; the SDK comes with sendbox.
+    let js = dir.path().join("alerts");
+    copy("plugins/file-alert-js", "app.js", &js);
+    let out = js.join("out/alerts.wasm");
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    ok(&sendbox(&[
+        "plugin",
+        "build",
+        js.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert_eq!(
+        subject(&out, &alert),
+        "[incoming] reports/2026-11-27.csv created"
+    );
+
+    // Rust: the example crate, where it is.
+    let rs = dir.path().join("file-alert.wasm");
+    ok(&sendbox(&[
+        "plugin",
+        "build",
+        root.join("plugins/file-alert").to_str().unwrap(),
+        "--out",
+        rs.to_str().unwrap(),
+    ]));
+    assert_eq!(
+        subject(&rs, &alert),
+        "[incoming] reports/2026-11-27.csv created"
+    );
+}
+
+#[test]
+fn a_missing_toolchain_is_named_with_the_command_that_installs_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let py = dir.path().join("p");
+    copy("plugins/webhook-bridge-py", "app.py", &py);
+    let out = Command::new(env!("CARGO_BIN_EXE_sendbox"))
+        .args(["plugin", "build", py.to_str().unwrap()])
+        .env_remove("SENDBOX_COMPONENTIZE_PY")
+        .env("PATH", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("componentize-py is not installed: `pip install componentize-py==0.25.1`"),
+        "{err}"
+    );
+
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = sendbox(&["plugin", "build", empty.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(66));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a plugin folder"), "{err}");
+}
