@@ -135,3 +135,55 @@ fn a_missing_toolchain_is_named_with_the_command_that_installs_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a plugin folder"), "{err}");
 }
+
+#[test]
+fn new_then_build_then_run_gives_the_expected_outcome_in_each_language() {
+    let dir = tempfile::tempdir().unwrap();
+    for lang in ["python", "js", "rust"] {
+        let name = format!("backup-notice-{lang}");
+        let created = ok(&sendbox(&[
+            "plugin",
+            "new",
+            &name,
+            "--lang",
+            lang,
+            "--dir",
+            dir.path().to_str().unwrap(),
+        ]));
+        assert!(created.contains("created"), "{created}");
+        let folder = dir.path().join(&name);
+        ok(&sendbox(&["plugin", "build", folder.to_str().unwrap()]));
+        let out = ok(&sendbox(&[
+            "plugin",
+            "run",
+            folder.join(format!("{name}.wasm")).to_str().unwrap(),
+            "--event",
+            folder.join("sample-event.json").to_str().unwrap(),
+        ]));
+        let run: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let expected: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(folder.join("expected-outcome.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(run["outcome"], expected, "{lang}");
+    }
+    // The same name twice is refused, as is a name that is not one.
+    let again = sendbox(&[
+        "plugin",
+        "new",
+        "backup-notice-js",
+        "--lang",
+        "js",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(again.status.code(), Some(64));
+    let bad = sendbox(&[
+        "plugin",
+        "new",
+        "../escape",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(bad.status.code(), Some(64));
+}

@@ -79,6 +79,8 @@ pub enum PluginCommand {
     Inspect(commands::plugin::InspectArgs),
     /// Build a plugin folder (Rust, Python or JavaScript) into a component.
     Build(commands::plugin_build::BuildArgs),
+    /// Create a plugin folder: source, sample event, expected outcome.
+    New(commands::plugin_new::NewArgs),
 }
 
 impl Command {
@@ -88,6 +90,7 @@ impl Command {
             Command::Plugin(PluginCommand::Run(c)) => c.run(),
             Command::Plugin(PluginCommand::Inspect(c)) => c.run(),
             Command::Plugin(PluginCommand::Build(c)) => c.run(),
+            Command::Plugin(PluginCommand::New(c)) => c.run(),
             Command::Check(c) => c.run(),
             Command::SendTest(c) => c.run(),
             Command::Login(c) => c.run(),

@@ -6,4 +6,5 @@ pub mod hash_password;
 pub mod outbox;
 pub mod plugin;
 pub mod plugin_build;
+pub mod plugin_new;
 pub mod run;

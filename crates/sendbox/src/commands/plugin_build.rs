@@ -13,7 +13,7 @@ use clap::Args;
 use crate::exit::{self, coded};
 
 /// The contract and the SDKs, as this sendbox knows them.
-const WIT: &str = include_str!("../../../../wit/sendbox.wit");
+pub const WIT: &str = include_str!("../../../../wit/sendbox.wit");
 const PYTHON_SDK: &str = include_str!("../../../../sdk/python/sendbox_pdk/__init__.py");
 const JS_SDK: &str = include_str!("../../../../sdk/js/sendbox-pdk.js");
 
