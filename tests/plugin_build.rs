@@ -187,3 +187,51 @@ fn new_then_build_then_run_gives_the_expected_outcome_in_each_language() {
     ]);
     assert_eq!(bad.status.code(), Some(64));
 }
+
+#[test]
+fn plugin_test_compares_each_case_shows_a_diff_and_blesses() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&sendbox(&[
+        "plugin",
+        "new",
+        "nightly",
+        "--lang",
+        "python",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]));
+    let folder = dir.path().join("nightly");
+    let f = folder.to_str().unwrap();
+    ok(&sendbox(&["plugin", "build", f]));
+    let passed = ok(&sendbox(&["plugin", "test", f]));
+    assert!(passed.contains("ok     sample"), "{passed}");
+    assert!(passed.contains("1 case(s), 0 failed"), "{passed}");
+
+    // A second case whose expectation is wrong: a diff, exit 1.
+    std::fs::create_dir_all(folder.join("tests")).unwrap();
+    std::fs::write(
+        folder.join("tests/late.event.json"),
+        r#"{"webhook": {"path": "/hooks/late", "body": "The backup is late."}}"#,
+    )
+    .unwrap();
+    let expected = std::fs::read_to_string(folder.join("expected-outcome.json")).unwrap();
+    std::fs::write(folder.join("tests/late.expected.json"), &expected).unwrap();
+    let out = sendbox(&["plugin", "test", f]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("FAILED late"), "{text}");
+    assert!(
+        text.contains(r#" -       "text": "The nightly backup finished.","#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#" +       "text": "The backup is late.","#),
+        "{text}"
+    );
+    assert!(text.contains("2 case(s), 1 failed"), "{text}");
+
+    // --bless writes what it gives; then every case passes.
+    ok(&sendbox(&["plugin", "test", f, "--bless"]));
+    let passed = ok(&sendbox(&["plugin", "test", f]));
+    assert!(passed.contains("2 case(s), 0 failed"), "{passed}");
+}

@@ -81,6 +81,8 @@ pub enum PluginCommand {
     Build(commands::plugin_build::BuildArgs),
     /// Create a plugin folder: source, sample event, expected outcome.
     New(commands::plugin_new::NewArgs),
+    /// Run a plugin folder's cases and compare with their expectations.
+    Test(commands::plugin_test::TestArgs),
 }
 
 impl Command {
@@ -91,6 +93,7 @@ impl Command {
             Command::Plugin(PluginCommand::Inspect(c)) => c.run(),
             Command::Plugin(PluginCommand::Build(c)) => c.run(),
             Command::Plugin(PluginCommand::New(c)) => c.run(),
+            Command::Plugin(PluginCommand::Test(c)) => c.run(),
             Command::Check(c) => c.run(),
             Command::SendTest(c) => c.run(),
             Command::Login(c) => c.run(),

@@ -7,4 +7,5 @@ pub mod outbox;
 pub mod plugin;
 pub mod plugin_build;
 pub mod plugin_new;
+pub mod plugin_test;
 pub mod run;

@@ -86,7 +86,10 @@ fn read_input(path: &Path) -> anyhow::Result<String> {
     })
 }
 
-fn parse_pairs(pairs: &[String], flag: &str) -> anyhow::Result<BTreeMap<String, String>> {
+pub(crate) fn parse_pairs(
+    pairs: &[String],
+    flag: &str,
+) -> anyhow::Result<BTreeMap<String, String>> {
     pairs
         .iter()
         .map(|p| {
@@ -123,7 +126,7 @@ fn parse_limits(pairs: &[String]) -> anyhow::Result<Limits> {
     Ok(limits)
 }
 
-fn runtime(cache_dir: Option<PathBuf>, no_cache: bool) -> anyhow::Result<Runtime> {
+pub(crate) fn runtime(cache_dir: Option<PathBuf>, no_cache: bool) -> anyhow::Result<Runtime> {
     let cache_dir = if no_cache {
         None
     } else {
