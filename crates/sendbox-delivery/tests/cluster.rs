@@ -136,19 +136,21 @@ async fn the_accounts_rate_and_connections_hold_for_three_nodes_together() {
     // Sends start at least 100 ms apart, whichever node sends: at most 10
     // start in any second, plus one on the window's edge. A message
     // arrives a send's time after its start: a few ms on an open
-    // connection, a few hundred on a new one (TLS, token), so each of the
-    // (at most 2) connections' first messages may arrive bunched with
-    // later ones.
+    // connection, up to a few hundred on a new one (token, TLS; a node's
+    // turn that comes while its first send is still connecting is used
+    // late), so the first messages of the run may arrive bunched with the
+    // next ones: up to three more in a window, and the whole run up to a
+    // second shorter. Three nodes pacing alone would send 30 a second.
     let busiest = most_in_any_window(&times, 1000);
     let busiest_3s = most_in_any_window(&times, 3000);
     let span = times[n - 1] - times[0];
     eprintln!(
         "{n} messages over {span} ms; at most {busiest} in any second, {busiest_3s} in any 3 s"
     );
-    assert!(busiest <= 13, "{busiest} arrivals in one second at 600/min");
-    assert!(busiest_3s <= 33, "{busiest_3s} arrivals in 3 s at 600/min");
+    assert!(busiest <= 14, "{busiest} arrivals in one second at 600/min");
+    assert!(busiest_3s <= 34, "{busiest_3s} arrivals in 3 s at 600/min");
     assert!(
-        span >= (n as i64 - 3) * 100,
+        span >= (n as i64 - 1) * 100 - 1000,
         "{n} messages in {span} ms at 600/min"
     );
     let stats = p.stats().await;
