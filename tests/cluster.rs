@@ -78,6 +78,23 @@ concurrency = 64
     path
 }
 
+/// daily-digest's plugin section with one schedule (`schedule`: its
+/// `name`, `cron`... lines).
+fn digest_schedule(schedule: &str) -> String {
+    format!(
+        r#"
+[plugins.daily-digest]
+wasm = "{}"
+account = "app"
+[plugins.daily-digest.config]
+to = "team@example.com"
+[[plugins.daily-digest.schedule]]
+{schedule}
+"#,
+        wasm::example("daily-digest").display()
+    )
+}
+
 fn start(p: &Peers, config: &Path) -> Daemon {
     let (var, secret) = p.app_env();
     Daemon::start(
@@ -293,19 +310,7 @@ async fn a_schedule_on_three_nodes_runs_each_tick_once() {
     let p = Peers::start();
     let db = Database::create().await;
     let dir = tempfile::tempdir().unwrap();
-    let digest = format!(
-        r#"
-[plugins.daily-digest]
-wasm = "{}"
-account = "app"
-[plugins.daily-digest.config]
-to = "team@example.com"
-[[plugins.daily-digest.schedule]]
-name = "every-second"
-cron = "* * * * * *"
-"#,
-        wasm::example("daily-digest").display()
-    );
+    let digest = digest_schedule("name = \"every-second\"\ncron = \"* * * * * *\"");
     let nodes: Vec<Daemon> = ["n1", "n2", "n3"]
         .iter()
         .map(|n| {
@@ -530,20 +535,8 @@ async fn catch_up_once_runs_a_missed_tick_on_one_node_of_three() {
             .await
             .unwrap();
     }
-    let digest = format!(
-        r#"
-[plugins.daily-digest]
-wasm = "{}"
-account = "app"
-[plugins.daily-digest.config]
-to = "team@example.com"
-[[plugins.daily-digest.schedule]]
-name = "every-minute"
-cron = "0 * * * * *"
-catch_up = "once"
-"#,
-        wasm::example("daily-digest").display()
-    );
+    let digest =
+        digest_schedule("name = \"every-minute\"\ncron = \"0 * * * * *\"\ncatch_up = \"once\"");
     // The three start at once.
     let configs: Vec<PathBuf> = ["c1", "c2", "c3"]
         .iter()

@@ -82,6 +82,19 @@ fn run_workers(
     (statuses, stop, tasks)
 }
 
+/// Waits (at most 60 s) until the SMTP peer has `n` messages.
+async fn wait_for_messages(p: &Peers, n: usize) {
+    let started = Instant::now();
+    while p.stats().await.messages < n as u64 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "only {} of {n} arrived",
+            p.stats().await.messages
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn settings() -> DeliverySettings {
     DeliverySettings {
         rate_per_minute: None,
@@ -118,15 +131,7 @@ async fn the_accounts_rate_and_connections_hold_for_three_nodes_together() {
         ..settings()
     };
     let (_, stop, tasks) = run_workers(&p, &nodes, &p.app_env().1, &settings);
-    let started = Instant::now();
-    while p.stats().await.messages < n as u64 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "only {} of {n} arrived",
-            p.stats().await.messages
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_messages(&p, n).await;
     stop.notify_waiters();
     tasks.join_all().await;
 
@@ -181,15 +186,7 @@ async fn three_nodes_without_a_rate_never_open_more_than_the_accounts_connection
         enqueue(outbox, n / 3, &format!("burst-{k}")).await;
     }
     let (_, stop, tasks) = run_workers(&p, &nodes, &p.app_env().1, &settings());
-    let started = Instant::now();
-    while p.stats().await.messages < n as u64 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "only {} of {n} arrived",
-            p.stats().await.messages
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_messages(&p, n).await;
     stop.notify_waiters();
     tasks.join_all().await;
     let stats = p.stats().await;
