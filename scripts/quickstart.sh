@@ -11,12 +11,15 @@ if command -v rustup >/dev/null; then
 fi
 
 target="${CARGO_TARGET_DIR:-$PWD/target}"
-cargo build --release --locked --target wasm32-wasip2 \
-  --manifest-path plugins/Cargo.toml --target-dir "$target/wasm-plugins"
 cargo build --release --locked -p sendbox
 
+# `sendbox plugin build` puts each plugin's description (name, version, the
+# config keys it reads) inside its component: `sendbox plugin inspect` shows it.
 mkdir -p var/plugins var/quickstart/incoming
-cp "$target"/wasm-plugins/wasm32-wasip2/release/{file_alert,webhook_bridge,daily_digest}.wasm var/plugins/
+for p in file-alert webhook-bridge daily-digest; do
+  CARGO_TARGET_DIR="$target/wasm-plugins" "$target/release/sendbox" plugin build "plugins/$p" \
+    --out "var/plugins/${p//-/_}.wasm"
+done
 
 cat <<'MSG'
 

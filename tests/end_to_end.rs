@@ -10,6 +10,7 @@ mod cluster;
 mod crash;
 mod daemon;
 mod daemon_peers;
+mod drop_in;
 mod hardening;
 mod language_plugins;
 mod listener;

@@ -1,8 +1,10 @@
 //! `sendbox plugin build` through the real binary: a plugin folder in each
 //! language becomes a component that `sendbox plugin run` runs, with the
 //! WIT and SDKs the binary carries (the Python and JavaScript folders hold
-//! only the plugin's own file); a missing toolchain is named with the
-//! command that installs it.
+//! only the plugin's own file and its manifest), and that carries what the
+//! manifest says (`plugin inspect` prints it; its defaults are served, its
+//! required keys enforced); a missing toolchain is named with the command
+//! that installs it.
 
 use sendbox_test_support::wasm;
 
@@ -11,7 +13,7 @@ use std::process::{Command, Output};
 
 /// `sendbox ARGS` with the pinned toolchains (as an author's machine would
 /// have them on its PATH).
-fn sendbox(args: &[&str]) -> Output {
+pub(crate) fn sendbox(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sendbox"))
         .args(args)
         .env("SENDBOX_COMPONENTIZE_PY", wasm::componentize_py())
@@ -25,7 +27,7 @@ fn sendbox(args: &[&str]) -> Output {
         .expect("sendbox starts")
 }
 
-fn ok(out: &Output) -> String {
+pub(crate) fn ok(out: &Output) -> String {
     assert!(
         out.status.success(),
         "{}",
@@ -65,11 +67,24 @@ fn a_folder_in_each_language_builds_into_a_component_that_runs() {
     let root = wasm::repo_root();
     let alert = root.join("plugins/file-alert/sample-event.json");
 
-    // Python: only app.py in the folder.
+    // Python: app.py and its manifest; the SDK comes with sendbox.
     let py = dir.path().join("bridge");
     copy("plugins/webhook-bridge-py", "app.py", &py);
+    copy("plugins/webhook-bridge-py", "pyproject.toml", &py);
     let built = ok(&sendbox(&["plugin", "build", py.to_str().unwrap()]));
-    assert!(built.contains("bridge.wasm"), "{built}");
+    assert!(
+        built.contains("bridge.wasm (webhook-bridge-py 0.1.0, 2 config key(s) described)"),
+        "{built}"
+    );
+    let about = inspect(&py.join("bridge.wasm"));
+    for line in [
+        "plugin:   webhook-bridge-py 0.1.0",
+        "about:    Alertmanager alerts and GitHub pushes, posted as JSON webhooks, become readable emails.",
+        "  subject_prefix (default \"[webhook]\"): Put before every subject.",
+        "  to (required): Recipient, or several separated by commas.",
+    ] {
+        assert!(about.contains(line), "{line:?} in:\n{about}");
+    }
     assert_eq!(
         subject(
             &py.join("bridge.wasm"),
@@ -78,9 +93,10 @@ fn a_folder_in_each_language_builds_into_a_component_that_runs() {
         "[webhook] FIRING: DiskFull (1 alert, 1 firing)"
     );
 
-    // JavaScript: only app.js; the SDK comes with sendbox.
+    // JavaScript: app.js and package.json.
     let js = dir.path().join("alerts");
     copy("plugins/file-alert-js", "app.js", &js);
+    copy("plugins/file-alert-js", "package.json", &js);
     let out = js.join("out/alerts.wasm");
     std::fs::create_dir_all(out.parent().unwrap()).unwrap();
     ok(&sendbox(&[
@@ -93,6 +109,14 @@ fn a_folder_in_each_language_builds_into_a_component_that_runs() {
     assert_eq!(
         subject(&out, &alert),
         "[incoming] reports/2026-11-27.csv created"
+    );
+    let about = inspect(&out);
+    assert!(about.contains("plugin:   file-alert-js 0.1.0"), "{about}");
+    assert!(
+        about.contains(
+            "  notify_removed (default \"false\"): `true` to also mail when a file is removed."
+        ),
+        "{about}"
     );
 
     // Rust: the example crate, where it is.
@@ -108,6 +132,42 @@ fn a_folder_in_each_language_builds_into_a_component_that_runs() {
         subject(&rs, &alert),
         "[incoming] reports/2026-11-27.csv created"
     );
+    // The version comes from the workspace, as cargo resolves it.
+    let about = inspect(&rs);
+    assert!(about.contains("plugin:   file-alert 0.1.0"), "{about}");
+    assert!(about.contains("  to (required): "), "{about}");
+    // Run without the key it requires: refused, naming it.
+    let out = sendbox(&[
+        "plugin",
+        "run",
+        rs.to_str().unwrap(),
+        "--event",
+        alert.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("requires config key `to`"), "{err}");
+
+    // A manifest with a mistake: refused before anything is built.
+    let bad = dir.path().join("bad");
+    copy("plugins/file-alert-js", "app.js", &bad);
+    std::fs::write(
+        bad.join("package.json"),
+        r#"{"name": "bad", "version": "1.0.0", "sendbox": {"confg": {}}}"#,
+    )
+    .unwrap();
+    let out = sendbox(&["plugin", "build", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(65));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("package.json: \"sendbox\": unknown field `confg`"),
+        "{err}"
+    );
+}
+
+/// `sendbox plugin inspect WASM`'s text.
+fn inspect(wasm: &Path) -> String {
+    ok(&sendbox(&["plugin", "inspect", wasm.to_str().unwrap()]))
 }
 
 #[test]
@@ -152,6 +212,18 @@ fn new_then_build_then_run_gives_the_expected_outcome_in_each_language() {
         ]));
         assert!(created.contains("created"), "{created}");
         let folder = dir.path().join(&name);
+        // The manifest's default for `to` changed: the host serves it (the
+        // code's own fallback is ops@example.com).
+        let manifest = folder.join(match lang {
+            "python" => "pyproject.toml",
+            "js" => "package.json",
+            _ => "Cargo.toml",
+        });
+        for file in [manifest, folder.join("expected-outcome.json")] {
+            let text = std::fs::read_to_string(&file).unwrap();
+            assert!(text.contains("ops@example.com"), "{}", file.display());
+            std::fs::write(&file, text.replace("ops@example.com", "team@example.com")).unwrap();
+        }
         ok(&sendbox(&["plugin", "build", folder.to_str().unwrap()]));
         let out = ok(&sendbox(&[
             "plugin",

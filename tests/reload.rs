@@ -96,7 +96,7 @@ fn alert() -> Vec<u8> {
 
 /// POSTs `body` and returns the status and, for a 202, the subject of the
 /// email it queued.
-async fn post(
+pub(crate) async fn post(
     http: &reqwest::Client,
     url: &str,
     body: Vec<u8>,

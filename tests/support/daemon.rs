@@ -65,13 +65,7 @@ impl Daemon {
         let line = rx
             .recv_timeout(Duration::from_secs(120))
             .expect("sendbox printed its ready line");
-        let base = line
-            .split("webhooks on ")
-            .nth(1)
-            .and_then(|rest| rest.split(',').next())
-            .unwrap_or_else(|| panic!("unexpected ready line {line:?}"))
-            .trim()
-            .to_owned();
+        let base = sendbox_test_support::webhook_base(&line);
         Daemon {
             child,
             base,

@@ -20,6 +20,9 @@ pub enum CompileSource {
     Cache,
     /// Compiled now (and written to the cache when one is configured).
     Compiled,
+    /// Already loaded for another plugin with the same bytes: its code is
+    /// shared.
+    Shared,
 }
 
 /// The folder for this engine's artifacts under `root`.

@@ -56,6 +56,14 @@ pub struct Runtime {
     pub(crate) engine: Engine,
     pub(crate) linker: Arc<Linker<HostState>>,
     pub(crate) cache_dir: Option<PathBuf>,
+    /// Components loaded now, by content hash: plugins made from the same
+    /// bytes (one component under several names and configs) share one
+    /// copy of its code. Entries die with the last plugin holding them.
+    pub(crate) loaded: Arc<
+        std::sync::Mutex<
+            std::collections::HashMap<String, std::sync::Weak<wasmtime::component::Component>>,
+        >,
+    >,
     _ticker: Arc<TickerGuard>,
 }
 
@@ -140,6 +148,7 @@ impl Runtime {
             engine,
             linker: Arc::new(linker),
             cache_dir: options.cache_dir,
+            loaded: Arc::default(),
             _ticker: Arc::new(TickerGuard { stop }),
         })
     }

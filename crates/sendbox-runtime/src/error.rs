@@ -52,6 +52,26 @@ pub enum LoadError {
         /// What is wrong and how to fix it.
         reason: String,
     },
+    /// The config lacks a key the plugin's manifest says it requires.
+    #[error(
+        "plugin `{plugin}` requires config key `{key}` ({description}): set it under [plugins.{plugin}.config] (in a drop-in {plugin}.toml: under [config]), e.g. `{key} = \"...\"`"
+    )]
+    MissingConfig {
+        /// The plugin's name.
+        plugin: String,
+        /// The key.
+        key: String,
+        /// What the plugin says the key means.
+        description: String,
+    },
+    /// The component's self-description cannot be read.
+    #[error("plugin `{plugin}`: {reason} (rebuild it with `sendbox plugin build`)")]
+    BadManifest {
+        /// The plugin's name.
+        plugin: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The compiled-artifact cache could not be used.
     #[error("plugin `{plugin}`: compiled-code cache at {path}: {source}")]
     Cache {

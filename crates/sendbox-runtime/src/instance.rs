@@ -38,6 +38,11 @@ pub(crate) struct PluginInner {
     pub(crate) screen: Option<crate::relay_bindings::RelayHookPre<HostState>>,
     pub(crate) engine: Engine,
     pub(crate) settings: PluginSettings,
+    /// What the component says about itself, if it carries a manifest.
+    pub(crate) manifest: Option<sendbox_types::manifest::Manifest>,
+    /// Keeps the runtime's shared entry for these bytes alive while this
+    /// plugin is loaded.
+    pub(crate) _component: Arc<wasmtime::component::Component>,
 }
 
 /// A loaded plugin, ready to run events. Cheap to clone; clones share the
@@ -93,6 +98,21 @@ impl Plugin {
     /// The plugin's settings.
     pub fn settings(&self) -> &PluginSettings {
         &self.inner.settings
+    }
+
+    /// What the component says about itself (name, version, description,
+    /// the config keys it reads), if it carries a manifest.
+    pub fn manifest(&self) -> Option<&sendbox_types::manifest::Manifest> {
+        self.inner.manifest.as_ref()
+    }
+
+    /// Config keys the operator set that the plugin's manifest does not
+    /// declare (likely typos); none when it carries no manifest.
+    pub fn undeclared_config_keys(&self) -> Vec<String> {
+        self.manifest().map_or_else(Vec::new, |m| {
+            let set = &self.inner.settings.config;
+            m.undeclared(set).into_iter().map(str::to_owned).collect()
+        })
     }
 
     /// Whether it also screens SMTP submissions (exports `screen`, world

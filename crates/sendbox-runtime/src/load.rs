@@ -15,6 +15,7 @@ use crate::instance::PluginInner;
 use crate::{
     CompileSource, LoadError, Plugin, PluginSettings, Runtime, bindings, cache, content_hash,
 };
+use sendbox_types::manifest::{Manifest, ManifestError};
 
 impl Runtime {
     /// Reads and loads a component file. See [`Runtime::load`].
@@ -49,9 +50,21 @@ impl Runtime {
                 reason,
             })?;
         let started = Instant::now();
+        let manifest = manifest(name, bytes)?;
+        let mut settings = settings;
+        if let Some(m) = &manifest {
+            if let Some((key, k)) = m.missing_required(&settings.config).first() {
+                return Err(LoadError::MissingConfig {
+                    plugin: name.to_owned(),
+                    key: (*key).to_owned(),
+                    description: k.description.clone(),
+                });
+            }
+            m.with_defaults(&mut settings.config);
+        }
         let hash = content_hash(bytes);
         let (component, source) = self.compile(name, bytes, &hash)?;
-        let plugin = self.prepare(name, &component, hash, source, settings)?;
+        let plugin = self.prepare(name, component, hash, source, settings, manifest)?;
         tracing::debug!(plugin = name, ?source, hash = %plugin.inner.hash, elapsed_ms = started.elapsed().as_millis() as u64, "plugin loaded");
         Ok(plugin)
     }
@@ -61,15 +74,16 @@ impl Runtime {
     fn prepare(
         &self,
         name: &str,
-        component: &Component,
+        component: Arc<Component>,
         hash: String,
         source: CompileSource,
         settings: PluginSettings,
+        manifest: Option<Manifest>,
     ) -> Result<Plugin, LoadError> {
-        check_imports(&self.engine, name, component)?;
+        check_imports(&self.engine, name, &component)?;
         let pre = self
             .linker
-            .instantiate_pre(component)
+            .instantiate_pre(&component)
             .map_err(|e| LoadError::WrongWorld {
                 plugin: name.to_owned(),
                 reason: format!("{e:#}"),
@@ -89,14 +103,53 @@ impl Runtime {
                 screen,
                 engine: self.engine.clone(),
                 settings,
+                manifest,
+                _component: component,
             }),
         })
     }
 }
 
+/// The component's self-description, if it carries one. Bytes that are
+/// not a component are left for the compiler, whose error says more.
+fn manifest(name: &str, bytes: &[u8]) -> Result<Option<Manifest>, LoadError> {
+    match Manifest::read_from(bytes) {
+        Ok(m) => Ok(m),
+        Err(ManifestError::NotAComponent(_)) => Ok(None),
+        Err(e @ ManifestError::Invalid(_)) => Err(LoadError::BadManifest {
+            plugin: name.to_owned(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
 impl Runtime {
-    /// Loads compiled code from the cache or compiles it.
+    /// The component another plugin with these bytes holds, else compiled
+    /// code from the cache or the compiler.
     fn compile(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        hash: &str,
+    ) -> Result<(Arc<Component>, CompileSource), LoadError> {
+        let shared = self
+            .loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(hash)
+            .and_then(std::sync::Weak::upgrade);
+        if let Some(c) = shared {
+            return Ok((c, CompileSource::Shared));
+        }
+        let (component, source) = self.compile_anew(name, bytes, hash)?;
+        let component = Arc::new(component);
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        loaded.retain(|_, c| c.strong_count() > 0);
+        loaded.insert(hash.to_owned(), Arc::downgrade(&component));
+        Ok((component, source))
+    }
+
+    fn compile_anew(
         &self,
         name: &str,
         bytes: &[u8],
@@ -220,6 +273,8 @@ pub struct Inspection {
     pub exports: Vec<String>,
     /// SHA-256 of the bytes.
     pub sha256: String,
+    /// What the plugin says about itself, if it carries a manifest.
+    pub manifest: Option<Manifest>,
 }
 
 /// One import of an inspected component.
@@ -242,6 +297,7 @@ pub const RELAY_WORLD: &str = "sendbox:plugin/relay-hook@0.1.0";
 impl Runtime {
     /// Describes a component without running it.
     pub fn inspect(&self, name: &str, bytes: &[u8]) -> Result<Inspection, LoadError> {
+        let manifest = manifest(name, bytes)?;
         let hash = content_hash(bytes);
         let (component, source) = self.compile(name, bytes, &hash)?;
         let ty = component.component_type();
@@ -260,10 +316,11 @@ impl Runtime {
         // The same compiled component: inspecting never compiles twice.
         let prepared = self.prepare(
             name,
-            &component,
+            component.clone(),
             hash.clone(),
             source,
             PluginSettings::default(),
+            None,
         );
         let world = match &prepared {
             Ok(p) if p.screens() => RELAY_WORLD,
@@ -277,6 +334,7 @@ impl Runtime {
             imports,
             exports,
             sha256: hash,
+            manifest,
         })
     }
 }

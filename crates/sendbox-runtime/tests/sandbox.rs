@@ -547,6 +547,10 @@ fn second_load_comes_from_the_compiled_cache() {
     let path = wasm::example("file-alert");
     let first = rt.load_file("a", &path, settings(&[])).unwrap();
     assert_eq!(first.compile_source(), CompileSource::Compiled);
+    // While `first` is loaded, the same bytes share its code.
+    let twin = rt.load_file("b", &path, settings(&[])).unwrap();
+    assert_eq!(twin.compile_source(), CompileSource::Shared);
+    drop((first, twin));
     let second = rt.load_file("a", &path, settings(&[])).unwrap();
     assert_eq!(second.compile_source(), CompileSource::Cache);
 
@@ -661,28 +665,145 @@ fn a_cache_others_could_write_is_not_trusted() {
 
     // Writable by others: compiled instead (and the plugin still loads).
     std::fs::set_permissions(&artifact, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let again = rt.load_file("a", &path, settings(&[])).unwrap();
-    assert_eq!(again.compile_source(), CompileSource::Compiled);
+    // Each load is dropped at once: nothing shares its code.
+    assert_eq!(load_once(rt.clone(), &path), CompileSource::Compiled);
     std::fs::set_permissions(&artifact, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let again = rt.load_file("a", &path, settings(&[])).unwrap();
-    assert_eq!(again.compile_source(), CompileSource::Compiled);
+    assert_eq!(load_once(rt.clone(), &path), CompileSource::Compiled);
     std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
 
     // Owned by someone else (as root, the test can make it so).
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc_geteuid() } == 0 {
         std::os::unix::fs::chown(&artifact, Some(65534), Some(65534)).unwrap();
-        let again = rt.load_file("a", &path, settings(&[])).unwrap();
-        assert_eq!(again.compile_source(), CompileSource::Compiled);
+        assert_eq!(load_once(rt.clone(), &path), CompileSource::Compiled);
         std::os::unix::fs::chown(&artifact, Some(0), Some(0)).unwrap();
     }
     // Private and ours again: used again.
-    let again = rt.load_file("a", &path, settings(&[])).unwrap();
-    assert_eq!(again.compile_source(), CompileSource::Cache);
+    assert_eq!(load_once(rt.clone(), &path), CompileSource::Cache);
+}
+
+/// How a load of `path` got its code, the plugin dropped at once.
+fn load_once(rt: Runtime, path: &std::path::Path) -> CompileSource {
+    rt.load_file("a", path, settings(&[]))
+        .unwrap()
+        .compile_source()
 }
 
 unsafe extern "C" {
     #[link_name = "geteuid"]
     fn libc_geteuid() -> u32;
+}
+
+/// webhook-bridge carrying a manifest: `to` required, `subject_prefix`
+/// defaulting to `[described]` (the code's own default is `[webhook]`).
+fn described_bridge() -> (Vec<u8>, sendbox_runtime::event::manifest::Manifest) {
+    use sendbox_runtime::event::manifest::{ConfigKey, Manifest};
+    let mut m = Manifest::named("webhook-bridge", "1.2.3");
+    m.description = Some("Webhooks become emails.".into());
+    m.config
+        .insert("to".into(), ConfigKey::required("Where the emails go."));
+    m.config.insert(
+        "subject_prefix".into(),
+        ConfigKey::with_default("Put before every subject.", "[described]"),
+    );
+    let bytes = std::fs::read(wasm::example("webhook-bridge")).unwrap();
+    (m.embed_in(&bytes).unwrap(), m)
+}
+
+#[test]
+fn a_described_plugin_needs_its_required_keys_and_gets_its_defaults() {
+    let (bytes, manifest) = described_bridge();
+    let err = runtime().load("bridge", &bytes, settings(&[])).unwrap_err();
+    assert!(
+        matches!(&err, LoadError::MissingConfig { key, .. } if key == "to"),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("plugin `bridge` requires config key `to` (Where the emails go.)"),
+        "{err}"
+    );
+
+    let plugin = runtime()
+        .load(
+            "bridge",
+            &bytes,
+            settings(&[("to", "ops@example.com"), ("subjct_prefix", "typo")]),
+        )
+        .unwrap();
+    assert_eq!(plugin.manifest(), Some(&manifest));
+    assert_eq!(plugin.undeclared_config_keys(), ["subjct_prefix"]);
+    let alert = std::fs::read_to_string(
+        wasm::repo_root().join("plugins/webhook-bridge/samples/alert.json"),
+    )
+    .unwrap();
+    let report = plugin
+        .run(&webhook(&alert), "e1", Arc::new(MemoryState::new()))
+        .unwrap();
+    let subject = &report.outcome.emails[0].subject;
+    assert!(subject.starts_with("[described] "), "{subject}");
+
+    let inspection = runtime().inspect("bridge", &bytes).unwrap();
+    assert_eq!(inspection.manifest, Some(manifest));
+    // Without one: as before.
+    let plain = std::fs::read(wasm::example("webhook-bridge")).unwrap();
+    assert_eq!(runtime().inspect("bridge", &plain).unwrap().manifest, None);
+}
+
+#[test]
+fn a_manifest_that_is_not_valid_is_refused_with_the_reason() {
+    let mut bytes = std::fs::read(wasm::example("webhook-bridge")).unwrap();
+    let name = b"sendbox-manifest";
+    let payload = br#"{"name": "x", "version": "1", "config": {"to": {"required": "yes"}}}"#;
+    let len = 1 + name.len() + payload.len();
+    assert!(len < 128, "one-byte sizes");
+    bytes.extend_from_slice(&[0, len as u8, name.len() as u8]);
+    bytes.extend_from_slice(name);
+    bytes.extend_from_slice(payload);
+    let err = runtime()
+        .load("bad", &bytes, settings(&[("to", "a@b.c")]))
+        .unwrap_err();
+    assert!(matches!(err, LoadError::BadManifest { .. }), "{err}");
+    assert!(
+        err.to_string().contains("sendbox-manifest")
+            && err.to_string().contains("sendbox plugin build"),
+        "{err}"
+    );
+}
+
+#[test]
+fn plugins_made_of_the_same_bytes_share_code_but_not_config_or_state() {
+    let rt = Runtime::new(RuntimeOptions::default()).unwrap();
+    let path = wasm::example("webhook-bridge");
+    let ops = rt
+        .load_file(
+            "ops",
+            &path,
+            settings(&[("to", "ops@example.com"), ("subject_prefix", "[ops]")]),
+        )
+        .unwrap();
+    let dev = rt
+        .load_file(
+            "dev",
+            &path,
+            settings(&[("to", "dev@example.com"), ("subject_prefix", "[dev]")]),
+        )
+        .unwrap();
+    assert_eq!(ops.compile_source(), CompileSource::Compiled);
+    assert_eq!(dev.compile_source(), CompileSource::Shared);
+    let alert = std::fs::read_to_string(
+        wasm::repo_root().join("plugins/webhook-bridge/samples/alert.json"),
+    )
+    .unwrap();
+    for (plugin, prefix, to) in [
+        (&ops, "[ops] ", "ops@example.com"),
+        (&dev, "[dev] ", "dev@example.com"),
+    ] {
+        let r = plugin
+            .run(&webhook(&alert), "e1", Arc::new(MemoryState::new()))
+            .unwrap();
+        assert!(r.outcome.emails[0].subject.starts_with(prefix));
+        assert_eq!(r.outcome.emails[0].to, [to]);
+    }
 }

@@ -17,6 +17,7 @@
 #![deny(missing_docs)]
 
 mod event;
+pub mod manifest;
 mod smtp;
 
 pub use event::*;

@@ -14,12 +14,12 @@
 //!
 //! DESIGN.md's targets: ready ≤ 300 ms (precompiled), idle RSS ≤ 50 MB.
 
+mod common;
+
 use sendbox_test_support::wasm;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The quickstart config with its `../var/...` paths moved under `dir`.
 fn quickstart(dir: &Path) -> String {
@@ -54,34 +54,13 @@ struct Run {
 
 /// Starts the daemon, waits for ready, idles, reads RSS, stops it.
 fn run(config: &Path, idle: Duration) -> Run {
-    let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sendbox"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("SENDBOX_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("sendbox starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("a ready line");
-    let ready = started.elapsed();
-    assert!(line.contains("sendbox ready"), "{line:?}");
+    let d = common::start(config);
     std::thread::sleep(idle);
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
-        .expect("/proc is readable (Linux)");
-    let rss_kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status");
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
-    Run { ready, rss_kb }
+    let rss_kb = (common::memory_mb(d.child.id(), "VmRSS") * 1024.0) as u64;
+    Run {
+        ready: d.ready,
+        rss_kb,
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -19,7 +19,12 @@ def handle(req):
     mode = config.get("mode", "ok")
     if mode == "socket":
         host, port = config.require("addr").rsplit(":", 1)
-        s = socket.create_connection((host, int(port)), timeout=2)
+        # A socket by hand: `create_connection` would look the name up
+        # first (through the `idna` codec, which the interpreter lacks) and
+        # fail before asking the host for a socket at all.
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.settimeout(2)
+        s.connect((host, int(port)))
         s.sendall(b"exfiltrated")
         return Outcome.email(Email(to="ok@example.com", subject="connected"))
     if mode == "loop":

@@ -78,12 +78,15 @@ pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Write>, catch
     }
 }
 
+/// Each delivery result of one batch, answered in order.
+type MarkResults = Vec<Result<(), OutboxError>>;
+
 /// What goes into one transaction: commits, then delivery results, then
 /// claims (which may take what the commits just queued).
 #[derive(Default)]
 struct Group {
     commits: Vec<(Box<Call>, Answer<Committed>)>,
-    marks: Vec<(Vec<Mark>, Answer<Vec<Result<(), OutboxError>>>)>,
+    marks: Vec<(Vec<Mark>, Answer<MarkResults>)>,
     claims: Vec<(Claim, Answer<Vec<Message>>)>,
 }
 

@@ -109,8 +109,31 @@ impl CheckArgs {
         .map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?;
         for p in cfg.plugins.values() {
             match rt.load_file(&p.name, &p.wasm, p.settings.clone()) {
-                Ok(_) => {
+                Ok(plugin) => {
                     println!("√ plugin {} loads ({})", p.name, p.wasm.display());
+                    if let Some(m) = plugin.manifest() {
+                        println!(
+                            "    {} {}{}",
+                            m.name,
+                            m.version,
+                            m.description
+                                .as_deref()
+                                .map(|d| format!(": {d}"))
+                                .unwrap_or_default()
+                        );
+                    }
+                    for key in plugin.undeclared_config_keys() {
+                        let declared: Vec<&str> = plugin
+                            .manifest()
+                            .map(|m| m.config.keys().map(String::as_str).collect())
+                            .unwrap_or_default();
+                        println!(
+                            "! warning: plugin {}: config key `{key}` is not one it reads (a typo?); it reads: {}",
+                            p.name,
+                            declared.join(", ")
+                        );
+                        failed |= self.deny_warnings;
+                    }
                     for line in trigger_summary(p) {
                         println!("    {line}");
                     }

@@ -304,6 +304,30 @@ impl InspectArgs {
             if let Some(p) = &inspection.problem {
                 writeln!(out, "problem:  {p}")?;
             }
+            match &inspection.manifest {
+                Some(m) => {
+                    writeln!(out, "plugin:   {} {}", m.name, m.version)?;
+                    if let Some(d) = &m.description {
+                        writeln!(out, "about:    {d}")?;
+                    }
+                    writeln!(out, "config:")?;
+                    if m.config.is_empty() {
+                        writeln!(out, "  (reads no config keys)")?;
+                    }
+                    for (key, k) in &m.config {
+                        let how = match (&k.default, k.required) {
+                            (_, true) => "required".to_owned(),
+                            (Some(d), false) => format!("default {d:?}"),
+                            (None, false) => "optional".to_owned(),
+                        };
+                        writeln!(out, "  {key} ({how}): {}", k.description)?;
+                    }
+                }
+                None => writeln!(
+                    out,
+                    "plugin:   (no self-description: build it with `sendbox plugin build` to carry its name, version and config keys)"
+                )?,
+            }
             writeln!(out, "exports:")?;
             for e in &inspection.exports {
                 writeln!(out, "  {e}")?;

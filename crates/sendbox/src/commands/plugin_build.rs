@@ -5,10 +5,12 @@
 //! needs no checkout of sendbox. A missing toolchain is named with the
 //! command that installs it.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use clap::Args;
+use sendbox_types::manifest::{ConfigKey, Manifest};
 
 use crate::exit::{self, coded};
 
@@ -145,6 +147,8 @@ impl BuildArgs {
             Some(o) => std::path::absolute(&o)?,
             None => dir.join(format!("{name}.wasm")),
         };
+        // The manifest first: a mistake in it is reported before a long build.
+        let manifest = manifest_of(&dir, lang)?;
         let work = WorkDir::new()?;
         let wit = work.path().join("wit");
         std::fs::create_dir_all(&wit)?;
@@ -206,9 +210,151 @@ impl BuildArgs {
                 run(c, "componentize-js")?;
             }
         }
-        println!("built {}", out.display());
+        match manifest {
+            Some(manifest) => {
+                let bytes = std::fs::read(&out)?;
+                let described = manifest
+                    .embed_in(&bytes)
+                    .map_err(|e| coded(exit::EX_DATAERR, format!("{}: {e}", out.display())))?;
+                std::fs::write(&out, described)?;
+                println!(
+                    "built {} ({} {}, {} config key(s) described)",
+                    out.display(),
+                    manifest.name,
+                    manifest.version,
+                    manifest.config.len()
+                );
+            }
+            None => println!(
+                "built {} (no self-description: add {} to describe it)",
+                out.display(),
+                lang.manifest_file()
+            ),
+        }
         Ok(ExitCode::SUCCESS)
     }
+}
+
+impl Lang {
+    /// The language's own manifest, where a plugin describes itself.
+    pub fn manifest_file(self) -> &'static str {
+        match self {
+            Lang::Rust => "Cargo.toml",
+            Lang::Python => "pyproject.toml",
+            Lang::JavaScript => "package.json",
+        }
+    }
+}
+
+/// The `config` table a plugin declares in its language's manifest:
+/// `[package.metadata.sendbox.config]`, `[tool.sendbox.config]` or
+/// `"sendbox": {"config": ...}`.
+#[derive(Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendboxTable {
+    #[serde(default)]
+    config: BTreeMap<String, ConfigKey>,
+}
+
+/// Name, version and description as every manifest spells them.
+#[derive(serde::Deserialize)]
+struct Package {
+    name: Option<String>,
+    version: Option<String>,
+    description: Option<String>,
+}
+
+/// What the plugin in `dir` says about itself, from its language's
+/// manifest: `None` when a Python or JavaScript plugin has none.
+fn manifest_of(dir: &Path, lang: Lang) -> anyhow::Result<Option<Manifest>> {
+    let file = dir.join(lang.manifest_file());
+    let bad =
+        |e: &dyn std::fmt::Display| coded(exit::EX_DATAERR, format!("{}: {e}", file.display()));
+    let (package, sendbox): (Package, Option<serde_json::Value>) = match lang {
+        Lang::Rust => {
+            // cargo resolves `version.workspace = true` and the like.
+            let cargo = tool("cargo", "CARGO")
+                .ok_or_else(|| missing("cargo", "install Rust with rustup (https://rustup.rs)"))?;
+            let out = Command::new(cargo)
+                .args([
+                    "metadata",
+                    "--no-deps",
+                    "--format-version",
+                    "1",
+                    "--manifest-path",
+                ])
+                .arg(&file)
+                .output()
+                .map_err(|e| coded(exit::EX_UNAVAILABLE, format!("cannot start cargo: {e}")))?;
+            if !out.status.success() {
+                return Err(bad(&String::from_utf8_lossy(&out.stderr)));
+            }
+            let meta: serde_json::Value =
+                serde_json::from_slice(&out.stdout).map_err(|e| bad(&e))?;
+            let ours = meta["packages"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| {
+                    p["manifest_path"]
+                        .as_str()
+                        .and_then(|m| Path::new(m).canonicalize().ok())
+                        == file.canonicalize().ok()
+                })
+                .cloned()
+                .ok_or_else(|| bad(&"cargo metadata does not list this package"))?;
+            let package = serde_json::from_value(ours.clone()).map_err(|e| bad(&e))?;
+            (package, Some(ours["metadata"]["sendbox"].clone()))
+        }
+        Lang::Python => {
+            let Ok(text) = std::fs::read_to_string(&file) else {
+                return Ok(None);
+            };
+            let doc: toml::Table = toml::from_str(&text).map_err(|e| bad(&e))?;
+            let project = doc
+                .get("project")
+                .cloned()
+                .unwrap_or(toml::Value::Table(Default::default()));
+            let package = project
+                .try_into()
+                .map_err(|e| bad(&format!("[project]: {e}")))?;
+            let sendbox = doc
+                .get("tool")
+                .and_then(|t| t.get("sendbox"))
+                .map(|t| serde_json::to_value(t).map_err(|e| bad(&e)))
+                .transpose()?;
+            (package, sendbox)
+        }
+        Lang::JavaScript => {
+            let Ok(text) = std::fs::read_to_string(&file) else {
+                return Ok(None);
+            };
+            let doc: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&e))?;
+            let package = serde_json::from_value(doc.clone()).map_err(|e| bad(&e))?;
+            (package, doc.get("sendbox").cloned())
+        }
+    };
+    let where_ = match lang {
+        Lang::Rust => "[package.metadata.sendbox]",
+        Lang::Python => "[tool.sendbox]",
+        Lang::JavaScript => "\"sendbox\"",
+    };
+    let table: SendboxTable = match sendbox.filter(|v| !v.is_null()) {
+        Some(v) => serde_json::from_value(v).map_err(|e| bad(&format!("{where_}: {e}")))?,
+        None => SendboxTable::default(),
+    };
+    let folder = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "plugin".into());
+    let manifest = Manifest {
+        name: package.name.unwrap_or(folder),
+        version: package.version.unwrap_or_else(|| "0.0.0".into()),
+        description: package.description.filter(|d| !d.trim().is_empty()),
+        config: table.config,
+    };
+    manifest.validate().map_err(|e| bad(&e))?;
+    Ok(Some(manifest))
 }
 
 /// `cargo build --release --target wasm32-wasip2` (into the workspace's or

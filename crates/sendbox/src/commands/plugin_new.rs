@@ -93,12 +93,18 @@ impl NewArgs {
             NewLang::Python => (
                 "Python",
                 format!("pip install {COMPONENTIZE_PY}"),
-                vec![("app.py", include_str!("templates/app.py"))],
+                vec![
+                    ("app.py", include_str!("templates/app.py")),
+                    ("pyproject.toml", include_str!("templates/pyproject.toml")),
+                ],
             ),
             NewLang::Js => (
                 "JavaScript",
                 format!("npm install -g {COMPONENTIZE_JS}"),
-                vec![("app.js", include_str!("templates/app.js"))],
+                vec![
+                    ("app.js", include_str!("templates/app.js")),
+                    ("package.json", include_str!("templates/package.json")),
+                ],
             ),
         };
         std::fs::create_dir_all(&folder)?;

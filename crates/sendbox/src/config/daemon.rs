@@ -22,6 +22,13 @@ pub struct RawDaemon {
     /// `"postgres://USER@HOST:PORT/DATABASE"` (no password here: see
     /// `[daemon.postgres]`).
     pub store: Option<PathBuf>,
+    /// A folder of drop-in plugins, relative to this file, e.g.
+    /// `"/etc/sendbox/plugins.d"`: each `NAME.toml` there holds what a
+    /// `[plugins.NAME]` section would (`account`, `config`, `policy`,
+    /// `limits`, `webhook`, `watch`, `schedule`), and its component is
+    /// `NAME.wasm` beside it. Adding, changing or removing a pair is picked
+    /// up by the running daemon like an edit of this file.
+    pub plugins_dir: Option<PathBuf>,
     /// `[daemon.postgres]`: how this node uses a `postgres://` store.
     pub postgres: Option<Spanned<RawPostgres>>,
     /// Where webhooks are served, e.g. `"127.0.0.1:8025"`. Default

@@ -23,22 +23,10 @@ pub(super) fn fingerprints(source: &str) -> Fingerprints {
     let mut plugins = BTreeMap::new();
     if let Some(toml::Value::Table(ps)) = table.remove("plugins") {
         for (name, p) in ps {
-            let toml::Value::Table(mut p) = p else {
+            let toml::Value::Table(p) = p else {
                 continue;
             };
-            let mut triggers = toml::Table::new();
-            for key in ["webhook", "watch", "schedule"] {
-                if let Some(v) = p.remove(key) {
-                    triggers.insert(key.into(), v);
-                }
-            }
-            plugins.insert(
-                name,
-                Fingerprint {
-                    plugin: hash(&p.to_string()),
-                    triggers: hash(&triggers.to_string()),
-                },
-            );
+            plugins.insert(name, plugin_fingerprint(p));
         }
     }
     let mut accounts = BTreeMap::new();
@@ -57,5 +45,20 @@ pub(super) fn fingerprints(source: &str) -> Fingerprints {
         restart,
         accounts,
         plugins,
+    }
+}
+
+/// A plugin section's hashes: everything but the triggers, and the
+/// triggers.
+pub(super) fn plugin_fingerprint(mut p: toml::Table) -> Fingerprint {
+    let mut triggers = toml::Table::new();
+    for key in ["webhook", "watch", "schedule"] {
+        if let Some(v) = p.remove(key) {
+            triggers.insert(key.into(), v);
+        }
+    }
+    Fingerprint {
+        plugin: hash(&p.to_string()),
+        triggers: hash(&triggers.to_string()),
     }
 }

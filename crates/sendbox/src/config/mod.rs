@@ -32,7 +32,6 @@ pub use triggers::{RawSchedule, RawWatch, RawWebhook};
 use account::{account, secret_material};
 use daemon::is_loopback;
 use fingerprint::{fingerprints, hash};
-use triggers::triggers;
 
 /// The whole file.
 #[derive(Debug, Deserialize)]
@@ -74,8 +73,10 @@ pub struct Config {
     pub shutdown_grace: std::time::Duration,
     /// Accounts by name.
     pub accounts: BTreeMap<String, AccountConfig>,
-    /// Plugins by name.
+    /// Plugins by name (the config file's and the drop-ins').
     pub plugins: BTreeMap<String, PluginConfig>,
+    /// The drop-in plugins' folder, if any.
+    pub plugins_dir: Option<PathBuf>,
     /// SMTP submission listeners by name.
     pub listeners: BTreeMap<String, ListenerConfig>,
     /// Things that work but deserve attention (inline secrets...).
@@ -208,44 +209,22 @@ fn parse_with(
     let mut plugins = BTreeMap::new();
     for (name, p) in raw.plugins {
         let offset = p.span().start;
-        let p = p.into_inner();
-        let account_name = p.account.get_ref().clone();
-        if !accounts.contains_key(&account_name) {
-            let known: Vec<&str> = accounts.keys().map(String::as_str).collect();
-            cx.error(
-                p.account.span().start,
-                &format!("plugins.{name}.account"),
-                format!(
-                    "no account named {account_name:?}; define [accounts.{account_name}] or use one of: {}",
-                    if known.is_empty() { "(none defined)".into() } else { known.join(", ") }
-                ),
-            );
+        let fingerprint = fingerprints.plugins.remove(&name).unwrap_or_default();
+        if let Some(p) = plugin::plugin(
+            &mut cx,
+            &name,
+            p.into_inner(),
+            offset,
+            None,
+            &accounts,
+            fingerprint,
+        ) {
+            plugins.insert(name, p);
         }
-        if let Err(e) = p.limits.validate() {
-            cx.error(offset, &format!("plugins.{name}.limits"), e);
-        }
-        let triggers = triggers(&mut cx, &name, &p);
-        plugins.insert(
-            name.clone(),
-            PluginConfig {
-                wasm: cx.resolve_path(p.wasm.get_ref()),
-                account: account_name,
-                settings: sendbox_runtime::PluginSettings {
-                    config: p.config,
-                    limits: p.limits,
-                },
-                policy: p.policy,
-                webhook_path: p
-                    .webhook
-                    .as_ref()
-                    .map(|w| w.get_ref().path.get_ref().clone()),
-                webhook: triggers.webhook,
-                watches: triggers.watches,
-                schedules: triggers.schedules,
-                fingerprint: fingerprints.plugins.remove(&name).unwrap_or_default(),
-                name,
-            },
-        );
+    }
+    let plugins_dir = raw.daemon.plugins_dir.as_ref().map(|d| cx.resolve_path(d));
+    if let Some(dir) = &plugins_dir {
+        plugin::drop_ins(&mut cx, dir, &accounts, &mut plugins);
     }
     let account_names: Vec<&str> = accounts.keys().map(String::as_str).collect();
     let plugin_names: Vec<&str> = plugins.keys().map(String::as_str).collect();
@@ -280,7 +259,7 @@ fn parse_with(
         {
             cx.errors.push(format!(
                 "{}: `plugins.{}.webhook.path`: {path} is also the path of plugin `{other}`; give each plugin its own path",
-                path_display(cx.path),
+                path_display(&p.defined_in),
                 p.name
             ));
         }
@@ -303,7 +282,7 @@ fn parse_with(
                     "{}: `plugins.{}.webhook.unauthenticated`: the route {path} takes requests from anyone, and `[daemon] listen = {listen:?}` is not a loopback address: \
                      give the route a `secret` or `bearer_token`, listen on 127.0.0.1, or (if a firewall really keeps strangers out) set \
                      `[daemon] dangerously_allow_unauthenticated_webhooks_on_public_address = true`",
-                    path_display(cx.path),
+                    path_display(&p.defined_in),
                     p.name
                 ));
             }
@@ -374,6 +353,7 @@ fn parse_with(
         postgres,
         accounts,
         plugins,
+        plugins_dir,
         listeners,
         warnings: cx.warnings,
         restart_fingerprint: fingerprints.restart,

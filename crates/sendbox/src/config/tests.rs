@@ -39,6 +39,46 @@ mod unit {
     const ACCOUNT: &str = "[accounts.a]\nprovider = \"file\"\nmailbox = \"a@b.c\"\ndir = \"m\"\n";
 
     #[test]
+    fn a_plugin_in_the_config_file_names_its_component() {
+        let e = errors(&format!("{ACCOUNT}[plugins.p]\naccount = \"a\"\n"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("sendbox.toml:5:1: `plugins.p.wasm`: missing: name the plugin's component, e.g. `wasm = \"plugins/p.wasm\"`"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_drop_in_is_checked_in_its_own_file_and_its_paths_are_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("plugins.d");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join("hook.toml"),
+            "account = \"a\"\n[[watch]]\nname = \"in\"\ndir = \"incoming\"\n[[schedule]]\nname = \"s\"\ncron = \"not a cron\"\n",
+        )
+        .unwrap();
+        let main = dir.path().join("sendbox.toml");
+        let src = format!("[daemon]\nplugins_dir = \"plugins.d\"\n{ACCOUNT}");
+        let e = parse(&main, &src).unwrap_err().errors;
+        assert_eq!(e.len(), 1, "{e:?}");
+        let at = format!("{}:7:", d.join("hook.toml").display());
+        assert!(e[0].starts_with(&at) && e[0].contains("cron"), "{e:?}");
+
+        std::fs::write(
+            d.join("hook.toml"),
+            "account = \"a\"\n[[watch]]\nname = \"in\"\ndir = \"incoming\"\n",
+        )
+        .unwrap();
+        let cfg = parse(&main, &src).unwrap();
+        let p = &cfg.plugins["hook"];
+        assert_eq!(p.wasm, d.join("hook.wasm"));
+        assert_eq!(p.defined_in, d.join("hook.toml"));
+        assert_eq!(p.watches[0].dir, d.join("incoming"));
+        assert_eq!(cfg.plugins_dir.as_deref(), Some(d.as_path()));
+    }
+
+    #[test]
     fn listeners_that_would_relay_for_anyone_or_leak_passwords_are_refused() {
         let listener = |body: &str| format!("{ACCOUNT}[listeners.office]\naccount = \"a\"\n{body}");
         // Nobody may submit.
@@ -320,7 +360,10 @@ mod example_files {
         );
 
         let quick = load(&example("quickstart.toml")).unwrap();
-        assert_eq!(quick.plugins.len(), 3);
+        for name in ["file-alert", "webhook-bridge", "daily-digest"] {
+            assert!(quick.plugins.contains_key(name), "{name}");
+        }
+        assert!(quick.plugins_dir.is_some());
         assert!(matches!(
             quick.accounts["local"].kind,
             AccountKind::File { .. }

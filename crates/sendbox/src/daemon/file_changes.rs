@@ -1,5 +1,5 @@
-//! The config file and every plugin's `.wasm`, watched for changes that
-//! call for a reload.
+//! The config file, every plugin's `.wasm` and the drop-in plugins'
+//! folder, watched for changes that call for a reload.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -16,15 +16,39 @@ use std::time::Duration;
 pub struct FileChanges {
     _watcher: Option<notify::RecommendedWatcher>,
     rx: tokio::sync::mpsc::Receiver<()>,
-    files: Arc<RwLock<Vec<PathBuf>>>,
+    files: Arc<RwLock<Watched>>,
+}
+
+/// What a reload depends on.
+#[derive(Debug, Default, Clone)]
+pub struct Watched {
+    /// Files whose every change counts.
+    pub files: Vec<PathBuf>,
+    /// Folders where a `.toml` or `.wasm` appearing, changing or going
+    /// counts (the drop-in plugins' folder).
+    pub dirs: Vec<PathBuf>,
+}
+
+impl Watched {
+    fn matches(&self, path: &Path) -> bool {
+        self.files.iter().any(|f| f == path)
+            || (path
+                .parent()
+                .is_some_and(|d| self.dirs.iter().any(|w| w == d))
+                && path.extension().is_some_and(|x| x == "toml" || x == "wasm")
+                && path
+                    .file_name()
+                    .is_some_and(|n| !n.to_string_lossy().starts_with('.')))
+    }
 }
 
 impl FileChanges {
-    /// Watches the folders holding `files`. If watching fails, reloads
-    /// still happen on SIGHUP.
-    pub fn new(files: &[PathBuf]) -> Self {
+    /// Watches the folders holding the files, and the folders. If watching
+    /// fails, reloads still happen on SIGHUP.
+    pub fn new(watched: &Watched) -> Self {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let watched: Arc<RwLock<Vec<PathBuf>>> = Arc::default();
+        let files = watched;
+        let watched: Arc<RwLock<Watched>> = Arc::default();
         let ours = watched.clone();
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             let Ok(ev) = res else { return };
@@ -33,8 +57,8 @@ impl FileChanges {
             }
             // The folders are watched by their canonical paths, so an
             // event's path is the folder's canonical path and a name.
-            let files = ours.read().unwrap_or_else(PoisonError::into_inner);
-            if ev.paths.iter().any(|p| files.contains(p)) {
+            let watched = ours.read().unwrap_or_else(PoisonError::into_inner);
+            if ev.paths.iter().any(|p| watched.matches(p)) {
                 // Full means a change is already pending: that one will do.
                 let _ = tx.try_send(());
             }
@@ -54,14 +78,20 @@ impl FileChanges {
         me
     }
 
-    /// Replaces the set of files watched (after a reload).
-    pub fn set_files(&mut self, files: &[PathBuf]) {
+    /// Replaces what is watched (after a reload).
+    pub fn set_files(&mut self, watched: &Watched) {
         use notify::Watcher;
-        let canonical: Vec<PathBuf> = files.iter().map(|f| canonical_file(f)).collect();
+        let canonical: Vec<PathBuf> = watched.files.iter().map(|f| canonical_file(f)).collect();
+        let folders: Vec<PathBuf> = watched
+            .dirs
+            .iter()
+            .map(|d| d.canonicalize().unwrap_or_else(|_| d.clone()))
+            .collect();
         if let Some(w) = &mut self._watcher {
             let mut dirs: Vec<PathBuf> = canonical
                 .iter()
                 .filter_map(|f| f.parent().map(Path::to_owned))
+                .chain(folders.iter().cloned())
                 .collect();
             dirs.sort();
             dirs.dedup();
@@ -72,7 +102,10 @@ impl FileChanges {
                 }
             }
         }
-        *self.files.write().unwrap_or_else(PoisonError::into_inner) = canonical;
+        *self.files.write().unwrap_or_else(PoisonError::into_inner) = Watched {
+            files: canonical,
+            dirs: folders,
+        };
     }
 
     /// Waits for a change to one of the files, then for `quiet` without

@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::accounts::RunningAccount;
+use super::file_changes::Watched;
 use super::registry::{Loaded, Registry, Shared, Wakers};
 use crate::config::{self, Fingerprint};
 use crate::metrics::Metrics;
@@ -87,8 +88,11 @@ pub struct Supervisor {
     pub(super) restart_fingerprint: String,
     pub(super) accounts: HashMap<String, RunningAccount>,
     running: HashMap<String, Running>,
-    /// Every configured plugin's `.wasm`, loaded or not.
+    /// Every configured plugin's `.wasm` (and drop-in `.toml`), loaded or
+    /// not.
     wasm_files: Vec<PathBuf>,
+    /// The drop-in plugins' folder.
+    plugins_dir: Option<PathBuf>,
     /// Trigger tasks being stopped after a reload.
     pub(super) retiring: JoinSet<()>,
 }
@@ -143,6 +147,7 @@ impl Supervisor {
             accounts: HashMap::new(),
             running: HashMap::new(),
             wasm_files: Vec::new(),
+            plugins_dir: None,
             retiring: JoinSet::new(),
         }
     }
@@ -153,12 +158,21 @@ impl Supervisor {
         self.listener_senders = senders;
     }
 
-    /// The files whose changes trigger a reload: the config and every
-    /// plugin's `.wasm`.
-    pub fn watched_files(&self, config_path: &Path) -> Vec<PathBuf> {
+    /// What a reload depends on: the config, every plugin's `.wasm` and
+    /// drop-in `.toml`, and the drop-in folder (where new pairs appear).
+    pub fn watched_files(&self, config_path: &Path) -> Watched {
         let mut files = vec![config_path.to_owned()];
         files.extend(self.wasm_files.iter().cloned());
-        files
+        Watched {
+            files,
+            dirs: self.plugins_dir.iter().cloned().collect(),
+        }
+    }
+
+    /// The drop-in plugins' folder to watch (the config's
+    /// `[daemon] plugins_dir`).
+    pub fn set_plugins_dir(&mut self, dir: Option<PathBuf>) {
+        self.plugins_dir = dir;
     }
 
     /// Re-reads the config and applies it. A config that does not load
@@ -188,6 +202,7 @@ impl Supervisor {
         if cfg.restart_fingerprint != self.restart_fingerprint {
             tracing::warn!(config = %config_path.display(), "[daemon] or [listeners] changed: that takes effect at the next restart");
         }
+        self.plugins_dir = cfg.plugins_dir.clone();
         let accounts = self.apply_accounts(cfg.accounts).await;
         // A reload is the operator's word that something was fixed: paused
         // accounts try again now rather than at their recheck time.
@@ -214,7 +229,12 @@ impl Supervisor {
     /// differs.
     pub async fn apply(&mut self, plugins: BTreeMap<String, config::PluginConfig>) -> Applied {
         let mut applied = Applied::default();
-        self.wasm_files = plugins.values().map(|p| p.wasm.clone()).collect();
+        self.wasm_files = plugins
+            .values()
+            .flat_map(|p| [p.wasm.clone(), p.defined_in.clone()])
+            .collect();
+        self.wasm_files.sort();
+        self.wasm_files.dedup();
         for (name, p) in plugins.iter() {
             let Some(mailbox) = self.accounts.get(&p.account).map(|a| a.mailbox.clone()) else {
                 tracing::error!(plugin = %name, account = %p.account, "plugin not loaded: its account is not running (see the account's error above)");
@@ -248,6 +268,9 @@ impl Supervisor {
                 NewVersion::Unchanged => None,
                 NewVersion::Ready(plugin) => {
                     tracing::info!(plugin = %name, wasm = %p.wasm.display(), sha256 = %plugin.sha256(), replaced = current.is_some(), "plugin loaded");
+                    for key in plugin.undeclared_config_keys() {
+                        tracing::warn!(plugin = %name, key = %key, "config key is not one the plugin declares it reads (a typo?)");
+                    }
                     applied.loaded.push(name.clone());
                     Some(Arc::new(Loaded {
                         plugin,
