@@ -234,6 +234,17 @@ fn check_describes_each_plugin_warns_on_undeclared_keys_and_refuses_a_name_defin
         "{out}"
     );
 
+    // A file name that would not make a plain plugin name: refused.
+    std::fs::write(&config, &head).unwrap();
+    std::fs::write(plugins_d.join("bad name\".toml"), drop_in("")).unwrap();
+    let (code, out) = check(&config);
+    assert_eq!(code, 78, "{out}");
+    assert!(
+        out.contains("is not a plugin name: rename the file"),
+        "{out}"
+    );
+    std::fs::remove_file(plugins_d.join("bad name\".toml")).unwrap();
+
     // A folder not there yet: a warning; the daemon creates it and picks
     // up what lands there.
     std::fs::write(&config, head.replace("plugins.d", "later.d")).unwrap();

@@ -199,6 +199,17 @@ pub(super) fn drop_ins(
         let Some(name) = file.file_stem().map(|s| s.to_string_lossy().into_owned()) else {
             continue;
         };
+        // The name shows in logs, routes' answers and metric labels.
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            cx.errors.push(format!(
+                "{}: {name:?} is not a plugin name: rename the file (and its .wasm) with letters, digits, `-` and `_` only",
+                file.display()
+            ));
+            continue;
+        }
         let source = match std::fs::read_to_string(file) {
             Ok(s) => s,
             Err(e) => {
