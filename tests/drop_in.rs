@@ -34,6 +34,16 @@ fn described_bridge() -> Vec<u8> {
     m.embed_in(&bytes).unwrap()
 }
 
+/// The test daemon's `[daemon]` with `plugins_dir = "plugins.d"`, and the
+/// file account `local`: the config text, before any plugin.
+fn with_plugins_dir() -> String {
+    format!(
+        "{}plugins_dir = \"plugins.d\"\n{}",
+        daemon::daemon_section(),
+        daemon::FILE_ACCOUNT
+    )
+}
+
 fn drop_in(config: &str) -> String {
     format!(
         "account = \"local\"\n{config}\n[policy]\nidempotency_hours = 0\n[webhook]\npath = \"/hooks/drop\"\nunauthenticated = true\n"
@@ -89,15 +99,7 @@ async fn a_dropped_in_plugin_is_picked_up_changed_refused_and_removed_without_a_
     // Not there yet: the daemon creates it and watches it.
     let plugins_d = dir.path().join("plugins.d");
     let config: PathBuf = dir.path().join("sendbox.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "{}plugins_dir = \"plugins.d\"\n{}",
-            daemon::daemon_section(),
-            daemon::FILE_ACCOUNT
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config, with_plugins_dir()).unwrap();
     let store = dir.path().join("var/sendbox.db");
     let d = Daemon::start(&config, &[]);
     let (status, _) = post(&d.base, &store).await;
@@ -195,11 +197,7 @@ fn check_describes_each_plugin_warns_on_undeclared_keys_and_refuses_a_name_defin
     // A component left without its section: a warning, not loaded.
     std::fs::write(plugins_d.join("orphan.wasm"), described_bridge()).unwrap();
     let config = dir.path().join("sendbox.toml");
-    let head = format!(
-        "{}plugins_dir = \"plugins.d\"\n{}",
-        daemon::daemon_section(),
-        daemon::FILE_ACCOUNT
-    );
+    let head = with_plugins_dir();
     std::fs::write(&config, &head).unwrap();
     let (code, out) = check(&config);
     assert_eq!(code, 0, "{out}");
@@ -270,15 +268,7 @@ async fn from_plugin_new_to_an_email_through_a_drop_in_in_each_language() {
     use crate::plugin_build::{ok, sendbox};
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("sendbox.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "{}plugins_dir = \"plugins.d\"\n{}",
-            daemon::daemon_section(),
-            daemon::FILE_ACCOUNT
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config, with_plugins_dir()).unwrap();
     let d = Daemon::start(&config, &[]);
     let plugins_d = dir.path().join("plugins.d");
     let src = dir.path().join("src");

@@ -117,7 +117,7 @@ impl Metrics {
                 "This node, among those sharing the PostgreSQL outbox.",
                 "gauge",
             );
-            let _ = writeln!(out, "sendbox_node_info{{node=\"{}\"}} 1", pg.node());
+            let _ = writeln!(out, "sendbox_node_info{{node=\"{}\"}} 1", label(pg.node()));
         }
         family(
             &mut out,
@@ -131,6 +131,7 @@ impl Metrics {
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
         {
+            let p = label(p);
             let _ = writeln!(
                 out,
                 "sendbox_events_total{{trigger=\"{t}\",plugin=\"{p}\",result=\"{r}\"}} {n}"
@@ -148,6 +149,7 @@ impl Metrics {
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
         {
+            let p = label(p);
             for (b, c) in BUCKETS.iter().zip(&h.counts) {
                 let _ = writeln!(
                     out,
@@ -182,6 +184,7 @@ impl Metrics {
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
         {
+            let p = label(p);
             let _ = writeln!(out, "sendbox_state_conflicts_total{{plugin=\"{p}\"}} {n}");
         }
         family(
@@ -215,6 +218,7 @@ impl Metrics {
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
         {
+            let a = label(a);
             for (result, n) in w.attempts() {
                 let _ = writeln!(
                     out,
@@ -251,10 +255,34 @@ impl Metrics {
         {
             let _ = writeln!(
                 out,
-                "sendbox_token_refreshes_total{{account=\"{a}\"}} {}",
+                "sendbox_token_refreshes_total{{account=\"{}\"}} {}",
+                label(a),
                 p.refresh_count()
             );
         }
         out
+    }
+}
+
+/// A label value as the text format wants it: `\`, `"` and line breaks
+/// escaped (plugin, account and node names come from the operator's
+/// config, and may hold any of them).
+fn label(value: &str) -> std::borrow::Cow<'_, str> {
+    if !value.contains(['\\', '"', '\n']) {
+        return value.into();
+    }
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+        .into()
+}
+
+#[cfg(test)]
+mod label_tests {
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(super::label("bridge"), "bridge");
+        assert_eq!(super::label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 }
