@@ -15,7 +15,7 @@ cargo build --release --locked -p sendbox
 
 # `sendbox plugin build` puts each plugin's description (name, version, the
 # config keys it reads) inside its component: `sendbox plugin inspect` shows it.
-mkdir -p var/plugins var/quickstart/incoming
+mkdir -p var/plugins var/quickstart/incoming var/quickstart/plugins.d
 for p in file-alert webhook-bridge daily-digest; do
   CARGO_TARGET_DIR="$target/wasm-plugins" "$target/release/sendbox" plugin build "plugins/$p" \
     --out "var/plugins/${p//-/_}.wasm"
