@@ -38,7 +38,13 @@ pub(super) fn fingerprints(source: &str) -> Fingerprints {
     // Listeners restart with the daemon (their sockets and TLS state).
     let restart = hash(&format!(
         "{}\n{}",
-        text(table.remove("daemon")),
+        // `plugins_dir` is applied by a reload, not a restart.
+        text(table.remove("daemon").map(|mut d| {
+            if let toml::Value::Table(t) = &mut d {
+                t.remove("plugins_dir");
+            }
+            d
+        })),
         text(table.remove("listeners"))
     ));
     Fingerprints {

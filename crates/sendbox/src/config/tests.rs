@@ -71,6 +71,9 @@ mod unit {
         )
         .unwrap();
         let cfg = parse(&main, &src).unwrap();
+        // Another folder is picked up by a reload, not left for a restart.
+        let elsewhere = parse(&main, &src.replace("plugins.d", "other.d")).unwrap();
+        assert_eq!(cfg.restart_fingerprint, elsewhere.restart_fingerprint);
         let p = &cfg.plugins["hook"];
         assert_eq!(p.wasm, d.join("hook.wasm"));
         assert_eq!(p.defined_in, d.join("hook.toml"));

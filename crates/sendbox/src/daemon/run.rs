@@ -209,16 +209,15 @@ impl Daemon {
             .map(|(n, a)| (n.clone(), a.mailbox.clone()))
             .collect();
         supervisor.set_listener_senders(listener_senders(&cfg));
-        if let Some(dir) = &cfg.plugins_dir {
-            // Watched for new plugins from the start, even while empty.
-            std::fs::create_dir_all(dir).map_err(|e| {
+        // Watched for new plugins from the start, even while empty.
+        supervisor
+            .set_plugins_dir(cfg.plugins_dir.clone())
+            .map_err(|e| {
                 coded(
                     exit::EX_CONFIG,
-                    format!("cannot create [daemon] plugins_dir {}: {e}", dir.display()),
+                    format!("cannot create [daemon] plugins_dir: {e}"),
                 )
             })?;
-        }
-        supervisor.set_plugins_dir(cfg.plugins_dir.clone());
         // Accounts must all work at start; after that a bad change keeps
         // the running worker.
         let accounts = supervisor

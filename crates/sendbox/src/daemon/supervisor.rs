@@ -170,9 +170,14 @@ impl Supervisor {
     }
 
     /// The drop-in plugins' folder to watch (the config's
-    /// `[daemon] plugins_dir`).
-    pub fn set_plugins_dir(&mut self, dir: Option<PathBuf>) {
+    /// `[daemon] plugins_dir`), created if missing so it can be watched
+    /// while still empty.
+    pub fn set_plugins_dir(&mut self, dir: Option<PathBuf>) -> std::io::Result<()> {
+        if let Some(d) = &dir {
+            std::fs::create_dir_all(d)?;
+        }
         self.plugins_dir = dir;
+        Ok(())
     }
 
     /// Re-reads the config and applies it. A config that does not load
@@ -202,7 +207,9 @@ impl Supervisor {
         if cfg.restart_fingerprint != self.restart_fingerprint {
             tracing::warn!(config = %config_path.display(), "[daemon] or [listeners] changed: that takes effect at the next restart");
         }
-        self.plugins_dir = cfg.plugins_dir.clone();
+        if let Err(e) = self.set_plugins_dir(cfg.plugins_dir.clone()) {
+            tracing::error!(config = %config_path.display(), error = %e, "cannot create [daemon] plugins_dir; its drop-ins are not watched");
+        }
         let accounts = self.apply_accounts(cfg.accounts).await;
         // A reload is the operator's word that something was fixed: paused
         // accounts try again now rather than at their recheck time.
