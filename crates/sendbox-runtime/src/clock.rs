@@ -9,6 +9,10 @@
 //! that wake no later than the event's deadline. A sleep cut short that way
 //! fails the event with the usual timeout, even if the plugin would finish
 //! before the next epoch check.
+//!
+//! The CPU limit itself is measured on the thread's own CPU clock
+//! ([`thread_cpu_time`]), not on the wall: the epoch ticker only says when
+//! to look.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,6 +26,24 @@ use crate::host::HostState;
 
 /// The `wasi:clocks/monotonic-clock` version `add_to_linker_sync` defines.
 const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
+
+/// CPU time the calling thread has used since it started
+/// (`CLOCK_THREAD_CPUTIME_ID`); zero if the clock cannot be read.
+pub(crate) fn thread_cpu_time() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid, writable timespec for the call's duration.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(
+        u64::try_from(now.tv_sec).unwrap_or(0),
+        u32::try_from(now.tv_nsec).unwrap_or(0),
+    )
+}
 
 /// A plugin's monotonic clock: nanoseconds since its instance started.
 pub(crate) struct EventClock {

@@ -108,6 +108,18 @@ pub enum RunFailure {
         /// The limit.
         limit_ms: u64,
     },
+    /// The event outlasted its wall-clock limit, computing or waiting.
+    #[error(
+        "took longer than its wall-clock limit of {limit_ms} ms and was stopped (it used {cpu_used_ms} ms of its CPU limit of {cpu_ms} ms: the host was too busy to run it)"
+    )]
+    WallTimeout {
+        /// The wall-clock limit.
+        limit_ms: u64,
+        /// The CPU limit.
+        cpu_ms: u64,
+        /// CPU time the event had used when it was stopped.
+        cpu_used_ms: u64,
+    },
     /// The plugin tried to grow its memory past its limit.
     #[error("tried to grow its memory past its limit of {limit_bytes} bytes and was stopped")]
     MemoryLimit {
@@ -146,7 +158,7 @@ impl RunFailure {
     /// `limit`, `trap`, `plugin_error`, `invalid_outcome`, `host`.
     pub fn kind(&self) -> &'static str {
         match self {
-            RunFailure::Timeout { .. } => "timeout",
+            RunFailure::Timeout { .. } | RunFailure::WallTimeout { .. } => "timeout",
             RunFailure::MemoryLimit { .. } => "memory",
             RunFailure::Limit { .. } => "limit",
             RunFailure::Trap { .. } => "trap",

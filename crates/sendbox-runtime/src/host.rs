@@ -3,7 +3,7 @@
 //! event ids) and its non-secret config values.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use wasmtime::component::ResourceTable;
@@ -73,6 +73,18 @@ pub(crate) struct HostState {
     pub(crate) deadline: Instant,
     /// A sleep was cut short at the deadline: the event timed out.
     pub(crate) slept_past_deadline: bool,
+    /// Set by the epoch callback when it stopped the event: which limit,
+    /// and the CPU time used by then.
+    pub(crate) stopped: Option<(TimeLimit, Duration)>,
+}
+
+/// The time limit an event was stopped at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TimeLimit {
+    /// `cpu_ms_per_event`.
+    Cpu,
+    /// `wall_ms_per_event`.
+    Wall,
 }
 
 impl WasiView for HostState {

@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use wasmtime::component::ResourceTable;
-use wasmtime::{Engine, Store, Trap};
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::WasiCtx;
 
 use crate::convert::{from_wit_outcome, from_wit_verdict, to_wit_event, to_wit_submitted};
-use crate::host::{HostState, LogLevel, LogLine, LogSource};
+use crate::host::{HostState, LogLevel, LogLine, LogSource, TimeLimit};
 use crate::limiter::MemoryLimiter;
 use crate::{
     CompileSource, EPOCH_TICK, Event, Limits, MAX_ERROR_BYTES, MAX_RANDOM_BYTES,
@@ -284,15 +284,34 @@ impl Plugin {
                 started,
                 deadline: started + Duration::from_millis(limits.cpu_ms_per_event),
                 slept_past_deadline: false,
+                stopped: None,
             },
         );
         store.limiter(|s| &mut s.limiter);
-        store.set_epoch_deadline(
-            limits
-                .cpu_ms_per_event
-                .div_ceil(EPOCH_TICK.as_millis() as u64),
-        );
-        store.epoch_deadline_trap();
+        // The epoch ticks on the wall; CPU time can only be less, so the
+        // first check comes when the CPU limit could first be reached, and
+        // each check looks at what the thread really used.
+        let cpu_limit = Duration::from_millis(limits.cpu_ms_per_event);
+        let wall_deadline = started + Duration::from_millis(limits.wall_ms());
+        let cpu_at_start = clock::thread_cpu_time();
+        store.set_epoch_deadline(ticks(cpu_limit));
+        store.epoch_deadline_callback(move |mut ctx| {
+            let used = clock::thread_cpu_time().saturating_sub(cpu_at_start);
+            let now = Instant::now();
+            let stop = if used >= cpu_limit {
+                Some(TimeLimit::Cpu)
+            } else if now >= wall_deadline {
+                Some(TimeLimit::Wall)
+            } else {
+                None
+            };
+            if let Some(limit) = stop {
+                ctx.data_mut().stopped = Some((limit, used));
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            let left = (cpu_limit - used).min(wall_deadline - now);
+            Ok(UpdateDeadline::Continue(ticks(left)))
+        });
         store.set_hostcall_fuel(usize::try_from(limits.outcome_bytes).unwrap_or(usize::MAX));
 
         let mut instantiating = true;
@@ -426,8 +445,15 @@ fn classify(
     }
     // By type where wasmtime exposes one.
     if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-        return RunFailure::Timeout {
-            limit_ms: limits.cpu_ms_per_event,
+        return match data.stopped {
+            Some((TimeLimit::Wall, used)) => RunFailure::WallTimeout {
+                limit_ms: limits.wall_ms(),
+                cpu_ms: limits.cpu_ms_per_event,
+                cpu_used_ms: used.as_millis() as u64,
+            },
+            _ => RunFailure::Timeout {
+                limit_ms: limits.cpu_ms_per_event,
+            },
         };
     }
     let table_full = matches!(
@@ -498,4 +524,11 @@ fn classify(
         message = format!("{message} ({p})");
     }
     RunFailure::Trap { message }
+}
+
+/// Epoch ticks covering `time`, at least one.
+fn ticks(time: Duration) -> u64 {
+    (time.as_millis() as u64)
+        .div_ceil(EPOCH_TICK.as_millis() as u64)
+        .max(1)
 }

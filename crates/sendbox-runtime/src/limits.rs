@@ -19,10 +19,19 @@ pub struct Limits {
     /// traps. Default 64 MiB.
     #[serde(default = "default_memory_bytes")]
     pub memory_bytes: u64,
-    /// CPU time one event may take, in milliseconds, enforced by epoch
-    /// interruption (10 ms resolution). Default 1000.
+    /// CPU time one event may take, in milliseconds: the time its thread
+    /// spends computing, checked at each epoch tick (10 ms resolution), so
+    /// a busy host that gives the plugin less of a core does not fail it. A
+    /// sleep counts as computing: it wakes this long after the event began.
+    /// Default 1000.
     #[serde(default = "default_cpu_ms_per_event")]
     pub cpu_ms_per_event: u64,
+    /// Wall-clock time one event may take, in milliseconds, whatever it was
+    /// doing (computing, waiting for a core, sleeping): how long an event
+    /// can hold its thread and its route's slot on a host too busy to give
+    /// it the CPU time it may use. Default 5 × `cpu_ms_per_event`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wall_ms_per_event: Option<u64>,
     /// Most bytes the host copies out of the guest in one call, the returned
     /// outcome included (attachments, bodies). Default 16 MiB.
     #[serde(default = "default_outcome_bytes")]
@@ -71,6 +80,7 @@ impl Default for Limits {
         Limits {
             memory_bytes: default_memory_bytes(),
             cpu_ms_per_event: default_cpu_ms_per_event(),
+            wall_ms_per_event: None,
             outcome_bytes: default_outcome_bytes(),
             emails_per_outcome: default_emails_per_outcome(),
             state_bytes: default_state_bytes(),
@@ -84,6 +94,13 @@ impl Default for Limits {
 pub const MAX_MEMORY_BYTES: u64 = 1 << 30;
 
 impl Limits {
+    /// The wall-clock limit in force: `wall_ms_per_event`, or five times
+    /// the CPU limit.
+    pub fn wall_ms(&self) -> u64 {
+        self.wall_ms_per_event
+            .unwrap_or_else(|| self.cpu_ms_per_event.saturating_mul(5))
+    }
+
     /// Checks the limits for values the runtime cannot honour, naming the
     /// field and the fix.
     pub fn validate(&self) -> Result<(), String> {
@@ -96,6 +113,14 @@ impl Limits {
         if self.cpu_ms_per_event < 10 {
             return Err(format!(
                 "cpu_ms_per_event = {} is below the 10 ms resolution of the CPU clock: use 10 or more",
+                self.cpu_ms_per_event
+            ));
+        }
+        if self.wall_ms() < self.cpu_ms_per_event {
+            return Err(format!(
+                "wall_ms_per_event = {} is below cpu_ms_per_event = {}: an event could never use its CPU time; use {} or more, or leave it out (default 5 × cpu_ms_per_event)",
+                self.wall_ms(),
+                self.cpu_ms_per_event,
                 self.cpu_ms_per_event
             ));
         }

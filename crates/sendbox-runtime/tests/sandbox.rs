@@ -335,6 +335,123 @@ fn infinite_loop_is_stopped_at_the_cpu_limit() {
     assert!(err.to_string().contains("CPU limit of 1000 ms"), "{err}");
 }
 
+/// Runs `f` on this thread while three busy threads share its core, so it
+/// gets about a quarter of that core.
+fn on_a_crowded_core<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: plain libc calls on a local, zeroed cpu_set_t.
+    let pin = |cpu: usize| unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pinning a thread to CPU {cpu}"
+        );
+    };
+    let cpu = usize::try_from(unsafe { libc::sched_getcpu() }).expect("sched_getcpu");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spinners: Vec<_> = (0..3)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                pin(cpu);
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            })
+        })
+        .collect();
+    pin(cpu);
+    let result = f();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in spinners {
+        s.join().unwrap();
+    }
+    result
+}
+
+fn looping(limits: &[(&str, u64)]) -> Plugin {
+    let table: serde_json::Map<String, serde_json::Value> = limits
+        .iter()
+        .map(|(k, v)| (k.to_string(), (*v).into()))
+        .collect();
+    let mut s = settings(&[("mode", "loop")]);
+    s.limits = serde_json::from_value(table.into()).unwrap();
+    runtime()
+        .load_file("hostile-crowded", &wasm::hostile("hostile"), s)
+        .unwrap()
+}
+
+#[test]
+fn the_cpu_limit_counts_cpu_time_not_time_spent_waiting_for_a_core() {
+    // A plugin given a quarter of a core is not failed for the host being
+    // busy: it is stopped when it has computed for 200 ms, which takes
+    // about 800 ms of wall time here. A wall-clock "CPU limit" would stop
+    // it at 200.
+    let p = looping(&[("cpu_ms_per_event", 200), ("wall_ms_per_event", 30_000)]);
+    let (err, took) = std::thread::spawn(move || {
+        on_a_crowded_core(|| {
+            let started = std::time::Instant::now();
+            let err = p
+                .run(&webhook("{}"), "evt-crowded", Arc::new(MemoryState::new()))
+                .expect_err("an endless loop fails");
+            (err, started.elapsed())
+        })
+    })
+    .join()
+    .unwrap();
+    assert!(
+        matches!(err.cause, RunFailure::Timeout { limit_ms: 200 }),
+        "{err}"
+    );
+    assert!(
+        took >= std::time::Duration::from_millis(400),
+        "stopped after {took:?} of wall time with three threads on its core: the CPU limit counted waiting"
+    );
+}
+
+#[test]
+fn the_wall_clock_limit_stops_an_event_the_host_is_too_busy_to_finish() {
+    let p = looping(&[("cpu_ms_per_event", 1000), ("wall_ms_per_event", 1000)]);
+    let err = std::thread::spawn(move || {
+        on_a_crowded_core(|| {
+            p.run(&webhook("{}"), "evt-starved", Arc::new(MemoryState::new()))
+                .expect_err("an endless loop fails")
+        })
+    })
+    .join()
+    .unwrap();
+    let RunFailure::WallTimeout {
+        limit_ms,
+        cpu_ms,
+        cpu_used_ms,
+    } = err.cause
+    else {
+        panic!("expected the wall-clock limit: {err}");
+    };
+    assert_eq!((limit_ms, cpu_ms), (1000, 1000));
+    assert!(cpu_used_ms < 1000, "{cpu_used_ms} ms of CPU");
+    assert_eq!(err.cause.kind(), "timeout");
+    assert!(
+        err.to_string().contains("wall-clock limit of 1000 ms"),
+        "{err}"
+    );
+    // A wall limit below the CPU limit is refused with the fix.
+    let mut s = settings(&[("mode", "loop")]);
+    s.limits =
+        serde_json::from_str(r#"{"cpu_ms_per_event": 500, "wall_ms_per_event": 100}"#).unwrap();
+    let refused = runtime()
+        .load_file("hostile-bad-wall", &wasm::hostile("hostile"), s)
+        .expect_err("a wall limit below the CPU limit is refused");
+    assert!(
+        refused
+            .to_string()
+            .contains("wall_ms_per_event = 100 is below cpu_ms_per_event = 500"),
+        "{refused}"
+    );
+}
+
 #[test]
 fn endless_allocation_is_stopped_at_the_memory_limit() {
     let err = run_hostile("memory");
