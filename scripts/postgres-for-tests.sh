@@ -4,21 +4,22 @@
 # - DATABASE_URL already set: used as it is.
 # - A server answering at localhost:5432 as `postgres` (trust auth, as
 #   Debian's package sets up for local connections): used.
-# - Neither (or SENDBOX_TEST_THROWAWAY_PG=1): Debian's `postgresql` is
-#   installed if missing, and a throwaway cluster is created in a temporary
-#   folder, on a free port, for this run only; it is stopped and removed
-#   when the script exits.
+# - Neither (or SENDBOX_TEST_THROWAWAY_PG=1): a throwaway cluster is
+#   created in a temporary folder, on a free port, for this run only; it is
+#   stopped and removed when the script exits.
+#
+# Debian's `postgresql` is installed first if missing.
 
 pg_answers() { psql "$1" -Atqc 'SELECT 1' >/dev/null 2>&1; }
 
+# Debian's binaries are needed even beside a running server: some tests
+# start servers of their own (one that restarts, one with TLS).
 if ! command -v psql >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
-  if [ -z "${DATABASE_URL:-}" ] && ! (command -v psql >/dev/null && pg_answers postgres://postgres@localhost:5432/postgres); then
-    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-    else
-      echo "no PostgreSQL server and no way to install one: install Debian's postgresql, or set DATABASE_URL" >&2
-      exit 1
-    fi
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "missing: Debian's postgresql (psql, initdb) — install it, then run this again" >&2
+    exit 1
   fi
 fi
 

@@ -70,7 +70,7 @@ mod store;
 pub use any::AnyStore;
 pub use model::*;
 pub use policy::{Policy, default_idempotency_hours};
-pub use postgres::{DEFAULT_LEASE, NodeSeen, PgOutbox, PluginAlone};
+pub use postgres::{DEFAULT_LEASE, NodeSeen, PgAddress, PgOutbox, PluginAlone};
 pub use sendbox_types::now_ms;
 pub use sqlite::Outbox;
 pub use store::{Store, Versioned};

@@ -122,11 +122,36 @@ pub struct Throwaway {
     bin: std::path::PathBuf,
     port: u16,
     as_postgres: bool,
+    /// Server options beyond the port and address (TLS).
+    extra: String,
 }
 
 impl Throwaway {
     /// Creates and starts it; fails loudly without Debian's `postgresql`.
     pub fn start() -> Throwaway {
+        Self::start_with(false)
+    }
+
+    /// [`Throwaway::start`], with TLS on: its certificate (for `localhost`
+    /// and 127.0.0.1) is signed by a CA of its own, [`Throwaway::ca_file`];
+    /// [`Throwaway::other_ca_file`] is a CA that signed nothing of it.
+    /// Plain connections are still accepted.
+    pub fn start_with_tls() -> Throwaway {
+        Self::start_with(true)
+    }
+
+    /// The CA that signed the server's certificate (after
+    /// [`Throwaway::start_with_tls`]).
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.join("tls/ca.pem")
+    }
+
+    /// A CA unrelated to the server.
+    pub fn other_ca_file(&self) -> std::path::PathBuf {
+        self.dir.join("tls/other-ca.pem")
+    }
+
+    fn start_with(tls: bool) -> Throwaway {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
             .into_iter()
@@ -143,6 +168,11 @@ impl Throwaway {
             N.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).unwrap();
+        let extra = if tls {
+            make_certificates(&dir.join("tls"))
+        } else {
+            String::new()
+        };
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -167,6 +197,7 @@ impl Throwaway {
             bin,
             port,
             as_postgres,
+            extra,
         };
         let data = me.dir.join("data");
         me.run(
@@ -219,9 +250,10 @@ impl Throwaway {
     /// Starts the server (again).
     pub fn up(&self) {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            "-p {} -k {} -c listen_addresses=127.0.0.1{}",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            self.extra
         );
         self.pg_ctl(&["-o", &opts, "start"]);
     }
@@ -253,4 +285,86 @@ impl Drop for Throwaway {
             .output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A CA, a server certificate it signed for `localhost` and 127.0.0.1, and
+/// an unrelated CA, made with `openssl` in `dir`; the server options that
+/// use them.
+fn make_certificates(dir: &std::path::Path) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs (the test peers need it too)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    for ca in ["ca", "other-ca"] {
+        let (key, pem, subj) = (
+            format!("{ca}.key"),
+            format!("{ca}.pem"),
+            format!("/CN=sendbox test {ca}"),
+        );
+        let mut args = vec!["req", "-x509"];
+        args.extend(ec);
+        args.extend(["-days", "2", "-subj", &subj, "-keyout", &key, "-out", &pem]);
+        openssl(&args);
+    }
+    let mut args = vec!["req"];
+    args.extend(ec);
+    args.extend([
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    openssl(&args);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ]);
+    // PostgreSQL refuses a key others may read.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        dir.join("server.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    format!(
+        " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+        dir.join("server.pem").display(),
+        dir.join("server.key").display()
+    )
 }

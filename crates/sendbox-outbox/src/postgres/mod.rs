@@ -21,11 +21,13 @@ mod limits;
 mod pool;
 mod schema;
 mod store;
+mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use store::PluginAlone;
+pub use tls::PgAddress;
 
 use tokio_postgres::Row;
 

@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Mutex, MutexGuard};
+use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, Config, NoTls};
+
+use super::tls::{MakeRustls, PgAddress};
 
 use crate::{OutboxError, StorageError};
 
@@ -17,6 +20,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) struct Pool {
     config: Config,
+    /// Set when the address asks for TLS (`sslmode=verify-full`).
+    tls: Option<MakeRustls>,
     /// `host:port/database`, for messages (never the credentials).
     server: String,
     slots: Vec<Mutex<Option<Client>>>,
@@ -41,9 +46,18 @@ impl std::ops::DerefMut for Conn<'_> {
 
 impl Pool {
     pub(crate) fn new(url: &str, password: Option<&str>, size: usize) -> Result<Pool, OutboxError> {
-        let mut config: Config = url.parse().map_err(|e| OutboxError::Storage(StorageError(format!(
+        let address = PgAddress::parse(url).map_err(|e| {
+            OutboxError::Storage(StorageError(format!("the PostgreSQL address: {e}")))
+        })?;
+        let tls = address.connector().map_err(|e| {
+            OutboxError::Storage(StorageError(format!("the PostgreSQL address: {e}")))
+        })?;
+        let mut config: Config = address.url.parse().map_err(|e| OutboxError::Storage(StorageError(format!(
             "the PostgreSQL address is not a valid connection string ({e}); write it as postgres://USER@HOST:PORT/DATABASE"
         ))))?;
+        if tls.is_some() {
+            config.ssl_mode(SslMode::Require);
+        }
         config.connect_timeout(CONNECT_TIMEOUT);
         if let Some(p) = password {
             config.password(p);
@@ -61,6 +75,7 @@ impl Pool {
         );
         Ok(Pool {
             config,
+            tls,
             server,
             slots: (0..size.max(1)).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
@@ -90,21 +105,51 @@ impl Pool {
 
     /// A connection of its own, outside the pool (closed when dropped).
     pub(crate) async fn connect(&self) -> Result<Client, OutboxError> {
-        let (client, connection) = self.config.connect(NoTls).await.map_err(|e| {
-            OutboxError::Storage(StorageError(format!(
-                "cannot reach the database at {}: {} (is PostgreSQL running, and may this role connect?)",
-                self.server,
-                super::pg_err(e)
-            )))
-        })?;
-        let server = self.server.clone();
-        let task_server = server.clone();
-        tokio::spawn(async move {
-            let server = task_server;
-            if let Err(e) = connection.await {
-                tracing::warn!(server = %server, error = %e, "PostgreSQL connection lost; the next use reconnects");
+        let unreachable = |e: tokio_postgres::Error| {
+            // A TLS failure's reason (an untrusted certificate, a name that
+            // does not match) is in the error's sources.
+            let mut causes = String::new();
+            if e.as_db_error().is_none() {
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    causes.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
             }
-        });
+            let first = match super::pg_err(e) {
+                OutboxError::Storage(StorageError(text)) => text,
+                other => other.to_string(),
+            };
+            let hint = if causes.contains("certificate") {
+                "the server's certificate cannot be verified: name the CA that signed it with `sslrootcert=/path/to/ca.pem` in the address, and connect by the name the certificate holds"
+            } else {
+                "is PostgreSQL running, and may this role connect?"
+            };
+            OutboxError::Storage(StorageError(format!(
+                "cannot reach the database at {}: {first}{causes} ({hint})",
+                self.server,
+            )))
+        };
+        let server = self.server.clone();
+        let lost = move |e: tokio_postgres::Error| {
+            tracing::warn!(server = %server, error = %e, "PostgreSQL connection lost; the next use reconnects");
+        };
+        let client = match &self.tls {
+            None => {
+                let (client, connection) = self.config.connect(NoTls).await.map_err(unreachable)?;
+                tokio::spawn(async move { connection.await.unwrap_or_else(lost) });
+                client
+            }
+            Some(tls) => {
+                let (client, connection) = self
+                    .config
+                    .connect(tls.clone())
+                    .await
+                    .map_err(unreachable)?;
+                tokio::spawn(async move { connection.await.unwrap_or_else(lost) });
+                client
+            }
+        };
         // Acknowledged means on the server's disk, whatever the database's
         // default says.
         client

@@ -141,6 +141,12 @@ pub(super) fn postgres_store(
         );
         return None;
     }
+    // TLS parameters (`sslmode`, `sslrootcert`): checked, and the CA file
+    // read, now rather than at the first connection.
+    if let Err(e) = sendbox_outbox::PgAddress::parse(url).and_then(|a| a.connector().map(|_| ())) {
+        cx.error(0, "daemon.store", &e);
+        return None;
+    }
     let password = match &raw.password {
         Some(r) => {
             let only_form = !cx.resolve_secrets;

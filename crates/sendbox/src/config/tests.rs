@@ -328,7 +328,10 @@ mod example_files {
         }
         let node = load(&example("cluster-node.toml")).unwrap();
         let pg = node.postgres.as_ref().expect("a postgres:// store");
-        assert_eq!(pg.url, "postgres://sendbox@db.internal:5432/sendbox");
+        assert_eq!(
+            pg.url,
+            "postgres://sendbox@db.internal:5432/sendbox?sslmode=verify-full"
+        );
         assert_eq!(pg.node, "mail-1");
         assert_eq!((pg.pool, pg.lease.as_secs()), (8, 60));
         assert_eq!(
@@ -414,6 +417,31 @@ mod example_files {
             "{errs}"
         );
         assert!(!errs.contains("hunter2"), "{errs}");
+    }
+
+    #[test]
+    fn a_postgres_store_names_a_tls_setting_it_cannot_honour() {
+        for (query, expected) in [
+            ("sslmode=allow", "sslmode=allow is not one sendbox knows"),
+            ("sslrootcert=/etc/ca.pem", "add sslmode=verify-full"),
+            (
+                "sslmode=verify-full&sslrootcert=ca.pem",
+                "must be an absolute path",
+            ),
+            (
+                "sslmode=verify-full&sslrootcert=/nonexistent/db-ca.pem",
+                "sslrootcert /nonexistent/db-ca.pem: cannot read it",
+            ),
+        ] {
+            let errs = parse(
+                Path::new("/etc/sendbox/sendbox.toml"),
+                &format!("[daemon]\nstore = \"postgres://sendbox@db:5432/sendbox?{query}\"\n"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(errs.contains("`daemon.store`"), "{query}: {errs}");
+            assert!(errs.contains(expected), "{query}: {errs}");
+        }
     }
 
     #[test]
