@@ -85,9 +85,15 @@ impl PgAddress {
         })
     }
 
+    /// Checks `url` as a node would use it — its TLS parameters, and the
+    /// CA file read — without connecting: what `sendbox check` reports.
+    pub fn check(url: &str) -> Result<(), String> {
+        PgAddress::parse(url)?.connector().map(|_| ())
+    }
+
     /// The TLS connector this address asks for, if any: its trusted roots
     /// read now, so a missing or empty file is named before connecting.
-    pub fn connector(&self) -> Result<Option<MakeRustls>, String> {
+    pub(crate) fn connector(&self) -> Result<Option<MakeRustls>, String> {
         if !self.tls {
             return Ok(None);
         }
@@ -152,10 +158,10 @@ fn percent_decode(value: &str) -> Result<String, String> {
 
 /// Makes a verified TLS connection per server name.
 #[derive(Clone)]
-pub struct MakeRustls(Arc<rustls::ClientConfig>);
+pub(crate) struct MakeRustls(Arc<rustls::ClientConfig>);
 
 /// One TLS handshake with a named server.
-pub struct RustlsConnect {
+pub(crate) struct RustlsConnect {
     config: Arc<rustls::ClientConfig>,
     name: ServerName<'static>,
 }
@@ -201,7 +207,7 @@ where
 }
 
 /// A TLS connection to the server.
-pub struct RustlsStream<S>(tokio_rustls::client::TlsStream<S>);
+pub(crate) struct RustlsStream<S>(tokio_rustls::client::TlsStream<S>);
 
 impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for RustlsStream<S> {
     fn channel_binding(&self) -> ChannelBinding {

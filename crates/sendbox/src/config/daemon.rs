@@ -143,7 +143,7 @@ pub(super) fn postgres_store(
     }
     // TLS parameters (`sslmode`, `sslrootcert`): checked, and the CA file
     // read, now rather than at the first connection.
-    if let Err(e) = sendbox_outbox::PgAddress::parse(url).and_then(|a| a.connector().map(|_| ())) {
+    if let Err(e) = sendbox_outbox::PgAddress::check(url) {
         cx.error(0, "daemon.store", &e);
         return None;
     }
