@@ -70,7 +70,7 @@ impl BareHook {
     ) -> wasmtime::Result<Self> {
         let component = Component::new(engine, bytes)?;
         let mut linker = Linker::<Bare>::new(engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         bindings::Hook::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
         let pre = bindings::HookPre::new(linker.instantiate_pre(&component)?)?;
         Ok(BareHook {
@@ -80,9 +80,15 @@ impl BareHook {
         })
     }
 
-    /// One fresh instance and one `handle` call; returns the number of
+    /// One fresh instance and one `handle` call, from synchronous code as
+    /// [`Plugin::run`](crate::Plugin::run) is called; returns the number of
     /// emails so the work cannot be optimised away.
     pub fn call(&self, event: &Event) -> wasmtime::Result<usize> {
+        wasmtime_wasi::runtime::in_tokio(self.call_async(event))
+    }
+
+    /// [`BareHook::call`] on the awaiting task.
+    pub async fn call_async(&self, event: &Event) -> wasmtime::Result<usize> {
         let mut store = Store::new(
             &self.engine,
             Bare {
@@ -94,8 +100,8 @@ impl BareHook {
         // The engine has epoch interruption on; a bare embedder must
         // still give the store a deadline.
         store.set_epoch_deadline(u64::MAX / 2);
-        let hook = self.pre.instantiate(&mut store)?;
-        let out = hook.call_handle(&mut store, &to_wit_event(event))?;
+        let hook = self.pre.instantiate_async(&mut store).await?;
+        let out = hook.call_handle(&mut store, &to_wit_event(event)).await?;
         Ok(out.map(|o| o.emails.len()).unwrap_or(0))
     }
 }

@@ -24,7 +24,7 @@ use wasmtime_wasi::p2::{DynPollable, Pollable, subscribe};
 
 use crate::host::HostState;
 
-/// The `wasi:clocks/monotonic-clock` version `add_to_linker_sync` defines.
+/// The `wasi:clocks/monotonic-clock` version `add_to_linker_async` defines.
 const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
 
 /// CPU time the calling thread has used since it started
@@ -96,7 +96,7 @@ fn sleep(state: &mut HostState, requested: Duration) -> wasmtime::Result<Resourc
     subscribe(&mut state.table, sleep)
 }
 
-/// Replaces the clock subscriptions `add_to_linker_sync` defined.
+/// Replaces the clock subscriptions `add_to_linker_async` defined.
 pub(crate) fn bound_sleeps(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.allow_shadowing(true);
     let mut clock = linker.instance(MONOTONIC_CLOCK)?;

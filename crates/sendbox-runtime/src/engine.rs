@@ -101,7 +101,10 @@ pub fn engine_config(max_concurrent_instances: u32) -> wasmtime::Config {
         .linear_memory_keep_resident(KEEP_RESIDENT)
         .table_keep_resident(KEEP_RESIDENT / 8)
         .pagemap_scan(wasmtime::Enabled::Auto)
-        .decommit_batch_size(8);
+        .decommit_batch_size(8)
+        // A call runs on a fiber whose stack comes from the pool; one per
+        // instance that can be alive.
+        .total_stacks(n);
     let mut config = wasmtime::Config::new();
     config
         .allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool))
@@ -117,7 +120,7 @@ impl Runtime {
         let config = engine_config(options.max_concurrent_instances);
         let engine = Engine::new(&config).map_err(|e| RuntimeError(format!("{e:#}")))?;
         let mut linker = Linker::<HostState>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| RuntimeError(format!("{e:#}")))?;
         bindings::Hook::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| RuntimeError(format!("{e:#}")))?;

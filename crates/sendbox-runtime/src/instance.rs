@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use tracing::Instrument;
 use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::WasiCtx;
@@ -13,6 +14,7 @@ use wasmtime_wasi::WasiCtx;
 use crate::convert::{from_wit_outcome, from_wit_verdict, to_wit_event, to_wit_submitted};
 use crate::host::{HostState, LogLevel, LogLine, LogSource, TimeLimit};
 use crate::limiter::MemoryLimiter;
+use crate::placement::{self, Meter, Placement};
 use crate::{
     CompileSource, EPOCH_TICK, Event, Limits, MAX_ERROR_BYTES, MAX_RANDOM_BYTES,
     MAX_RESOURCES_PER_INSTANCE, Outcome, ReadSet, RunError, RunFailure, StateChange, StateStore,
@@ -121,10 +123,10 @@ impl Plugin {
         self.inner.screen.is_some()
     }
 
-    /// Runs one event in a fresh instance.
+    /// Runs one event in a fresh instance, blocking the calling thread for
+    /// at most about `wall_ms_per_event`: for tools, tests and blocking
+    /// threads. In async code use [`Plugin::run_async`].
     ///
-    /// Blocks the calling thread for at most about `cpu_ms_per_event`; call
-    /// it from a blocking-capable thread (e.g. `tokio::task::spawn_blocking`).
     /// On success the outcome is validated and the state changes are
     /// returned, not applied. On failure nothing of the call is kept.
     pub fn run(
@@ -133,41 +135,101 @@ impl Plugin {
         event_id: &str,
         state: Arc<dyn StateStore>,
     ) -> Result<RunReport, RunError> {
+        wasmtime_wasi::runtime::in_tokio(self.run_in(event, event_id, state, Placement::Blocking))
+    }
+
+    /// Runs one event in a fresh instance, as [`Plugin::run`] does, on the
+    /// async worker that awaits it: a short event costs no thread hand-off;
+    /// one still running at the next epoch tick moves off the worker (see
+    /// `placement`). Needs a Tokio runtime; on a multi-threaded one a long
+    /// event never holds a worker for more than a tick.
+    pub async fn run_async(
+        &self,
+        event: &Event,
+        event_id: &str,
+        state: Arc<dyn StateStore>,
+    ) -> Result<RunReport, RunError> {
+        self.run_in(event, event_id, state, Placement::Worker).await
+    }
+
+    async fn run_in(
+        &self,
+        event: &Event,
+        event_id: &str,
+        state: Arc<dyn StateStore>,
+        placement: Placement,
+    ) -> Result<RunReport, RunError> {
         let span = tracing::info_span!("plugin_run", plugin = %self.inner.name, event_id, trigger = event.kind());
-        let _enter = span.enter();
-        let done = self.execute(event_id, state, |store, instantiating| {
-            let hook = self.inner.pre.instantiate(&mut *store)?;
-            *instantiating = false;
-            Ok(hook
-                .call_handle(store, &to_wit_event(event))?
-                .map(from_wit_outcome))
-        })?;
-        let outcome = done.value;
-        self.checked(event_id, &outcome, done.store, done.started, |o| {
-            o.emails.len()
-        })
-        .map(|(outcome, parts)| RunReport {
-            outcome,
-            state_changes: parts.state_changes,
-            reads: parts.reads,
-            logs: parts.logs,
-            log_bytes_dropped: parts.log_bytes_dropped,
-            duration_us: parts.duration_us,
-        })
+        async move {
+            let mut call = self.begin(state, placement);
+            let mut instantiating = true;
+            let meter = call.meter.clone();
+            let result = placement::drive(&meter, async {
+                let hook = self.inner.pre.instantiate_async(&mut call.store).await?;
+                instantiating = false;
+                Ok(hook
+                    .call_handle(&mut call.store, &to_wit_event(event))
+                    .await?
+                    .map(from_wit_outcome))
+            })
+            .await;
+            let done = self.end(event_id, call, result, instantiating)?;
+            let outcome = done.value;
+            self.checked(event_id, &outcome, done.store, done.started, |o| {
+                o.emails.len()
+            })
+            .map(|(outcome, parts)| RunReport {
+                outcome,
+                state_changes: parts.state_changes,
+                reads: parts.reads,
+                logs: parts.logs,
+                log_bytes_dropped: parts.log_bytes_dropped,
+                duration_us: parts.duration_us,
+            })
+        }
+        .instrument(span)
+        .await
     }
 
     /// Screens one message submitted to an SMTP listener, in a fresh
-    /// instance, as [`Plugin::run`] runs an event. A plugin that does not
-    /// export `screen` fails with [`RunFailure::Host`].
+    /// instance, as [`Plugin::run`] runs an event, blocking the calling
+    /// thread. In async code use [`Plugin::screen_async`].
     pub fn screen(
         &self,
         message: &Submitted,
         event_id: &str,
         state: Arc<dyn StateStore>,
     ) -> Result<ScreenReport, RunError> {
+        wasmtime_wasi::runtime::in_tokio(self.screen_in(
+            message,
+            event_id,
+            state,
+            Placement::Blocking,
+        ))
+    }
+
+    /// Screens one message as [`Plugin::run_async`] runs an event. A plugin
+    /// that does not export `screen` fails with [`RunFailure::Host`].
+    pub async fn screen_async(
+        &self,
+        message: &Submitted,
+        event_id: &str,
+        state: Arc<dyn StateStore>,
+    ) -> Result<ScreenReport, RunError> {
+        self.screen_in(message, event_id, state, Placement::Worker)
+            .await
+    }
+
+    async fn screen_in(
+        &self,
+        message: &Submitted,
+        event_id: &str,
+        state: Arc<dyn StateStore>,
+        placement: Placement,
+    ) -> Result<ScreenReport, RunError> {
         let span = tracing::info_span!("plugin_screen", plugin = %self.inner.name, event_id, listener = %message.listener);
-        let _enter = span.enter();
         let Some(pre) = &self.inner.screen else {
+            let _enter = span.enter();
             return Err(RunError {
                 plugin: self.inner.name.clone(),
                 event_id: event_id.to_owned(),
@@ -177,28 +239,38 @@ impl Plugin {
                 logs: Vec::new(),
             });
         };
-        let raw_limit = self.inner.settings.limits.memory_bytes / 4;
-        let done = self.execute(event_id, state, |store, instantiating| {
-            let hook = pre.instantiate(&mut *store)?;
-            *instantiating = false;
-            Ok(hook
-                .call_screen(store, &to_wit_submitted(message, raw_limit))?
-                .map(from_wit_verdict))
-        })?;
-        let verdict = done.value;
-        let emails = |v: &Verdict| match v {
-            Verdict::Replace(e) => e.len(),
-            _ => 0,
-        };
-        self.checked(event_id, &verdict, done.store, done.started, emails)
-            .map(|(verdict, parts)| ScreenReport {
-                verdict,
-                state_changes: parts.state_changes,
-                reads: parts.reads,
-                logs: parts.logs,
-                log_bytes_dropped: parts.log_bytes_dropped,
-                duration_us: parts.duration_us,
+        async move {
+            let raw_limit = self.inner.settings.limits.memory_bytes / 4;
+            let mut call = self.begin(state, placement);
+            let mut instantiating = true;
+            let meter = call.meter.clone();
+            let result = placement::drive(&meter, async {
+                let hook = pre.instantiate_async(&mut call.store).await?;
+                instantiating = false;
+                Ok(hook
+                    .call_screen(&mut call.store, &to_wit_submitted(message, raw_limit))
+                    .await?
+                    .map(from_wit_verdict))
             })
+            .await;
+            let done = self.end(event_id, call, result, instantiating)?;
+            let verdict = done.value;
+            let emails = |v: &Verdict| match v {
+                Verdict::Replace(e) => e.len(),
+                _ => 0,
+            };
+            self.checked(event_id, &verdict, done.store, done.started, emails)
+                .map(|(verdict, parts)| ScreenReport {
+                    verdict,
+                    state_changes: parts.state_changes,
+                    reads: parts.reads,
+                    logs: parts.logs,
+                    log_bytes_dropped: parts.log_bytes_dropped,
+                    duration_us: parts.duration_us,
+                })
+        }
+        .instrument(span)
+        .await
     }
 
     /// Validates what a call returned (its emails against the limits) and
@@ -237,24 +309,11 @@ impl Plugin {
         ))
     }
 
-    /// Builds a fresh store with the plugin's limits, runs `invoke` in it
-    /// (instantiate, then call; it clears `instantiating` in between) and
-    /// classifies whatever went wrong.
-    fn execute<T>(
-        &self,
-        event_id: &str,
-        state: Arc<dyn StateStore>,
-        invoke: impl FnOnce(&mut Store<HostState>, &mut bool) -> wasmtime::Result<Result<T, String>>,
-    ) -> Result<Executed<T>, RunError> {
+    /// A fresh store with the plugin's limits, its output pipes, and the
+    /// time limits armed.
+    fn begin(&self, state: Arc<dyn StateStore>, placement: Placement) -> Call {
         let started = Instant::now();
         let limits = &self.inner.settings.limits;
-        let fail = |cause: RunFailure, logs: Vec<LogLine>| RunError {
-            plugin: self.inner.name.clone(),
-            event_id: event_id.to_owned(),
-            cause,
-            logs,
-        };
-
         let stdout = output::BoundedPipe::new(limits.log_bytes_per_event as usize);
         let stderr = output::BoundedPipe::new(limits.log_bytes_per_event as usize);
         // An empty context: no env, args, preopens, stdin or network.
@@ -290,13 +349,18 @@ impl Plugin {
         store.limiter(|s| &mut s.limiter);
         // The epoch ticks on the wall; CPU time can only be less, so the
         // first check comes when the CPU limit could first be reached, and
-        // each check looks at what the thread really used.
+        // each check looks at what the call really used. On a worker the
+        // first check comes at the next tick, to move the call off it.
+        let meter = Arc::new(Meter::new(placement));
         let cpu_limit = Duration::from_millis(limits.cpu_ms_per_event);
         let wall_deadline = started + Duration::from_millis(limits.wall_ms());
-        let cpu_at_start = clock::thread_cpu_time();
-        store.set_epoch_deadline(ticks(cpu_limit));
+        store.set_epoch_deadline(match placement {
+            Placement::Worker => 1,
+            Placement::Blocking => ticks(cpu_limit),
+        });
+        let metered = meter.clone();
         store.epoch_deadline_callback(move |mut ctx| {
-            let used = clock::thread_cpu_time().saturating_sub(cpu_at_start);
+            let used = metered.used();
             let now = Instant::now();
             let stop = if used >= cpu_limit {
                 Some(TimeLimit::Cpu)
@@ -309,14 +373,45 @@ impl Plugin {
                 ctx.data_mut().stopped = Some((limit, used));
                 return Ok(UpdateDeadline::Interrupt);
             }
-            let left = (cpu_limit - used).min(wall_deadline - now);
-            Ok(UpdateDeadline::Continue(ticks(left)))
+            let left = ticks((cpu_limit - used).min(wall_deadline - now));
+            if metered.inline() {
+                metered.ask_for_thread();
+                return Ok(UpdateDeadline::Yield(left));
+            }
+            Ok(UpdateDeadline::Continue(left))
         });
         store.set_hostcall_fuel(usize::try_from(limits.outcome_bytes).unwrap_or(usize::MAX));
+        Call {
+            store,
+            stdout,
+            stderr,
+            started,
+            meter,
+        }
+    }
 
-        let mut instantiating = true;
-        let result = invoke(&mut store, &mut instantiating);
-
+    /// Collects what the guest printed and classifies whatever went wrong.
+    fn end<T>(
+        &self,
+        event_id: &str,
+        call: Call,
+        result: wasmtime::Result<Result<T, String>>,
+        instantiating: bool,
+    ) -> Result<Executed<T>, RunError> {
+        let Call {
+            mut store,
+            stdout,
+            stderr,
+            started,
+            meter: _,
+        } = call;
+        let limits = &self.inner.settings.limits;
+        let fail = |cause: RunFailure, logs: Vec<LogLine>| RunError {
+            plugin: self.inner.name.clone(),
+            event_id: event_id.to_owned(),
+            cause,
+            logs,
+        };
         // Collect what the guest printed, whatever the result.
         for (pipe, source, level) in [
             (&stdout, LogSource::Stdout, LogLevel::Info),
@@ -361,6 +456,15 @@ impl Plugin {
             started,
         })
     }
+}
+
+/// A store made for one call, with what it needs after the call.
+struct Call {
+    store: Store<HostState>,
+    stdout: output::BoundedPipe,
+    stderr: output::BoundedPipe,
+    started: Instant,
+    meter: Arc<Meter>,
 }
 
 /// A call that returned: its value and its store.

@@ -16,9 +16,12 @@
 //! - `load`: [`Runtime::load`] — compiled code from `cache` or the
 //!   compiler, the import allow-list, the world check, pre-instantiation;
 //!   and [`Runtime::inspect`].
-//! - `instance`: [`Plugin::run`] — a fresh `Store` per event with its
-//!   limits (`limiter`: memory and tables over all core instances), the
-//!   call, and failures classified into [`RunFailure`] (`error`).
+//! - `instance`: [`Plugin::run`] / [`Plugin::run_async`] — a fresh `Store`
+//!   per event with its limits (`limiter`: memory and tables over all core
+//!   instances), the call, and failures classified into [`RunFailure`]
+//!   (`error`).
+//! - `placement`: where the call runs — on the async worker awaiting it,
+//!   moved off it when it runs past an epoch tick — and its CPU time.
 //! - host interfaces, one file per WIT interface: `host` (log, config),
 //!   [`state`] (the plugin's key-value store as the call sees it), `convert`
 //!   (the `types` interface to and from [`event`]), `clock` (WASI sleeps
@@ -55,6 +58,7 @@ mod limiter;
 mod limits;
 mod load;
 mod output;
+mod placement;
 pub mod state;
 pub mod validate;
 
@@ -80,6 +84,7 @@ mod bindings {
         path: "../../wit",
         world: "hook",
         imports: { default: trappable },
+        exports: { default: async },
     });
 }
 
@@ -90,6 +95,7 @@ mod relay_bindings {
         path: "../../wit",
         world: "relay-hook",
         imports: { default: trappable },
+        exports: { default: async },
         with: {
             "sendbox:plugin/types": super::bindings::sendbox::plugin::types,
             "sendbox:plugin/host": super::bindings::sendbox::plugin::host,

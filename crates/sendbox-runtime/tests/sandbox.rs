@@ -452,6 +452,117 @@ fn the_wall_clock_limit_stops_an_event_the_host_is_too_busy_to_finish() {
     );
 }
 
+// ---- on an async worker (Plugin::run_async) --------------------------------
+
+/// A Tokio runtime with a single worker: whatever holds it holds every task.
+fn one_worker() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime")
+}
+
+#[test]
+fn an_event_on_a_worker_gives_what_it_gives_on_a_thread() {
+    let p = bridge();
+    let event = sample("webhook-bridge");
+    let on_thread = p
+        .run(&event, "e1", Arc::new(MemoryState::new()))
+        .expect("runs on this thread");
+    let on_worker = one_worker()
+        .block_on(p.run_async(&event, "e1", Arc::new(MemoryState::new())))
+        .expect("runs on the worker");
+    assert_eq!(
+        serde_json::to_value(&on_worker.outcome).unwrap(),
+        serde_json::to_value(&on_thread.outcome).unwrap()
+    );
+    assert_eq!(on_worker.outcome.emails.len(), 1);
+}
+
+#[test]
+fn a_long_event_hands_its_worker_to_the_other_tasks() {
+    // An endless loop started on the only worker: at the next epoch tick it
+    // leaves the worker role to another thread and computes on as a
+    // blocking thread, so a task beside it keeps running — elsewhere.
+    let p = looping(&[("cpu_ms_per_event", 300), ("wall_ms_per_event", 30_000)]);
+    let (err, ticks, ticked_elsewhere) = one_worker().block_on(async move {
+        let worker = tokio::spawn(async { std::thread::current().id() })
+            .await
+            .unwrap();
+        let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let ticker = tokio::spawn({
+            let running = running.clone();
+            async move {
+                let (mut ticks, mut elsewhere) = (0u32, false);
+                while running.load(std::sync::atomic::Ordering::Relaxed) {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    ticks += 1;
+                    elsewhere |= std::thread::current().id() != worker;
+                }
+                (ticks, elsewhere)
+            }
+        });
+        let err = tokio::spawn(async move {
+            p.run_async(&webhook("{}"), "evt-long", Arc::new(MemoryState::new()))
+                .await
+        })
+        .await
+        .unwrap()
+        .expect_err("an endless loop fails");
+        running.store(false, std::sync::atomic::Ordering::Relaxed);
+        let (ticks, elsewhere) = ticker.await.unwrap();
+        (err, ticks, elsewhere)
+    });
+    assert!(
+        matches!(err.cause, RunFailure::Timeout { limit_ms: 300 }),
+        "{err}"
+    );
+    assert!(
+        ticked_elsewhere,
+        "the other task only ever ran on the first worker thread: the loop kept it"
+    );
+    assert!(ticks >= 10, "the other task ran {ticks} times meanwhile");
+}
+
+#[test]
+fn cpu_time_is_counted_across_a_wait_wherever_the_event_resumes() {
+    // 100 ms asleep (the worker is free meanwhile, and the event may resume
+    // on another worker), then a loop: stopped at 300 ms of CPU, so after
+    // at least 400 ms in all. Counting the sleep would stop it at 300.
+    let mut s = settings(&[("mode", "nap-then-loop"), ("sleep_ms", "100")]);
+    s.limits =
+        serde_json::from_str(r#"{"cpu_ms_per_event": 300, "wall_ms_per_event": 30000}"#).unwrap();
+    let p = runtime()
+        .load_file("hostile-nap-loop", &wasm::hostile("hostile"), s)
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = rt
+        .block_on(async move {
+            tokio::spawn(async move {
+                p.run_async(&webhook("{}"), "evt-nap-loop", Arc::new(MemoryState::new()))
+                    .await
+            })
+            .await
+        })
+        .unwrap()
+        .expect_err("the loop fails");
+    let took = started.elapsed();
+    assert!(
+        matches!(err.cause, RunFailure::Timeout { limit_ms: 300 }),
+        "{err}"
+    );
+    assert!(
+        took >= std::time::Duration::from_millis(390),
+        "stopped after {took:?}: the sleep was counted as CPU time"
+    );
+}
+
 #[test]
 fn endless_allocation_is_stopped_at_the_memory_limit() {
     let err = run_hostile("memory");

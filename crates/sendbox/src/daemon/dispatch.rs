@@ -14,9 +14,9 @@ use super::registry::{Registry, Wakers};
 /// Plugin state, read from the outbox's database.
 pub struct OutboxState(pub AnyStore);
 
-/// Runs an async store call from synchronous code: a blocking thread (a
-/// plugin's state read) or a runtime worker (the `/metrics` page), which
-/// hands its other tasks to another worker meanwhile.
+/// Runs an async store call from synchronous code: a plugin's state read
+/// (on a worker or a blocking thread) or the `/metrics` page; a worker hands
+/// its other tasks to another worker meanwhile.
 pub fn wait_for<F: std::future::Future>(f: F) -> F::Output {
     let handle = tokio::runtime::Handle::current();
     tokio::task::block_in_place(|| handle.block_on(f))
@@ -28,7 +28,7 @@ fn state_err(e: OutboxError) -> StateError {
 
 impl StateStore for OutboxState {
     fn get(&self, plugin: &str, key: &str) -> Result<Option<Versioned>, StateError> {
-        // The plugin runs on a blocking thread: SQLite is read directly,
+        // SQLite is read directly (a WAL read never waits for the writer),
         // PostgreSQL through the runtime.
         let got = match &self.0 {
             AnyStore::Sqlite(o) => Outbox::plugin_state_get(o, plugin, key),
@@ -54,8 +54,8 @@ impl StateStore for OutboxState {
     }
 }
 
-/// Runs a job: plugin in a blocking thread, then one outbox commit, then a
-/// nudge to the account's delivery worker.
+/// Runs a job: plugin, then one outbox commit, then a nudge to the
+/// account's delivery worker.
 pub fn dispatcher(
     plugins: Arc<Registry>,
     outbox: AnyStore,
@@ -182,22 +182,17 @@ async fn run_job(
             }
             _ => None,
         };
-        let ran = {
-            let (plugin, event, event_id, state) = (
-                loaded.plugin.clone(),
-                event.clone(),
-                event_id.clone(),
-                state.clone(),
-            );
-            tokio::task::spawn_blocking(move || plugin.run(&event, &event_id, state)).await
-        };
+        // On this worker; an event that runs long moves off it by itself.
+        let ran = loaded
+            .plugin
+            .run_async(&event, &event_id, state.clone())
+            .await;
         let report = match ran {
-            Ok(Ok(r)) => {
+            Ok(r) => {
                 metrics.duration(&name, r.duration_us as f64 / 1e6);
                 r
             }
-            Ok(Err(e)) => return Dispatched::PluginFailed(e.to_string()),
-            Err(e) => return Dispatched::PluginFailed(format!("plugin task failed: {e}")),
+            Err(e) => return Dispatched::PluginFailed(e.to_string()),
         };
         let call = Call {
             plugin: name.clone(),

@@ -205,10 +205,12 @@ async fn screened(
     // its commit.
     let _alone = loaded.serial.write().await;
     let state: Arc<dyn sendbox_runtime::StateStore> = Arc::new(OutboxState(outbox.clone()));
-    let (p, id) = (loaded.plugin.clone(), event_id.to_owned());
-    let report = match tokio::task::spawn_blocking(move || p.screen(&submitted, &id, state)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => return Err(try_later(&e.to_string())),
+    let report = match loaded
+        .plugin
+        .screen_async(&submitted, event_id, state)
+        .await
+    {
+        Ok(r) => r,
         Err(e) => return Err(try_later(&e.to_string())),
     };
     let mut call = match report.verdict {

@@ -67,6 +67,16 @@ impl Plugin for Hostile {
                     format!("handled {} after {ms} ms", req.path),
                 ))
             }
+            // Waits `sleep_ms`, then computes forever: CPU time must be
+            // counted across the wait.
+            "nap-then-loop" => {
+                let ms: u64 = config::get_or("sleep_ms", "100").parse().unwrap_or(100);
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                let mut n: u64 = 0;
+                loop {
+                    n = black_box(n.wrapping_add(1));
+                }
+            }
             "loop" => {
                 let mut n: u64 = 0;
                 loop {
