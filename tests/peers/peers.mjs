@@ -237,6 +237,10 @@ let authStyle = 'challenge'; // 'challenge': 334 {json} then 535 (Gmail); 'direc
 let authAttempts = 0;
 let activeConnections = 0;
 let maxConnections = 0;
+// Mail transactions begun, and those whose MAIL FROM reached us in the
+// same read as a RCPT TO (pipelined, RFC 2920).
+let mailCommands = 0;
+let pipelinedTransactions = 0;
 // Authenticated connections open now and at most, per mailbox: what a
 // provider counts against its per-mailbox connection limit.
 const activeByUser = {};
@@ -296,7 +300,16 @@ function smtpOptions(extra) {
       err.responseCode = 535;
       return cb(err);
     },
+    onSecure(socket, session, cb) {
+      // Watches what arrives in each read of the secured connection.
+      socket.on('data', (chunk) => {
+        const text = chunk.toString('latin1');
+        if (/^MAIL FROM:/im.test(text) && /^RCPT TO:/im.test(text)) pipelinedTransactions += 1;
+      });
+      cb();
+    },
     onMailFrom(address, session, cb) {
+      mailCommands += 1;
       cb(takeFault('mail'));
     },
     onRcptTo(address, session, cb) {
@@ -357,11 +370,17 @@ const control = http.createServer(async (req, res) => {
     const url = new URL(req.url, 'http://x');
     if (req.method === 'GET' && url.pathname === '/messages') return reply(200, received);
     if (req.method === 'GET' && url.pathname === '/stats') {
-      return reply(200, { authAttempts, tokenRequests, maxConnections, activeConnections, maxConnectionsByUser: maxByUser, seenTokens: seenTokens.length, messages: received.length });
+      return reply(200, { authAttempts, tokenRequests, maxConnections, activeConnections, maxConnectionsByUser: maxByUser, seenTokens: seenTokens.length, messages: received.length, mailCommands, pipelinedTransactions });
     }
     if (req.method === 'GET' && url.pathname === '/tokens') return reply(200, seenTokens);
     if (req.method === 'POST' && url.pathname === '/faults') {
       faults = (await readJson(req)).faults || [];
+      return reply(200, { ok: true });
+    }
+    if (req.method === 'POST' && url.pathname === '/pipelining') {
+      // Whether the SMTP servers offer PIPELINING in their EHLO replies.
+      const hide = !(await readJson(req)).offer;
+      for (const server of [starttls, implicit, plain]) server.options.hidePIPELINING = hide;
       return reply(200, { ok: true });
     }
     if (req.method === 'POST' && url.pathname === '/auth-style') {
@@ -378,6 +397,9 @@ const control = http.createServer(async (req, res) => {
       faults = [];
       authAttempts = 0;
       tokenRequests = 0;
+      mailCommands = 0;
+      pipelinedTransactions = 0;
+      for (const server of [starttls, implicit, plain]) server.options.hidePIPELINING = false;
       maxConnections = activeConnections;
       for (const u of Object.keys(maxByUser)) maxByUser[u] = activeByUser[u] || 0;
       return reply(200, { ok: true });

@@ -24,6 +24,11 @@
 //! Full run:   cargo bench -p sendbox-delivery --bench cluster
 //! Smoke run:  cargo test -p sendbox-delivery --bench cluster
 
+/// The daemon's allocator (`crates/sendbox/src/lib.rs`), so this measures
+/// what the daemon runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use sendbox_test_support::peers;
 use sendbox_test_support::postgres::Database;
 use sendbox_test_support::smtp_peer;

@@ -293,3 +293,51 @@ async fn a_lost_reply_after_data_is_not_resent_at_once() {
         "the server got it once; sendbox did not resend"
     );
 }
+
+#[tokio::test]
+async fn the_envelope_is_pipelined_where_the_server_offers_it_and_refusals_stay_in_step() {
+    let p = Peers::start();
+    let (smtp, _) = starttls(&p);
+    smtp.send(&prepared("first")).await.unwrap();
+    // Every recipient refused: the pipelined DATA is answered, nothing is
+    // sent, and the connection goes on.
+    p.faults(serde_json::json!([
+        {"stage": "rcpt", "code": 550, "message": "5.1.1 User unknown", "count": 1}
+    ]))
+    .await;
+    let err = smtp.send(&prepared("nobody")).await.unwrap_err();
+    assert_eq!(err.code, Some(550), "{err}");
+    // A refused MAIL FROM: its own reply is the answer, not the RCPT's or
+    // DATA's that follow it.
+    p.faults(serde_json::json!([
+        {"stage": "mail", "code": 550, "message": "5.7.1 Sender not allowed", "count": 1}
+    ]))
+    .await;
+    let err = smtp.send(&prepared("refused sender")).await.unwrap_err();
+    assert_eq!(err.code, Some(550), "{err}");
+    assert!(err.message.contains("Sender not allowed"), "{err}");
+    smtp.send(&prepared("last")).await.unwrap();
+    let stats = p.stats().await;
+    assert_eq!(stats.mail_commands, 4);
+    assert_eq!(
+        stats.pipelined_transactions, 4,
+        "MAIL FROM and RCPT TO went out in one write each time"
+    );
+    assert_eq!(stats.auth_attempts, 1, "one connection served all four");
+    let subjects: Vec<bool> = p
+        .messages()
+        .await
+        .iter()
+        .map(|m| m.raw.contains("Subject: first") || m.raw.contains("Subject: last"))
+        .collect();
+    assert_eq!(subjects, [true, true], "only the two good messages arrived");
+
+    // A server that does not offer PIPELINING gets one command at a time.
+    p.offer_pipelining(false).await;
+    let (plain, _) = starttls(&p);
+    plain.send(&prepared("one at a time")).await.unwrap();
+    let stats = p.stats().await;
+    assert_eq!(stats.mail_commands, 5);
+    assert_eq!(stats.pipelined_transactions, 4, "nothing pipelined");
+    assert_eq!(p.messages().await.len(), 3);
+}

@@ -75,6 +75,11 @@ pub struct Stats {
     pub max_connections_by_user: std::collections::HashMap<String, u64>,
     /// Messages the SMTP peer has received since the last reset.
     pub messages: u64,
+    /// Mail transactions begun (MAIL FROM commands) since the last reset.
+    pub mail_commands: u64,
+    /// Of those, the ones whose MAIL FROM arrived in one read with a
+    /// RCPT TO: the client pipelined them.
+    pub pipelined_transactions: u64,
 }
 
 pub struct Peers {
@@ -227,6 +232,13 @@ max_connections = 3
     /// `direct` (535 5.7.3, Microsoft).
     pub async fn auth_style(&self, style: &str) {
         self.post("/auth-style", serde_json::json!({ "style": style }))
+            .await;
+    }
+
+    /// Whether the SMTP servers offer PIPELINING to the next EHLO (they
+    /// do until told otherwise, and again after a reset).
+    pub async fn offer_pipelining(&self, offer: bool) {
+        self.post("/pipelining", serde_json::json!({ "offer": offer }))
             .await;
     }
 
