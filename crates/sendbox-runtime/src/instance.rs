@@ -125,7 +125,9 @@ impl Plugin {
 
     /// Runs one event in a fresh instance, blocking the calling thread for
     /// at most about `wall_ms_per_event`: for tools, tests and blocking
-    /// threads. In async code use [`Plugin::run_async`].
+    /// threads (on a worker of a multi-threaded Tokio runtime it hands the
+    /// worker's role on first; a current-thread runtime cannot). In async
+    /// code use [`Plugin::run_async`].
     ///
     /// On success the outcome is validated and the state changes are
     /// returned, not applied. On failure nothing of the call is kept.
@@ -135,7 +137,7 @@ impl Plugin {
         event_id: &str,
         state: Arc<dyn StateStore>,
     ) -> Result<RunReport, RunError> {
-        wasmtime_wasi::runtime::in_tokio(self.run_in(event, event_id, state, Placement::Blocking))
+        placement::block_on(self.run_in(event, event_id, state, Placement::Blocking))
     }
 
     /// Runs one event in a fresh instance, as [`Plugin::run`] does, on the
@@ -200,12 +202,7 @@ impl Plugin {
         event_id: &str,
         state: Arc<dyn StateStore>,
     ) -> Result<ScreenReport, RunError> {
-        wasmtime_wasi::runtime::in_tokio(self.screen_in(
-            message,
-            event_id,
-            state,
-            Placement::Blocking,
-        ))
+        placement::block_on(self.screen_in(message, event_id, state, Placement::Blocking))
     }
 
     /// Screens one message as [`Plugin::run_async`] runs an event. A plugin

@@ -124,3 +124,16 @@ pub(crate) async fn drive<F: Future>(meter: &Meter, call: F) -> F::Output {
         rest.await
     }
 }
+
+/// Drives `call` to completion from synchronous code: on a worker of a
+/// multi-threaded runtime the worker's role is handed to another thread
+/// first; elsewhere (a blocking thread, a thread outside any runtime) it
+/// blocks the calling thread, on wasmtime-wasi's runtime when there is none.
+pub(crate) fn block_on<F: Future>(call: F) -> F::Output {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| handle.block_on(call))
+        }
+        _ => wasmtime_wasi::runtime::in_tokio(call),
+    }
+}

@@ -481,6 +481,21 @@ fn an_event_on_a_worker_gives_what_it_gives_on_a_thread() {
 }
 
 #[test]
+fn the_blocking_run_may_be_called_from_a_worker_too() {
+    // Tools and tests call `run` from async code as well; it hands the
+    // worker's role on rather than blocking (or panicking on) the worker.
+    let p = bridge();
+    let event = sample("webhook-bridge");
+    let report = one_worker()
+        .block_on(async move {
+            tokio::spawn(async move { p.run(&event, "e1", Arc::new(MemoryState::new())) }).await
+        })
+        .unwrap()
+        .expect("runs from the worker");
+    assert_eq!(report.outcome.emails.len(), 1);
+}
+
+#[test]
 fn a_long_event_hands_its_worker_to_the_other_tasks() {
     // An endless loop started on the only worker: at the next epoch tick it
     // leaves the worker role to another thread and computes on as a
