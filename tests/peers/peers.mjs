@@ -231,7 +231,8 @@ const received = [];
 const seenTokens = [];
 // Scripted misbehaviour, consumed in order: { stage: 'rcpt'|'data'|'mail', code, message, count },
 // optionally only for one recipient ({ address }), or for 'data' a message that is stored and
-// then answered only after { hold_ms } (a reply lost after DATA).
+// then answered only after { hold_ms } (a reply lost after DATA), or whose connection is cut
+// once its content has arrived ({ drop: true }; not stored, no reply).
 let faults = [];
 let authStyle = 'challenge'; // 'challenge': 334 {json} then 535 (Gmail); 'direct': 535 5.7.3 (Microsoft)
 let authAttempts = 0;
@@ -241,6 +242,9 @@ let maxConnections = 0;
 // same read as a RCPT TO (pipelined, RFC 2920).
 let mailCommands = 0;
 let pipelinedTransactions = 0;
+// Of those, the ones that came right after the end of the previous
+// message's content, in the same read.
+let pipelinedAfterContent = 0;
 // Authenticated connections open now and at most, per mailbox: what a
 // provider counts against its per-mailbox connection limit.
 const activeByUser = {};
@@ -248,7 +252,7 @@ const maxByUser = {};
 
 function takeFault(stage, address) {
   const f = faults.find(
-    (x) => x.stage === stage && x.count > 0 && !x.hold_ms && (!x.address || x.address === address),
+    (x) => x.stage === stage && x.count > 0 && !x.hold_ms && !x.drop && (!x.address || x.address === address),
   );
   if (!f) return null;
   f.count -= 1;
@@ -301,10 +305,12 @@ function smtpOptions(extra) {
       return cb(err);
     },
     onSecure(socket, session, cb) {
+      session.secureSocket = socket;
       // Watches what arrives in each read of the secured connection.
       socket.on('data', (chunk) => {
         const text = chunk.toString('latin1');
         if (/^MAIL FROM:/im.test(text) && /^RCPT TO:/im.test(text)) pipelinedTransactions += 1;
+        if (/\r\n\.\r\nMAIL FROM:/i.test(text)) pipelinedAfterContent += 1;
       });
       cb();
     },
@@ -319,6 +325,14 @@ function smtpOptions(extra) {
       const chunks = [];
       stream.on('data', (c) => chunks.push(c));
       stream.on('end', () => {
+        // A `drop` fault: the connection is cut once the content has
+        // arrived, before any reply (the client cannot know the outcome).
+        const cut = faults.find((x) => x.stage === 'data' && x.count > 0 && x.drop);
+        if (cut) {
+          cut.count -= 1;
+          (session.secureSocket || stream).destroy();
+          return;
+        }
         const fault = takeFault('data');
         if (fault) return cb(fault);
         const hold = faults.find((x) => x.stage === 'data' && x.count > 0 && x.hold_ms);
@@ -370,7 +384,7 @@ const control = http.createServer(async (req, res) => {
     const url = new URL(req.url, 'http://x');
     if (req.method === 'GET' && url.pathname === '/messages') return reply(200, received);
     if (req.method === 'GET' && url.pathname === '/stats') {
-      return reply(200, { authAttempts, tokenRequests, maxConnections, activeConnections, maxConnectionsByUser: maxByUser, seenTokens: seenTokens.length, messages: received.length, mailCommands, pipelinedTransactions });
+      return reply(200, { authAttempts, tokenRequests, maxConnections, activeConnections, maxConnectionsByUser: maxByUser, seenTokens: seenTokens.length, messages: received.length, mailCommands, pipelinedTransactions, pipelinedAfterContent });
     }
     if (req.method === 'GET' && url.pathname === '/tokens') return reply(200, seenTokens);
     if (req.method === 'POST' && url.pathname === '/faults') {
@@ -399,6 +413,7 @@ const control = http.createServer(async (req, res) => {
       tokenRequests = 0;
       mailCommands = 0;
       pipelinedTransactions = 0;
+      pipelinedAfterContent = 0;
       for (const server of [starttls, implicit, plain]) server.options.hidePIPELINING = false;
       maxConnections = activeConnections;
       for (const u of Object.keys(maxByUser)) maxByUser[u] = activeByUser[u] || 0;

@@ -52,7 +52,11 @@ async fn warm_transport(p: &peers::Peers) -> sendbox_mail::smtp::SmtpTransport {
     let m: Vec<_> = (0..3)
         .map(|i| smtp_peer::prepared(MAILBOX, &format!("warm-up {i}")))
         .collect();
-    let sent = tokio::join!(smtp.send(&m[0]), smtp.send(&m[1]), smtp.send(&m[2]));
+    let sent = tokio::join!(
+        smtp.send(m[0].clone()),
+        smtp.send(m[1].clone()),
+        smtp.send(m[2].clone())
+    );
     for r in [sent.0, sent.1, sent.2] {
         r.unwrap();
     }
@@ -63,10 +67,10 @@ async fn warm_transport(p: &peers::Peers) -> sendbox_mail::smtp::SmtpTransport {
 /// outbox holds and sent, at most 12 waiting for the transport's 3
 /// connections. Building is inside the clock because the worker builds
 /// too: the difference is what storage costs.
-async fn transport_only(smtp: SmtpTransport, total: usize, run: usize) -> Duration {
+async fn transport_only(smtp: SmtpTransport, total: usize, run: usize) -> (SystemTime, Duration) {
     let smtp = Arc::new(smtp);
     let emails: Vec<Email> = (0..total).map(|i| email(format!("t{i}"))).collect();
-    let start = Instant::now();
+    let (started, start) = (SystemTime::now(), Instant::now());
     let mut tasks = tokio::task::JoinSet::new();
     for (i, email) in emails.into_iter().enumerate() {
         let smtp = smtp.clone();
@@ -82,7 +86,7 @@ async fn transport_only(smtp: SmtpTransport, total: usize, run: usize) -> Durati
                 },
             )
             .unwrap();
-            smtp.send(&msg).await
+            smtp.send(msg).await
         });
         while tasks.len() >= 12 {
             tasks.join_next().await.unwrap().unwrap().unwrap();
@@ -91,11 +95,11 @@ async fn transport_only(smtp: SmtpTransport, total: usize, run: usize) -> Durati
     while let Some(r) = tasks.join_next().await {
         r.unwrap().unwrap();
     }
-    start.elapsed()
+    (started, start.elapsed())
 }
 
 /// One worker delivering a filled outbox until every message is `sent`.
-async fn from_outbox(smtp: SmtpTransport, total: usize) -> (Duration, Duration) {
+async fn from_outbox(smtp: SmtpTransport, total: usize) -> (Duration, SystemTime, Duration) {
     let dir = tempfile::tempdir().unwrap();
     let outbox = Arc::new(Outbox::open(&dir.path().join("bench.db")).unwrap());
     for chunk in 0..total / 10 {
@@ -129,7 +133,7 @@ async fn from_outbox(smtp: SmtpTransport, total: usize) -> (Duration, Duration) 
     );
     let stop = Arc::new(tokio::sync::Notify::new());
     let s = stop.clone();
-    let (start, cpu) = (Instant::now(), cpu_time());
+    let (started, start, cpu) = (SystemTime::now(), Instant::now(), cpu_time());
     let handle = tokio::spawn(worker.run(async move { s.notified().await }));
     loop {
         let depth = outbox.depth().await.unwrap();
@@ -148,12 +152,29 @@ async fn from_outbox(smtp: SmtpTransport, total: usize) -> (Duration, Duration) 
     let (elapsed, cpu) = (start.elapsed(), cpu_time() - cpu);
     stop.notify_one();
     handle.await.unwrap();
-    (cpu, elapsed)
+    (cpu, started, elapsed)
 }
 
 /// This process's CPU time so far (user + system), from /proc.
 fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    cpu_time_of("self")
+}
+
+/// The CPU time so far of the node processes (the peers), from /proc.
+fn peer_cpu_time() -> Duration {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "node")
+        })
+        .map(|e| cpu_time_of(&e.file_name().to_string_lossy()))
+        .sum()
+}
+
+fn cpu_time_of(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name, which is in parentheses.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<u64> = rest
@@ -182,23 +203,47 @@ async fn main() {
     let (mut bare, mut ours) = (Vec::new(), Vec::new());
     let mut max_connections = 0;
     let (mut bare_cpu, mut ours_cpu) = (Duration::ZERO, Duration::ZERO);
+    // Per mode: envelopes written behind the previous content, and the
+    // longest stretch in which no message arrived at the peer.
+    let (mut behind, mut gaps) = ([0u64; 2], [Vec::new(), Vec::new()]);
+    let mut peer_cpus = [Duration::ZERO; 2];
+    // Per mode: ms from the start to the first arrival and from the last
+    // arrival to the end, and the rate between the first and the last.
+    let (mut edges, mut steady) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
     for run in 0..runs {
         // Alternate which goes first, so neither always gets the warmer
         // machine.
         for first in [run % 2 == 0, run % 2 == 1] {
             let smtp = warm_transport(&p).await;
             p.reset().await;
-            if first {
+            let peer_cpu = peer_cpu_time();
+            let (started, elapsed) = if first {
                 let cpu = cpu_time();
-                bare.push(rate(total, transport_only(smtp, total, run).await));
+                let (started, elapsed) = transport_only(smtp, total, run).await;
+                bare.push(rate(total, elapsed));
                 bare_cpu += cpu_time() - cpu;
+                (started, elapsed)
             } else {
-                let (cpu, elapsed) = from_outbox(smtp, total).await;
+                let (cpu, started, elapsed) = from_outbox(smtp, total).await;
                 ours.push(rate(total, elapsed));
                 ours_cpu += cpu;
-            }
+                (started, elapsed)
+            };
             let stats = p.stats().await;
             assert_eq!(stats.messages, total as u64, "every message arrived, once");
+            let mode = usize::from(!first);
+            peer_cpus[mode] += peer_cpu_time() - peer_cpu;
+            behind[mode] += stats.pipelined_after_content;
+            let mut at: Vec<i64> = p.messages().await.iter().map(|m| m.at_ms).collect();
+            at.sort_unstable();
+            gaps[mode].push(at.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0));
+            let ms = |t: SystemTime| {
+                t.duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64)
+            };
+            let (first_at, last_at) = (at[0], at[at.len() - 1]);
+            edges[mode].push((first_at - ms(started), ms(started + elapsed) - last_at));
+            steady[mode].push(1000.0 * (total - 1) as f64 / (last_at - first_at).max(1) as f64);
             max_connections = max_connections.max(stats.max_connections);
         }
     }
@@ -220,9 +265,11 @@ async fn main() {
     );
     let per_message = |cpu: Duration, n: usize| cpu.as_micros() as f64 / (total * n).max(1) as f64;
     println!(
-        "  sendbox's CPU per message: transport only {:.0} µs, outbox -> SMTP {:.0} µs",
+        "  CPU per message: sendbox {:.0} µs and the SMTP peer {:.0} µs with the transport only, {:.0} µs and {:.0} µs with the outbox",
         per_message(bare_cpu, bare.len()),
-        per_message(ours_cpu, ours.len())
+        per_message(peer_cpus[0], bare.len()),
+        per_message(ours_cpu, ours.len()),
+        per_message(peer_cpus[1], ours.len())
     );
     println!(
         "  ratio (medians)  {:.2};  run by run min {:.2} median {:.2} max {:.2}   target ≥ 0.80;  max {max_connections} connections (cap 3)",
@@ -230,6 +277,34 @@ async fn main() {
         pairs.0,
         pairs.1,
         pairs.2
+    );
+    let share = |n: u64, runs: usize| 100.0 * n as f64 / (total * runs.max(1)) as f64;
+    let longest = |g: &mut Vec<i64>| {
+        g.sort_unstable();
+        g.get(g.len() / 2).copied().unwrap_or(0)
+    };
+    println!(
+        "  envelopes behind the previous content: transport only {:.0}%, outbox -> SMTP {:.0}%;  longest pause between arrivals (median): {} ms, {} ms",
+        share(behind[0], bare.len()),
+        share(behind[1], ours.len()),
+        longest(&mut gaps[0]),
+        longest(&mut gaps[1])
+    );
+    let edge = |e: &mut Vec<(i64, i64)>| {
+        e.sort_unstable_by_key(|(a, b)| a + b);
+        e.get(e.len() / 2).copied().unwrap_or_default()
+    };
+    let (te, oe) = (edge(&mut edges[0]), edge(&mut edges[1]));
+    let (ts, os) = (summary(&mut steady[0]), summary(&mut steady[1]));
+    println!(
+        "  between the first and the last arrival (median): transport only {:.0}, outbox -> SMTP {:.0} messages/s ({:.2});  before the first and after the last: {} + {} ms, {} + {} ms",
+        ts.1,
+        os.1,
+        os.1 / ts.1,
+        te.0,
+        te.1,
+        oe.0,
+        oe.1
     );
     assert!(max_connections <= 3, "the connection cap held");
 }

@@ -488,7 +488,7 @@ impl AccountWorker {
                     },
                 );
                 let attempt = match prepared {
-                    Ok(p) => match transport.send(&p).await {
+                    Ok(p) => match transport.send(p).await {
                         Ok(receipt) => Attempt::Sent(receipt),
                         Err(e) => Attempt::Failed(e),
                     },

@@ -48,7 +48,7 @@ async fn main() {
     };
     // Warm up: open the pool's connections.
     for i in 0..6 {
-        smtp.send(&build(i)).await.unwrap();
+        smtp.send(build(i)).await.unwrap();
     }
     p.reset().await;
 
@@ -57,7 +57,7 @@ async fn main() {
     for i in 0..total {
         let smtp = smtp.clone();
         let msg = build(1000 + i);
-        tasks.spawn(async move { smtp.send(&msg).await });
+        tasks.spawn(async move { smtp.send(msg).await });
         // Keep a bounded number in flight: the transport's cap is 3.
         while tasks.len() >= 12 {
             tasks.join_next().await.unwrap().unwrap().unwrap();

@@ -38,10 +38,10 @@ pub enum Transport {
 impl Transport {
     /// Delivers one message; returns the server's reply (or the file
     /// path) and the recipients the server refused.
-    pub async fn send(&self, message: &Prepared) -> Result<Receipt, SendError> {
+    pub async fn send(&self, message: Prepared) -> Result<Receipt, SendError> {
         match self {
             Transport::Smtp(t) => t.send(message).await,
-            Transport::File(t) => t.send(message).await.map(|p| Receipt {
+            Transport::File(t) => t.send(&message).await.map(|p| Receipt {
                 reply: format!("written to {}", p.display()),
                 refused: Vec::new(),
             }),

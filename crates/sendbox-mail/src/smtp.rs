@@ -2,11 +2,14 @@
 //! or implicit TLS on 465, a connection pool capped per account, and one
 //! token refresh + retry when the server rejects the token.
 //!
-//! Where the server offers PIPELINING (RFC 2920; Microsoft 365 and Gmail
-//! do), a message's `MAIL FROM`, `RCPT TO`s and `DATA` go out in one write
-//! and their replies are read in order: two round trips per message instead
-//! of three or more, which is what bounds a connection's rate when the
-//! server is near.
+//! Each open connection is driven by a lane ([`lane`]): a task that takes
+//! the messages waiting for the account, one after another, while there
+//! are any. Where the server offers PIPELINING (RFC 2920; Microsoft 365
+//! and Gmail do), a message's `MAIL FROM`, `RCPT TO`s and `DATA` go out in
+//! one write, and when another message is waiting its envelope follows the
+//! previous message's data in the same write ([`transaction`]): one round
+//! trip per message instead of three or more, which is what bounds a
+//! connection's rate when the server is far (or near and busy).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,10 +19,13 @@ use std::time::Instant;
 
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
-use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt, Rset};
-use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use lettre::transport::smtp::commands::Ehlo;
+use lettre::transport::smtp::extension::ClientId;
 use sendbox_auth::{AccessToken, AuthError, TokenProvider};
 use tokio::sync::Semaphore;
+
+mod lane;
+mod transaction;
 
 use crate::error::{FailureKind, SendError};
 use crate::message::Prepared;
@@ -63,14 +69,22 @@ pub const MICROSOFT365_MAX_CONNECTIONS: u32 = 3;
 /// task, so a burst opens more connections than Exchange's 3 allows. Here a
 /// semaphore caps connections in use and idle ones are reused in place.
 pub struct SmtpTransport {
+    inner: Arc<Inner>,
+}
+
+/// What the transport and its lanes share.
+struct Inner {
     settings: SmtpSettings,
     tls: TlsParameters,
     hello: ClientId,
     tokens: Arc<TokenProvider>,
     /// Authenticated connections not in use, most recent last.
     idle: std::sync::Mutex<Vec<Idle>>,
-    /// One permit per connection the provider lets us open.
-    connections: Semaphore,
+    /// One permit per connection the provider lets us open: each lane,
+    /// and [`SmtpTransport::check`], holds one.
+    connections: Arc<Semaphore>,
+    /// Messages waiting for a lane.
+    queue: std::sync::Mutex<lane::Queue>,
 }
 
 struct Idle {
@@ -92,7 +106,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 impl std::fmt::Debug for SmtpTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SmtpTransport")
-            .field("settings", &self.settings)
+            .field("settings", &self.inner.settings)
             .finish_non_exhaustive()
     }
 }
@@ -138,22 +152,76 @@ impl SmtpTransport {
         let tls = tls
             .build_rustls()
             .map_err(|e| config_error(format!("TLS setup for {}: {e}", settings.host)))?;
-        let connections = Semaphore::new(settings.max_connections.max(1) as usize);
+        let connections = Arc::new(Semaphore::new(settings.max_connections.max(1) as usize));
         Ok(SmtpTransport {
-            settings,
-            tls,
-            hello: ClientId::default(),
-            tokens,
-            idle: std::sync::Mutex::new(Vec::new()),
-            connections,
+            inner: Arc::new(Inner {
+                settings,
+                tls,
+                hello: ClientId::default(),
+                tokens,
+                idle: std::sync::Mutex::new(Vec::new()),
+                connections,
+                queue: std::sync::Mutex::new(lane::Queue::default()),
+            }),
         })
     }
 
     /// The settings.
     pub fn settings(&self) -> &SmtpSettings {
-        &self.settings
+        &self.inner.settings
     }
 
+    /// Sends a message over a pooled connection, or a new one.
+    ///
+    /// Only a failure *before* the message's data was handed over is tried
+    /// again on a fresh connection: once the data is sent, a lost answer
+    /// (timeout, dropped connection) may mean the server has the message,
+    /// so the error says so ([`SendError::may_have_been_delivered`]) and the
+    /// caller retries later with the same Message-ID rather than at once.
+    /// A send given up by its caller before its turn came is never sent.
+    pub async fn send(&self, message: Prepared) -> Result<Receipt, SendError> {
+        lane::submit(&self.inner, message).await
+    }
+
+    /// Connects, upgrades to TLS, authenticates and quits without sending:
+    /// what `sendbox check` runs per account.
+    pub async fn check(&self) -> Result<(), SendError> {
+        let permit = self
+            .inner
+            .connections
+            .acquire()
+            .await
+            .map_err(|e| SendError::new(FailureKind::Transient, e.to_string()))?;
+        let result = match self.inner.open().await {
+            Ok(mut conn) => {
+                let _ = self.inner.bounded("QUIT", conn.smtp.quit()).await;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        drop(permit);
+        // A message queued while this held the last permit needs a lane.
+        lane::start_if_needed(&self.inner);
+        result
+    }
+
+    /// Closes idle connections politely; those in use stay open until
+    /// their lane has no more to send.
+    pub async fn close(&self) {
+        let idle: Vec<Idle> = std::mem::take(
+            &mut *self
+                .inner
+                .idle
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for mut i in idle {
+            let _ = self.inner.bounded("QUIT", i.conn.smtp.quit()).await;
+        }
+    }
+}
+
+impl Inner {
     /// Connects, secures and authenticates one connection with `token`.
     async fn open_with(&self, token: &AccessToken) -> Result<Conn, SendError> {
         let mut conn = match self.settings.security {
@@ -209,7 +277,7 @@ impl SmtpTransport {
                 .bounded("STARTTLS", conn.starttls(self.tls.clone(), &self.hello))
                 .await;
             if let Err(e) = upgraded {
-                conn.abort().await;
+                self.abort(&mut conn).await;
                 return Err(e);
             }
         }
@@ -221,7 +289,7 @@ impl SmtpTransport {
         {
             Ok(reply) => offers_pipelining(reply.message()),
             Err(e) => {
-                conn.abort().await;
+                self.abort(&mut conn).await;
                 return Err(e);
             }
         };
@@ -233,7 +301,7 @@ impl SmtpTransport {
             .bounded("AUTH", conn.auth(&[Mechanism::Xoauth2], &credentials))
             .await;
         if let Err(e) = authed {
-            conn.abort().await;
+            self.abort(&mut conn).await;
             return Err(e);
         }
         Ok(Conn {
@@ -304,212 +372,10 @@ impl SmtpTransport {
         });
     }
 
-    /// Sends a message over a pooled connection, or a new one.
-    ///
-    /// Only a failure *before* the message's data was handed over is tried
-    /// again on a fresh connection: once the data is sent, a lost answer
-    /// (timeout, dropped connection) may mean the server has the message,
-    /// so the error says so ([`SendError::may_have_been_delivered`]) and the
-    /// caller retries later with the same Message-ID rather than at once.
-    pub async fn send(&self, message: &Prepared) -> Result<Receipt, SendError> {
-        let _permit = self
-            .connections
-            .acquire()
-            .await
-            .map_err(|e| SendError::new(FailureKind::Transient, e.to_string()))?;
-        if let Some(mut conn) = self.take_idle() {
-            match self.transact(&mut conn, message).await {
-                Err(e) if e.code.is_none() && !e.may_have_been_delivered() => {
-                    // The idle connection had died (closed by the server)
-                    // before the data went out: a fresh one.
-                    tracing::debug!(error = %e, "pooled connection failed; opening a new one");
-                }
-                done => {
-                    self.put_back(conn);
-                    return done;
-                }
-            }
-        }
-        let mut conn = self.open().await?;
-        let result = self.transact(&mut conn, message).await;
-        self.put_back(conn);
-        result
-    }
-
-    /// One mail transaction: MAIL, a RCPT per recipient (a refused recipient
-    /// fails only itself), DATA, the message. A reply leaves the connection
-    /// usable (reset when the transaction did not finish); anything else
-    /// breaks it.
-    async fn transact(&self, conn: &mut Conn, message: &Prepared) -> Result<Receipt, SendError> {
-        let result = self.transaction(conn, message).await;
-        if let Err(e) = &result {
-            if e.code.is_some() {
-                if self.bounded("RSET", conn.smtp.command(Rset)).await.is_err() {
-                    conn.smtp.abort().await;
-                }
-            } else {
-                conn.smtp.abort().await;
-            }
-        }
-        result
-    }
-
-    async fn transaction(&self, conn: &mut Conn, message: &Prepared) -> Result<Receipt, SendError> {
-        let envelope = &message.envelope;
-        let smtp = &mut conn.smtp;
-        let mut options = Vec::new();
-        let non_ascii = envelope
-            .from()
-            .into_iter()
-            .chain(envelope.to())
-            .any(|a| !AsRef::<str>::as_ref(a).is_ascii());
-        if non_ascii {
-            if !smtp.server_info().supports_feature(Extension::SmtpUtfEight) {
-                return Err(SendError::new(
-                    FailureKind::Permanent,
-                    "an address has non-ASCII characters and the server does not offer SMTPUTF8",
-                ));
-            }
-            options.push(MailParameter::SmtpUtfEight);
-        }
-        if !message.raw.is_ascii() {
-            if !smtp.server_info().supports_feature(Extension::EightBitMime) {
-                return Err(SendError::new(
-                    FailureKind::Permanent,
-                    "the message has 8-bit content and the server does not offer 8BITMIME",
-                ));
-            }
-            options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
-        }
-        let mail = Mail::new(envelope.from().cloned(), options);
-        let rcpts: Vec<Rcpt> = envelope
-            .to()
-            .iter()
-            .map(|to| Rcpt::new(to.clone(), Vec::new()))
-            .collect();
-        // The envelope's replies, in order: MAIL, each RCPT, DATA.
-        let (mail_reply, rcpt_replies, data_reply) = if conn.pipelining {
-            // One write; then every reply is read, whatever each says, so
-            // the connection stays in step for the RSET that follows a
-            // refusal.
-            let mut group = mail.to_string();
-            for r in &rcpts {
-                group.push_str(&r.to_string());
-            }
-            group.push_str(&Data.to_string());
-            let mail_reply = self.bounded("MAIL FROM", smtp.command(group)).await;
-            // A broken connection or a 421 (the server is closing it) ends
-            // the reading; a refused MAIL stays the answer.
-            let fatal = |r: &Result<_, SendError>| matches!(r, Err(e) if e.code.is_none() || e.code == Some(421));
-            if let Some(e) = mail_reply.as_ref().err().filter(|_| fatal(&mail_reply)) {
-                return Err(e.clone());
-            }
-            let mut rcpt_replies = Vec::with_capacity(rcpts.len());
-            for _ in &rcpts {
-                let reply = self.bounded("RCPT TO", smtp.read_response()).await;
-                if let Some(e) = reply.as_ref().err().filter(|_| fatal(&reply)) {
-                    return Err(mail_reply.err().unwrap_or_else(|| e.clone()));
-                }
-                rcpt_replies.push(reply);
-            }
-            let data_reply = self.bounded("DATA", smtp.read_response()).await;
-            if let Some(e) = data_reply.as_ref().err().filter(|_| fatal(&data_reply)) {
-                return Err(mail_reply.err().unwrap_or_else(|| e.clone()));
-            }
-            (mail_reply, rcpt_replies, Some(data_reply))
-        } else {
-            let mail_reply = self.bounded("MAIL FROM", smtp.command(mail)).await;
-            if let Err(e) = mail_reply {
-                return Err(e);
-            }
-            let mut rcpt_replies = Vec::with_capacity(rcpts.len());
-            for r in rcpts {
-                let reply = self.bounded("RCPT TO", smtp.command(r)).await;
-                if let Err(e) = &reply
-                    && e.code.is_none()
-                {
-                    return Err(e.clone());
-                }
-                rcpt_replies.push(reply);
-            }
-            (mail_reply, rcpt_replies, None)
-        };
-        if let Err(e) = mail_reply {
-            self.end_unwanted_data(smtp, &data_reply).await;
-            return Err(e);
-        }
-        let mut refused = Vec::new();
-        for (to, reply) in envelope.to().iter().zip(rcpt_replies) {
-            if let Err(error) = reply {
-                refused.push(RefusedRecipient {
-                    address: to.to_string(),
-                    error,
-                });
-            }
-        }
-        if refused.len() == envelope.to().len() {
-            self.end_unwanted_data(smtp, &data_reply).await;
-            // Nobody to send to: the first refusal is the answer (all
-            // permanent means the message is dead; any 4xx, try later).
-            let mut all = refused;
-            let transient = all.iter().position(|r| r.error.is_transient());
-            let first = all.swap_remove(transient.unwrap_or(0));
-            return Err(first.error.for_recipient(&first.address));
-        }
-        match data_reply {
-            Some(reply) => reply.map(|_| ())?,
-            None => self.bounded("DATA", smtp.command(Data)).await.map(|_| ())?,
-        }
-        // The connection ends the data with CRLF "." CRLF itself: a
-        // message's own final line break would become an extra empty line.
-        let data = message.raw.strip_suffix(b"\r\n").unwrap_or(&message.raw);
-        match self.bounded("the message", smtp.message(data)).await {
-            Ok(r) => Ok(Receipt {
-                reply: format!("{} {}", r.code(), r.message().collect::<Vec<_>>().join(" ")),
-                refused,
-            }),
-            Err(e) if e.code.is_some() => Err(e),
-            Err(e) => Err(e.after_data()),
-        }
-    }
-
-    /// A pipelined DATA the server accepted although the transaction is
-    /// being given up (its MAIL or every RCPT refused) is ended at once,
-    /// empty, so the RSET that follows is read as a command.
-    async fn end_unwanted_data(
-        &self,
-        smtp: &mut AsyncSmtpConnection,
-        data_reply: &Option<Result<lettre::transport::smtp::response::Response, SendError>>,
-    ) {
-        if let Some(Ok(_)) = data_reply {
-            let _ = self.bounded("the end of data", smtp.message(b"")).await;
-        }
-    }
-
-    /// Connects, upgrades to TLS, authenticates and quits without sending:
-    /// what `sendbox check` runs per account.
-    pub async fn check(&self) -> Result<(), SendError> {
-        let _permit = self
-            .connections
-            .acquire()
-            .await
-            .map_err(|e| SendError::new(FailureKind::Transient, e.to_string()))?;
-        let mut conn = self.open().await?;
-        let _ = conn.smtp.quit().await;
-        Ok(())
-    }
-
-    /// Closes idle connections politely.
-    pub async fn close(&self) {
-        let idle: Vec<Idle> = std::mem::take(
-            &mut *self
-                .idle
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        for mut i in idle {
-            let _ = i.conn.smtp.quit().await;
-        }
+    /// Ends a connection that is out of step or broken: QUIT if lettre
+    /// still thinks it usable, bounded by the command timeout.
+    async fn abort(&self, smtp: &mut AsyncSmtpConnection) {
+        let _ = tokio::time::timeout(self.settings.timeout, smtp.abort()).await;
     }
 }
 

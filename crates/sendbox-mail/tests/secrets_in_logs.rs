@@ -21,13 +21,10 @@ async fn secrets_and_tokens_never_reach_the_logs() {
     let p = Peers::start();
     p.auth_style("direct").await;
     let (smtp, tokens) = smtp_peer::starttls(&p, MAILBOX, &p.info.clients.secret.client_secret);
-    smtp.send(&prepared(MAILBOX, "logged")).await.unwrap();
+    smtp.send(prepared(MAILBOX, "logged")).await.unwrap();
     p.revoke_last_token().await;
     let smtp2 = SmtpTransport::new(smtp.settings().clone(), tokens.clone()).unwrap();
-    smtp2
-        .send(&prepared(MAILBOX, "logged again"))
-        .await
-        .unwrap();
+    smtp2.send(prepared(MAILBOX, "logged again")).await.unwrap();
     let debug = format!("{tokens:?} {smtp:?} {:?}", tokens.token().await.unwrap());
 
     let logs = capture.text();

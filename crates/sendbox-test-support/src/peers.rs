@@ -80,6 +80,10 @@ pub struct Stats {
     /// Of those, the ones whose MAIL FROM arrived in one read with a
     /// RCPT TO: the client pipelined them.
     pub pipelined_transactions: u64,
+    /// Of those, the ones whose MAIL FROM arrived in one read right after
+    /// the end of the previous message's content: the client wrote the
+    /// next envelope behind the content.
+    pub pipelined_after_content: u64,
 }
 
 pub struct Peers {

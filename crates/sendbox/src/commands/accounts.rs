@@ -354,7 +354,7 @@ impl SendTestArgs {
         )
         .map_err(|e| coded(exit::EX_DATAERR, e.to_string()))?;
         let (transport, _) = transport(account)?;
-        let result = tokio_runtime()?.block_on(transport.send(&prepared));
+        let result = tokio_runtime()?.block_on(transport.send(prepared));
         match result {
             Ok(receipt) => {
                 println!("sent {id} to {}: {}", self.to, receipt.reply);
