@@ -205,19 +205,27 @@ impl SmtpTransport {
         result
     }
 
-    /// Closes idle connections politely; those in use stay open until
-    /// their lane has no more to send.
+    /// Closes the connections politely, after waiting (one command timeout
+    /// at most) for the lanes still sending to finish and leave theirs
+    /// idle: when this returns, no connection is open unless a send
+    /// outlasted that wait. Messages queued meanwhile wait, then go on new
+    /// connections.
     pub async fn close(&self) {
+        let inner = &self.inner;
+        let all = inner.settings.max_connections.max(1);
+        let lanes_done =
+            tokio::time::timeout(inner.settings.timeout, inner.connections.acquire_many(all)).await;
         let idle: Vec<Idle> = std::mem::take(
-            &mut *self
-                .inner
+            &mut *inner
                 .idle
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
         for mut i in idle {
-            let _ = self.inner.bounded("QUIT", i.conn.smtp.quit()).await;
+            let _ = inner.bounded("QUIT", i.conn.smtp.quit()).await;
         }
+        drop(lanes_done);
+        lane::start_if_needed(inner);
     }
 }
 

@@ -463,3 +463,34 @@ async fn an_envelope_behind_a_content_whose_connection_is_cut_goes_again_on_a_ne
     assert_eq!(stats.auth_attempts, 2, "a second connection took over");
     assert!(stats.pipelined_after_content >= 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_waits_for_the_send_in_flight_and_leaves_no_connection_open() {
+    let p = Peers::start();
+    let smtp = Arc::new(starttls(&p).0);
+    smtp.send(prepared("warm")).await.unwrap();
+    // The next content is answered only after 600 ms.
+    p.faults(serde_json::json!([{"stage": "data", "hold_ms": 600, "count": 1}]))
+        .await;
+    let in_flight = tokio::spawn({
+        let smtp = smtp.clone();
+        async move { smtp.send(prepared("slow")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    smtp.close().await;
+    assert!(
+        in_flight.is_finished(),
+        "close returned while a lane still held its connection"
+    );
+    in_flight.await.unwrap().unwrap();
+    let mut open = u64::MAX;
+    for _ in 0..100 {
+        open = p.stats().await.active_connections;
+        if open == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(open, 0, "a connection outlived close");
+    assert_eq!(p.messages().await.len(), 2);
+}
