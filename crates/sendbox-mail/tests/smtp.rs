@@ -494,3 +494,32 @@ async fn close_waits_for_the_send_in_flight_and_leaves_no_connection_open() {
     assert_eq!(open, 0, "a connection outlived close");
     assert_eq!(p.messages().await.len(), 2);
 }
+
+#[tokio::test]
+async fn a_large_content_goes_alone_and_the_next_envelope_waits_for_its_reply() {
+    let p = Peers::start();
+    let smtp = one_connection(&p);
+    let big = |subject: &str| {
+        let mut m = prepared(subject);
+        // 300 KB of body lines, past the size an envelope rides behind.
+        let body = "x".repeat(998) + "\r\n";
+        let at = m.raw.len() - 2;
+        m.raw.splice(at..at, body.repeat(300).into_bytes());
+        m
+    };
+    let (a, b, c) = tokio::join!(
+        smtp.send(big("big 1")),
+        smtp.send(big("big 2")),
+        smtp.send(big("big 3"))
+    );
+    for r in [a, b, c] {
+        r.unwrap();
+    }
+    assert_eq!(p.messages().await.len(), 3);
+    let stats = p.stats().await;
+    assert_eq!(stats.auth_attempts, 1);
+    assert_eq!(
+        stats.pipelined_after_content, 0,
+        "no envelope behind a large content"
+    );
+}

@@ -15,7 +15,7 @@ use std::sync::{Arc, MutexGuard, PoisonError};
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tracing::Instrument;
 
-use super::transaction::{Envelope, Written};
+use super::transaction::{self, Envelope, Written};
 use super::{Conn, Inner, Receipt};
 use crate::error::{FailureKind, SendError};
 use crate::message::Prepared;
@@ -216,7 +216,7 @@ async fn step(inner: &Inner, conn: &mut Option<Conn>, mut work: InHand) -> Optio
         }
     };
     // The next message, if one waits, goes out behind this one's content.
-    let next = match c.pipelining {
+    let next = match transaction::can_carry_next(c, &work.job.message) {
         true => next_envelope(inner, c),
         false => None,
     };

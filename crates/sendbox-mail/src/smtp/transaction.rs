@@ -248,6 +248,18 @@ impl Inner {
     }
 }
 
+/// Largest content the next envelope is written behind. Writing them
+/// together copies the content once more (lettre takes the write as
+/// text); past this size the round trip saved is small beside the
+/// transfer, and the copy is not made.
+const CARRY_NEXT_UP_TO: usize = 256 * 1024;
+
+/// Whether the next message's envelope may go out behind `message`'s
+/// content on `conn`: the server pipelines and the content is small.
+pub(super) fn can_carry_next(conn: &Conn, message: &Prepared) -> bool {
+    conn.pipelining && message.raw.len() <= CARRY_NEXT_UP_TO
+}
+
 /// `data` as sent after DATA — a line starting with "." gets another
 /// (RFC 5321 §4.5.2), then CRLF "." CRLF, as lettre writes it — followed
 /// by `next`: one write for the end of one transaction and the start of
