@@ -155,35 +155,13 @@ async fn from_outbox(smtp: SmtpTransport, total: usize) -> (Duration, SystemTime
     (cpu, started, elapsed)
 }
 
-/// This process's CPU time so far (user + system), from /proc.
 fn cpu_time() -> Duration {
-    cpu_time_of("self")
+    sendbox_test_support::cpu::process()
 }
 
-/// The CPU time so far of the node processes (the peers), from /proc.
+/// The CPU time so far of the node processes (the peers).
 fn peer_cpu_time() -> Duration {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| {
-            std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "node")
-        })
-        .map(|e| cpu_time_of(&e.file_name().to_string_lossy()))
-        .sum()
-}
-
-fn cpu_time_of(pid: &str) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // utime and stime are fields 14 and 15 (11 and 12 after the state).
-    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
-    Duration::from_millis(ticks * 10)
+    sendbox_test_support::cpu::processes_named("node")
 }
 
 fn rate(total: usize, d: Duration) -> f64 {

@@ -27,6 +27,7 @@ macro_rules! store_behaviour_tests {
             a_call_commits_its_emails_and_state_together,
             a_policy_violation_queues_nothing_and_says_why,
             a_refused_call_does_not_disturb_the_others_committed_with_it,
+            one_call_may_repeat_a_key_of_its_own,
             an_idempotency_key_seen_again_is_not_queued_twice,
             one_key_committed_sixteen_times_at_once_is_queued_once,
             suppressed_recipients_are_removed_at_enqueue,
@@ -178,23 +179,68 @@ pub async fn a_policy_violation_queues_nothing_and_says_why(store: impl Store) {
     );
 }
 
-/// Of 40 concurrent calls, the 10 refused ones leave the 30 others stored.
+/// Of 40 concurrent calls, the 20 refused ones — by their emails' shape, or
+/// by their state quota, which is checked after their emails — leave the 20
+/// others stored, and nothing of their own: no message, no state.
 pub async fn a_refused_call_does_not_disturb_the_others_committed_with_it(store: impl Store) {
     let store = Arc::new(store);
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..40 {
         let store = store.clone();
         tasks.spawn(async move {
-            let mut c = call(vec![email("a@x.org", &format!("n{i}"))], vec![]);
-            if i % 4 == 0 {
-                c.policy.recipients_per_email = 0;
+            let mut c = call(
+                vec![email("a@x.org", &format!("n{i}"))],
+                vec![set(&format!("k{i}"), "v")],
+            );
+            match i % 4 {
+                0 => c.policy.recipients_per_email = 0,
+                2 => c.state_quota_bytes = Some(0),
+                _ => {}
             }
             store.commit(c).await.is_ok()
         });
     }
     let ok = tasks.join_all().await.into_iter().filter(|&b| b).count();
-    assert_eq!(ok, 30);
-    assert_eq!(store.list(None, 100).await.unwrap().len(), 30);
+    assert_eq!(ok, 20);
+    let listed = store.list(None, 100).await.unwrap();
+    assert_eq!(listed.len(), 20);
+    let mut usage = 0;
+    for i in 0..40 {
+        let key = format!("k{i}");
+        let kept = value(&*store, &key).await;
+        if i % 2 == 1 {
+            assert_eq!(kept.as_deref(), Some(&b"v"[..]), "{key}");
+            usage += key.len() as u64 + 1;
+        } else {
+            assert_eq!(kept, None, "{key} of a refused call");
+        }
+    }
+    assert_eq!(store.plugin_state_usage("p").await.unwrap(), usage);
+}
+
+/// One call may name an idempotency key twice (the second email is a
+/// duplicate of the first) and write one key several times (its usage is
+/// that of the last write).
+pub async fn one_call_may_repeat_a_key_of_its_own(store: impl Store) {
+    let mut e = email("a@x.org", "alert");
+    e.idempotency_key = Some("k-once".into());
+    let mut c = call(
+        vec![e.clone(), e],
+        vec![
+            set("k", "aaaa"),
+            set("k", "bb"),
+            set("j", "x"),
+            StateChange::Delete { key: "j".into() },
+        ],
+    );
+    c.state_quota_bytes = Some(3);
+    let done = store.commit(c).await.unwrap();
+    assert_eq!(done.queued.len(), 1);
+    assert_eq!(done.duplicates, done.queued);
+    assert_eq!(store.list(None, 100).await.unwrap().len(), 1);
+    assert_eq!(value(&store, "k").await.as_deref(), Some(&b"bb"[..]));
+    assert_eq!(value(&store, "j").await, None);
+    assert_eq!(store.plugin_state_usage("p").await.unwrap(), 3);
 }
 
 /// An idempotency key is per plugin: seen again, the earlier message is

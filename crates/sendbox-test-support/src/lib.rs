@@ -11,6 +11,7 @@
 //! It must not be a dependency of anything but tests and benchmarks.
 
 pub mod capture;
+pub mod cpu;
 pub mod peers;
 pub mod postgres;
 pub mod smtp_peer;

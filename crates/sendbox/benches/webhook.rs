@@ -33,15 +33,40 @@ fn in_group(body: &[u8], n: usize) -> Vec<u8> {
         .into_bytes()
 }
 
+/// What one load run measured.
+struct Measured {
+    per_second: f64,
+    p50: Duration,
+    p99: Duration,
+    errors: usize,
+    /// CPU time of the whole process (server and load generator) per
+    /// answered request.
+    cpu: Duration,
+    /// CPU time of the outbox's threads (its writer and checkpointer) per
+    /// answered request.
+    outbox_cpu: Duration,
+}
+
+impl std::fmt::Display for Measured {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:>7.0} req/s  p50 {:>8.2?}  p99 {:>8.2?}  errors {}  CPU/req {:>5.1} µs (outbox threads {:>4.1})",
+            self.per_second,
+            self.p50,
+            self.p99,
+            self.errors,
+            self.cpu.as_secs_f64() * 1e6,
+            self.outbox_cpu.as_secs_f64() * 1e6
+        )
+    }
+}
+
 /// `conns` connections POSTing `body` for `secs`; with `vary`, each
-/// request's alert is in a group of its own. Requests/s, p50, p99, errors.
-async fn load(
-    url: String,
-    body: Vec<u8>,
-    conns: usize,
-    secs: f64,
-    vary: bool,
-) -> (f64, Duration, Duration, usize) {
+/// request's alert is in a group of its own.
+async fn load(url: String, body: Vec<u8>, conns: usize, secs: f64, vary: bool) -> Measured {
+    use sendbox_test_support::cpu;
+    let (cpu_before, outbox_before) = (cpu::process(), cpu::threads_named("sendbox-outbox"));
     let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(conns)
@@ -85,14 +110,19 @@ async fn load(
         bad += b;
     }
     let elapsed = start.elapsed();
+    let n = all.len().max(1) as u32;
+    let cpu = (cpu::process() - cpu_before) / n;
+    let outbox_cpu = (cpu::threads_named("sendbox-outbox") - outbox_before) / n;
     all.sort();
     let p = |q: f64| all[((all.len().max(1) - 1) as f64 * q) as usize];
-    (
-        all.len() as f64 / elapsed.as_secs_f64(),
-        p(0.5),
-        p(0.99),
-        bad,
-    )
+    Measured {
+        per_second: all.len() as f64 / elapsed.as_secs_f64(),
+        p50: p(0.5),
+        p99: p(0.99),
+        errors: bad,
+        cpu,
+        outbox_cpu,
+    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -207,15 +237,13 @@ async fn main() {
         )
         .await;
         for (name, r) in [("bare POST", &bare), ("committed", &committed)] {
-            println!(
-                "  {conns:>2} connections  {name:<10} {:>7.0} req/s  p50 {:>8.2?}  p99 {:>8.2?}  errors {}",
-                r.0, r.1, r.2, r.3
-            );
+            println!("  {conns:>2} connections  {name:<10} {r}");
         }
         println!(
-            "  {conns:>2} connections  committed / bare: {:.2} of the requests/s, p99 {:.1}× the bare p99",
-            committed.0 / bare.0,
-            committed.2.as_secs_f64() / bare.2.as_secs_f64()
+            "  {conns:>2} connections  committed / bare: {:.2} of the requests/s, p99 {:.1}× the bare p99, {:.1}× the CPU per request",
+            committed.per_second / bare.per_second,
+            committed.p99.as_secs_f64() / bare.p99.as_secs_f64(),
+            committed.cpu.as_secs_f64() / bare.cpu.as_secs_f64().max(1e-9)
         );
         if conns == 64 {
             at_64 = Some((bare, committed));
@@ -225,15 +253,15 @@ async fn main() {
     let rows = outbox.list(None, 10_000_000).unwrap().len();
     println!(
         "  at 64: committed p99 {:.2?} (target ≤ 10 ms), {:.0} req/s (target ≥ 10,000), {:.2} of the bare route (target ≥ 0.30); outbox rows committed: {rows}",
-        committed.2,
-        committed.0,
-        committed.0 / bare.0
+        committed.p99,
+        committed.per_second,
+        committed.per_second / bare.per_second
     );
     // Little's law: with 64 requests always in flight, the mean latency is
     // 64 / throughput, so p99 <= 10 ms needs well over 6,400 req/s.
     println!(
         "  mean latency implied by 64 in flight at that rate: {:.2} ms",
-        64.0 / committed.0 * 1e3
+        64.0 / committed.per_second * 1e3
     );
     assert!(rows > 0);
 
@@ -253,17 +281,13 @@ async fn main() {
             };
             let r = load(format!("http://{addr}{path}"), body.clone(), 64, secs, true).await;
             println!(
-                "  {:<10} {:>7.0} req/s  p50 {:>8.2?}  p99 {:>8.2?}  errors {}",
-                if postgres { "PostgreSQL" } else { "SQLite" },
-                r.0,
-                r.1,
-                r.2,
-                r.3
+                "  {:<10} {r}",
+                if postgres { "PostgreSQL" } else { "SQLite" }
             );
             if postgres {
-                on_postgres.push(r.0);
+                on_postgres.push(r.per_second);
             } else {
-                on_sqlite.push(r.0);
+                on_sqlite.push(r.per_second);
             }
         }
     }

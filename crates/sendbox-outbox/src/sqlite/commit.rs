@@ -1,10 +1,17 @@
-//! The body of one call's commit, inside its savepoint: the reads it made
-//! still hold, the policy (shape, then rates), suppressed recipients
-//! dropped, duplicate idempotency keys skipped, the emails queued with their
-//! audit rows, the state changes applied.
+//! The body of one call's commit, decided before it is written: first
+//! every check, reading only — the reads the call made still hold, the
+//! policy (shape, then rates), suppressed recipients dropped, duplicate
+//! idempotency keys found, the state quota — then the writes: the emails
+//! queued with their audit rows, the state changes applied.
+//!
+//! Because a refusal can only come before the first write, a refused call
+//! leaves nothing behind and the writer needs no savepoint per call (a
+//! savepoint copies every page the call touches once more).
+
+use std::collections::HashMap;
 
 use rusqlite::{Connection, OptionalExtension, params};
-use sendbox_types::bare_address;
+use sendbox_types::{Email, StateChange, bare_address};
 
 use crate::{Call, Committed, OutboxError, Queued, now_ms};
 
@@ -14,13 +21,38 @@ fn count_since(c: &Connection, plugin: &str, since_ms: i64) -> rusqlite::Result<
         .map(|n| n as u64)
 }
 
-/// Checks the call against its policy and stores it. Runs inside a
-/// savepoint: on `Err` the caller rolls back.
-pub(crate) fn apply(c: &Connection, call: &Call) -> Result<Committed, OutboxError> {
-    let p = &call.policy;
-    let mailbox = bare_address(&call.account_mailbox);
-    let mut done = Committed::default();
+/// What becomes of one email of the call.
+enum Fate {
+    /// Queued: the email without its suppressed recipients, and its JSON.
+    Queue(Box<Email>, String),
+    /// Its idempotency key names a message already stored.
+    Duplicate(Queued),
+    /// Its idempotency key is that of an earlier email of this call (the
+    /// index among the queued ones).
+    DuplicateOfQueued(usize),
+    /// Every recipient is suppressed.
+    Dropped,
+}
 
+/// A call that passed every check, ready to be written.
+struct Decided {
+    fates: Vec<Fate>,
+    suppressed: Vec<String>,
+    /// The plugin's state usage after the call, when it changes state.
+    usage_after: Option<i64>,
+}
+
+/// Checks the call against its policy and stores it. Every refusal comes
+/// before the first write; an error after it is a storage failure (which
+/// fails the writer's whole group).
+pub(crate) fn apply(c: &Connection, call: &Call) -> Result<Committed, OutboxError> {
+    let decided = decide(c, call)?;
+    write(c, call, decided)
+}
+
+/// Every check of the call, reading only.
+fn decide(c: &Connection, call: &Call) -> Result<Decided, OutboxError> {
+    let p = &call.policy;
     // First: is what the call read still what is stored? If not, its
     // outcome may be wrong; the caller runs the event again.
     super::plugin_state::validate(c, &call.plugin, &call.reads)?;
@@ -42,6 +74,11 @@ pub(crate) fn apply(c: &Connection, call: &Call) -> Result<Committed, OutboxErro
     }
 
     let retention_start = now - i64::from(p.idempotency_hours) * 3_600_000;
+    let mut fates = Vec::with_capacity(call.emails.len());
+    let mut suppressed = Vec::new();
+    // Keys of this call's emails already to be queued: index among them.
+    let mut keys_queued: HashMap<&str, usize> = HashMap::new();
+    let mut queued = 0usize;
     for email in &call.emails {
         let mut email = email.clone();
         // Suppressed addresses are removed; an email left without
@@ -50,13 +87,13 @@ pub(crate) fn apply(c: &Connection, call: &Call) -> Result<Committed, OutboxErro
             let mut kept = Vec::with_capacity(list.len());
             for r in list.drain(..) {
                 let bare = bare_address(&r);
-                let suppressed: bool = c
+                let is_suppressed: bool = c
                     .prepare_cached("SELECT 1 FROM suppressions WHERE address = ?1")?
                     .query_row([&bare], |_| Ok(true))
                     .optional()?
                     .unwrap_or(false);
-                if suppressed {
-                    done.suppressed.push(bare);
+                if is_suppressed {
+                    suppressed.push(bare);
                 } else {
                     kept.push(r);
                 }
@@ -64,9 +101,14 @@ pub(crate) fn apply(c: &Connection, call: &Call) -> Result<Committed, OutboxErro
             *list = kept;
         }
         if email.recipients().next().is_none() {
+            fates.push(Fate::Dropped);
             continue;
         }
-        if let Some(key) = &email.idempotency_key {
+        if let Some(key) = call_key(call, fates.len()) {
+            if let Some(&i) = keys_queued.get(key) {
+                fates.push(Fate::DuplicateOfQueued(i));
+                continue;
+            }
             let earlier: Option<(i64, i64)> = c
                 .prepare_cached(
                     "SELECT message, created_ms FROM idempotency WHERE plugin = ?1 AND key = ?2",
@@ -77,19 +119,105 @@ pub(crate) fn apply(c: &Connection, call: &Call) -> Result<Committed, OutboxErro
                 && created > retention_start
             {
                 let message_id: String = c
-                    .query_row("SELECT message_id FROM messages WHERE id = ?1", [id], |r| {
-                        r.get(0)
-                    })
+                    .prepare_cached("SELECT message_id FROM messages WHERE id = ?1")?
+                    .query_row([id], |r| r.get(0))
                     .optional()?
                     .unwrap_or_default();
-                done.duplicates.push(Queued { id, message_id });
+                fates.push(Fate::Duplicate(Queued { id, message_id }));
                 continue;
             }
+            // With no retention, a key is never a duplicate, even of an
+            // email of the same call.
+            if p.idempotency_hours > 0 {
+                keys_queued.insert(key, queued);
+            }
         }
-        let message_id = sendbox_types::new_message_id(sendbox_types::domain_of(&mailbox));
-        let recipients: Vec<String> = email.recipients().map(bare_address).collect();
         let json = serde_json::to_string(&email)
             .map_err(|e| OutboxError::Policy(format!("email cannot be stored: {e}")))?;
+        fates.push(Fate::Queue(Box::new(email), json));
+        queued += 1;
+    }
+
+    let usage_after = state_usage_after(c, call)?;
+    Ok(Decided {
+        fates,
+        suppressed,
+        usage_after,
+    })
+}
+
+/// The idempotency key of the call's email `i`.
+fn call_key(call: &Call, i: usize) -> Option<&str> {
+    call.emails.get(i)?.idempotency_key.as_deref()
+}
+
+/// The plugin's state usage in bytes once the call's changes are applied,
+/// or `None` when it changes nothing; refused if that grows the state past
+/// its quota (as a conflict: the plugin checked its quota against state
+/// that has changed since). Usage counts key and value bytes as Rust does.
+fn state_usage_after(c: &Connection, call: &Call) -> Result<Option<i64>, OutboxError> {
+    if call.state_changes.is_empty() {
+        return Ok(None);
+    }
+    let before = super::plugin_state::usage(c, &call.plugin)? as i64;
+    // Value lengths as the call leaves them, for keys it wrote already.
+    let mut written: HashMap<&str, Option<usize>> = HashMap::new();
+    let mut delta: i64 = 0;
+    for change in &call.state_changes {
+        let key = match change {
+            StateChange::Set { key, .. } | StateChange::Delete { key } => key.as_str(),
+        };
+        let old = match written.get(key) {
+            Some(len) => len.map(|n| n as i64),
+            None => super::plugin_state::stored_len(c, &call.plugin, key)?,
+        };
+        delta -= old.map_or(0, |n| key.len() as i64 + n);
+        match change {
+            StateChange::Set { value, .. } => {
+                delta += (key.len() + value.0.len()) as i64;
+                written.insert(key, Some(value.0.len()));
+            }
+            StateChange::Delete { .. } => {
+                written.insert(key, None);
+            }
+        }
+    }
+    let after = before + delta;
+    if let Some(refused) = crate::policy::over_quota(delta, after, call.state_quota_bytes) {
+        return Err(refused);
+    }
+    Ok(Some(after))
+}
+
+/// The writes of a decided call. Fails only when storage fails.
+fn write(c: &Connection, call: &Call, decided: Decided) -> Result<Committed, OutboxError> {
+    let now = now_ms();
+    let mailbox = bare_address(&call.account_mailbox);
+    let mut done = Committed {
+        suppressed: decided.suppressed,
+        ..Committed::default()
+    };
+    let detail = format!(
+        "plugin {} event {} ({})",
+        call.plugin, call.event_id, call.trigger
+    );
+    for fate in decided.fates {
+        let (email, json) = match fate {
+            Fate::Queue(email, json) => (email, json),
+            Fate::Duplicate(earlier) => {
+                done.duplicates.push(earlier);
+                continue;
+            }
+            Fate::DuplicateOfQueued(i) => {
+                if let Some(q) = done.queued.get(i) {
+                    done.duplicates.push(q.clone());
+                }
+                continue;
+            }
+            Fate::Dropped => continue,
+        };
+        let message_id = sendbox_types::new_message_id(sendbox_types::domain_of(&mailbox));
+        let recipients: Vec<String> = email.recipients().map(bare_address).collect();
         c.prepare_cached("INSERT INTO messages (message_id, plugin, trigger, event_id, account, state, attempts, \
              next_attempt_ms, created_ms, updated_ms, recipients, bytes, idempotency_key) \
              VALUES (?1, ?2, ?3, ?4, ?5, 'queued', 0, ?6, ?6, ?6, ?7, ?8, ?9)")?
@@ -108,7 +236,7 @@ pub(crate) fn apply(c: &Connection, call: &Call) -> Result<Committed, OutboxErro
         c.prepare_cached("INSERT INTO message_bodies (message, email_json) VALUES (?1, ?2)")?
             .execute(params![id, json])?;
         c.prepare_cached("INSERT INTO audit (message, at_ms, from_state, to_state, detail) VALUES (?1, ?2, NULL, 'queued', ?3)")?
-            .execute(params![id, now, format!("plugin {} event {} ({})", call.plugin, call.event_id, call.trigger)])?;
+            .execute(params![id, now, detail])?;
         if let Some(key) = &email.idempotency_key {
             c.prepare_cached("INSERT INTO idempotency (plugin, key, message, created_ms) VALUES (?1, ?2, ?3, ?4) \
                  ON CONFLICT (plugin, key) DO UPDATE SET message = excluded.message, created_ms = excluded.created_ms")?
@@ -116,7 +244,8 @@ pub(crate) fn apply(c: &Connection, call: &Call) -> Result<Committed, OutboxErro
         }
         done.queued.push(Queued { id, message_id });
     }
-
-    super::plugin_state::apply(c, &call.plugin, &call.state_changes, call.state_quota_bytes)?;
+    if let Some(after) = decided.usage_after {
+        super::plugin_state::apply(c, &call.plugin, &call.state_changes, after)?;
+    }
     Ok(done)
 }

@@ -82,36 +82,34 @@ pub(crate) fn validate(c: &Connection, plugin: &str, reads: &ReadSet) -> Result<
     Ok(())
 }
 
-/// Applies a call's state changes and updates the plugin's usage. A call
-/// that grows the plugin's state past `quota` is refused as a conflict: the
-/// plugin checked its quota against state that has changed since.
+/// The stored length of `key`'s value in bytes, if it is set.
+pub(crate) fn stored_len(c: &Connection, plugin: &str, key: &str) -> rusqlite::Result<Option<i64>> {
+    c.prepare_cached(
+        "SELECT length(CAST(value AS BLOB)) FROM plugin_state WHERE plugin = ?1 AND key = ?2",
+    )?
+    .query_row(params![plugin, key], |r| r.get(0))
+    .optional()
+}
+
+/// Applies a call's state changes, stamping them with the plugin's next
+/// sequence number, and records the plugin's usage as `usage_after` (which
+/// the caller computed, and checked against the quota, before writing).
 pub(crate) fn apply(
     c: &Connection,
     plugin: &str,
     changes: &[StateChange],
-    quota: Option<u64>,
+    usage_after: i64,
 ) -> Result<(), OutboxError> {
     if changes.is_empty() {
         return Ok(());
     }
-    let (seq, before): (i64, i64) = c
+    let seq: i64 = c
         .prepare_cached(
             "INSERT INTO plugin_usage (plugin, bytes, seq) VALUES (?1, 0, 1) \
-             ON CONFLICT (plugin) DO UPDATE SET seq = seq + 1 RETURNING seq, bytes",
+             ON CONFLICT (plugin) DO UPDATE SET seq = seq + 1 RETURNING seq",
         )?
-        .query_row([plugin], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    let mut delta: i64 = 0;
+        .query_row([plugin], |r| r.get(0))?;
     for change in changes {
-        let key = match change {
-            StateChange::Set { key, .. } | StateChange::Delete { key } => key,
-        };
-        let old: Option<i64> = c
-            .prepare_cached(
-                "SELECT length(CAST(value AS BLOB)) FROM plugin_state WHERE plugin = ?1 AND key = ?2",
-            )?
-            .query_row(params![plugin, key], |r| r.get(0))
-            .optional()?;
-        delta -= old.map_or(0, |n| key.len() as i64 + n);
         match change {
             StateChange::Set { key, value } => {
                 c.prepare_cached(
@@ -119,7 +117,6 @@ pub(crate) fn apply(
                      ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value, version = excluded.version",
                 )?
                 .execute(params![plugin, key, value.0, seq])?;
-                delta += (key.len() + value.0.len()) as i64;
             }
             StateChange::Delete { key } => {
                 c.prepare_cached("DELETE FROM plugin_state WHERE plugin = ?1 AND key = ?2")?
@@ -127,11 +124,7 @@ pub(crate) fn apply(
             }
         }
     }
-    let after = before + delta;
-    if let Some(refused) = crate::policy::over_quota(delta, after, quota) {
-        return Err(refused);
-    }
     c.prepare_cached("UPDATE plugin_usage SET bytes = ?2 WHERE plugin = ?1")?
-        .execute(params![plugin, after])?;
+        .execute(params![plugin, usage_after])?;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The one writer thread: every write runs there, and the commits, delivery
 //! results and claims waiting together are grouped into one transaction
-//! (each call in its own savepoint) that pays one fsync — and a group with
+//! (a refused call writes nothing; a claim runs in its own savepoint) that
+//! pays one fsync — and a group with
 //! no commit in it pays none (see `commit_group`) — so delivery's writes
 //! never make the commits behind them wait for fsyncs of their own.
 
@@ -96,9 +97,10 @@ impl Group {
     }
 }
 
-/// Writes a group in one transaction (one fsync). Each call runs in its own
-/// savepoint so a policy refusal drops only that call; a refused mark
-/// writes nothing, so it needs none; a storage failure fails the group.
+/// Writes a group in one transaction (one fsync). A refused call or mark
+/// writes nothing, so it needs no savepoint; a claim runs in its own, so
+/// an unreadable row fails only that claim; a storage failure fails the
+/// group.
 fn commit_group(conn: &mut Connection, group: Group) {
     // Only a commit is acknowledged to someone who was promised
     // durability. Claims and results alone are written without an fsync:
@@ -126,20 +128,22 @@ fn write_group(conn: &mut Connection, group: Group) {
     let outcome = (|| -> Result<(), OutboxError> {
         let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for (call, _) in &group.commits {
-            let mut sp = tx.savepoint()?;
-            match commit::apply(&sp, call) {
-                Ok(done) => {
-                    sp.commit()?;
-                    committed.push(Ok(done));
-                }
+            // No savepoint: a call is refused before its first write (see
+            // `commit`), so a refusal leaves nothing to roll back.
+            let changes_before = tx.total_changes();
+            match commit::apply(&tx, call) {
+                Ok(done) => committed.push(Ok(done)),
                 // A storage failure (disk full, I/O) may already have rolled
                 // the whole transaction back: fail the group with it.
                 Err(e @ OutboxError::Storage(_)) => return Err(e),
-                Err(e) => {
-                    sp.rollback()?;
-                    drop(sp);
-                    committed.push(Err(e));
+                // A refusal after a write would leave half a call: never
+                // kept — the group fails instead (its callers may retry).
+                Err(e) if tx.total_changes() != changes_before => {
+                    return Err(OutboxError::Storage(StorageError(format!(
+                        "a call was refused after it had written ({e}); nothing of its group was kept"
+                    ))));
                 }
+                Err(e) => committed.push(Err(e)),
             }
         }
         for (marks, _) in &group.marks {
