@@ -79,8 +79,8 @@ fn decide(c: &Connection, call: &Call) -> Result<Decided, OutboxError> {
     // Keys of this call's emails already to be queued: index among them.
     let mut keys_queued: HashMap<&str, usize> = HashMap::new();
     let mut queued = 0usize;
-    for email in &call.emails {
-        let mut email = email.clone();
+    for original in &call.emails {
+        let mut email = original.clone();
         // Suppressed addresses are removed; an email left without
         // recipients is not queued.
         for list in [&mut email.to, &mut email.cc, &mut email.bcc] {
@@ -104,7 +104,7 @@ fn decide(c: &Connection, call: &Call) -> Result<Decided, OutboxError> {
             fates.push(Fate::Dropped);
             continue;
         }
-        if let Some(key) = call_key(call, fates.len()) {
+        if let Some(key) = original.idempotency_key.as_deref() {
             if let Some(&i) = keys_queued.get(key) {
                 fates.push(Fate::DuplicateOfQueued(i));
                 continue;
@@ -144,11 +144,6 @@ fn decide(c: &Connection, call: &Call) -> Result<Decided, OutboxError> {
         suppressed,
         usage_after,
     })
-}
-
-/// The idempotency key of the call's email `i`.
-fn call_key(call: &Call, i: usize) -> Option<&str> {
-    call.emails.get(i)?.idempotency_key.as_deref()
 }
 
 /// The plugin's state usage in bytes once the call's changes are applied,

@@ -1,9 +1,9 @@
 //! The one writer thread: every write runs there, and the commits, delivery
 //! results and claims waiting together are grouped into one transaction
 //! (a refused call writes nothing; a claim runs in its own savepoint) that
-//! pays one fsync — and a group with
-//! no commit in it pays none (see `commit_group`) — so delivery's writes
-//! never make the commits behind them wait for fsyncs of their own.
+//! pays one fsync — and a group with no commit in it pays none (see
+//! `commit_group`) — so delivery's writes never make the commits behind
+//! them wait for fsyncs of their own.
 
 use std::sync::mpsc;
 
