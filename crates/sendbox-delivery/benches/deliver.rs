@@ -21,6 +21,7 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use sendbox_test_support::cpu;
 use sendbox_test_support::peers;
 use sendbox_test_support::smtp_peer;
 
@@ -133,7 +134,7 @@ async fn from_outbox(smtp: SmtpTransport, total: usize) -> (Duration, SystemTime
     );
     let stop = Arc::new(tokio::sync::Notify::new());
     let s = stop.clone();
-    let (started, start, cpu) = (SystemTime::now(), Instant::now(), cpu_time());
+    let (started, start, cpu) = (SystemTime::now(), Instant::now(), cpu::process());
     let handle = tokio::spawn(worker.run(async move { s.notified().await }));
     loop {
         let depth = outbox.depth().await.unwrap();
@@ -149,19 +150,10 @@ async fn from_outbox(smtp: SmtpTransport, total: usize) -> (Duration, SystemTime
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let (elapsed, cpu) = (start.elapsed(), cpu_time() - cpu);
+    let (elapsed, cpu) = (start.elapsed(), cpu::process() - cpu);
     stop.notify_one();
     handle.await.unwrap();
     (cpu, started, elapsed)
-}
-
-fn cpu_time() -> Duration {
-    sendbox_test_support::cpu::process()
-}
-
-/// The CPU time so far of the node processes (the peers).
-fn peer_cpu_time() -> Duration {
-    sendbox_test_support::cpu::processes_named("node")
 }
 
 fn rate(total: usize, d: Duration) -> f64 {
@@ -194,12 +186,12 @@ async fn main() {
         for first in [run % 2 == 0, run % 2 == 1] {
             let smtp = warm_transport(&p).await;
             p.reset().await;
-            let peer_cpu = peer_cpu_time();
+            let peer_cpu = cpu::processes_named("node");
             let (started, elapsed) = if first {
-                let cpu = cpu_time();
+                let cpu = cpu::process();
                 let (started, elapsed) = transport_only(smtp, total, run).await;
                 bare.push(rate(total, elapsed));
-                bare_cpu += cpu_time() - cpu;
+                bare_cpu += cpu::process() - cpu;
                 (started, elapsed)
             } else {
                 let (cpu, started, elapsed) = from_outbox(smtp, total).await;
@@ -210,7 +202,7 @@ async fn main() {
             let stats = p.stats().await;
             assert_eq!(stats.messages, total as u64, "every message arrived, once");
             let mode = usize::from(!first);
-            peer_cpus[mode] += peer_cpu_time() - peer_cpu;
+            peer_cpus[mode] += cpu::processes_named("node") - peer_cpu;
             behind[mode] += stats.pipelined_after_content;
             let mut at: Vec<i64> = p.messages().await.iter().map(|m| m.at_ms).collect();
             at.sort_unstable();

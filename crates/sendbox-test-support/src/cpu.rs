@@ -10,7 +10,7 @@ pub fn process() -> Duration {
 }
 
 /// The CPU time so far of process `pid`.
-pub fn of_process(pid: &str) -> Duration {
+fn of_process(pid: &str) -> Duration {
     of_stat(&format!("/proc/{pid}/stat"))
 }
 
