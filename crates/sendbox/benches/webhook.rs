@@ -45,19 +45,22 @@ struct Measured {
     /// CPU time of the outbox's threads (its writer and checkpointer) per
     /// answered request.
     outbox_cpu: Duration,
+    /// Of which the writer thread's (group commits).
+    writer_cpu: Duration,
 }
 
 impl std::fmt::Display for Measured {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:>7.0} req/s  p50 {:>8.2?}  p99 {:>8.2?}  errors {}  CPU/req {:>5.1} µs (outbox threads {:>4.1})",
+            "{:>7.0} req/s  p50 {:>8.2?}  p99 {:>8.2?}  errors {}  CPU/req {:>5.1} µs (outbox threads {:>4.1}, writer {:>4.1})",
             self.per_second,
             self.p50,
             self.p99,
             self.errors,
             self.cpu.as_secs_f64() * 1e6,
-            self.outbox_cpu.as_secs_f64() * 1e6
+            self.outbox_cpu.as_secs_f64() * 1e6,
+            self.writer_cpu.as_secs_f64() * 1e6
         )
     }
 }
@@ -66,7 +69,9 @@ impl std::fmt::Display for Measured {
 /// request's alert is in a group of its own.
 async fn load(url: String, body: Vec<u8>, conns: usize, secs: f64, vary: bool) -> Measured {
     use sendbox_test_support::cpu;
-    let (cpu_before, outbox_before) = (cpu::process(), cpu::threads_named("sendbox-outbox"));
+    // The outbox's threads are `outbox-writer` and `outbox-checkpt`.
+    let (cpu_before, outbox_before) = (cpu::process(), cpu::threads_named("outbox-"));
+    let writer_before = cpu::threads_named("outbox-writer");
     let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(conns)
@@ -112,7 +117,8 @@ async fn load(url: String, body: Vec<u8>, conns: usize, secs: f64, vary: bool) -
     let elapsed = start.elapsed();
     let n = all.len().max(1) as u32;
     let cpu = (cpu::process() - cpu_before) / n;
-    let outbox_cpu = (cpu::threads_named("sendbox-outbox") - outbox_before) / n;
+    let outbox_cpu = (cpu::threads_named("outbox-") - outbox_before) / n;
+    let writer_cpu = (cpu::threads_named("outbox-writer") - writer_before) / n;
     all.sort();
     let p = |q: f64| all[((all.len().max(1) - 1) as f64 * q) as usize];
     Measured {
@@ -122,6 +128,7 @@ async fn load(url: String, body: Vec<u8>, conns: usize, secs: f64, vary: bool) -
         errors: bad,
         cpu,
         outbox_cpu,
+        writer_cpu,
     }
 }
 

@@ -74,7 +74,7 @@ impl Checkpointer {
         let conn = super::open_conn(path)?;
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
-            .name("sendbox-outbox-checkpoint".into())
+            .name("outbox-checkpt".into())
             .spawn(move || {
                 while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(EVERY) {
                     if let Err(e) =

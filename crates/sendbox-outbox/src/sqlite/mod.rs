@@ -115,7 +115,7 @@ impl Outbox {
         let checkpointer = checkpoint::Checkpointer::start(path, catch_up.clone())?;
         let (tx, rx) = mpsc::sync_channel::<Write>(4096);
         let thread = std::thread::Builder::new()
-            .name("sendbox-outbox-writer".into())
+            .name("outbox-writer".into())
             .spawn(move || writer_loop(writer, rx, catch_up))
             .map_err(|e| OutboxError::Open {
                 path: path.to_owned(),
