@@ -21,7 +21,11 @@ fn call(i: usize) -> Call {
     common::call(i, "bench".into())
 }
 
-fn run(outbox: &Arc<Outbox>, threads: usize, per_thread: usize) -> (f64, Duration, Duration) {
+/// Commits/s, p50, p99, and the writer thread's CPU time per commit.
+type Measured = (f64, Duration, Duration, Duration);
+
+fn run(outbox: &Arc<Outbox>, threads: usize, per_thread: usize) -> Measured {
+    let writer_before = sendbox_test_support::cpu::threads_named("outbox-writer");
     let start = Instant::now();
     let handles: Vec<_> = (0..threads)
         .map(|t| {
@@ -42,12 +46,16 @@ fn run(outbox: &Arc<Outbox>, threads: usize, per_thread: usize) -> (f64, Duratio
         .flat_map(|h| h.join().unwrap())
         .collect();
     let elapsed = start.elapsed();
+    let commits = threads * per_thread;
+    let writer = (sendbox_test_support::cpu::threads_named("outbox-writer") - writer_before)
+        / commits.max(1) as u32;
     lat.sort();
     let p = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize];
     (
-        (threads * per_thread) as f64 / elapsed.as_secs_f64(),
+        commits as f64 / elapsed.as_secs_f64(),
         p(0.5),
         p(0.99),
+        writer,
     )
 }
 
@@ -58,8 +66,8 @@ fn main() {
     // The same database twice, alternating: with its WAL file grown ahead
     // (as sendbox opens it), and growing as it is written (the baseline).
     let rounds = if full { 3 } else { 1 };
-    let mut serial: [Vec<(f64, Duration, Duration)>; 2] = Default::default();
-    let mut group: [Vec<(f64, Duration, Duration)>; 2] = Default::default();
+    let mut serial: [Vec<Measured>; 2] = Default::default();
+    let mut group: [Vec<Measured>; 2] = Default::default();
     let mut wal_mib: [Vec<u64>; 2] = Default::default();
     for _ in 0..rounds {
         for (k, catch_up) in [(0, true), (1, false)] {
@@ -73,17 +81,17 @@ fn main() {
         }
     }
     for (k, what) in [(0, "WAL starting over"), (1, "WAL growing (baseline)")] {
-        let (rate, p50, p99) = median(&mut serial[k]);
+        let (rate, p50, p99, cpu) = median(&mut serial[k]);
         println!(
-            "   1 caller , {what:23}: {rate:>8.0} commits/s  p50 {p50:>8.2?}  p99 {p99:>8.2?}"
+            "   1 caller , {what:23}: {rate:>8.0} commits/s  p50 {p50:>8.2?}  p99 {p99:>8.2?}  writer CPU/commit {cpu:>8.2?}"
         );
-        let (rate, p50, p99) = median(&mut group[k]);
+        let (rate, p50, p99, cpu) = median(&mut group[k]);
         println!(
-            "  64 callers, {what:23}: {rate:>8.0} commits/s  p50 {p50:>8.2?}  p99 {p99:>8.2?}   (group commit)"
+            "  64 callers, {what:23}: {rate:>8.0} commits/s  p50 {p50:>8.2?}  p99 {p99:>8.2?}  writer CPU/commit {cpu:>8.2?}   (group commit)"
         );
         println!("  WAL file at the end, MiB: {:?}", wal_mib[k]);
     }
-    let ratio = |runs: &mut [Vec<(f64, Duration, Duration)>; 2]| {
+    let ratio = |runs: &mut [Vec<Measured>; 2]| {
         let a = median(&mut runs[0]);
         let b = median(&mut runs[1]);
         (a.0 / b.0, a.1.as_secs_f64() / b.1.as_secs_f64())
@@ -97,7 +105,7 @@ fn main() {
 }
 
 /// The median round by rate (its own p50 and p99).
-fn median(runs: &mut [(f64, Duration, Duration)]) -> (f64, Duration, Duration) {
+fn median(runs: &mut [Measured]) -> Measured {
     runs.sort_by(|a, b| a.0.total_cmp(&b.0));
     runs[runs.len() / 2]
 }

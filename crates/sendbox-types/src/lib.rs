@@ -107,6 +107,9 @@ pub fn new_message_id(domain: &str) -> String {
     use std::hash::{BuildHasher, Hasher};
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
+    // `getpid` is a system call each time; the id is this process's.
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let pid = *PID.get_or_init(std::process::id);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let mut random = [0u64; 2];
     for (i, part) in random.iter_mut().enumerate() {
@@ -114,7 +117,7 @@ pub fn new_message_id(domain: &str) -> String {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u64(n);
         h.write_usize(i);
-        h.write_u32(std::process::id());
+        h.write_u32(pid);
         *part = h.finish();
     }
     format!(

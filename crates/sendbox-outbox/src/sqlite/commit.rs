@@ -239,6 +239,11 @@ fn write(c: &Connection, call: &Call, decided: Decided) -> Result<Committed, Out
         }
         done.queued.push(Queued { id, message_id });
     }
+    // The queued count, kept here rather than by a trigger (see schema v7).
+    if !done.queued.is_empty() {
+        c.prepare_cached("UPDATE message_counts SET n = n + ?1 WHERE state = 'queued'")?
+            .execute([done.queued.len() as i64])?;
+    }
     if let Some(after) = decided.usage_after {
         super::plugin_state::apply(c, &call.plugin, &call.state_changes, after)?;
     }

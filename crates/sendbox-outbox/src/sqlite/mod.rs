@@ -32,6 +32,11 @@ impl From<rusqlite::Error> for OutboxError {
 
 /// Rows deleted per transaction by [`Outbox::prune`].
 const PRUNE_BATCH: i64 = 1000;
+/// One batch of `sent` / `dead` messages past their cutoff.
+const PRUNE_SENT: &str = "DELETE FROM messages WHERE id IN (SELECT id FROM messages \
+     WHERE state = 'sent' AND updated_ms < ?1 LIMIT ?2)";
+const PRUNE_DEAD: &str = "DELETE FROM messages WHERE id IN (SELECT id FROM messages \
+     WHERE state = 'dead' AND updated_ms < ?1 LIMIT ?2)";
 
 /// The outbox. Cheap to share behind an `Arc`; all methods block briefly
 /// (call them from blocking-capable threads).
@@ -430,13 +435,13 @@ impl Outbox {
             let batch = self.write(move |conn| {
                 let tx = conn.transaction()?;
                 let mut n = 0;
-                for (state, before) in [("sent", cutoffs.sent_ms), ("dead", cutoffs.dead_ms)] {
+                // The states are written out so the partial index
+                // `messages_final` serves these reads.
+                for (sql, before) in [(PRUNE_SENT, cutoffs.sent_ms), (PRUNE_DEAD, cutoffs.dead_ms)]
+                {
                     n += tx
-                        .prepare_cached(
-                            "DELETE FROM messages WHERE id IN (SELECT id FROM messages \
-                             WHERE state = ?1 AND updated_ms < ?2 LIMIT ?3)",
-                        )?
-                        .execute(params![state, before, PRUNE_BATCH])?;
+                        .prepare_cached(sql)?
+                        .execute(params![before, PRUNE_BATCH])?;
                 }
                 let keys = tx
                     .prepare_cached(

@@ -136,7 +136,51 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX messages_due_order ON messages (account, next_attempt_ms, id)
         WHERE state IN ('queued', 'retry');
     "#,
+    // v7: less work per queued message. The queued count is kept by the
+    // commit itself (one UPDATE per call): the insert trigger made every
+    // insert a multi-row statement, which SQLite runs with a statement
+    // journal and with foreign-key scans of the child tables. Queued
+    // messages leave the final-state index (it serves pruning and the
+    // restart's look for `sending`). The state CHECK becomes a chain of
+    // comparisons (`V7_STATE_CHECK`): an IN list of five builds a
+    // temporary table on every insert and state change.
+    r#"
+    DROP TRIGGER messages_counted_in;
+    DROP INDEX messages_final;
+    CREATE INDEX messages_final ON messages (state, updated_ms)
+        WHERE state = 'sending' OR state = 'sent' OR state = 'dead';
+    "#,
 ];
+
+/// The `messages.state` CHECK as v1 wrote it, and as v7 rewrites it: the
+/// same states, compared one by one.
+const V1_STATE_CHECK: &str = "CHECK (state IN ('queued','sending','sent','retry','dead'))";
+const V7_STATE_CHECK: &str = "CHECK (state = 'queued' OR state = 'sending' OR state = 'sent' \
+     OR state = 'retry' OR state = 'dead')";
+
+/// Rewrites the state CHECK in place, as SQLite documents for a change
+/// that leaves the stored rows as they are (ALTER TABLE, "making other
+/// kinds of table schema changes"): edit the table's SQL in
+/// `sqlite_schema`, bump `schema_version`, check integrity.
+fn rewrite_state_check(tx: &rusqlite::Transaction) -> Result<(), OutboxError> {
+    let version: i64 = tx.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
+    tx.pragma_update(None, "writable_schema", true)?;
+    let edited = tx.execute(
+        "UPDATE sqlite_schema SET sql = replace(sql, ?1, ?2) \
+         WHERE type = 'table' AND name = 'messages' AND instr(sql, ?1) > 0",
+        [V1_STATE_CHECK, V7_STATE_CHECK],
+    );
+    tx.pragma_update(None, "schema_version", version + 1)?;
+    tx.pragma_update(None, "writable_schema", false)?;
+    edited?;
+    let ok: String = tx.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+    if ok != "ok" {
+        return Err(OutboxError::Schema(format!(
+            "the database failed its check after the v7 schema edit ({ok}): restore a backup"
+        )));
+    }
+    Ok(())
+}
 
 /// The schema version this build writes.
 pub const CURRENT: i64 = MIGRATIONS.len() as i64;
@@ -162,6 +206,9 @@ fn migrate_to(conn: &mut Connection, target: i64) -> Result<i64, OutboxError> {
     {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
+        if i + 1 == 7 {
+            rewrite_state_check(&tx)?;
+        }
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         tx.commit()?;
         tracing::info!(version = i + 1, "outbox schema migrated");
@@ -173,6 +220,116 @@ fn migrate_to(conn: &mut Connection, target: i64) -> Result<i64, OutboxError> {
 mod tests {
     use super::*;
     use crate::{Outbox, State};
+
+    fn plan(c: &Connection, sql: &str) -> String {
+        let mut st = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        // Parameters left unbound: the plan does not depend on them.
+        let mut rows = st.raw_query();
+        let mut plan = Vec::new();
+        while let Some(r) = rows.next().unwrap() {
+            plan.push(r.get::<_, String>(3).unwrap());
+        }
+        plan.join("; ")
+    }
+
+    #[test]
+    fn a_version_6_database_keeps_its_counts_and_its_state_check_through_v7() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v6.db");
+        {
+            let mut c = Connection::open(&path).unwrap();
+            migrate_to(&mut c, 6).unwrap();
+            for (id, state) in [(1, "queued"), (2, "sending"), (3, "sent"), (4, "dead")] {
+                c.execute(
+                    "INSERT INTO messages (id, message_id, plugin, trigger, event_id, account, state, \
+                     next_attempt_ms, created_ms, updated_ms, recipients, bytes) \
+                     VALUES (?1, ?2, 'p', 'cli', 'e', 'alerts', ?3, 0, 0, 0, 'ops@example.com', 12)",
+                    rusqlite::params![id, format!("<m{id}@example.com>"), state],
+                )
+                .unwrap();
+            }
+        }
+        let outbox = Outbox::open(&path).unwrap();
+        let call = crate::behaviour::call(
+            vec![
+                crate::behaviour::email("a@x.org", "one"),
+                crate::behaviour::email("b@x.org", "two"),
+            ],
+            vec![],
+        );
+        assert_eq!(outbox.commit(call).unwrap().queued.len(), 2);
+        let mut depth = outbox.depth().unwrap();
+        depth.sort_by_key(|(s, _)| s.as_str());
+        assert_eq!(
+            depth,
+            [
+                (State::Dead, 1),
+                (State::Queued, 3),
+                (State::Sending, 1),
+                (State::Sent, 1)
+            ],
+            "the rows of v6 and the two queued by the commit, counted once each"
+        );
+        drop(outbox);
+
+        let c = Connection::open(&path).unwrap();
+        let table: String = c
+            .query_row(
+                "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'messages'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(
+            table.contains(V7_STATE_CHECK) && !table.contains(V1_STATE_CHECK),
+            "{table}"
+        );
+        let bogus = c.execute("UPDATE messages SET state = 'bogus' WHERE id = 1", []);
+        assert!(
+            bogus.is_err_and(|e| e.to_string().contains("CHECK")),
+            "the rewritten CHECK still refuses an unknown state"
+        );
+        let queued_via_sql: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM messages WHERE state = 'queued'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(queued_via_sql, 3);
+        for sql in [
+            super::super::PRUNE_SENT,
+            super::super::PRUNE_DEAD,
+            "SELECT id FROM messages WHERE state = 'sending'",
+        ] {
+            let p = plan(&c, sql);
+            assert!(p.contains("messages_final"), "{sql}: {p}");
+        }
+        let p = plan(
+            &c,
+            "INSERT INTO messages (message_id, plugin, trigger, event_id, account, state, \
+             next_attempt_ms, created_ms, updated_ms, recipients, bytes) \
+             VALUES ('<x@y>', 'p', 'cli', 'e', 'alerts', 'queued', 0, 0, 0, 'a@b', 1)",
+        );
+        assert!(!p.contains("TEMP"), "no temporary table per insert: {p}");
+        let ops: Vec<String> = c
+            .prepare(
+                "EXPLAIN INSERT INTO messages (message_id, plugin, trigger, event_id, account, state, \
+                 next_attempt_ms, created_ms, updated_ms, recipients, bytes) \
+                 VALUES ('<x@y>', 'p', 'cli', 'e', 'alerts', 'queued', 0, 0, 0, 'a@b', 1)",
+            )
+            .unwrap()
+            .query_map([], |r| r.get::<_, String>(1))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        for op in ["OpenEphemeral", "Program", "FkCounter"] {
+            assert!(
+                !ops.iter().any(|o| o == op),
+                "an insert runs no {op} (no IN-list table, no trigger, no child scans): {ops:?}"
+            );
+        }
+    }
 
     #[test]
     fn a_version_5_database_keeps_its_queue_through_the_body_split() {
