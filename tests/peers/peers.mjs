@@ -269,11 +269,17 @@ function smtpOptions(extra) {
     size: 50 * 1024 * 1024,
     onConnect(session, cb) {
       activeConnections += 1;
+      session.countedConnection = true;
       maxConnections = Math.max(maxConnections, activeConnections);
       cb();
     },
     onClose(session) {
-      activeConnections -= 1;
+      // smtp-server also closes connections cut before `onConnect` ran
+      // (a client killed right after connecting): count only ours.
+      if (session && session.countedConnection) {
+        session.countedConnection = false;
+        activeConnections -= 1;
+      }
       if (session && session.countedUser) activeByUser[session.countedUser] -= 1;
     },
     async onAuth(auth, session, cb) {

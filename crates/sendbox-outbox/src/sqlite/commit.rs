@@ -2,7 +2,8 @@
 //! every check, reading only — the reads the call made still hold, the
 //! policy (shape, then rates), suppressed recipients dropped, duplicate
 //! idempotency keys found, the state quota — then the writes: the emails
-//! queued with their audit rows, the state changes applied.
+//! queued (their first audit entry is their own row), the state changes
+//! applied.
 //!
 //! Because a refusal can only come before the first write, a refused call
 //! leaves nothing behind and the writer needs no savepoint per call (a
@@ -192,10 +193,6 @@ fn write(c: &Connection, call: &Call, decided: Decided) -> Result<Committed, Out
         suppressed: decided.suppressed,
         ..Committed::default()
     };
-    let detail = format!(
-        "plugin {} event {} ({})",
-        call.plugin, call.event_id, call.trigger
-    );
     for fate in decided.fates {
         let (email, json) = match fate {
             Fate::Queue(email, json) => (email, json),
@@ -230,8 +227,8 @@ fn write(c: &Connection, call: &Call, decided: Decided) -> Result<Committed, Out
         let id = c.last_insert_rowid();
         c.prepare_cached("INSERT INTO message_bodies (message, email_json) VALUES (?1, ?2)")?
             .execute(params![id, json])?;
-        c.prepare_cached("INSERT INTO audit (message, at_ms, from_state, to_state, detail) VALUES (?1, ?2, NULL, 'queued', ?3)")?
-            .execute(params![id, now, detail])?;
+        // No audit row: a message's first entry ("queued by plugin P,
+        // event E") is read off its own row (see `audit_trail`).
         if let Some(key) = &email.idempotency_key {
             c.prepare_cached("INSERT INTO idempotency (plugin, key, message, created_ms) VALUES (?1, ?2, ?3, ?4) \
                  ON CONFLICT (plugin, key) DO UPDATE SET message = excluded.message, created_ms = excluded.created_ms")?

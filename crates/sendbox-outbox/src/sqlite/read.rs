@@ -94,11 +94,21 @@ impl Outbox {
         })?
         .ok_or(OutboxError::NotFound(id))
     }
-    /// A message's audit trail, oldest first.
+    /// A message's audit trail, oldest first. Its first entry, queued by
+    /// a plugin's event, comes from the message's own row (schema v7 on:
+    /// the commit writes no audit row for it); databases from before v7
+    /// have it as an audit row, which is read instead.
     pub fn audit_trail(&self, id: i64) -> Result<Vec<AuditEntry>, OutboxError> {
         self.read(|c| {
             let mut st = c.prepare(
-                "SELECT at_ms, from_state, to_state, detail FROM audit WHERE message = ?1 ORDER BY id",
+                "SELECT at_ms, from_state, to_state, detail FROM ( \
+                   SELECT 0 AS seq, created_ms AS at_ms, NULL AS from_state, 'queued' AS to_state, \
+                          'plugin ' || plugin || ' event ' || event_id || ' (' || trigger || ')' AS detail \
+                   FROM messages WHERE id = ?1 AND NOT EXISTS \
+                     (SELECT 1 FROM audit WHERE message = ?1 AND from_state IS NULL) \
+                   UNION ALL \
+                   SELECT id, at_ms, from_state, to_state, detail FROM audit WHERE message = ?1 \
+                 ) ORDER BY seq",
             )?;
             st.query_map([id], |r| {
                 Ok(AuditEntry {

@@ -143,7 +143,9 @@ const MIGRATIONS: &[&str] = &[
     // messages leave the final-state index (it serves pruning and the
     // restart's look for `sending`). The state CHECK becomes a chain of
     // comparisons (`V7_STATE_CHECK`): an IN list of five builds a
-    // temporary table on every insert and state change.
+    // temporary table on every insert and state change. From v7 on, a
+    // queued message has no audit row of its own: its trail's first entry
+    // is read off its row (`audit_trail`).
     r#"
     DROP TRIGGER messages_counted_in;
     DROP INDEX messages_final;
@@ -248,6 +250,13 @@ mod tests {
                 )
                 .unwrap();
             }
+            // Before v7 the commit wrote the first entry as an audit row.
+            c.execute(
+                "INSERT INTO audit (message, at_ms, from_state, to_state, detail) \
+                 VALUES (1, 0, NULL, 'queued', 'plugin p event e (cli)')",
+                [],
+            )
+            .unwrap();
         }
         let outbox = Outbox::open(&path).unwrap();
         let call = crate::behaviour::call(
@@ -257,7 +266,30 @@ mod tests {
             ],
             vec![],
         );
-        assert_eq!(outbox.commit(call).unwrap().queued.len(), 2);
+        let queued = outbox.commit(call).unwrap().queued;
+        assert_eq!(queued.len(), 2);
+        let old_trail = outbox.audit_trail(1).unwrap();
+        assert_eq!(
+            old_trail.len(),
+            1,
+            "the stored first entry, not a second one: {old_trail:?}"
+        );
+        let new_trail = outbox.audit_trail(queued[0].id).unwrap();
+        assert_eq!(
+            (
+                new_trail.len(),
+                new_trail[0].to.as_str(),
+                new_trail[0].from.as_deref()
+            ),
+            (1, "queued", None)
+        );
+        assert!(
+            new_trail[0]
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.starts_with("plugin ") && d.contains("evt-")),
+            "{new_trail:?}"
+        );
         let mut depth = outbox.depth().unwrap();
         depth.sort_by_key(|(s, _)| s.as_str());
         assert_eq!(
@@ -297,6 +329,10 @@ mod tests {
             )
             .unwrap();
         assert_eq!(queued_via_sql, 3);
+        let audit_rows: i64 = c
+            .query_row("SELECT COUNT(*) FROM audit", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(audit_rows, 1, "queueing writes no audit row");
         for sql in [
             super::super::PRUNE_SENT,
             super::super::PRUNE_DEAD,
