@@ -206,7 +206,14 @@ fn migrate_to(conn: &mut Connection, target: i64) -> Result<i64, OutboxError> {
         .take(target as usize)
         .skip(version as usize)
     {
-        let tx = conn.transaction()?;
+        // IMMEDIATE, and the version read again inside: two processes
+        // opening an old database at once take the steps one after the
+        // other, and the second finds each already applied.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let now: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if now > i as i64 {
+            continue;
+        }
         tx.execute_batch(sql)?;
         if i + 1 == 7 {
             rewrite_state_check(&tx)?;
@@ -232,6 +239,47 @@ mod tests {
             plan.push(r.get::<_, String>(3).unwrap());
         }
         plan.join("; ")
+    }
+
+    #[test]
+    fn processes_opening_an_old_database_at_once_migrate_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v6.db");
+        migrate_to(&mut Connection::open(&path).unwrap(), 6).unwrap();
+        // Every opener reads version 6 before any of them migrates.
+        let mut conns: Vec<Connection> = (0..8)
+            .map(|_| {
+                let c = Connection::open(&path).unwrap();
+                c.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+                c
+            })
+            .collect();
+        for c in &conns {
+            let v: i64 = c
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(v, 6);
+        }
+        let results: Vec<Result<i64, String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = conns
+                .iter_mut()
+                .map(|c| s.spawn(move || migrate(c).map_err(|e| e.to_string())))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(
+            results.iter().all(|r| r == &Ok(CURRENT)),
+            "every opener ends at the current version: {results:?}"
+        );
+        let c = Connection::open(&path).unwrap();
+        let check_rewritten: i64 = c
+            .query_row(
+                "SELECT instr(sql, ?1) > 0 FROM sqlite_schema WHERE name = 'messages'",
+                [V7_STATE_CHECK],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(check_rewritten, 1);
     }
 
     #[test]
