@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine with Rust (rustup) installed:
 # installs what the tests need that cargo does not (the wasm32-wasip2
-# target; Node.js, npm, openssl and systemd-analyze from Debian packages
+# target; Node.js, npm, openssl, systemd-analyze and strace from Debian packages
 # when missing; the npm test peers; componentize-py and componentize-js for
 # the Python and JavaScript plugins;
 # a PostgreSQL server, or a throwaway one),
@@ -16,9 +16,10 @@ fi
 
 # Node.js runs the test peers; openssl makes their certificates;
 # systemd-analyze checks the example unit; swaks, curl and python3 (smtplib)
-# are the SMTP clients the listener tests submit with.
+# are the SMTP clients the listener tests submit with; strace shows which
+# call makes the outbox's commits durable.
 missing=()
-for tool in node:nodejs npm:npm openssl:openssl systemd-analyze:systemd swaks:swaks curl:curl python3:python3; do
+for tool in node:nodejs npm:npm openssl:openssl systemd-analyze:systemd swaks:swaks curl:curl python3:python3 strace:strace; do
   command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
 done
 if ((${#missing[@]})); then

@@ -1,7 +1,8 @@
 //! Webhook → durably committed outbox row, at 16 and then 64 concurrent
 //! connections, side by side with a bare POST route of the same server that
 //! runs no plugin and commits nothing: requests/s, p50 and p99 of each, and
-//! the ratios; then the same committed route on a PostgreSQL outbox (the
+//! the ratios (at 64, four alternated pairs of 4-second runs and their
+//! medians); then the same committed route on a PostgreSQL outbox (the
 //! local server, `synchronous_commit` on) against SQLite.
 //! The committed route runs `webhook-bridge` on an Alertmanager payload in a
 //! fresh instance and commits its email with fsync on.
@@ -225,50 +226,85 @@ async fn main() {
         "webhook latency: the committed route (webhook-bridge + fsynced commit) and a bare POST"
     );
     println!("route of the same server (no plugin, no commit); load generator on the same 2 cores");
-    let mut at_64 = None;
-    for conns in [16, 64] {
-        let bare = load(
-            format!("http://{addr}/bare"),
-            body.clone(),
-            conns,
-            secs,
-            false,
-        )
-        .await;
-        let committed = load(
-            format!("http://{addr}/hooks/alerts"),
-            body.clone(),
-            conns,
-            secs,
-            false,
-        )
-        .await;
-        for (name, r) in [("bare POST", &bare), ("committed", &committed)] {
-            println!("  {conns:>2} connections  {name:<10} {r}");
-        }
-        println!(
-            "  {conns:>2} connections  committed / bare: {:.2} of the requests/s, p99 {:.1}× the bare p99, {:.1}× the CPU per request",
-            committed.per_second / bare.per_second,
-            committed.p99.as_secs_f64() / bare.p99.as_secs_f64(),
-            committed.cpu.as_secs_f64() / bare.cpu.as_secs_f64().max(1e-9)
-        );
-        if conns == 64 {
-            at_64 = Some((bare, committed));
+    // At 16 connections one pair of runs; at 64, where the targets are,
+    // alternated pairs of shorter runs and the medians: this machine's
+    // background load moves the bare route by a third between runs, so
+    // a single pair's ratio says more about the moment than the server.
+    let mut pairs_at_64: Vec<(Measured, Measured)> = Vec::new();
+    for (conns, rounds) in [(16, 1), (64, if full { 4 } else { 1 })] {
+        for round in 0..rounds {
+            let each = if conns == 64 && full {
+                secs / 2.0
+            } else {
+                secs
+            };
+            let bare = load(
+                format!("http://{addr}/bare"),
+                body.clone(),
+                conns,
+                each,
+                false,
+            )
+            .await;
+            let committed = load(
+                format!("http://{addr}/hooks/alerts"),
+                body.clone(),
+                conns,
+                each,
+                false,
+            )
+            .await;
+            let label = if rounds > 1 {
+                format!("{conns:>2} connections, round {}", round + 1)
+            } else {
+                format!("{conns:>2} connections")
+            };
+            for (name, r) in [("bare POST", &bare), ("committed", &committed)] {
+                println!("  {label}  {name:<10} {r}");
+            }
+            println!(
+                "  {label}  committed / bare: {:.2} of the requests/s, p99 {:.1}× the bare p99, {:.1}× the CPU per request",
+                committed.per_second / bare.per_second,
+                committed.p99.as_secs_f64() / bare.p99.as_secs_f64(),
+                committed.cpu.as_secs_f64() / bare.cpu.as_secs_f64().max(1e-9)
+            );
+            if conns == 64 {
+                pairs_at_64.push((bare, committed));
+            }
         }
     }
-    let (bare, committed) = at_64.expect("measured at 64");
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    };
+    let per_second = median(pairs_at_64.iter().map(|(_, c)| c.per_second).collect());
+    let p99_ms = median(
+        pairs_at_64
+            .iter()
+            .map(|(_, c)| c.p99.as_secs_f64() * 1e3)
+            .collect(),
+    );
+    let ratio = median(
+        pairs_at_64
+            .iter()
+            .map(|(b, c)| c.per_second / b.per_second)
+            .collect(),
+    );
     let rows = outbox.list(None, 10_000_000).unwrap().len();
     println!(
-        "  at 64: committed p99 {:.2?} (target ≤ 10 ms), {:.0} req/s (target ≥ 10,000), {:.2} of the bare route (target ≥ 0.30); outbox rows committed: {rows}",
-        committed.p99,
-        committed.per_second,
-        committed.per_second / bare.per_second
+        "  at 64 (medians of {} alternated pairs): committed p99 {p99_ms:.2} ms (target ≤ 10 ms), {per_second:.0} req/s (target ≥ 10,000), {ratio:.2} of the bare route (target ≥ 0.30); outbox rows committed: {rows}",
+        pairs_at_64.len()
     );
     // Little's law: with 64 requests always in flight, the mean latency is
     // 64 / throughput, so p99 <= 10 ms needs well over 6,400 req/s.
     println!(
         "  mean latency implied by 64 in flight at that rate: {:.2} ms",
-        64.0 / committed.per_second * 1e3
+        64.0 / per_second * 1e3
     );
     assert!(rows > 0);
 
