@@ -22,7 +22,7 @@ mod common;
 
 use sendbox_test_support::wasm;
 
-use common::start;
+use common::{median, start};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -145,11 +145,6 @@ async fn mean_plugin_ms(base: &str, plugin: &str) -> f64 {
     };
     let count = value("sendbox_plugin_duration_seconds_count");
     value("sendbox_plugin_duration_seconds_sum") / count.max(1.0) * 1e3
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

@@ -15,6 +15,7 @@
 //! DESIGN.md's targets: ready ≤ 300 ms (precompiled), idle RSS ≤ 50 MB.
 
 mod common;
+use common::median;
 
 use sendbox_test_support::wasm;
 
@@ -61,11 +62,6 @@ fn run(config: &Path, idle: Duration) -> Run {
         ready: d.ready,
         rss_kb,
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn max(v: &[f64]) -> f64 {

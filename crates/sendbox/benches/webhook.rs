@@ -16,6 +16,9 @@
 
 use sendbox_test_support::wasm;
 
+mod common;
+use common::median;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -273,15 +276,6 @@ async fn main() {
             }
         }
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        }
-    };
     let per_second = median(pairs_at_64.iter().map(|(_, c)| c.per_second).collect());
     let p99_ms = median(
         pairs_at_64

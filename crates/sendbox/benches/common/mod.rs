@@ -61,3 +61,15 @@ pub fn memory_mb(pid: u32, key: &str) -> f64 {
         .map(|kb| kb / 1024.0)
         .unwrap_or_else(|| panic!("{key} in /proc/{pid}/status"))
 }
+
+/// The median of some runs' figures (the mean of the middle two when
+/// their number is even).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
