@@ -180,6 +180,11 @@ impl Daemon {
             mut cfg,
             outbox,
         } = self;
+        // SIGHUP is caught from here on, before readiness is announced: a
+        // reload sent as soon as the daemon says it is ready (systemd's
+        // `ExecReload` right after READY=1) is neither lost nor, where
+        // SIGHUP's default action stands, the end of the process.
+        let mut hangup = Hangup::new()?;
         let runtime = Runtime::new(RuntimeOptions {
             cache_dir: cfg.cache_dir.clone().or_else(crate::cli::default_cache_dir),
             ..RuntimeOptions::default()
@@ -286,7 +291,6 @@ impl Daemon {
             listeners: listeners.addresses.clone(),
         });
 
-        let mut hangup = Hangup::new()?;
         loop {
             tokio::select! {
                 _ = shutdown.requested() => break,
