@@ -11,52 +11,18 @@
 //! Smoke run:  cargo test -p sendbox-outbox --bench commit
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use sendbox_outbox::{Call, Outbox};
 
 mod common;
+use common::Measured;
 
 fn call(i: usize) -> Call {
     common::call(i, "bench".into())
 }
 
-/// Commits/s, p50, p99, and the writer thread's CPU time per commit.
-type Measured = (f64, Duration, Duration, Duration);
-
 fn run(outbox: &Arc<Outbox>, threads: usize, per_thread: usize) -> Measured {
-    let writer_before = sendbox_test_support::cpu::threads_named("outbox-writer");
-    let start = Instant::now();
-    let handles: Vec<_> = (0..threads)
-        .map(|t| {
-            let outbox = outbox.clone();
-            std::thread::spawn(move || {
-                let mut lat = Vec::with_capacity(per_thread);
-                for i in 0..per_thread {
-                    let s = Instant::now();
-                    outbox.commit(call(t * per_thread + i)).unwrap();
-                    lat.push(s.elapsed());
-                }
-                lat
-            })
-        })
-        .collect();
-    let mut lat: Vec<Duration> = handles
-        .into_iter()
-        .flat_map(|h| h.join().unwrap())
-        .collect();
-    let elapsed = start.elapsed();
-    let commits = threads * per_thread;
-    let writer = (sendbox_test_support::cpu::threads_named("outbox-writer") - writer_before)
-        / commits.max(1) as u32;
-    lat.sort();
-    let p = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize];
-    (
-        commits as f64 / elapsed.as_secs_f64(),
-        p(0.5),
-        p(0.99),
-        writer,
-    )
+    common::commit_from(outbox, threads, per_thread, call)
 }
 
 fn main() {

@@ -296,3 +296,100 @@ fn a_commit_is_made_durable_with_fdatasync() {
         "no commit syncs the WAL with fsync; strace saw:\n{text}"
     );
 }
+
+/// A commit of plugin `p` with one email and `emails_per_hour = limit`.
+fn limited(limit: u32) -> sendbox_outbox::Call {
+    let mut c = call(vec![email("a@x.org", "limited")], vec![]);
+    c.policy.emails_per_hour = Some(limit);
+    c.policy.idempotency_hours = 0;
+    c
+}
+
+fn refused_for_rate(r: Result<sendbox_outbox::Committed, OutboxError>) -> bool {
+    matches!(&r, Err(e) if e.to_string().contains("emails_per_hour"))
+}
+
+/// The writer keeps each rate window's count instead of counting the
+/// window at every commit: the count must stay what a full count says as
+/// the window moves past old rows, as the writer queues rows itself, and
+/// when rows change behind its back — dropped by the operator, or
+/// changed by another connection.
+#[test]
+fn a_rate_limit_counts_exactly_as_its_window_moves_and_rows_change() {
+    let (dir, outbox) = open();
+    let path = dir.path().join("var/sendbox.db");
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other
+        .busy_timeout(std::time::Duration::from_secs(5))
+        .unwrap();
+    // Five emails queued without a limit, then moved (by another
+    // connection) to leave the hour's window 1.5 s from now.
+    for _ in 0..5 {
+        outbox
+            .commit(call(vec![email("a@x.org", "old")], vec![]))
+            .unwrap();
+    }
+    let leaves_at = sendbox_outbox::now_ms() - 3_600_000 + 1_500;
+    other
+        .execute("UPDATE messages SET created_ms = ?1", [leaves_at])
+        .unwrap();
+    // In the window: 5 + 1 fits a limit of 6, and then nothing more.
+    outbox.commit(limited(6)).unwrap();
+    assert!(
+        refused_for_rate(outbox.commit(limited(6))),
+        "7 > 6 in the hour"
+    );
+    // Once the five have left the window, only the writer's own one counts.
+    std::thread::sleep(std::time::Duration::from_millis(2_000));
+    for n in 2..=6 {
+        outbox
+            .commit(limited(6))
+            .unwrap_or_else(|e| panic!("email {n} of 6 in the hour refused: {e}"));
+    }
+    assert!(refused_for_rate(outbox.commit(limited(6))), "7 > 6 again");
+    // The operator drops one: there is room for one more.
+    let dropped = outbox.list(None, 1).unwrap()[0].id;
+    outbox.drop_message(dropped).unwrap();
+    outbox.commit(limited(6)).unwrap();
+    assert!(refused_for_rate(outbox.commit(limited(6))));
+    // Another connection moves every row out of the window: all room again.
+    other
+        .execute("UPDATE messages SET created_ms = ?1", [leaves_at - 10_000])
+        .unwrap();
+    for n in 1..=6 {
+        outbox
+            .commit(limited(6))
+            .unwrap_or_else(|e| panic!("email {n} of 6 refused after the rows left: {e}"));
+    }
+    assert!(refused_for_rate(outbox.commit(limited(6))));
+}
+
+/// 16 callers at once against one hourly limit: exactly the limit is
+/// queued, every other email refused for it, across the writer's groups.
+#[test]
+fn concurrent_callers_queue_exactly_a_rate_limit() {
+    let (_dir, outbox) = open();
+    let outbox = Arc::new(outbox);
+    let callers: Vec<_> = (0..16)
+        .map(|_| {
+            let outbox = outbox.clone();
+            std::thread::spawn(move || {
+                let (mut queued, mut refused) = (0, 0);
+                for _ in 0..10 {
+                    match outbox.commit(limited(100)) {
+                        Ok(done) => queued += done.queued.len(),
+                        Err(e) if e.to_string().contains("emails_per_hour") => refused += 1,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                (queued, refused)
+            })
+        })
+        .collect();
+    let (queued, refused) = callers
+        .into_iter()
+        .map(|c| c.join().unwrap())
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    assert_eq!((queued, refused), (100, 60));
+    assert_eq!(outbox.list(None, 1_000).unwrap().len(), 100);
+}

@@ -14,13 +14,8 @@ use std::collections::HashMap;
 use rusqlite::{Connection, OptionalExtension, params};
 use sendbox_types::{Email, StateChange, bare_address};
 
+use super::rates::RateCounts;
 use crate::{Call, Committed, OutboxError, Queued, now_ms};
-
-fn count_since(c: &Connection, plugin: &str, since_ms: i64) -> rusqlite::Result<u64> {
-    c.prepare_cached("SELECT COUNT(*) FROM messages WHERE plugin = ?1 AND created_ms > ?2")?
-        .query_row(params![plugin, since_ms], |r| r.get::<_, i64>(0))
-        .map(|n| n as u64)
-}
 
 /// What becomes of one email of the call.
 enum Fate {
@@ -45,14 +40,19 @@ struct Decided {
 
 /// Checks the call against its policy and stores it. Every refusal comes
 /// before the first write; an error after it is a storage failure (which
-/// fails the writer's whole group).
-pub(crate) fn apply(c: &Connection, call: &Call) -> Result<Committed, OutboxError> {
-    let decided = decide(c, call)?;
-    write(c, call, decided)
+/// fails the writer's whole group). `rates` counts what the plugin queued
+/// in its rate limits' windows, and learns what this call queues.
+pub(crate) fn apply(
+    c: &Connection,
+    call: &Call,
+    rates: &mut RateCounts,
+) -> Result<Committed, OutboxError> {
+    let decided = decide(c, call, rates)?;
+    write(c, call, decided, rates)
 }
 
 /// Every check of the call, reading only.
-fn decide(c: &Connection, call: &Call) -> Result<Decided, OutboxError> {
+fn decide(c: &Connection, call: &Call, rates: &mut RateCounts) -> Result<Decided, OutboxError> {
     let p = &call.policy;
     // First: is what the call read still what is stored? If not, its
     // outcome may be wrong; the caller runs the event again.
@@ -65,7 +65,7 @@ fn decide(c: &Connection, call: &Call) -> Result<Decided, OutboxError> {
     let new = call.emails.len() as u64;
     for (limit, window_ms, key, span) in crate::policy::rates(p) {
         if let Some(limit) = limit {
-            let used = count_since(c, &call.plugin, now - window_ms)?;
+            let used = rates.since(c, &call.plugin, window_ms, now - window_ms)?;
             if let Some(refused) =
                 crate::policy::over_rate(&call.plugin, (used, new), (limit, key, span))
             {
@@ -186,7 +186,12 @@ fn state_usage_after(c: &Connection, call: &Call) -> Result<Option<i64>, OutboxE
 }
 
 /// The writes of a decided call. Fails only when storage fails.
-fn write(c: &Connection, call: &Call, decided: Decided) -> Result<Committed, OutboxError> {
+fn write(
+    c: &Connection,
+    call: &Call,
+    decided: Decided,
+    rates: &mut RateCounts,
+) -> Result<Committed, OutboxError> {
     let now = now_ms();
     let mailbox = bare_address(&call.account_mailbox);
     let mut done = Committed {
@@ -241,6 +246,7 @@ fn write(c: &Connection, call: &Call, decided: Decided) -> Result<Committed, Out
         c.prepare_cached("UPDATE message_counts SET n = n + ?1 WHERE state = 'queued'")?
             .execute([done.queued.len() as i64])?;
     }
+    rates.queued(&call.plugin, done.queued.len() as u64, now);
     if let Some(after) = decided.usage_after {
         super::plugin_state::apply(c, &call.plugin, &call.state_changes, after)?;
     }

@@ -7,6 +7,7 @@ mod checkpoint;
 mod commit;
 mod lock;
 mod plugin_state;
+mod rates;
 mod read;
 mod schema;
 mod store;

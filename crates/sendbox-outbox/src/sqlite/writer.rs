@@ -10,6 +10,7 @@ use std::sync::mpsc;
 use rusqlite::{Connection, TransactionBehavior};
 
 use super::checkpoint::CatchUp;
+use super::rates::RateCounts;
 use super::{Claim, claim_in, commit, transition_in};
 use crate::{Call, Committed, Mark, Message, OutboxError, State, StorageError};
 
@@ -51,6 +52,7 @@ impl<T> Answer<T> {
 pub(super) const MAX_GROUP: usize = 512;
 
 pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Write>, catch_up: CatchUp) {
+    let mut rates = RateCounts::default();
     while let Ok(first) = rx.recv() {
         catch_up.finish_on_writer(&conn);
         let mut batch = vec![first];
@@ -71,9 +73,11 @@ pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Write>, catch
             }
         }
         if !group.is_empty() {
-            commit_group(&mut conn, group);
+            commit_group(&mut conn, group, &mut rates);
         }
         for f in others {
+            // It may drop or prune messages: counts cannot follow.
+            rates.forget();
             let _ = f(&mut conn);
         }
     }
@@ -101,7 +105,7 @@ impl Group {
 /// writes nothing, so it needs no savepoint; a claim runs in its own, so
 /// an unreadable row fails only that claim; a storage failure fails the
 /// group.
-fn commit_group(conn: &mut Connection, group: Group) {
+fn commit_group(conn: &mut Connection, group: Group, rates: &mut RateCounts) {
     // Only a commit is acknowledged to someone who was promised
     // durability. Claims and results alone are written without an fsync:
     // a crash of sendbox loses nothing (the OS has the pages), and a power
@@ -113,13 +117,13 @@ fn commit_group(conn: &mut Connection, group: Group) {
     if !durable {
         let _ = conn.pragma_update(None, "synchronous", "NORMAL");
     }
-    write_group(conn, group);
+    write_group(conn, group, rates);
     if !durable {
         let _ = conn.pragma_update(None, "synchronous", "FULL");
     }
 }
 
-fn write_group(conn: &mut Connection, group: Group) {
+fn write_group(conn: &mut Connection, group: Group, rates: &mut RateCounts) {
     let mut committed: Vec<Result<Committed, OutboxError>> =
         Vec::with_capacity(group.commits.len());
     let mut marked: Vec<Vec<Result<(), OutboxError>>> = Vec::with_capacity(group.marks.len());
@@ -127,11 +131,16 @@ fn write_group(conn: &mut Connection, group: Group) {
         Vec::with_capacity(group.claims.len());
     let outcome = (|| -> Result<(), OutboxError> {
         let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if group.commits.iter().any(|(call, _)| {
+            call.policy.emails_per_hour.is_some() || call.policy.emails_per_day.is_some()
+        }) {
+            rates.begin_group(&tx)?;
+        }
         for (call, _) in &group.commits {
             // No savepoint: a call is refused before its first write (see
             // `commit`), so a refusal leaves nothing to roll back.
             let changes_before = tx.total_changes();
-            match commit::apply(&tx, call) {
+            match commit::apply(&tx, call, rates) {
                 Ok(done) => committed.push(Ok(done)),
                 // A storage failure (disk full, I/O) may already have rolled
                 // the whole transaction back: fail the group with it.
@@ -200,6 +209,8 @@ fn write_group(conn: &mut Connection, group: Group) {
             }
         }
         Err(e) => {
+            // What the counts learned from this group was rolled back.
+            rates.forget();
             tracing::error!(error = %e, calls = commits.len(), results = marks.len(), claims = claims.len(), "outbox write failed; nothing of this group was stored");
             let failed = || match &e {
                 OutboxError::Storage(s) => OutboxError::Storage(s.clone()),
