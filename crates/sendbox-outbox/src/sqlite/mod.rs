@@ -1,6 +1,7 @@
 //! The SQLite backend: one file in WAL mode with `synchronous = FULL`, one
 //! writer thread that group-commits, a reader connection, versioned
-//! migrations (`schema`), the commit of a call (`commit`) and plugin state
+//! migrations (`schema`), the commit of a call (`commit`) with the writer's
+//! counts of each rate limit's window (`rates`), plugin state
 //! (`plugin_state`), and [`crate::Store`] on `Arc<Outbox>` (`store`).
 
 mod checkpoint;
