@@ -310,10 +310,19 @@ pub async fn suppressed_recipients_are_removed_at_enqueue(store: impl Store) {
         "the email left without recipients is skipped"
     );
     assert_eq!(done.suppressed, ["bounced@x.org", "bounced@x.org"]);
-    assert_eq!(
-        store.get(done.queued[0].id).await.unwrap().recipients,
-        "ok@x.org"
-    );
+    let stored = store.get(done.queued[0].id).await.unwrap();
+    assert_eq!(stored.recipients, "ok@x.org");
+    // What will be sent is the email without them, not the plugin's.
+    assert!(stored.email.to.is_empty(), "{:?}", stored.email.to);
+    assert_eq!(stored.email.cc, ["ok@x.org"]);
+    // An email with no suppressed recipient is stored as the plugin made it.
+    let mut kept = email("a@x.org", "kept");
+    kept.cc = vec!["Ok <ok@x.org>".into()];
+    let done = store
+        .commit(call(vec![kept.clone()], vec![]))
+        .await
+        .unwrap();
+    assert_eq!(store.get(done.queued[0].id).await.unwrap().email, kept);
     assert_eq!(
         store.suppressions().await.unwrap(),
         [("bounced@x.org".to_string(), Some("hard bounce".to_string()))]

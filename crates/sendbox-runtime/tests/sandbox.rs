@@ -235,6 +235,25 @@ fn webhook_bridge_answers_400_with_the_reason_and_sends_nothing() {
         .unwrap();
     assert_eq!(unknown.outcome.response.unwrap().status, 400);
     assert!(unknown.outcome.emails.is_empty());
+
+    // An alert list that does not read as one, and an array that would
+    // read as an alert list's fields in order: each refused with its reason.
+    for (body, reason) in [
+        (
+            r#"{"status": "firing", "alerts": [{"labels": {"severity": 3}}]}"#,
+            "not a valid alert list",
+        ),
+        (r#"["firing", "alerts", []]"#, "unrecognised payload"),
+    ] {
+        let refused = bridge()
+            .run(&webhook(body), "e3", Arc::new(MemoryState::new()))
+            .unwrap();
+        assert!(refused.outcome.emails.is_empty(), "{body}");
+        let resp = refused.outcome.response.unwrap();
+        assert_eq!(resp.status, 400);
+        let answer = String::from_utf8_lossy(&resp.body.0).into_owned();
+        assert!(answer.contains(reason), "{body}: {answer}");
+    }
 }
 
 #[test]

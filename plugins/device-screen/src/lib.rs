@@ -36,7 +36,10 @@ impl Screen for DeviceScreen {
             ));
         }
         let subject = m.subject.to_ascii_lowercase();
-        if list("drop_subject").iter().any(|s| subject.contains(s.as_str())) {
+        if list("drop_subject")
+            .iter()
+            .any(|s| subject.contains(s.as_str()))
+        {
             let n: u64 = state::get("dropped")
                 .and_then(|v| String::from_utf8(v).ok())
                 .and_then(|s| s.parse().ok())
@@ -51,7 +54,12 @@ impl Screen for DeviceScreen {
             let names: Vec<&str> = m.attachments.iter().map(|a| a.filename.as_str()).collect();
             let mut email = Email::to(&to)
                 .subject(format!("Scan from {who}: {} file(s)", m.attachments.len()))
-                .text(format!("{} sent {}.\nOriginal subject: {}\n", who, names.join(", "), m.subject))
+                .text(format!(
+                    "{} sent {}.\nOriginal subject: {}\n",
+                    who,
+                    names.join(", "),
+                    m.subject
+                ))
                 .build();
             email.attachments = m.attachments;
             return Ok(Verdict::Replace(vec![email]));
