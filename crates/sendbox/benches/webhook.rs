@@ -57,14 +57,18 @@ impl std::fmt::Display for Measured {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:>7.0} req/s  p50 {:>8.2?}  p99 {:>8.2?}  errors {}  CPU/req {:>5.1} µs (outbox threads {:>4.1}, writer {:>4.1})",
+            "{:>7.0} req/s  p50 {:>8.2?}  p99 {:>8.2?}  errors {}  CPU/req {:>5.1} µs (outbox threads {:>4.1}, writer {:>4.1})  cores busy {:.2} (writer {:.2})",
             self.per_second,
             self.p50,
             self.p99,
             self.errors,
             self.cpu.as_secs_f64() * 1e6,
             self.outbox_cpu.as_secs_f64() * 1e6,
-            self.writer_cpu.as_secs_f64() * 1e6
+            self.writer_cpu.as_secs_f64() * 1e6,
+            // CPU per request × requests/s: below the machine's cores when
+            // every request waits on something that is not the CPU.
+            self.cpu.as_secs_f64() * self.per_second,
+            self.writer_cpu.as_secs_f64() * self.per_second
         )
     }
 }
