@@ -12,9 +12,14 @@
 //! after the other but different keys commit side by side — and share the
 //! server's WAL flush (a lock held across the flush would let one commit
 //! through per flush). Other calls need no lock.
+//!
+//! The statements go out with their parameter types given (`*_typed`):
+//! parse, bind and execute in one round trip, where a statement given as
+//! text is first prepared in a round trip of its own.
 
 use sendbox_types::{ReadSet, StateChange, bare_address};
 use tokio_postgres::Transaction;
+use tokio_postgres::types::Type;
 
 use super::pg_err;
 use crate::{Call, Committed, OutboxError, Queued, now_ms};
@@ -53,9 +58,9 @@ async fn count_since(
     since_ms: i64,
 ) -> Result<u64, OutboxError> {
     let row = tx
-        .query_one(
+        .query_typed_one(
             "SELECT COUNT(*) FROM messages WHERE plugin = $1 AND created_ms > $2",
-            &[&plugin, &since_ms],
+            &[(&plugin, Type::TEXT), (&since_ms, Type::INT8)],
         )
         .await
         .map_err(pg_err)?;
@@ -68,10 +73,10 @@ pub(super) async fn apply(tx: &Transaction<'_>, call: &Call) -> Result<Committed
     let locks = locks(call);
     if !locks.is_empty() {
         // One statement takes them all, in order.
-        tx.execute(
+        tx.execute_typed(
             "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) \
              FROM unnest($1::text[]) WITH ORDINALITY AS l(k, n) ORDER BY n",
-            &[&locks],
+            &[(&locks, Type::TEXT_ARRAY)],
         )
         .await
         .map_err(pg_err)?;
@@ -107,9 +112,9 @@ pub(super) async fn apply(tx: &Transaction<'_>, call: &Call) -> Result<Committed
         .flat_map(|e| e.recipients().map(bare_address))
         .collect();
     let suppressed: std::collections::HashSet<String> = tx
-        .query(
+        .query_typed(
             "SELECT address FROM suppressions WHERE address = ANY($1)",
-            &[&all],
+            &[(&all, Type::TEXT_ARRAY)],
         )
         .await
         .map_err(pg_err)?
@@ -137,10 +142,10 @@ pub(super) async fn apply(tx: &Transaction<'_>, call: &Call) -> Result<Committed
         }
         if let Some(key) = &email.idempotency_key {
             let earlier = tx
-                .query_opt(
+                .query_typed_opt(
                     "SELECT i.message, i.created_ms, m.message_id FROM idempotency i \
                      LEFT JOIN messages m ON m.id = i.message WHERE i.plugin = $1 AND i.key = $2",
-                    &[&call.plugin, key],
+                    &[(&call.plugin, Type::TEXT), (key, Type::TEXT)],
                 )
                 .await
                 .map_err(pg_err)?;
@@ -165,34 +170,39 @@ pub(super) async fn apply(tx: &Transaction<'_>, call: &Call) -> Result<Committed
         );
         // The message and its first audit row in one statement.
         let row = tx
-            .query_one(
+            .query_typed_one(
                 "WITH m AS (INSERT INTO messages (message_id, plugin, trigger, event_id, account, state, attempts, \
                  next_attempt_ms, created_ms, updated_ms, recipients, bytes, idempotency_key, email_json) \
                  VALUES ($1, $2, $3, $4, $5, 'queued', 0, $6, $6, $6, $7, $8, $9, $10) RETURNING id) \
                  INSERT INTO audit (message, at_ms, from_state, to_state, detail) \
                  SELECT id, $6, NULL, 'queued', $11 FROM m RETURNING message",
                 &[
-                    &message_id,
-                    &call.plugin,
-                    &call.trigger,
-                    &call.event_id,
-                    &call.account,
-                    &now,
-                    &recipients.join(", "),
-                    &bytes,
-                    &email.idempotency_key,
-                    &json,
-                    &detail,
+                    (&message_id, Type::TEXT),
+                    (&call.plugin, Type::TEXT),
+                    (&call.trigger, Type::TEXT),
+                    (&call.event_id, Type::TEXT),
+                    (&call.account, Type::TEXT),
+                    (&now, Type::INT8),
+                    (&recipients.join(", "), Type::TEXT),
+                    (&bytes, Type::INT8),
+                    (&email.idempotency_key, Type::TEXT),
+                    (&json, Type::TEXT),
+                    (&detail, Type::TEXT),
                 ],
             )
             .await
             .map_err(pg_err)?;
         let id: i64 = row.get(0);
         if let Some(key) = &email.idempotency_key {
-            tx.execute(
+            tx.execute_typed(
                 "INSERT INTO idempotency (plugin, key, message, created_ms) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (plugin, key) DO UPDATE SET message = excluded.message, created_ms = excluded.created_ms",
-                &[&call.plugin, key, &id, &now],
+                &[
+                    (&call.plugin, Type::TEXT),
+                    (key, Type::TEXT),
+                    (&id, Type::INT8),
+                    (&now, Type::INT8),
+                ],
             )
             .await
             .map_err(pg_err)?;
@@ -233,9 +243,9 @@ pub(super) async fn keys(
 async fn validate(tx: &Transaction<'_>, plugin: &str, reads: &ReadSet) -> Result<(), OutboxError> {
     for (key, seen) in &reads.keys {
         let now = tx
-            .query_opt(
+            .query_typed_opt(
                 "SELECT version FROM plugin_state WHERE plugin = $1 AND key = $2",
-                &[&plugin, key],
+                &[(&plugin, Type::TEXT), (key, Type::TEXT)],
             )
             .await
             .map_err(pg_err)?
@@ -269,10 +279,10 @@ async fn apply_state(
         return Ok(());
     }
     let row = tx
-        .query_one(
+        .query_typed_one(
             "INSERT INTO plugin_usage (plugin, bytes, seq) VALUES ($1, 0, 1) \
              ON CONFLICT (plugin) DO UPDATE SET seq = plugin_usage.seq + 1 RETURNING seq, bytes",
-            &[&plugin],
+            &[(&plugin, Type::TEXT)],
         )
         .await
         .map_err(pg_err)?;
@@ -283,9 +293,9 @@ async fn apply_state(
             StateChange::Set { key, .. } | StateChange::Delete { key } => key,
         };
         let old: Option<i32> = tx
-            .query_opt(
+            .query_typed_opt(
                 "SELECT octet_length(value) FROM plugin_state WHERE plugin = $1 AND key = $2",
-                &[&plugin, key],
+                &[(&plugin, Type::TEXT), (key, Type::TEXT)],
             )
             .await
             .map_err(pg_err)?
@@ -293,19 +303,24 @@ async fn apply_state(
         delta -= old.map_or(0, |n| key.len() as i64 + i64::from(n));
         match change {
             StateChange::Set { key, value } => {
-                tx.execute(
+                tx.execute_typed(
                     "INSERT INTO plugin_state (plugin, key, value, version) VALUES ($1, $2, $3, $4) \
                      ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value, version = excluded.version",
-                    &[&plugin, key, &value.0, &seq],
+                    &[
+                        (&plugin, Type::TEXT),
+                        (key, Type::TEXT),
+                        (&value.0, Type::BYTEA),
+                        (&seq, Type::INT8),
+                    ],
                 )
                 .await
                 .map_err(pg_err)?;
                 delta += (key.len() + value.0.len()) as i64;
             }
             StateChange::Delete { key } => {
-                tx.execute(
+                tx.execute_typed(
                     "DELETE FROM plugin_state WHERE plugin = $1 AND key = $2",
-                    &[&plugin, key],
+                    &[(&plugin, Type::TEXT), (key, Type::TEXT)],
                 )
                 .await
                 .map_err(pg_err)?;
@@ -316,9 +331,9 @@ async fn apply_state(
     if let Some(refused) = crate::policy::over_quota(delta, after, quota) {
         return Err(refused);
     }
-    tx.execute(
+    tx.execute_typed(
         "UPDATE plugin_usage SET bytes = $2 WHERE plugin = $1",
-        &[&plugin, &after],
+        &[(&plugin, Type::TEXT), (&after, Type::INT8)],
     )
     .await
     .map_err(pg_err)?;
