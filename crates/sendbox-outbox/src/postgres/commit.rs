@@ -67,22 +67,80 @@ async fn count_since(
     Ok(row.get::<_, i64>(0).max(0) as u64)
 }
 
+/// An idempotency key already stored: its message, when it was stored, and
+/// the message's Message-ID.
+type Earlier = (i64, i64, Option<String>);
+
 /// Checks the call against its policy and stores it inside `tx`; on `Err`
 /// the caller rolls back.
 pub(super) async fn apply(tx: &Transaction<'_>, call: &Call) -> Result<Committed, OutboxError> {
     let locks = locks(call);
-    if !locks.is_empty() {
-        // One statement takes them all, in order.
-        tx.execute_typed(
-            "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) \
-             FROM unnest($1::text[]) WITH ORDINALITY AS l(k, n) ORDER BY n",
-            &[(&locks, Type::TEXT_ARRAY)],
-        )
-        .await
-        .map_err(pg_err)?;
-    }
-    // First: is what the call read still what is stored? If not, its
-    // outcome may be wrong; the caller runs the event again.
+    // Every recipient and every idempotency key of the call, looked up at
+    // once.
+    let all: Vec<String> = call
+        .emails
+        .iter()
+        .flat_map(|e| e.recipients().map(bare_address))
+        .collect();
+    let mut keys: Vec<&str> = call
+        .emails
+        .iter()
+        .filter_map(|e| e.idempotency_key.as_deref())
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    // The locks and both lookups go out together (one round trip instead
+    // of three): the server runs them in the order sent, each lookup with a
+    // snapshot taken once the locks are held, so it sees every commit that
+    // held them before. `biased` polls, and so sends, in that order.
+    let (locked, suppressed, earlier) = tokio::join!(
+        biased;
+        async {
+            if locks.is_empty() {
+                return Ok(0);
+            }
+            // One statement takes them all, in order.
+            tx.execute_typed(
+                "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) \
+                 FROM unnest($1::text[]) WITH ORDINALITY AS l(k, n) ORDER BY n",
+                &[(&locks, Type::TEXT_ARRAY)],
+            )
+            .await
+        },
+        async {
+            tx.query_typed(
+                "SELECT address FROM suppressions WHERE address = ANY($1)",
+                &[(&all, Type::TEXT_ARRAY)],
+            )
+            .await
+        },
+        async {
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            tx.query_typed(
+                "SELECT i.key, i.message, i.created_ms, m.message_id FROM idempotency i \
+                 LEFT JOIN messages m ON m.id = i.message WHERE i.plugin = $1 AND i.key = ANY($2)",
+                &[(&call.plugin, Type::TEXT), (&keys, Type::TEXT_ARRAY)],
+            )
+            .await
+        },
+    );
+    // The first failure is the cause; after it the transaction refuses
+    // the rest.
+    locked.map_err(pg_err)?;
+    let suppressed: std::collections::HashSet<String> = suppressed
+        .map_err(pg_err)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let earlier: std::collections::HashMap<String, Earlier> = earlier
+        .map_err(pg_err)?
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+        .collect();
+    // Is what the call read still what is stored? If not, its outcome may
+    // be wrong; the caller runs the event again.
     validate(tx, &call.plugin, &call.reads).await?;
     // The shape (pure, shared by every backend); any violation refuses the
     // whole call.
@@ -105,24 +163,11 @@ pub(super) async fn apply(tx: &Transaction<'_>, call: &Call) -> Result<Committed
     }
 
     let retention_start = now - i64::from(p.idempotency_hours) * 3_600_000;
-    // Every recipient of the call looked up at once.
-    let all: Vec<String> = call
-        .emails
-        .iter()
-        .flat_map(|e| e.recipients().map(bare_address))
-        .collect();
-    let suppressed: std::collections::HashSet<String> = tx
-        .query_typed(
-            "SELECT address FROM suppressions WHERE address = ANY($1)",
-            &[(&all, Type::TEXT_ARRAY)],
-        )
-        .await
-        .map_err(pg_err)?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    for email in &call.emails {
-        let mut email = email.clone();
+    // Keys this call queued: a later email of the call with the same key
+    // is its duplicate (with no retention, a key is never a duplicate).
+    let mut queued_keys: std::collections::HashMap<&str, Queued> = Default::default();
+    for original in &call.emails {
+        let mut email = original.clone();
         // Suppressed addresses are removed; an email left without
         // recipients is not queued.
         for list in [&mut email.to, &mut email.cc, &mut email.bcc] {
@@ -140,21 +185,17 @@ pub(super) async fn apply(tx: &Transaction<'_>, call: &Call) -> Result<Committed
         if email.recipients().next().is_none() {
             continue;
         }
-        if let Some(key) = &email.idempotency_key {
-            let earlier = tx
-                .query_typed_opt(
-                    "SELECT i.message, i.created_ms, m.message_id FROM idempotency i \
-                     LEFT JOIN messages m ON m.id = i.message WHERE i.plugin = $1 AND i.key = $2",
-                    &[(&call.plugin, Type::TEXT), (key, Type::TEXT)],
-                )
-                .await
-                .map_err(pg_err)?;
-            if let Some(row) = earlier
-                && row.get::<_, i64>(1) > retention_start
+        if let Some(key) = email.idempotency_key.as_deref() {
+            if let Some(q) = queued_keys.get(key) {
+                done.duplicates.push(q.clone());
+                continue;
+            }
+            if let Some((id, created, message_id)) = earlier.get(key)
+                && *created > retention_start
             {
                 done.duplicates.push(Queued {
-                    id: row.get(0),
-                    message_id: row.get::<_, Option<String>>(2).unwrap_or_default(),
+                    id: *id,
+                    message_id: message_id.clone().unwrap_or_default(),
                 });
                 continue;
             }
@@ -168,14 +209,19 @@ pub(super) async fn apply(tx: &Transaction<'_>, call: &Call) -> Result<Committed
             "plugin {} event {} ({})",
             call.plugin, call.event_id, call.trigger
         );
-        // The message and its first audit row in one statement.
+        // The message, its first audit row and its idempotency key in one
+        // statement (the key's lock is held, so no other commit writes it).
         let row = tx
             .query_typed_one(
                 "WITH m AS (INSERT INTO messages (message_id, plugin, trigger, event_id, account, state, attempts, \
                  next_attempt_ms, created_ms, updated_ms, recipients, bytes, idempotency_key, email_json) \
-                 VALUES ($1, $2, $3, $4, $5, 'queued', 0, $6, $6, $6, $7, $8, $9, $10) RETURNING id) \
-                 INSERT INTO audit (message, at_ms, from_state, to_state, detail) \
-                 SELECT id, $6, NULL, 'queued', $11 FROM m RETURNING message",
+                 VALUES ($1, $2, $3, $4, $5, 'queued', 0, $6, $6, $6, $7, $8, $9, $10) RETURNING id), \
+                 a AS (INSERT INTO audit (message, at_ms, from_state, to_state, detail) \
+                 SELECT id, $6, NULL, 'queued', $11 FROM m), \
+                 i AS (INSERT INTO idempotency (plugin, key, message, created_ms) \
+                 SELECT $2, $9, id, $6 FROM m WHERE $9 IS NOT NULL \
+                 ON CONFLICT (plugin, key) DO UPDATE SET message = excluded.message, created_ms = excluded.created_ms) \
+                 SELECT id FROM m",
                 &[
                     (&message_id, Type::TEXT),
                     (&call.plugin, Type::TEXT),
@@ -192,22 +238,16 @@ pub(super) async fn apply(tx: &Transaction<'_>, call: &Call) -> Result<Committed
             )
             .await
             .map_err(pg_err)?;
-        let id: i64 = row.get(0);
-        if let Some(key) = &email.idempotency_key {
-            tx.execute_typed(
-                "INSERT INTO idempotency (plugin, key, message, created_ms) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (plugin, key) DO UPDATE SET message = excluded.message, created_ms = excluded.created_ms",
-                &[
-                    (&call.plugin, Type::TEXT),
-                    (key, Type::TEXT),
-                    (&id, Type::INT8),
-                    (&now, Type::INT8),
-                ],
-            )
-            .await
-            .map_err(pg_err)?;
+        let queued = Queued {
+            id: row.get(0),
+            message_id,
+        };
+        if let Some(key) = original.idempotency_key.as_deref()
+            && p.idempotency_hours > 0
+        {
+            queued_keys.insert(key, queued.clone());
         }
-        done.queued.push(Queued { id, message_id });
+        done.queued.push(queued);
     }
 
     apply_state(
