@@ -9,6 +9,9 @@
 //!
 //! Full run:   cargo bench -p sendbox --bench webhook
 //! Smoke run:  cargo test -p sendbox --bench webhook
+//! One route:  cargo bench -p sendbox --bench webhook -- --only committed --secs 20
+//!             (`committed` or `bare`, 64 connections, one line: the load a
+//!             profiler attaches to; see `scripts/profile-webhook.sh`)
 //!
 //! Targets (issue 12): at 64 connections the committed route's p99 ≤ 10 ms,
 //! ≥ 10,000 requests/s and ≥ 0.3× the bare route's.
@@ -142,7 +145,25 @@ async fn load(url: String, body: Vec<u8>, conns: usize, secs: f64, vary: bool) -
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let full = std::env::args().any(|a| a == "--bench");
+    let args: Vec<String> = std::env::args().collect();
+    let full = args.iter().any(|a| a == "--bench");
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let only = flag("--only");
+    if let Some(route) = &only
+        && route != "committed"
+        && route != "bare"
+    {
+        panic!("--only takes `committed` or `bare`, not `{route}`");
+    }
+    let only_secs: f64 = match flag("--secs") {
+        Some(s) => s.parse().expect("--secs takes a number of seconds"),
+        None => 20.0,
+    };
     let secs = if full { 8.0 } else { 0.5 };
     let dir = tempfile::tempdir().unwrap();
     let outbox = Arc::new(Outbox::open(&dir.path().join("bench.db")).unwrap());
@@ -233,6 +254,18 @@ async fn main() {
         "webhook latency: the committed route (webhook-bridge + fsynced commit) and a bare POST"
     );
     println!("route of the same server (no plugin, no commit); load generator on the same 2 cores");
+    // One route alone, for a profiler (scripts/profile-webhook.sh).
+    if let Some(route) = only {
+        let path = if route == "bare" {
+            "/bare"
+        } else {
+            "/hooks/alerts"
+        };
+        println!("  ready: {route} route, 64 connections, {only_secs} s");
+        let r = load(format!("http://{addr}{path}"), body, 64, only_secs, false).await;
+        println!("  64 connections  {route:<10} {r}");
+        return;
+    }
     // At 16 connections one pair of runs; at 64, where the targets are,
     // alternated pairs of shorter runs and the medians: this machine's
     // background load moves the bare route by a third between runs, so

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Where a webhook request's CPU goes: runs the webhook bench's committed (or
+# bare) route alone at 64 connections, records it with `perf` (call graphs,
+# after a warm-up), and prints each owner's share of the samples and its
+# microseconds per request (bench/perf_owners.py).
+#   ./scripts/profile-webhook.sh [committed|bare] [--seconds 5]
+# Needs perf (Debian's linux-perf) and a PostgreSQL server, as the bench does
+# (scripts/postgres-for-tests.sh finds or starts one).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+route="${1:-committed}"
+seconds=5
+if [ "${2:-}" = "--seconds" ]; then seconds="${3:?--seconds takes a number}"; fi
+case "$route" in committed|bare) ;; *) echo "route: committed or bare, not $route" >&2; exit 2 ;; esac
+command -v perf >/dev/null || { echo "perf not found: apt-get install linux-perf" >&2; exit 1; }
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sendbox-target}"
+source scripts/postgres-for-tests.sh
+
+exe=$(cargo bench --locked -p sendbox --bench webhook --no-run --message-format=json 2>/dev/null |
+  python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "webhook" and m.get("executable"):
+        print(m["executable"])')
+[ -x "$exe" ] || { echo "the webhook bench did not build: cargo bench -p sendbox --bench webhook --no-run" >&2; exit 1; }
+
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+warmup=6
+(cd crates/sendbox && exec "$exe" --bench --only "$route" --secs $((warmup + seconds + 3))) > "$out/bench.txt" &
+bench=$!
+# The route is loaded once the bench says so; then a warm-up, then record.
+for _ in $(seq 600); do grep -q "ready:" "$out/bench.txt" 2>/dev/null && break; sleep 0.1; done
+grep -q "ready:" "$out/bench.txt" || { cat "$out/bench.txt" >&2; echo "the bench did not start" >&2; exit 1; }
+sleep "$warmup"
+perf record -q -F 499 --call-graph dwarf,16384 -p "$bench" -o "$out/perf.data" -- sleep "$seconds" 2>/dev/null
+wait "$bench"
+line=$(grep "CPU/req" "$out/bench.txt")
+echo "$line"
+cpu_us=$(sed -E 's/.*CPU\/req +([0-9.]+) µs.*/\1/' <<<"$line")
+echo "(perf's unwinding adds to the CPU per request while it records)"
+perf script -i "$out/perf.data" -F comm,tid,ip,sym 2>/dev/null | python3 bench/perf_owners.py --cpu-us "$cpu_us"
