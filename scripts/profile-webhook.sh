@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 route="${1:-committed}"
 seconds=5
-if [ "${2:-}" = "--seconds" ]; then seconds="${3:?--seconds takes a number}"; fi
+if [ "${2:-}" = "--seconds" ]; then seconds="${3:-}"; fi
+[[ "$seconds" =~ ^[1-9][0-9]*$ ]] || { echo "--seconds takes a whole number of seconds, not '$seconds'" >&2; exit 2; }
 case "$route" in committed|bare) ;; *) echo "route: committed or bare, not $route" >&2; exit 2 ;; esac
 command -v perf >/dev/null || { echo "perf not found: apt-get install linux-perf" >&2; exit 1; }
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sendbox-target}"
@@ -25,16 +26,22 @@ for line in sys.stdin:
 [ -x "$exe" ] || { echo "the webhook bench did not build: cargo bench -p sendbox --bench webhook --no-run" >&2; exit 1; }
 
 out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
+bench=""
+# Whatever happens, the bench does not outlive the script.
+trap '[ -n "$bench" ] && kill "$bench" 2>/dev/null; rm -rf "$out"' EXIT
 warmup=6
 (cd crates/sendbox && exec "$exe" --bench --only "$route" --secs $((warmup + seconds + 3))) > "$out/bench.txt" &
 bench=$!
-# The route is loaded once the bench says so; then a warm-up, then record.
-for _ in $(seq 600); do grep -q "ready:" "$out/bench.txt" 2>/dev/null && break; sleep 0.1; done
-grep -q "ready:" "$out/bench.txt" || { cat "$out/bench.txt" >&2; echo "the bench did not start" >&2; exit 1; }
+# The route is loaded once the bench says so (its first run on a machine
+# builds the example plugins first); then a warm-up, then record.
+until grep -q "ready:" "$out/bench.txt" 2>/dev/null; do
+  kill -0 "$bench" 2>/dev/null || { cat "$out/bench.txt" >&2; echo "the bench stopped before its route was loaded" >&2; exit 1; }
+  sleep 0.2
+done
 sleep "$warmup"
 perf record -q -F 499 --call-graph dwarf,16384 -p "$bench" -o "$out/perf.data" -- sleep "$seconds" 2>/dev/null
 wait "$bench"
+bench=""
 line=$(grep "CPU/req" "$out/bench.txt")
 echo "$line"
 cpu_us=$(sed -E 's/.*CPU\/req +([0-9.]+) µs.*/\1/' <<<"$line")
