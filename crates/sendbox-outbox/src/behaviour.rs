@@ -123,6 +123,20 @@ async fn depth(store: &impl Store) -> Vec<(State, u64)> {
     d
 }
 
+/// The counts by state (`depth`, kept at every change) are those of the
+/// messages themselves.
+async fn counts_are_exact(store: &impl Store) {
+    let mut counted: Vec<(State, u64)> = Vec::new();
+    for m in store.list(None, 100_000).await.unwrap() {
+        match counted.iter_mut().find(|(s, _)| *s == m.state) {
+            Some((_, n)) => *n += 1,
+            None => counted.push((m.state, 1)),
+        }
+    }
+    counted.sort_by_key(|(s, _)| s.as_str());
+    assert_eq!(depth(store).await, counted, "counts by state");
+}
+
 /// Emails and state writes of one call are stored together, with distinct
 /// Message-IDs in the account's domain and the event on record.
 pub async fn a_call_commits_its_emails_and_state_together(store: impl Store) {
@@ -358,6 +372,7 @@ pub async fn a_message_left_sending_is_queued_again_with_its_message_id(store: i
     let m = store.get(queued.id).await.unwrap();
     assert_eq!(m.state, State::Queued);
     assert_eq!(m.message_id, queued.message_id);
+    counts_are_exact(&store).await;
     let again = store.claim("alerts", 10).await.unwrap();
     assert_eq!(again[0].message_id, queued.message_id);
     assert_eq!(again[0].attempts, 2);
@@ -398,6 +413,7 @@ pub async fn states_move_with_their_replies_on_record(store: impl Store) {
         .mark(b, State::Retry, Some(now_ms() + 60_000), "451 4.3.0 later")
         .await
         .unwrap();
+    counts_are_exact(&store).await;
     assert!(
         store.claim("alerts", 10).await.unwrap().is_empty(),
         "retry not due yet"
@@ -407,11 +423,13 @@ pub async fn states_move_with_their_replies_on_record(store: impl Store) {
         Err(OutboxError::WrongState { .. })
     ));
     store.retry_now(b).await.unwrap();
+    counts_are_exact(&store).await;
     assert_eq!(store.claim("alerts", 10).await.unwrap()[0].id, b);
     assert!(matches!(
         store.retry_now(b).await,
         Err(OutboxError::WrongState { .. })
     ));
+    counts_are_exact(&store).await;
     store
         .mark(b, State::Dead, None, "550 5.1.1 User unknown")
         .await
@@ -434,7 +452,11 @@ pub async fn states_move_with_their_replies_on_record(store: impl Store) {
             "queued", "sending", "retry", "queued", "sending", "dead", "queued", "sending"
         ]
     );
+    // A sent message put back in the queue by the operator.
+    store.retry_now(a).await.unwrap();
+    counts_are_exact(&store).await;
     store.drop_message(a).await.unwrap();
+    counts_are_exact(&store).await;
     assert!(matches!(store.get(a).await, Err(OutboxError::NotFound(_))));
     assert!(matches!(
         store.drop_message(a).await,
@@ -476,6 +498,8 @@ pub async fn results_recorded_together_are_answered_one_by_one(store: impl Store
         .await
         .unwrap();
     assert_eq!(answers.len(), 6);
+    // Refused results moved nothing.
+    counts_are_exact(&store).await;
     assert!(answers[0].is_ok() && answers[1].is_ok() && answers[3].is_ok() && answers[4].is_ok());
     assert!(
         matches!(answers[2], Err(OutboxError::WrongState { .. })),
@@ -515,6 +539,7 @@ pub async fn results_recorded_together_are_answered_one_by_one(store: impl Store
         .collect();
     again.sort();
     assert_eq!(again, [ids[3], ids[4]]);
+    counts_are_exact(&store).await;
     assert!(store.mark_many(vec![]).await.unwrap().is_empty());
 }
 

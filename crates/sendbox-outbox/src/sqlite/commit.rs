@@ -14,8 +14,9 @@ use std::collections::HashMap;
 use rusqlite::{Connection, OptionalExtension, params};
 use sendbox_types::{Email, StateChange, bare_address};
 
+use super::counts::Moves;
 use super::rates::RateCounts;
-use crate::{Call, Committed, OutboxError, Queued, now_ms};
+use crate::{Call, Committed, OutboxError, Queued, State, now_ms};
 
 /// What becomes of one email of the call.
 enum Fate {
@@ -42,13 +43,16 @@ struct Decided {
 /// before the first write; an error after it is a storage failure (which
 /// fails the writer's whole group). `rates` counts what the plugin queued
 /// in its rate limits' windows, and learns what this call queues.
+/// The emails it queues are added to `counts`, for the writer to apply
+/// once per group.
 pub(crate) fn apply(
     c: &Connection,
     call: &Call,
     rates: &mut RateCounts,
+    counts: &mut Moves,
 ) -> Result<Committed, OutboxError> {
     let decided = decide(c, call, rates)?;
-    write(c, call, decided, rates)
+    write(c, call, decided, rates, counts)
 }
 
 /// Every check of the call, reading only.
@@ -191,6 +195,7 @@ fn write(
     call: &Call,
     decided: Decided,
     rates: &mut RateCounts,
+    counts: &mut Moves,
 ) -> Result<Committed, OutboxError> {
     let now = now_ms();
     let mailbox = bare_address(&call.account_mailbox);
@@ -241,11 +246,9 @@ fn write(
         }
         done.queued.push(Queued { id, message_id });
     }
-    // The queued count, kept here rather than by a trigger (see schema v7).
-    if !done.queued.is_empty() {
-        c.prepare_cached("UPDATE message_counts SET n = n + ?1 WHERE state = 'queued'")?
-            .execute([done.queued.len() as i64])?;
-    }
+    // The queued count, kept by the writer rather than by a trigger (see
+    // schema v7).
+    counts.added(State::Queued, done.queued.len() as i64);
     rates.queued(&call.plugin, done.queued.len() as u64, now);
     if let Some(after) = decided.usage_after {
         super::plugin_state::apply(c, &call.plugin, &call.state_changes, after)?;

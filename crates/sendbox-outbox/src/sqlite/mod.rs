@@ -6,6 +6,7 @@
 
 mod checkpoint;
 mod commit;
+mod counts;
 mod lock;
 mod plugin_state;
 mod rates;
@@ -14,6 +15,7 @@ mod schema;
 mod store;
 mod writer;
 
+use counts::Moves;
 use read::{COLUMNS, MESSAGES, row_to_message};
 use writer::{Answer, Write, writer_loop};
 
@@ -272,6 +274,9 @@ impl Outbox {
                     Some("recovered after restart: was being sent when sendbox stopped"),
                 )?;
             }
+            let mut moves = Moves::default();
+            moves.moved_n(State::Sending, State::Queued, ids.len() as i64);
+            moves.apply(&tx)?;
             tx.commit()?;
             Ok(ids.len())
         })
@@ -335,7 +340,9 @@ impl Outbox {
         let detail = detail.to_owned();
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            transition_in(&tx, id, from_any, to, next_attempt_ms, &detail)?;
+            let mut moves = Moves::default();
+            transition_in(&tx, id, from_any, to, next_attempt_ms, &detail, &mut moves)?;
+            moves.apply(&tx)?;
             tx.commit()?;
             Ok(())
         })
@@ -526,7 +533,9 @@ pub(super) fn claim_in(tx: &Connection, claim: &Claim) -> Result<Vec<Message>, O
     };
     // Such a message would block its account's queue at every claim: it
     // goes dead, with the reason, instead.
+    let mut moves = Moves::default();
     for (id, from, why) in unreadable {
+        moves.moved(State::parse(&from), State::Dead);
         let detail = format!("the stored email cannot be read: {why}");
         tracing::error!(id, %detail, "message cannot be read; dead");
         tx.prepare_cached(
@@ -541,7 +550,9 @@ pub(super) fn claim_in(tx: &Connection, claim: &Claim) -> Result<Vec<Message>, O
     for m in &msgs {
         update.execute(params![m.id, now])?;
         audit(tx, m.id, Some(m.state.as_str()), "sending", None)?;
+        moves.moved(m.state, State::Sending);
     }
+    moves.apply(tx)?;
     Ok(msgs
         .into_iter()
         .map(|mut m| {
@@ -552,34 +563,76 @@ pub(super) fn claim_in(tx: &Connection, claim: &Claim) -> Result<Vec<Message>, O
         .collect())
 }
 
-/// Moves message `id` from one of `from_any` to `to` inside `tx`, on record;
-/// checks before it writes, so a refusal leaves `tx` untouched.
-pub(super) fn transition_in(
+/// Moves message `id` from one of `from_any` to `to` inside `tx`, on record,
+/// and adds the move to `moves` (for the caller to apply); checks before it
+/// writes, so a refusal leaves `tx` untouched.
+fn transition_in(
     tx: &rusqlite::Transaction<'_>,
     id: i64,
     from_any: &[State],
     to: State,
     next_attempt_ms: Option<i64>,
     detail: &str,
+    moves: &mut Moves,
 ) -> Result<(), OutboxError> {
-    let from: Option<String> = tx
-        .prepare_cached("SELECT state FROM messages WHERE id = ?1")?
-        .query_row([id], |r| r.get(0))
-        .optional()?;
-    let Some(from) = from else {
-        return Err(OutboxError::NotFound(id));
-    };
-    if !from_any.iter().any(|s| s.as_str() == from) {
-        return Err(crate::policy::wrong_state(id, from, from_any));
-    }
     let now = now_ms();
-    tx.prepare_cached(
-        "UPDATE messages SET state = ?2, updated_ms = ?3, last_reply = ?4, \
-         next_attempt_ms = COALESCE(?5, next_attempt_ms) WHERE id = ?1",
-    )?
-    .execute(params![id, to.as_str(), now, detail, next_attempt_ms])?;
-    audit(tx, id, Some(&from), to.as_str(), Some(detail))?;
+    let from = match from_any {
+        // One state it may come from (a delivery result: `sending`): the
+        // update checks it, and only a refusal reads the row.
+        [only] => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE messages SET state = ?2, updated_ms = ?3, last_reply = ?4, \
+                     next_attempt_ms = COALESCE(?5, next_attempt_ms) WHERE id = ?1 AND state = ?6",
+                )?
+                .execute(params![
+                    id,
+                    to.as_str(),
+                    now,
+                    detail,
+                    next_attempt_ms,
+                    only.as_str()
+                ])?;
+            if n == 0 {
+                return Err(refusal(tx, id, from_any));
+            }
+            *only
+        }
+        _ => {
+            let from: Option<String> = tx
+                .prepare_cached("SELECT state FROM messages WHERE id = ?1")?
+                .query_row([id], |r| r.get(0))
+                .optional()?;
+            let Some(from) = from else {
+                return Err(OutboxError::NotFound(id));
+            };
+            if !from_any.iter().any(|s| s.as_str() == from) {
+                return Err(crate::policy::wrong_state(id, from, from_any));
+            }
+            tx.prepare_cached(
+                "UPDATE messages SET state = ?2, updated_ms = ?3, last_reply = ?4, \
+                 next_attempt_ms = COALESCE(?5, next_attempt_ms) WHERE id = ?1",
+            )?
+            .execute(params![id, to.as_str(), now, detail, next_attempt_ms])?;
+            State::parse(&from)
+        }
+    };
+    moves.moved(from, to);
+    audit(tx, id, Some(from.as_str()), to.as_str(), Some(detail))?;
     Ok(())
+}
+
+/// Why message `id` could not move from one of `from_any`: it is gone, or
+/// in another state.
+fn refusal(tx: &Connection, id: i64, from_any: &[State]) -> OutboxError {
+    let now: Result<Option<String>, _> = tx
+        .prepare_cached("SELECT state FROM messages WHERE id = ?1")
+        .and_then(|mut st| st.query_row([id], |r| r.get(0)).optional());
+    match now {
+        Ok(Some(state)) => crate::policy::wrong_state(id, state, from_any),
+        Ok(None) => OutboxError::NotFound(id),
+        Err(e) => e.into(),
+    }
 }
 
 fn audit(

@@ -152,6 +152,14 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX messages_final ON messages (state, updated_ms)
         WHERE state = 'sending' OR state = 'sent' OR state = 'dead';
     "#,
+    // v8: state changes are counted by the writes that make them, once per
+    // group like the queued count (see `counts`): the trigger ran two
+    // counter updates for every row moved and made each state change a
+    // statement with its own journal — about a third of the outbox's work
+    // per delivered message.
+    r#"
+    DROP TRIGGER messages_counted_moved;
+    "#,
 ];
 
 /// The `messages.state` CHECK as v1 wrote it, and as v7 rewrites it: the
@@ -411,6 +419,75 @@ mod tests {
             assert!(
                 !ops.iter().any(|o| o == op),
                 "an insert runs no {op} (no IN-list table, no trigger, no child scans): {ops:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_version_7_database_keeps_its_counts_and_state_changes_run_no_trigger_from_v8() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v7.db");
+        {
+            let mut c = Connection::open(&path).unwrap();
+            migrate_to(&mut c, 7).unwrap();
+            for (id, state) in [(1, "queued"), (2, "queued"), (3, "sending"), (4, "sent")] {
+                c.execute(
+                    "INSERT INTO messages (id, message_id, plugin, trigger, event_id, account, state, \
+                     next_attempt_ms, created_ms, updated_ms, recipients, bytes) \
+                     VALUES (?1, ?2, 'p', 'cli', 'e', 'alerts', ?3, 0, 0, 0, 'ops@example.com', 12)",
+                    rusqlite::params![id, format!("<m{id}@example.com>"), state],
+                )
+                .unwrap();
+                c.execute(
+                    "INSERT INTO message_bodies (message, email_json) VALUES (?1, ?2)",
+                    rusqlite::params![id, r#"{"to":["ops@example.com"],"subject":"v7"}"#],
+                )
+                .unwrap();
+            }
+            // v7 counted inserts in the commit, not by trigger.
+            c.execute(
+                "UPDATE message_counts SET n = CASE state WHEN 'queued' THEN 2 \
+                 WHEN 'sending' THEN 1 WHEN 'sent' THEN 1 ELSE 0 END",
+                [],
+            )
+            .unwrap();
+        }
+        let outbox = Outbox::open(&path).unwrap();
+        let claimed = outbox.claim("alerts", 1).unwrap();
+        assert_eq!(claimed.len(), 1);
+        outbox.mark(3, State::Retry, Some(0), "451 later").unwrap();
+        outbox.retry_now(4).unwrap();
+        let mut depth = outbox.depth().unwrap();
+        depth.sort_by_key(|(s, _)| s.as_str());
+        assert_eq!(
+            depth,
+            [(State::Queued, 2), (State::Retry, 1), (State::Sending, 1)],
+            "each move counted once, by the write that made it"
+        );
+        drop(outbox);
+        let c = Connection::open(&path).unwrap();
+        let triggers: Vec<String> = c
+            .prepare("SELECT name FROM sqlite_schema WHERE type = 'trigger'")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(triggers, ["messages_counted_out"], "deletes only");
+        let ops: Vec<String> = c
+            .prepare(
+                "EXPLAIN UPDATE messages SET state = 'sent', updated_ms = 1, last_reply = '250' \
+                 WHERE id = 1 AND state = 'sending'",
+            )
+            .unwrap()
+            .query_map([], |r| r.get::<_, String>(1))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        for op in ["Program", "OpenEphemeral"] {
+            assert!(
+                !ops.iter().any(|o| o == op),
+                "a state change runs no {op}: {ops:?}"
             );
         }
     }

@@ -136,11 +136,13 @@ fn write_group(conn: &mut Connection, group: Group, rates: &mut RateCounts) {
         }) {
             rates.begin_group(&tx)?;
         }
+        // What the group queues and moves, counted once for all of it.
+        let mut counts = super::Moves::default();
         for (call, _) in &group.commits {
             // No savepoint: a call is refused before its first write (see
             // `commit`), so a refusal leaves nothing to roll back.
             let changes_before = tx.total_changes();
-            match commit::apply(&tx, call, rates) {
+            match commit::apply(&tx, call, rates, &mut counts) {
                 Ok(done) => committed.push(Ok(done)),
                 // A storage failure (disk full, I/O) may already have rolled
                 // the whole transaction back: fail the group with it.
@@ -165,6 +167,7 @@ fn write_group(conn: &mut Connection, group: Group, rates: &mut RateCounts) {
                     m.to,
                     m.next_attempt_ms,
                     &m.detail,
+                    &mut counts,
                 );
                 if let Err(e @ OutboxError::Storage(_)) = answer {
                     return Err(e);
@@ -173,6 +176,9 @@ fn write_group(conn: &mut Connection, group: Group, rates: &mut RateCounts) {
             }
             marked.push(answers);
         }
+        // Every email queued and result recorded, in one counter update per
+        // state.
+        counts.apply(&tx)?;
         // A claim that fails (an unreadable row) fails alone; after an I/O
         // failure the rollback or the commit fails, and with it the group.
         for (claim, _) in &group.claims {
