@@ -290,6 +290,18 @@ mod tests {
         assert_eq!(check_rewritten, 1);
     }
 
+    /// Message `id` in `state`, as schemas v6 and later store it (its body
+    /// apart).
+    fn insert_message(c: &Connection, id: i64, state: &str) {
+        c.execute(
+            "INSERT INTO messages (id, message_id, plugin, trigger, event_id, account, state, \
+             next_attempt_ms, created_ms, updated_ms, recipients, bytes) \
+             VALUES (?1, ?2, 'p', 'cli', 'e', 'alerts', ?3, 0, 0, 0, 'ops@example.com', 12)",
+            rusqlite::params![id, format!("<m{id}@example.com>"), state],
+        )
+        .unwrap();
+    }
+
     #[test]
     fn a_version_6_database_keeps_its_counts_and_its_state_check_through_v7() {
         let dir = tempfile::tempdir().unwrap();
@@ -298,13 +310,7 @@ mod tests {
             let mut c = Connection::open(&path).unwrap();
             migrate_to(&mut c, 6).unwrap();
             for (id, state) in [(1, "queued"), (2, "sending"), (3, "sent"), (4, "dead")] {
-                c.execute(
-                    "INSERT INTO messages (id, message_id, plugin, trigger, event_id, account, state, \
-                     next_attempt_ms, created_ms, updated_ms, recipients, bytes) \
-                     VALUES (?1, ?2, 'p', 'cli', 'e', 'alerts', ?3, 0, 0, 0, 'ops@example.com', 12)",
-                    rusqlite::params![id, format!("<m{id}@example.com>"), state],
-                )
-                .unwrap();
+                insert_message(&c, id, state);
             }
             // Before v7 the commit wrote the first entry as an audit row.
             c.execute(
@@ -431,13 +437,7 @@ mod tests {
             let mut c = Connection::open(&path).unwrap();
             migrate_to(&mut c, 7).unwrap();
             for (id, state) in [(1, "queued"), (2, "queued"), (3, "sending"), (4, "sent")] {
-                c.execute(
-                    "INSERT INTO messages (id, message_id, plugin, trigger, event_id, account, state, \
-                     next_attempt_ms, created_ms, updated_ms, recipients, bytes) \
-                     VALUES (?1, ?2, 'p', 'cli', 'e', 'alerts', ?3, 0, 0, 0, 'ops@example.com', 12)",
-                    rusqlite::params![id, format!("<m{id}@example.com>"), state],
-                )
-                .unwrap();
+                insert_message(&c, id, state);
                 c.execute(
                     "INSERT INTO message_bodies (message, email_json) VALUES (?1, ?2)",
                     rusqlite::params![id, r#"{"to":["ops@example.com"],"subject":"v7"}"#],
