@@ -3,7 +3,8 @@
 # bare) route alone at 64 connections, records it with `perf` (call graphs,
 # after a warm-up), and prints each owner's share of the samples and its
 # microseconds per request (bench/perf_owners.py).
-#   ./scripts/profile-webhook.sh [committed|bare] [--seconds 5]
+#   ./scripts/profile-webhook.sh [committed|unique|bare] [--seconds 5]
+# (`unique`: the committed route with every alert its own idempotency key)
 # Needs perf (Debian's linux-perf) and a PostgreSQL server, as the bench does
 # (scripts/postgres-for-tests.sh finds or starts one).
 set -euo pipefail
@@ -12,7 +13,7 @@ route="${1:-committed}"
 seconds=5
 if [ "${2:-}" = "--seconds" ]; then seconds="${3:-}"; fi
 [[ "$seconds" =~ ^[1-9][0-9]*$ ]] || { echo "--seconds takes a whole number of seconds, not '$seconds'" >&2; exit 2; }
-case "$route" in committed|bare) ;; *) echo "route: committed or bare, not $route" >&2; exit 2 ;; esac
+case "$route" in committed|unique|bare) ;; *) echo "route: committed, unique or bare, not $route" >&2; exit 2 ;; esac
 command -v perf >/dev/null || { echo "perf not found: apt-get install linux-perf" >&2; exit 1; }
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sendbox-target}"
 source scripts/postgres-for-tests.sh

@@ -176,8 +176,7 @@ impl Plugin {
             })
             .await;
             let done = self.end(event_id, call, result, instantiating)?;
-            let outcome = done.value;
-            self.checked(event_id, &outcome, done.store, done.started, |o| {
+            self.checked(event_id, done.value, done.store, done.started, |o| {
                 o.emails.len()
             })
             .map(|(outcome, parts)| RunReport {
@@ -251,12 +250,11 @@ impl Plugin {
             })
             .await;
             let done = self.end(event_id, call, result, instantiating)?;
-            let verdict = done.value;
             let emails = |v: &Verdict| match v {
                 Verdict::Replace(e) => e.len(),
                 _ => 0,
             };
-            self.checked(event_id, &verdict, done.store, done.started, emails)
+            self.checked(event_id, done.value, done.store, done.started, emails)
                 .map(|(verdict, parts)| ScreenReport {
                     verdict,
                     state_changes: parts.state_changes,
@@ -272,10 +270,10 @@ impl Plugin {
 
     /// Validates what a call returned (its emails against the limits) and
     /// takes the state changes, reads and logs from its store.
-    fn checked<T: Clone + Validated>(
+    fn checked<T: Validated>(
         &self,
         event_id: &str,
-        value: &T,
+        value: T,
         mut store: Store<HostState>,
         started: Instant,
         emails: impl Fn(&T) -> usize,
@@ -292,10 +290,10 @@ impl Plugin {
         }
         let data = store.into_data();
         let duration_us = started.elapsed().as_micros() as u64;
-        tracing::debug!(emails = emails(value), duration_us, "plugin run ok");
+        tracing::debug!(emails = emails(&value), duration_us, "plugin run ok");
         let (state_changes, reads) = data.overlay.finish();
         Ok((
-            value.clone(),
+            value,
             Parts {
                 state_changes,
                 reads,

@@ -10,8 +10,9 @@
 //! Full run:   cargo bench -p sendbox --bench webhook
 //! Smoke run:  cargo test -p sendbox --bench webhook
 //! One route:  cargo bench -p sendbox --bench webhook -- --only committed --secs 20
-//!             (`committed` or `bare`, 64 connections, one line: the load a
-//!             profiler attaches to; see `scripts/profile-webhook.sh`)
+//!             (`committed`, `unique` — the committed route with every alert
+//!             its own idempotency key — or `bare`; 64 connections, one line:
+//!             the load a profiler attaches to; see `scripts/profile-webhook.sh`)
 //!
 //! Targets (issue 12): at 64 connections the committed route's p99 ≤ 10 ms,
 //! ≥ 10,000 requests/s and ≥ 0.3× the bare route's.
@@ -165,8 +166,9 @@ fn main() {
     if let Some(route) = &only
         && route != "committed"
         && route != "bare"
+        && route != "unique"
     {
-        panic!("--only takes `committed` or `bare`, not `{route}`");
+        panic!("--only takes `committed`, `unique` or `bare`, not `{route}`");
     }
     let only_secs: f64 = match flag("--secs") {
         Some(s) => s.parse().expect("--secs takes a number of seconds"),
@@ -290,7 +292,10 @@ fn main() {
             "/hooks/alerts"
         };
         println!("  ready: {route} route, 64 connections, {only_secs} s");
-        let r = load(format!("http://{addr}{path}"), body, 64, only_secs, false).await;
+        // `unique`: the committed route with every alert its own
+        // idempotency key, as distinct webhooks are.
+        let unique = route == "unique";
+        let r = load(format!("http://{addr}{path}"), body, 64, only_secs, unique).await;
         println!("  64 connections  {route:<10} {r}");
         return false;
     }
