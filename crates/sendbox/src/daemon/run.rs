@@ -432,14 +432,26 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(answer.status(), 202, "{:?}", answer.text().await);
+        // Delivered while serving. (A drain sends what the worker has
+        // claimed; a message committed just before the request may still
+        // be unclaimed and then waits, queued, for the next start — so the
+        // stop is requested once the message is out.)
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while mails(dir.path()) == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(mails(dir.path()), 1, "the accepted event was delivered");
 
         handle.request();
         let stopped = run.await.unwrap().unwrap();
         assert_eq!(stopped, Stopped::Cleanly);
-        // Accepted before the request: delivered before the drain ended.
         assert_eq!(mails(dir.path()), 1);
-        // The outbox is closed and unlocked: the next process opens it.
+        // The outbox is closed and unlocked: the next process opens it, and
+        // the message is recorded as sent (nothing left to send again).
         Daemon::open(&file, "next").await.unwrap();
+        let outbox = Outbox::open(&dir.path().join("var/sendbox.db")).unwrap();
+        let sent = outbox.list(Some(sendbox_outbox::State::Sent), 10).unwrap();
+        assert_eq!(sent.len(), 1, "{sent:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
