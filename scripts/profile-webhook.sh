@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Where a webhook request's CPU goes: runs the webhook bench's committed (or
-# bare) route alone at 64 connections, records it with `perf` (call graphs,
+# Where a webhook request's CPU goes: runs one route of the webhook bench
+# (committed, unique or bare) alone at 64 connections, records it with `perf` (call graphs,
 # after a warm-up), and prints each owner's share of the samples and its
 # microseconds per request (bench/perf_owners.py).
 #   ./scripts/profile-webhook.sh [committed|unique|bare] [--seconds 5]
