@@ -12,7 +12,8 @@
 //! One route:  cargo bench -p sendbox --bench webhook -- --only committed --secs 20
 //!             (`committed`, `unique` — the committed route with every alert
 //!             its own idempotency key — or `bare`; 64 connections, one line:
-//!             the load a profiler attaches to; see `scripts/profile-webhook.sh`)
+//!             the load a profiler attaches to; see `scripts/profile-webhook.sh`;
+//!             `--conns N` for another number of connections, up to 256)
 //!
 //! Targets (issue 12): at 64 connections the committed route's p99 ≤ 10 ms,
 //! ≥ 10,000 requests/s and ≥ 0.3× the bare route's.
@@ -35,6 +36,10 @@ use sendbox_outbox::{Outbox, Policy};
 use sendbox_runtime::{PluginSettings, Runtime, RuntimeOptions};
 use sendbox_triggers::webhook::{Auth, Route, RouteTable};
 use sendbox_triggers::{Dispatch, Dispatched, Job};
+
+/// The most connections a run may open (`--conns`); the routes admit as
+/// many requests at once, so the route's own limit never queues them.
+const MAX_CONNS: usize = 256;
 
 /// The same alert as `body` in alert group `n` (its own idempotency key).
 fn in_group(body: &[u8], n: usize) -> Vec<u8> {
@@ -174,6 +179,14 @@ fn main() {
         Some(s) => s.parse().expect("--secs takes a number of seconds"),
         None => 20.0,
     };
+    let only_conns: usize = match flag("--conns") {
+        Some(n) => n
+            .parse()
+            .ok()
+            .filter(|n| (1..=MAX_CONNS).contains(n))
+            .unwrap_or_else(|| panic!("--conns takes 1 to {MAX_CONNS} connections, not `{n}`")),
+        None => 64,
+    };
     let secs = if full { 8.0 } else { 0.5 };
     // The server runs on the runtime `sendbox run` builds; the load
     // generator on two threads of its own, as an outside client (`wrk -t2`)
@@ -256,7 +269,8 @@ fn main() {
             auth: Auth::None,
             replay: Default::default(),
             max_body_bytes: 1 << 20,
-            concurrency: 64,
+            // Never the limit: at most MAX_CONNS requests are in flight.
+            concurrency: MAX_CONNS,
             queue_wait: std::time::Duration::from_secs(10),
         };
         let routes = HashMap::from([
@@ -291,12 +305,12 @@ fn main() {
         } else {
             "/hooks/alerts"
         };
-        println!("  ready: {route} route, 64 connections, {only_secs} s");
+        println!("  ready: {route} route, {only_conns} connections, {only_secs} s");
         // `unique`: the committed route with every alert its own
         // idempotency key, as distinct webhooks are.
         let unique = route == "unique";
-        let r = load(format!("http://{addr}{path}"), body, 64, only_secs, unique).await;
-        println!("  64 connections  {route:<10} {r}");
+        let r = load(format!("http://{addr}{path}"), body, only_conns, only_secs, unique).await;
+        println!("  {only_conns:>2} connections  {route:<10} {r}");
         return false;
     }
     // At 16 connections one pair of runs; at 64, where the targets are,
