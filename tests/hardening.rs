@@ -8,6 +8,9 @@
 //! - a plugin's allocation attacks (huge keys, delete floods, NUL keys, an
 //!   8 MiB error, 64 MiB of randomness) leave the daemon's peak memory
 //!   under 200 MB, its logs and answers capped;
+//! - strangers stalling 1 MiB bodies cannot make the daemon hold more than
+//!   its `webhook_max_held_body_bytes`; a signed request past it gets
+//!   `503`, and is served once the strangers time out;
 //! - replayed Standard Webhooks deliveries are not run again; stale ones
 //!   are refused;
 //! - a second delivering process on the same store is refused by name;
@@ -60,6 +63,30 @@ mode = "{mode}"
 "#,
         wasm = wasm::hostile("hostile").display()
     )
+}
+
+/// The secret of [`signed_ok_route`]'s route.
+const ROUTE_SECRET: &str = "route-secret";
+
+/// A daemon with `daemon_lines` in its `[daemon]` table and one route,
+/// `/hooks/ok`, signed with [`ROUTE_SECRET`], with `route_lines` added; its
+/// plugin queues an email for every event.
+fn signed_ok_route(daemon_lines: &str, route_lines: &str) -> (tempfile::TempDir, Daemon) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("sendbox.toml");
+    let route =
+        format!("path = \"/hooks/ok\"\nsecret = {{ env = \"ROUTE_SECRET\" }}\n{route_lines}");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}{daemon_lines}{FILE_ACCOUNT}{}",
+            daemon::daemon_section(),
+            hostile_plugin("ok", "ok", &route)
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&cfg, &[("ROUTE_SECRET", ROUTE_SECRET)]);
+    (dir, d)
 }
 
 async fn post(url: &str) -> (u16, String) {
@@ -177,23 +204,11 @@ async fn concurrent_events_of_one_plugin_are_serializable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_strangers_cannot_hold_a_route() {
-    let dir = tempfile::tempdir().unwrap();
-    let secret = "route-secret";
-    let cfg = dir.path().join("sendbox.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "{}webhook_header_timeout_ms = 1500\nwebhook_body_timeout_ms = 1500\n{FILE_ACCOUNT}{}",
-            daemon::daemon_section(),
-            hostile_plugin(
-                "ok",
-                "ok",
-                "path = \"/hooks/ok\"\nsecret = { env = \"ROUTE_SECRET\" }\nconcurrency = 16\nqueue_ms = 500"
-            )
-        ),
-    )
-    .unwrap();
-    let d = Daemon::start(&cfg, &[("ROUTE_SECRET", secret)]);
+    let (_dir, d) = signed_ok_route(
+        "webhook_header_timeout_ms = 1500\nwebhook_body_timeout_ms = 1500\n",
+        "concurrency = 16\nqueue_ms = 500\n",
+    );
+    let secret = ROUTE_SECRET;
     let addr = d.base.trim_start_matches("http://").to_owned();
 
     // 16 strangers: headers with a body announced, then nothing (and 16
@@ -233,6 +248,92 @@ async fn idle_strangers_cannot_hold_a_route() {
             "{text}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_cannot_make_the_daemon_hold_their_bodies() {
+    // Bodies are read before their signature can be checked: at most
+    // 4 MiB of them are held at once, however many strangers send.
+    let (_dir, d) = signed_ok_route(
+        "webhook_body_timeout_ms = 4000\nwebhook_max_held_body_bytes = 4194304\n",
+        "max_body_bytes = 1048576\n",
+    );
+    let secret = ROUTE_SECRET;
+    let addr = d.base.trim_start_matches("http://").to_owned();
+    let pid = d.child.id();
+    let before = rss(pid);
+
+    // 64 strangers each announce a 1 MiB body, send all of it but the
+    // last few bytes, and stall: 64 MB held if the daemon kept them all.
+    let chunk = vec![b'x'; 64 << 10];
+    let mut strangers = Vec::new();
+    for _ in 0..64 {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        let head = format!(
+            "POST /hooks/ok HTTP/1.1\r\nHost: x\r\nX-Hub-Signature-256: sha256={}\r\nContent-Length: {}\r\n\r\n",
+            "0".repeat(64),
+            1 << 20
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        for _ in 0..15 {
+            s.write_all(&chunk).unwrap();
+        }
+        strangers.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // Held, they would be 64 MB of bodies (~110 MB of RSS, measured with
+    // a budget of 128 MiB); within 4 MiB, what grows is the read buffers
+    // of 64 connections draining and the allocator's (~30 MB).
+    let grown = rss(pid).saturating_sub(before);
+    assert!(
+        grown < 48 << 20,
+        "64 stalled 1 MiB bodies grew the daemon's RSS by {} MB",
+        grown >> 20
+    );
+
+    // A signed request whose body does not fit in what is left is told
+    // to come back, and nothing of it runs.
+    let body = format!("{{\"pad\": \"{}\"}}", "y".repeat(400 << 10)).into_bytes();
+    let (status, answer) = d
+        .post_signed("/hooks/ok", secret, &body, body.clone())
+        .await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("request bodies held")),
+        "{answer}"
+    );
+
+    // Once the strangers' time is up, their bytes are let go and the same
+    // request is served.
+    for mut s in strangers {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        let text = String::from_utf8_lossy(&buf);
+        assert!(buf.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    }
+    let (status, answer) = d
+        .post_signed("/hooks/ok", secret, &body, body.clone())
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    let log = d.logs();
+    assert!(
+        log.contains("too many request bodies held at once"),
+        "the refusal is logged"
+    );
+}
+
+/// Resident memory of a process now, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .expect("VmRSS in /proc/PID/status")
 }
 
 /// Peak resident memory of a process, in bytes.

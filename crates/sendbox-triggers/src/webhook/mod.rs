@@ -11,7 +11,9 @@
 //!
 //! Nothing a stranger sends is held without a cap and a timeout (see
 //! [`ServerLimits`]): a connection cap, a header-read timeout, a body-read
-//! timeout, and the body read only up to the route's limit. A route's
+//! timeout, the body read only up to the route's limit, and a cap on the
+//! bytes of every body held at once (a body is read before its signature
+//! can be checked). A route's
 //! concurrency permit is taken only once the request is authenticated, so
 //! idle or slow strangers cannot make an authenticated caller wait.
 
@@ -122,6 +124,27 @@ struct App {
     dispatch: Dispatch,
     metrics: Option<MetricsFn>,
     limits: ServerLimits,
+    /// One permit per byte of request bodies held
+    /// ([`ServerLimits::max_held_body_bytes`]).
+    held_bytes: Semaphore,
+}
+
+impl App {
+    fn new(
+        routes: RouteTable,
+        dispatch: Dispatch,
+        metrics: Option<MetricsFn>,
+        limits: ServerLimits,
+    ) -> App {
+        let held_bytes = Semaphore::new(limits.max_held_body_bytes.min(Semaphore::MAX_PERMITS));
+        App {
+            routes,
+            dispatch,
+            metrics,
+            limits,
+            held_bytes,
+        }
+    }
 }
 
 /// Longest error text put in an answer, in bytes.
@@ -201,14 +224,23 @@ async fn handle(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
     let (parts, body) = req.into_parts();
     let read = tokio::time::timeout(
         app.limits.body_timeout,
-        read_limited(body, route.max_body_bytes),
+        read_limited(body, route.max_body_bytes, &app.held_bytes),
     );
-    let body = match read.await {
-        Ok(Ok(b)) => b,
-        Ok(Err(())) => {
+    // The body's bytes stay counted against `max_held_body_bytes` until
+    // the answer is sent (the event holds the body meanwhile).
+    let (body, _held) = match read.await {
+        Ok(Ok(read)) => read,
+        Ok(Err(Unread::TooLarge)) => {
             return json(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 serde_json::json!({"error": format!("body over {} bytes", route.max_body_bytes)}),
+            );
+        }
+        Ok(Err(Unread::Busy)) => {
+            tracing::warn!(plugin = %route.plugin, %path, max_held_body_bytes = app.limits.max_held_body_bytes, "webhook refused: too many request bodies held at once");
+            return retry_later(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many request bodies held at once; retry later",
             );
         }
         Err(_) => {
@@ -343,25 +375,66 @@ async fn handle(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
 /// 413, so the client is done sending and sees the answer.
 const DRAIN_BYTES: usize = 16 << 20;
 
-/// Reads the body if it is at most `limit` bytes; otherwise drains up to
-/// [`DRAIN_BYTES`] and fails.
-async fn read_limited(body: Body, limit: usize) -> Result<Vec<u8>, ()> {
+/// Why a body was not read.
+enum Unread {
+    /// Over the route's limit, or the connection failed mid-body.
+    TooLarge,
+    /// Holding it would go past the server's `max_held_body_bytes`.
+    Busy,
+}
+
+/// Reads the body if it is at most `limit` bytes, holding one of `held`'s
+/// permits per byte kept; otherwise (over the limit, or no permits left)
+/// lets go of what it held, drains up to [`DRAIN_BYTES`] so the client is
+/// done sending and sees the answer, and fails.
+async fn read_limited(
+    body: Body,
+    limit: usize,
+    held: &Semaphore,
+) -> Result<(Vec<u8>, Option<tokio::sync::SemaphorePermit<'_>>), Unread> {
     use http_body_util::BodyExt;
     let mut body = body;
     let mut buf = Vec::new();
+    let mut permit: Option<tokio::sync::SemaphorePermit<'_>> = None;
+    let mut refused = None;
     let mut seen = 0usize;
     while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else { return Err(()) };
-        if let Ok(data) = frame.into_data() {
-            seen += data.len();
-            if seen <= limit {
-                buf.extend_from_slice(&data);
-            } else if seen > DRAIN_BYTES {
-                return Err(());
+        let Ok(frame) = frame else {
+            return Err(Unread::TooLarge);
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len();
+        if refused.is_none() && seen > limit {
+            refused = Some(Unread::TooLarge);
+        }
+        if refused.is_none() {
+            let more = u32::try_from(data.len())
+                .ok()
+                .and_then(|n| held.try_acquire_many(n).ok());
+            match (more, permit.as_mut()) {
+                (Some(more), Some(p)) => p.merge(more),
+                (Some(more), None) => permit = Some(more),
+                (None, _) => refused = Some(Unread::Busy),
+            }
+        }
+        match refused {
+            None => buf.extend_from_slice(&data),
+            Some(_) => {
+                // Nothing more is kept: what was read goes now.
+                buf = Vec::new();
+                permit = None;
+                if seen > DRAIN_BYTES {
+                    break;
+                }
             }
         }
     }
-    if seen > limit { Err(()) } else { Ok(buf) }
+    match refused {
+        Some(why) => Err(why),
+        None => Ok((buf, permit)),
+    }
 }
 
 /// The request path for fuzzing: one raw request through the real handler,
@@ -435,12 +508,12 @@ pub mod fuzzing {
                 }
             })
         });
-        Arc::new(App {
-            routes: RouteTable::new(routes),
+        Arc::new(App::new(
+            RouteTable::new(routes),
             dispatch,
-            metrics: None,
-            limits: ServerLimits::default(),
-        })
+            None,
+            ServerLimits::default(),
+        ))
     }
 
     /// Parses `raw` as `METHOD PATH\nName: value\n...\n\nbody` (lines

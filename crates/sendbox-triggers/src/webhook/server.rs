@@ -28,6 +28,12 @@ pub struct ServerLimits {
     pub header_timeout: Duration,
     /// Time to receive a request's body. Default 30 s.
     pub body_timeout: Duration,
+    /// Most bytes of request bodies held at once, over every connection:
+    /// a body is read before its signature can be checked, so without
+    /// this `max_connections` strangers could each make the daemon hold
+    /// a route's `max_body_bytes`. A request whose body would go past it
+    /// is answered `503` with `Retry-After`. Default 64 MiB.
+    pub max_held_body_bytes: usize,
 }
 
 impl Default for ServerLimits {
@@ -36,6 +42,7 @@ impl Default for ServerLimits {
             max_connections: 1024,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
+            max_held_body_bytes: 64 << 20,
         }
     }
 }
@@ -56,12 +63,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let header_timeout = limits.header_timeout;
-    let app = Arc::new(App {
-        routes,
-        dispatch,
-        metrics,
-        limits,
-    });
+    let app = Arc::new(App::new(routes, dispatch, metrics, limits));
     let router = axum::Router::new().fallback(handle).with_state(app);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);

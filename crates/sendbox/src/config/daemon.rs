@@ -46,6 +46,11 @@ pub struct RawDaemon {
     /// Time a webhook client has to send its request body, in ms. Default
     /// 30000.
     pub webhook_body_timeout_ms: Option<u64>,
+    /// Most bytes of webhook request bodies held at once, over every
+    /// connection (a body is read before its signature can be checked);
+    /// a request past it is answered `503` with `Retry-After`. At least
+    /// every route's `max_body_bytes`. Default 67108864 (64 MiB).
+    pub webhook_max_held_body_bytes: Option<usize>,
     /// Serve routes with `unauthenticated = true` on an address other than
     /// loopback: anyone who can reach it can make sendbox send mail. Refused
     /// unless this is set. Default false.

@@ -118,6 +118,9 @@ struct Ctx<'a> {
     source: &'a str,
     errors: Vec<String>,
     warnings: Vec<String>,
+    /// `[daemon] webhook_max_held_body_bytes`: no route's body may be
+    /// larger.
+    max_held_body_bytes: usize,
 }
 
 impl Ctx<'_> {
@@ -188,6 +191,10 @@ fn parse_with(
             errors: vec![format!("{at}: {}", e.message())],
         }
     })?;
+    let max_held_body_bytes = raw
+        .daemon
+        .webhook_max_held_body_bytes
+        .unwrap_or(sendbox_triggers::webhook::ServerLimits::default().max_held_body_bytes);
     let mut cx = Ctx {
         path,
         resolve_secrets,
@@ -195,6 +202,7 @@ fn parse_with(
         source,
         errors: Vec::new(),
         warnings: Vec::new(),
+        max_held_body_bytes,
     };
     let mut fingerprints = fingerprints(source);
     let mut accounts = BTreeMap::new();
@@ -340,6 +348,7 @@ fn parse_with(
                 .daemon
                 .webhook_body_timeout_ms
                 .map_or(server.body_timeout, std::time::Duration::from_millis),
+            max_held_body_bytes,
         },
         shutdown_grace: std::time::Duration::from_secs(
             raw.daemon.shutdown_grace_secs.unwrap_or(10),

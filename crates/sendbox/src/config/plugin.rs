@@ -233,6 +233,7 @@ pub(super) fn drop_ins(
             source: &source,
             errors: Vec::new(),
             warnings: Vec::new(),
+            max_held_body_bytes: cx.max_held_body_bytes,
         };
         match toml::from_str::<RawPlugin>(&source) {
             Ok(raw) => {

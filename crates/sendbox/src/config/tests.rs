@@ -36,6 +36,34 @@ mod unit {
         assert!(parse(Path::new("s.toml"), &allowed).is_ok());
     }
 
+    #[test]
+    fn a_route_body_larger_than_the_held_bodies_budget_is_refused_with_the_fix() {
+        let route = format!(
+            "[daemon]\nwebhook_max_held_body_bytes = 1000000\n{PLUGIN}[plugins.p.webhook]\npath = \"/h\"\nunauthenticated = true\n"
+        );
+        // The route's default 1 MiB is over 1,000,000 bytes.
+        let e = errors(&route);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("sendbox.toml:")
+                && e[0].contains("`plugins.p.webhook.max_body_bytes`")
+                && e[0].contains(
+                    "1048576 bytes is more than `[daemon] webhook_max_held_body_bytes` (1000000)"
+                )
+                && e[0].contains("lower it, or raise that"),
+            "{e:?}"
+        );
+        let fits = route.replace(
+            "path = \"/h\"\n",
+            "path = \"/h\"\nmax_body_bytes = 1000000\n",
+        );
+        let c = parse(Path::new("s.toml"), &fits).unwrap();
+        assert_eq!(c.webhook_limits.max_held_body_bytes, 1_000_000);
+        // Unset, the budget is 64 MiB.
+        let plain = parse(Path::new("s.toml"), PLUGIN).unwrap();
+        assert_eq!(plain.webhook_limits.max_held_body_bytes, 64 << 20);
+    }
+
     const ACCOUNT: &str = "[accounts.a]\nprovider = \"file\"\nmailbox = \"a@b.c\"\ndir = \"m\"\n";
 
     #[test]

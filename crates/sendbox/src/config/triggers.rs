@@ -175,6 +175,11 @@ pub(super) fn triggers(cx: &mut Ctx<'_>, name: &str, p: &RawPlugin) -> Triggers 
                 return None;
             }
         };
+        let max_body_bytes = w.max_body_bytes.unwrap_or(1 << 20);
+        if max_body_bytes > cx.max_held_body_bytes {
+            cx.error(offset, &format!("{key}.max_body_bytes"), format!("{max_body_bytes} bytes is more than `[daemon] webhook_max_held_body_bytes` ({}), so such a body could never be read: lower it, or raise that", cx.max_held_body_bytes));
+            return None;
+        }
         Some(Route {
             plugin: name.to_owned(),
             auth,
@@ -183,7 +188,7 @@ pub(super) fn triggers(cx: &mut Ctx<'_>, name: &str, p: &RawPlugin) -> Triggers 
                 dedupe_header: w.dedupe_header.as_ref().map(|h| h.to_ascii_lowercase()),
                 dedupe_window: std::time::Duration::from_secs(w.dedupe_secs.unwrap_or(86_400)),
             },
-            max_body_bytes: w.max_body_bytes.unwrap_or(1 << 20),
+            max_body_bytes,
             concurrency: w.concurrency.unwrap_or(16),
             queue_wait: std::time::Duration::from_millis(w.queue_ms.unwrap_or(2000)),
         })
