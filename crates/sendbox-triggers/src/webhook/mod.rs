@@ -384,9 +384,10 @@ enum Unread {
 }
 
 /// Reads the body if it is at most `limit` bytes, holding one of `held`'s
-/// permits per byte kept; otherwise (over the limit, or no permits left)
-/// lets go of what it held, drains up to [`DRAIN_BYTES`] so the client is
-/// done sending and sees the answer, and fails.
+/// permits per byte of the buffer it allocates (taken before the buffer
+/// grows); otherwise (over the limit, or no permits left) lets go of what
+/// it held, drains up to [`DRAIN_BYTES`] so the client is done sending and
+/// sees the answer, and fails.
 async fn read_limited(
     body: Body,
     limit: usize,
@@ -398,6 +399,8 @@ async fn read_limited(
     let mut permit: Option<tokio::sync::SemaphorePermit<'_>> = None;
     let mut refused = None;
     let mut seen = 0usize;
+    // Bytes of `buf` the permit covers.
+    let mut accounted = 0usize;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
             return Err(Unread::TooLarge);
@@ -409,14 +412,22 @@ async fn read_limited(
         if refused.is_none() && seen > limit {
             refused = Some(Unread::TooLarge);
         }
-        if refused.is_none() {
-            let more = u32::try_from(data.len())
+        if refused.is_none() && seen > accounted {
+            // The buffer doubles, never past the route's limit; the
+            // permits for its new bytes are taken before they are
+            // allocated.
+            let grown = (accounted * 2).max(seen).min(limit);
+            let more = u32::try_from(grown - accounted)
                 .ok()
                 .and_then(|n| held.try_acquire_many(n).ok());
             match (more, permit.as_mut()) {
                 (Some(more), Some(p)) => p.merge(more),
                 (Some(more), None) => permit = Some(more),
                 (None, _) => refused = Some(Unread::Busy),
+            }
+            if refused.is_none() {
+                accounted = grown;
+                buf.reserve_exact(grown - buf.len());
             }
         }
         match refused {

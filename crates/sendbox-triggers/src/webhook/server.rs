@@ -28,7 +28,7 @@ pub struct ServerLimits {
     pub header_timeout: Duration,
     /// Time to receive a request's body. Default 30 s.
     pub body_timeout: Duration,
-    /// Most bytes of request bodies held at once, over every connection:
+    /// Most bytes of request-body buffers held at once, over every connection:
     /// a body is read before its signature can be checked, so without
     /// this `max_connections` strangers could each make the daemon hold
     /// a route's `max_body_bytes`. A request whose body would go past it
