@@ -6,7 +6,9 @@
 # commits a new row, fsync on); the baseline is the same server's
 # `GET /healthz` (no plugin, no commit). Runs alternate; prints req/s, p50
 # and p99 of each, the ratio, and the medians at 64 connections.
-#   ./scripts/bench-webhook-wrk.sh [--runs 3] [--seconds 8]
+#   ./scripts/bench-webhook-wrk.sh [--runs 3] [--seconds 8] [--binary PATH]
+# --binary measures that `sendbox` (say, an earlier release's, kept aside)
+# instead of building this checkout's.
 # Needs wrk (Debian's package: apt-get install wrk).
 # The account's rate limit holds delivery back during the runs, so they
 # measure the webhook path alone, as `cargo bench --bench webhook` does.
@@ -14,18 +16,24 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=3
 seconds=8
+binary=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) runs="${2:-}"; shift 2 ;;
     --seconds) seconds="${2:-}"; shift 2 ;;
-    *) echo "unknown argument '$1': --runs N, --seconds N" >&2; exit 2 ;;
+    --binary) binary="${2:-}"; shift 2 ;;
+    *) echo "unknown argument '$1': --runs N, --seconds N, --binary PATH" >&2; exit 2 ;;
   esac
 done
+[ -z "$binary" ] || [ -x "$binary" ] || { echo "--binary: '$binary' is not an executable file" >&2; exit 2; }
 [[ "$runs" =~ ^[1-9][0-9]*$ ]] || { echo "--runs takes a whole number, not '$runs'" >&2; exit 2; }
 [[ "$seconds" =~ ^[1-9][0-9]*$ ]] || { echo "--seconds takes a whole number, not '$seconds'" >&2; exit 2; }
 command -v wrk >/dev/null || { echo "wrk not found: apt-get install wrk" >&2; exit 1; }
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sendbox-target}"
-cargo build --release --locked -p sendbox
+if [ -z "$binary" ]; then
+  cargo build --release --locked -p sendbox
+  binary="$CARGO_TARGET_DIR/release/sendbox"
+fi
 rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 cargo build --release --locked --target wasm32-wasip2 \
   --manifest-path plugins/Cargo.toml --target-dir "$CARGO_TARGET_DIR/wasm-plugins"
@@ -57,7 +65,7 @@ to = "oncall@example.com"
 path = "/hooks/alerts"
 unauthenticated = true
 EOF
-"$CARGO_TARGET_DIR/release/sendbox" run --config "$work/sendbox.toml" > "$work/daemon.log" 2>&1 &
+"$binary" run --config "$work/sendbox.toml" > "$work/daemon.log" 2>&1 &
 daemon=$!
 until grep -q "sendbox ready" "$work/daemon.log" 2>/dev/null; do
   kill -0 "$daemon" 2>/dev/null || { cat "$work/daemon.log" >&2; echo "sendbox did not start" >&2; exit 1; }

@@ -11,6 +11,9 @@
 //! - strangers stalling 1 MiB bodies cannot make the daemon hold more than
 //!   its `webhook_max_held_body_bytes`; a signed request past it gets
 //!   `503`, and is served once the strangers time out;
+//! - requests waiting for the writer do not hold their route's slots
+//!   (`concurrency` bounds plugin runs), and the outcomes they hold meanwhile
+//!   stay within `max_held_outcome_bytes`, in the metric and in RSS;
 //! - replayed Standard Webhooks deliveries are not run again; stale ones
 //!   are refused;
 //! - a second delivering process on the same store is refused by name;
@@ -323,6 +326,143 @@ async fn strangers_cannot_make_the_daemon_hold_their_bodies() {
         log.contains("too many request bodies held at once"),
         "the refusal is logged"
     );
+}
+
+/// Holds the outbox's write lock, as another process's long transaction
+/// would, until the connection is dropped: the daemon's commits wait.
+fn hold_the_writer(db: &Path) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    c.execute_batch("BEGIN IMMEDIATE").unwrap();
+    c
+}
+
+/// Bytes of outcomes the daemon holds for their commit, from `/metrics`.
+async fn outcome_bytes_held(d: &Daemon) -> u64 {
+    daemon::metric(&d.metrics().await, "sendbox_outcome_bytes_held")
+        .expect("sendbox_outcome_bytes_held in /metrics")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_for_the_writer_do_not_hold_the_routes_slots() {
+    // One slot, and a request waits at most 300 ms for it.
+    let (dir, d) = signed_ok_route("", "concurrency = 1\nqueue_ms = 300\n");
+    let (status, answer) = d
+        .post_signed("/hooks/ok", ROUTE_SECRET, b"{}", b"{}".to_vec())
+        .await;
+    assert_eq!(status, 202, "{answer}");
+
+    let writer = hold_the_writer(&dir.path().join("var/sendbox.db"));
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let body = format!("{{\"n\": {i}}}").into_bytes();
+        let (base, secret) = (d.base.clone(), ROUTE_SECRET);
+        tasks.push(tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .post(format!("{base}/hooks/ok"))
+                .header("x-hub-signature-256", daemon::sign(secret, &body))
+                .body(body)
+                .send()
+                .await
+                .expect("the webhook answers");
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap_or_default())
+        }));
+    }
+    // All eight plugin runs happen, one at a time, while no commit can:
+    // eight outcomes (1 KiB each as counted) wait for the writer at once.
+    let start = Instant::now();
+    loop {
+        let held = outcome_bytes_held(&d).await;
+        if held == 8 << 10 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "8 outcomes should wait for the writer together, {held} bytes held"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(writer);
+    let mut ids = BTreeSet::new();
+    for t in tasks {
+        let (status, answer) = t.await.unwrap();
+        assert_eq!(status, 202, "{answer}");
+        let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        ids.insert(answer["queued"][0].as_i64().expect("a queued id"));
+    }
+    assert_eq!(ids.len(), 8, "eight distinct messages: {ids:?}");
+    assert_eq!(outcome_bytes_held(&d).await, 0, "let go once committed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_waiting_for_the_writer_stay_within_their_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    // Outcomes of 2 MiB; 8 MiB of them may wait for the writer.
+    let body = format!(
+        "max_held_outcome_bytes = 8388608\n{FILE_ACCOUNT}{}",
+        hostile_plugin(
+            "big",
+            "big-outcome",
+            "path = \"/hooks/big\"\nunauthenticated = true\nconcurrency = 4\nqueue_ms = 60000"
+        )
+        .replace(
+            "mode = \"big-outcome\"",
+            "mode = \"big-outcome\"\nkib = \"2048\""
+        ),
+    );
+    let cfg = write_config(dir.path(), &body);
+    let d = Daemon::start(&cfg, &[]);
+    let pid = d.child.id();
+    let url = format!("{}/hooks/big", d.base);
+    assert_eq!(post(&url).await.0, 202);
+    assert_eq!(
+        daemon::metric(&d.metrics().await, "sendbox_outcome_bytes_max"),
+        Some(8 << 20)
+    );
+    let before = rss(pid);
+
+    let writer = hold_the_writer(&dir.path().join("var/sendbox.db"));
+    let tasks: Vec<_> = (0..48)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { post(&url).await })
+        })
+        .collect();
+    // While the writer is held back: three outcomes fit in the budget, the
+    // route's four slots hold runs waiting for room, the other 41 requests
+    // wait for a slot with nothing run.
+    let (mut most_held, mut most_rss) = (0, 0);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(2500) {
+        let held = outcome_bytes_held(&d).await;
+        assert!(
+            held <= 8 << 20,
+            "{held} bytes of outcomes held, over the budget"
+        );
+        most_held = most_held.max(held);
+        most_rss = most_rss.max(rss(pid));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        most_held >= 6 << 20,
+        "outcomes wait in the budget: {most_held}"
+    );
+    // Within the budget, 7 outcomes at most are held (RSS +30 MB,
+    // measured); with a budget of 1 GiB all 48 are, 96 MiB (RSS +98 to
+    // +103 MB, measured).
+    let grown = most_rss.saturating_sub(before);
+    assert!(
+        grown < 48 << 20,
+        "48 requests waiting for the writer grew the daemon's RSS by {} MB",
+        grown >> 20
+    );
+    drop(writer);
+    for t in tasks {
+        let (status, answer) = t.await.unwrap();
+        assert_eq!(status, 202, "{answer}");
+    }
+    assert_eq!(outcome_bytes_held(&d).await, 0);
 }
 
 /// Resident memory of a process now, in bytes.

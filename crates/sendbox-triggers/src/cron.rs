@@ -169,6 +169,7 @@ async fn fire(s: &Schedule, scheduled_at_ms: i64, dispatch: &Dispatch) {
             scheduled_at_ms,
         }),
         event_id: new_event_id(TYPE),
+        slot: None,
     };
     let result = dispatch(job).await;
     tracing::debug!(plugin = %s.plugin, schedule = %s.name, ?result, "schedule run finished");

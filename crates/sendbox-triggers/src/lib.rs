@@ -20,9 +20,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use sendbox_types::{Event, HttpResponse};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// One event for one plugin.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Job {
     /// The plugin's name.
     pub plugin: String,
@@ -30,6 +31,60 @@ pub struct Job {
     pub event: Event,
     /// The event's id, for logs and the audit trail.
     pub event_id: String,
+    /// The trigger's slot this event's plugin run holds (a webhook route's
+    /// `concurrency`), if the trigger bounds its runs that way.
+    pub slot: Option<RunSlot>,
+}
+
+/// One of a trigger's slots for plugin runs, held by a [`Job`]: it bounds
+/// how many of the trigger's plugin runs happen at once. The dispatcher
+/// lets go of it once the plugin has run (so an outcome waiting for its
+/// commit does not keep a slot from the next run) and takes it again
+/// before running the plugin again.
+pub struct RunSlot {
+    slots: Arc<Semaphore>,
+    held: Option<OwnedSemaphorePermit>,
+}
+
+impl RunSlot {
+    /// Waits up to `wait` for one of `slots`; `None` when none came free.
+    pub async fn take(slots: &Arc<Semaphore>, wait: std::time::Duration) -> Option<RunSlot> {
+        let permit = tokio::time::timeout(wait, slots.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()?;
+        Some(RunSlot {
+            slots: slots.clone(),
+            held: Some(permit),
+        })
+    }
+
+    /// Lets go of the slot (another run may take it).
+    pub fn release(&mut self) {
+        self.held = None;
+    }
+
+    /// Takes a slot again after [`RunSlot::release`], waiting as long as it
+    /// takes; a slot still held is kept.
+    pub async fn retake(&mut self) {
+        if self.held.is_none() {
+            // The semaphore is never closed.
+            self.held = self.slots.clone().acquire_owned().await.ok();
+        }
+    }
+
+    /// Whether the slot is held now.
+    pub fn is_held(&self) -> bool {
+        self.held.is_some()
+    }
+}
+
+impl std::fmt::Debug for RunSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunSlot")
+            .field("held", &self.is_held())
+            .finish()
+    }
 }
 
 /// What became of a job.

@@ -336,6 +336,7 @@ async fn serve(
                 plugin: w.plugin.clone(),
                 event: Event::File(event),
                 event_id: new_event_id(TYPE),
+                slot: None,
             };
             let result = dispatch(job).await;
             tracing::debug!(plugin = %w.plugin, path = %path.display(), ?result, "file event handled");

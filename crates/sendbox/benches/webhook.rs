@@ -232,6 +232,9 @@ fn main() {
             outbox.clone().into(),
             Arc::new(sendbox::daemon::Wakers::default()),
             Arc::new(sendbox::metrics::Metrics::default()),
+            Arc::new(sendbox::daemon::OutcomeBudget::new(
+                sendbox::config::DEFAULT_MAX_HELD_OUTCOME_BYTES,
+            )),
         );
         let db = sendbox_test_support::postgres::Database::create().await;
         let pg = sendbox_outbox::PgOutbox::connect(
@@ -248,6 +251,9 @@ fn main() {
             pg.clone().into(),
             Arc::new(sendbox::daemon::Wakers::default()),
             Arc::new(sendbox::metrics::Metrics::default()),
+            Arc::new(sendbox::daemon::OutcomeBudget::new(
+                sendbox::config::DEFAULT_MAX_HELD_OUTCOME_BYTES,
+            )),
         );
         let dispatch: Dispatch = Arc::new(move |job: Job| {
             if job.plugin == "webhook-bridge-pg" {

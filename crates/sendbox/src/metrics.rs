@@ -1,7 +1,7 @@
 //! Counters for `/metrics`, in Prometheus text format: events by trigger,
 //! plugin and result; plugin run time as a histogram; outbox depth by state;
 //! delivery attempts by account and result; token refreshes by account;
-//! reloads by result.
+//! reloads by result; bytes of outcomes awaiting their commit.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use sendbox_auth::TokenProvider;
 use sendbox_delivery::WorkerStatus;
 use sendbox_outbox::AnyStore;
+
+use crate::daemon::OutcomeBudget;
 
 /// Writes a metric family's `# HELP` and `# TYPE` lines.
 fn family(out: &mut String, name: &str, help: &str, kind: &str) {
@@ -38,6 +40,7 @@ pub struct Metrics {
     workers: Mutex<BTreeMap<String, Arc<WorkerStatus>>>,
     reloads: Mutex<BTreeMap<&'static str, u64>>,
     reruns: Mutex<BTreeMap<String, u64>>,
+    outcomes: Mutex<Option<Arc<OutcomeBudget>>>,
 }
 
 impl Metrics {
@@ -97,6 +100,11 @@ impl Metrics {
             .unwrap_or_else(PoisonError::into_inner)
             .entry(result)
             .or_default() += 1;
+    }
+
+    /// Reports the bytes of outcomes waiting for their commit.
+    pub fn outcome_budget(&self, budget: Arc<OutcomeBudget>) {
+        *self.outcomes.lock().unwrap_or_else(PoisonError::into_inner) = Some(budget);
     }
 
     /// Reports an account's delivery attempts.
@@ -186,6 +194,27 @@ impl Metrics {
         {
             let p = label(p);
             let _ = writeln!(out, "sendbox_state_conflicts_total{{plugin=\"{p}\"}} {n}");
+        }
+        let budget = self
+            .outcomes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(b) = budget {
+            family(
+                &mut out,
+                "sendbox_outcome_bytes_held",
+                "Bytes of plugin outcomes held while they wait for their commit.",
+                "gauge",
+            );
+            let _ = writeln!(out, "sendbox_outcome_bytes_held {}", b.held_bytes());
+            family(
+                &mut out,
+                "sendbox_outcome_bytes_max",
+                "Most bytes of plugin outcomes held at once ([daemon] max_held_outcome_bytes).",
+                "gauge",
+            );
+            let _ = writeln!(out, "sendbox_outcome_bytes_max {}", b.max_bytes());
         }
         family(
             &mut out,

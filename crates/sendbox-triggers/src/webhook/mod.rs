@@ -3,11 +3,12 @@
 //! Per route: authentication by the host before the plugin runs (see
 //! [`Auth`]: GitHub-style, Standard Webhooks, Stripe and Slack signatures,
 //! or a bearer token), with 401 and no plugin call on failure; replay
-//! protection ([`Replay`]); a body limit (413 beyond it); a concurrency
-//! limit (503 with `Retry-After` when saturated past `queue_wait`). The
-//! answer comes after the commit: `202` with the queued ids (and the ids of
-//! earlier messages it duplicated) as JSON, or the plugin's own response;
-//! `503` when the outbox cannot commit. `/healthz` answers `ok`.
+//! protection ([`Replay`]); a body limit (413 beyond it); a limit on the
+//! route's plugin runs at once (503 with `Retry-After` when saturated past
+//! `queue_wait`). The answer comes after the commit: `202` with the queued
+//! ids (and the ids of earlier messages it duplicated) as JSON, or the
+//! plugin's own response; `503` when the outbox cannot commit. `/healthz`
+//! answers `ok`.
 //!
 //! Nothing a stranger sends is held without a cap and a timeout (see
 //! [`ServerLimits`]): a connection cap, a header-read timeout, a body-read
@@ -31,7 +32,7 @@ use axum::response::{IntoResponse, Response};
 use sendbox_types::{Bytes, Event, HttpRequest};
 use tokio::sync::Semaphore;
 
-use crate::{Dispatch, Dispatched, Job, new_event_id};
+use crate::{Dispatch, Dispatched, Job, RunSlot, new_event_id};
 
 pub use auth::{Auth, Replay};
 use auth::{Seen, SeenIds};
@@ -51,7 +52,8 @@ pub struct Route {
     pub replay: Replay,
     /// Largest body accepted.
     pub max_body_bytes: usize,
-    /// Requests handled at once.
+    /// The route's plugin runs at once. A request's slot is let go once
+    /// its plugin has run: requests waiting for their commit do not count.
     pub concurrency: usize,
     /// How long a request beyond `concurrency` waits for a free slot
     /// before it is answered 503.
@@ -60,7 +62,8 @@ pub struct Route {
 
 struct RouteState {
     route: Route,
-    permits: Semaphore,
+    /// The route's slots for plugin runs (`concurrency`).
+    permits: Arc<Semaphore>,
     seen: SeenIds,
 }
 
@@ -94,7 +97,7 @@ impl RouteTable {
                 let state = match old.get(&path) {
                     Some(rs) if rs.route == route => rs.clone(),
                     _ => Arc::new(RouteState {
-                        permits: Semaphore::new(route.concurrency.max(1)),
+                        permits: Arc::new(Semaphore::new(route.concurrency.max(1))),
                         seen: SeenIds::default(),
                         route,
                     }),
@@ -290,7 +293,7 @@ async fn handle(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
     }
     // Only now, authenticated and with its body, does the request wait for
     // one of the route's slots.
-    let Ok(Ok(_permit)) = tokio::time::timeout(route.queue_wait, rs.permits.acquire()).await else {
+    let Some(slot) = RunSlot::take(&rs.permits, route.queue_wait).await else {
         tracing::warn!(plugin = %route.plugin, %path, concurrency = route.concurrency, "webhook refused: route saturated");
         return retry_later(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -322,6 +325,9 @@ async fn handle(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
             body: Bytes(body),
         }),
         event_id: event_id.clone(),
+        // Held while the plugin runs; the dispatcher lets go of it before
+        // the commit.
+        slot: Some(slot),
     };
     let dispatched = (app.dispatch)(job).await;
     if let (Some(f), Dispatched::Committed { .. }) = (in_flight.as_mut(), &dispatched) {

@@ -51,6 +51,14 @@ pub struct RawDaemon {
     /// a request past it is answered `503` with `Retry-After`. At least
     /// every route's `max_body_bytes`. Default 67108864 (64 MiB).
     pub webhook_max_held_body_bytes: Option<usize>,
+    /// Most bytes of plugin outcomes (emails, webhook answers, state
+    /// writes) held at once while they wait for their commit, over every
+    /// plugin. A route's slot (`concurrency`) is let go once its plugin has
+    /// run, so requests waiting for the commit do not hold one; their
+    /// outcomes are held here instead, and a run past it waits, slot in
+    /// hand, for earlier ones to commit. An outcome larger than this waits
+    /// for all of it. Default 268435456 (256 MiB).
+    pub max_held_outcome_bytes: Option<u64>,
     /// Serve routes with `unauthenticated = true` on an address other than
     /// loopback: anyone who can reach it can make sendbox send mail. Refused
     /// unless this is set. Default false.

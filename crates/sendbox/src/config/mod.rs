@@ -52,6 +52,9 @@ pub struct RawConfig {
     pub listeners: BTreeMap<String, Spanned<RawListener>>,
 }
 
+/// `[daemon] max_held_outcome_bytes` when unset: 256 MiB.
+pub const DEFAULT_MAX_HELD_OUTCOME_BYTES: u64 = 256 << 20;
+
 /// The validated config.
 #[derive(Debug)]
 pub struct Config {
@@ -71,6 +74,8 @@ pub struct Config {
     pub retention: Retention,
     /// Drain deadline on SIGTERM.
     pub shutdown_grace: std::time::Duration,
+    /// Most bytes of plugin outcomes held while they wait for their commit.
+    pub max_held_outcome_bytes: u64,
     /// Accounts by name.
     pub accounts: BTreeMap<String, AccountConfig>,
     /// Plugins by name (the config file's and the drop-ins').
@@ -353,6 +358,10 @@ fn parse_with(
         shutdown_grace: std::time::Duration::from_secs(
             raw.daemon.shutdown_grace_secs.unwrap_or(10),
         ),
+        max_held_outcome_bytes: raw
+            .daemon
+            .max_held_outcome_bytes
+            .unwrap_or(DEFAULT_MAX_HELD_OUTCOME_BYTES),
         store: cx.resolve_path(
             raw.daemon
                 .store

@@ -1,15 +1,96 @@
 //! Event → plugin → commit → answer: runs a job's plugin in a fresh
-//! instance, commits its outcome (re-running it on fresh state when the
-//! state it read changed meanwhile), wakes the account's worker, and says
-//! what became of it.
+//! instance, counts its outcome against the [`OutcomeBudget`] and lets go
+//! of the trigger's run slot, commits the outcome (re-running the plugin on
+//! fresh state when the state it read changed meanwhile), wakes the
+//! account's worker, and says what became of it.
 
 use std::sync::Arc;
 
 use sendbox_outbox::{AnyStore, Call, Outbox, OutboxError, Store};
-use sendbox_runtime::{StateError, StateStore, Versioned};
+use sendbox_runtime::{RunReport, StateError, StateStore, Versioned};
 use sendbox_triggers::{Dispatch, Dispatched, Job};
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::registry::{Registry, Wakers};
+
+/// The bytes of plugin outcomes held while they wait for their commit,
+/// over every plugin (`[daemon] max_held_outcome_bytes`). A run's outcome
+/// is counted before its trigger's run slot is let go, waiting (with the
+/// slot) while the budget is spent, so outcomes awaiting the writer cannot
+/// pile up past it however many requests wait. Counted in KiB; an outcome
+/// larger than the whole budget takes all of it.
+pub struct OutcomeBudget {
+    kib: Semaphore,
+    total_kib: u32,
+}
+
+impl OutcomeBudget {
+    /// A budget of `max_bytes` (at least 1 KiB, at most 4 TiB).
+    pub fn new(max_bytes: u64) -> OutcomeBudget {
+        let total_kib = u32::try_from(max_bytes / 1024).unwrap_or(u32::MAX).max(1);
+        OutcomeBudget {
+            kib: Semaphore::new(total_kib as usize),
+            total_kib,
+        }
+    }
+
+    /// Waits until `bytes` more fit, and holds them until the permit drops.
+    async fn hold(&self, bytes: u64) -> Option<SemaphorePermit<'_>> {
+        let kib = u32::try_from(bytes.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.total_kib);
+        // The semaphore is never closed.
+        self.kib.acquire_many(kib).await.ok()
+    }
+
+    /// Bytes held now.
+    pub fn held_bytes(&self) -> u64 {
+        let free = u32::try_from(self.kib.available_permits()).unwrap_or(self.total_kib);
+        u64::from(self.total_kib.saturating_sub(free)) * 1024
+    }
+
+    /// The budget, in bytes.
+    pub fn max_bytes(&self) -> u64 {
+        u64::from(self.total_kib) * 1024
+    }
+}
+
+/// What an outcome holds in memory until its commit, about: its content,
+/// its webhook answer and its state writes, and a little for each email's
+/// addresses and headers and each write's bookkeeping.
+fn outcome_bytes(report: &RunReport) -> u64 {
+    const PER_EMAIL: u64 = 512;
+    const PER_STATE_CHANGE: u64 = 64;
+    let emails: u64 = report
+        .outcome
+        .emails
+        .iter()
+        .map(|e| {
+            let addresses: usize =
+                e.to.iter()
+                    .chain(&e.cc)
+                    .chain(&e.bcc)
+                    .map(String::len)
+                    .sum();
+            let headers: usize = e.headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+            e.content_bytes() + (addresses + headers) as u64 + PER_EMAIL
+        })
+        .sum();
+    let response = report
+        .outcome
+        .response
+        .as_ref()
+        .map_or(0, |r| r.body.0.len() as u64);
+    let state: u64 = report
+        .state_changes
+        .iter()
+        .map(|c| match c {
+            sendbox_types::StateChange::Set { key, value } => key.len() + value.0.len(),
+            sendbox_types::StateChange::Delete { key } => key.len(),
+        } as u64 + PER_STATE_CHANGE)
+        .sum();
+    emails + response + state
+}
 
 /// Plugin state, read from the outbox's database.
 pub struct OutboxState(pub AnyStore);
@@ -61,12 +142,14 @@ pub fn dispatcher(
     outbox: AnyStore,
     wakers: Arc<Wakers>,
     metrics: Arc<crate::metrics::Metrics>,
+    budget: Arc<OutcomeBudget>,
 ) -> Dispatch {
     Arc::new(move |job: Job| {
         let plugins = plugins.clone();
         let outbox = outbox.clone();
         let wakers = wakers.clone();
         let metrics = metrics.clone();
+        let budget = budget.clone();
         Box::pin(async move {
             let trigger = job.event.kind();
             let plugin_name = job.plugin.clone();
@@ -100,7 +183,7 @@ pub fn dispatcher(
                     }
                 }
             }
-            let result = run_job(job, &plugins, &outbox, &wakers, &metrics).await;
+            let result = run_job(job, &plugins, &outbox, &wakers, &metrics, &budget).await;
             if let Some(tick) = tick {
                 // Remembered so a restart can catch up on runs it missed.
                 let saved = outbox
@@ -144,11 +227,13 @@ async fn run_job(
     outbox: &AnyStore,
     wakers: &Wakers,
     metrics: &crate::metrics::Metrics,
+    budget: &OutcomeBudget,
 ) -> Dispatched {
     let Job {
         plugin: name,
         event,
         event_id,
+        mut slot,
     } = job;
     // This version serves the event to the end, even if a reload
     // replaces it meanwhile.
@@ -166,6 +251,10 @@ async fn run_job(
     let mut attempt = 0;
     let (committed, response) = loop {
         attempt += 1;
+        // A run again after a conflict waits for a slot like a new one.
+        if let Some(slot) = slot.as_mut() {
+            slot.retake().await;
+        }
         let _turn = if attempt <= OPTIMISTIC_ATTEMPTS {
             Turn::Shared(loaded.serial.read().await)
         } else {
@@ -194,6 +283,12 @@ async fn run_job(
             }
             Err(e) => return Dispatched::PluginFailed(e.to_string()),
         };
+        // The outcome is counted, then the slot let go: waiting for the
+        // writer holds memory, not one of the trigger's runs.
+        let _held = budget.hold(outcome_bytes(&report)).await;
+        if let Some(slot) = slot.as_mut() {
+            slot.release();
+        }
         let call = Call {
             plugin: name.clone(),
             trigger: trigger.clone(),
@@ -243,5 +338,27 @@ async fn run_job(
             tracing::error!(plugin = %name, event_id = %event_id, error = %e, "outbox commit failed; nothing queued");
             Dispatched::StoreFailed(e.to_string())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OutcomeBudget;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn an_outcome_larger_than_the_budget_takes_all_of_it_and_the_next_waits() {
+        let budget = OutcomeBudget::new(4096);
+        assert_eq!(budget.max_bytes(), 4096);
+        let big = budget.hold(1 << 20).await;
+        assert!(big.is_some());
+        assert_eq!(budget.held_bytes(), 4096, "clamped to the whole budget");
+        let waiting = tokio::time::timeout(Duration::from_millis(50), budget.hold(1)).await;
+        assert!(waiting.is_err(), "nothing fits while it is held");
+        drop(big);
+        assert_eq!(budget.held_bytes(), 0);
+        let small = budget.hold(1025).await;
+        assert!(small.is_some());
+        assert_eq!(budget.held_bytes(), 2048, "counted in whole KiB");
     }
 }

@@ -20,7 +20,7 @@ pub mod submissions;
 pub mod supervisor;
 pub mod workers;
 
-pub use dispatch::{OutboxState, dispatcher, wait_for};
+pub use dispatch::{OutboxState, OutcomeBudget, dispatcher, wait_for};
 pub use file_changes::FileChanges;
 pub use registry::{Loaded, Registry, Shared, Wakers};
 pub use run::{Daemon, Mode, Ready, Shutdown, Stopped};

@@ -26,7 +26,7 @@ use super::setup::{allowed_from, listener_senders, load_config, open_and_recover
 use super::signals::{Hangup, Signals};
 use super::submissions::Listeners;
 use super::workers::start_workers;
-use super::{FileChanges, Shared, Supervisor, dispatcher};
+use super::{FileChanges, OutcomeBudget, Shared, Supervisor, dispatcher};
 use crate::config::Config;
 use crate::exit::{self, coded};
 
@@ -191,11 +191,14 @@ impl Daemon {
         })
         .map_err(|e| coded(exit::EX_SOFTWARE, e.to_string()))?;
         let shared = Shared::default();
+        let budget = Arc::new(OutcomeBudget::new(cfg.max_held_outcome_bytes));
+        shared.metrics.outcome_budget(budget.clone());
         let dispatch = dispatcher(
             shared.registry.clone(),
             outbox.clone(),
             shared.wakers.clone(),
             shared.metrics.clone(),
+            budget,
         );
         let render: sendbox_triggers::webhook::MetricsFn = {
             let (m, o) = (shared.metrics.clone(), outbox.clone());

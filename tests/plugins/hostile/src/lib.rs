@@ -108,6 +108,12 @@ impl Plugin for Hostile {
                 let e = Email::to("ok@example.com").subject("many").build();
                 Ok(Outcome::emails(vec![e; 100_000]))
             }
+            // Not an attack: an outcome of `kib` KiB (one email's text),
+            // for tests of outcomes waiting for their commit.
+            "big-outcome" => {
+                let kib: usize = config::get_or("kib", "1024").parse().unwrap_or(1024);
+                Ok(ok_email("big-outcome", "x".repeat(kib << 10)))
+            }
             "big-string" => Ok(ok_email("big", "x".repeat(50 << 20))),
             "crlf-subject" => Ok(Outcome::email(
                 Email::to("ok@example.com")
