@@ -353,20 +353,14 @@ async fn requests_waiting_for_the_writer_do_not_hold_the_routes_slots() {
     assert_eq!(status, 202, "{answer}");
 
     let writer = hold_the_writer(&dir.path().join("var/sendbox.db"));
+    let d = std::sync::Arc::new(d);
     let mut tasks = Vec::new();
     for i in 0..8 {
         let body = format!("{{\"n\": {i}}}").into_bytes();
-        let (base, secret) = (d.base.clone(), ROUTE_SECRET);
+        let d = d.clone();
         tasks.push(tokio::spawn(async move {
-            let r = reqwest::Client::new()
-                .post(format!("{base}/hooks/ok"))
-                .header("x-hub-signature-256", daemon::sign(secret, &body))
-                .body(body)
-                .send()
+            d.post_signed("/hooks/ok", ROUTE_SECRET, &body, body.clone())
                 .await
-                .expect("the webhook answers");
-            let status = r.status().as_u16();
-            (status, r.text().await.unwrap_or_default())
         }));
     }
     // All eight plugin runs happen, one at a time, while no commit can:
@@ -388,7 +382,6 @@ async fn requests_waiting_for_the_writer_do_not_hold_the_routes_slots() {
     for t in tasks {
         let (status, answer) = t.await.unwrap();
         assert_eq!(status, 202, "{answer}");
-        let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
         ids.insert(answer["queued"][0].as_i64().expect("a queued id"));
     }
     assert_eq!(ids.len(), 8, "eight distinct messages: {ids:?}");
