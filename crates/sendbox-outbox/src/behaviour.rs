@@ -344,6 +344,18 @@ pub async fn suppressed_recipients_are_removed_at_enqueue(store: impl Store) {
     assert!(store.unsuppress("bounced@x.org").await.unwrap());
     assert!(!store.unsuppress("bounced@x.org").await.unwrap());
     assert!(store.suppressions().await.unwrap().is_empty());
+    // Unsuppressed, the address is a recipient again; a large email (past
+    // what is serialized before the writer) is stored as made too.
+    let mut large = email("Bounced <bounced@x.org>", "large");
+    large.text = Some("x".repeat(200 << 10));
+    let done = store
+        .commit(call(vec![large.clone()], vec![]))
+        .await
+        .unwrap();
+    assert!(done.suppressed.is_empty());
+    let stored = store.get(done.queued[0].id).await.unwrap();
+    assert_eq!(stored.recipients, "bounced@x.org");
+    assert_eq!(stored.email, large);
 }
 
 /// `emails_per_hour` counts what is already queued.

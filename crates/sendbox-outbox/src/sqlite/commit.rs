@@ -8,6 +8,11 @@
 //! Because a refusal can only come before the first write, a refused call
 //! leaves nothing behind and the writer needs no savepoint per call (a
 //! savepoint copies every page the call touches once more).
+//!
+//! What needs no store — the policy's shape check, each email's JSON, its
+//! Message-ID and bare recipients — is worked out by the caller
+//! ([`Prepared::new`]) before the call reaches the writer thread, the one
+//! thread every commit waits on.
 
 use std::collections::HashMap;
 
@@ -18,10 +23,73 @@ use super::counts::Moves;
 use super::rates::RateCounts;
 use crate::{Call, Committed, OutboxError, Queued, State, now_ms};
 
+/// Largest email content serialized before the call reaches the writer.
+const PREPARED_JSON_MAX_BYTES: u64 = 64 << 10;
+
+/// A call with what its commit needs that does not depend on what is
+/// stored, worked out on the caller's thread.
+pub(crate) struct Prepared {
+    pub(crate) call: Call,
+    /// The policy's shape check's refusal, if any; the writer reports it
+    /// only after the call's reads are found to hold (a stale call is run
+    /// again first).
+    shape: Option<OutboxError>,
+    /// One per email of the call when the shape passed; none otherwise.
+    emails: Vec<PreparedEmail>,
+}
+
+/// One email's store-independent parts.
+struct PreparedEmail {
+    /// Its recipients' bare addresses (to, cc, bcc in order).
+    bare: Vec<String>,
+    /// Its JSON as the plugin made it, when it is small: stored as is
+    /// unless a recipient is suppressed. A larger email is serialized on
+    /// the writer, as it is stored, so that a commit waiting for the
+    /// writer does not hold its email twice. An email that cannot be
+    /// serialized is refused.
+    json: Option<Result<String, String>>,
+    /// The Message-ID it carries if it is queued.
+    message_id: String,
+}
+
+impl Prepared {
+    pub(crate) fn new(call: Call) -> Self {
+        let shape = crate::policy::check(&call).err();
+        let emails = if shape.is_none() {
+            let mailbox = bare_address(&call.account_mailbox);
+            let domain = sendbox_types::domain_of(&mailbox);
+            call.emails
+                .iter()
+                .map(|e| PreparedEmail {
+                    bare: e.recipients().map(bare_address).collect(),
+                    json: (e.content_bytes() <= PREPARED_JSON_MAX_BYTES)
+                        .then(|| serde_json::to_string(e).map_err(|e| e.to_string())),
+                    message_id: sendbox_types::new_message_id(domain),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Prepared {
+            call,
+            shape,
+            emails,
+        }
+    }
+}
+
 /// What becomes of one email of the call.
 enum Fate {
-    /// Queued: the email without its suppressed recipients, and its JSON.
-    Queue(Box<Email>, String),
+    /// Queued: the email (its index in the call, or a copy without its
+    /// suppressed recipients), its JSON, its recipients joined, its
+    /// Message-ID.
+    Queue {
+        index: usize,
+        trimmed: Option<Box<Email>>,
+        json: String,
+        recipients: String,
+        message_id: String,
+    },
     /// Its idempotency key names a message already stored.
     Duplicate(Queued),
     /// Its idempotency key is that of an earlier email of this call (the
@@ -44,27 +112,38 @@ struct Decided {
 /// fails the writer's whole group). `rates` counts what the plugin queued
 /// in its rate limits' windows, and learns what this call queues.
 /// The emails it queues are added to `counts`, for the writer to apply
-/// once per group.
+/// once per group. `any_suppressed`: whether the suppression list has any
+/// address (read once per group; when it is empty no recipient is looked
+/// up).
 pub(crate) fn apply(
     c: &Connection,
-    call: &Call,
+    prepared: &mut Prepared,
+    any_suppressed: bool,
     rates: &mut RateCounts,
     counts: &mut Moves,
 ) -> Result<Committed, OutboxError> {
-    let decided = decide(c, call, rates)?;
-    write(c, call, decided, rates, counts)
+    let decided = decide(c, prepared, any_suppressed, rates)?;
+    write(c, &prepared.call, decided, rates, counts)
 }
 
 /// Every check of the call, reading only.
-fn decide(c: &Connection, call: &Call, rates: &mut RateCounts) -> Result<Decided, OutboxError> {
+fn decide(
+    c: &Connection,
+    prepared: &mut Prepared,
+    any_suppressed: bool,
+    rates: &mut RateCounts,
+) -> Result<Decided, OutboxError> {
+    let call = &prepared.call;
     let p = &call.policy;
     // First: is what the call read still what is stored? If not, its
     // outcome may be wrong; the caller runs the event again.
     super::plugin_state::validate(c, &call.plugin, &call.reads)?;
 
-    // The shape first (pure, shared by every backend); any violation
-    // refuses the whole call.
-    crate::policy::check(call)?;
+    // The shape next (pure, shared by every backend, checked by the
+    // caller); any violation refuses the whole call.
+    if let Some(refused) = prepared.shape.take() {
+        return Err(refused);
+    }
     let now = now_ms();
     let new = call.emails.len() as u64;
     for (limit, window_ms, key, span) in crate::policy::rates(p) {
@@ -84,28 +163,37 @@ fn decide(c: &Connection, call: &Call, rates: &mut RateCounts) -> Result<Decided
     // Keys of this call's emails already to be queued: index among them.
     let mut keys_queued: HashMap<&str, usize> = HashMap::new();
     let mut queued = 0usize;
-    for original in &call.emails {
-        let mut email = original.clone();
+    for (index, (original, pre)) in call.emails.iter().zip(&mut prepared.emails).enumerate() {
         // Suppressed addresses are removed; an email left without
         // recipients is not queued.
-        for list in [&mut email.to, &mut email.cc, &mut email.bcc] {
-            let mut kept = Vec::with_capacity(list.len());
-            for r in list.drain(..) {
-                let bare = bare_address(&r);
+        let mut suppressed_here = Vec::new();
+        if any_suppressed {
+            for bare in &pre.bare {
                 let is_suppressed: bool = c
                     .prepare_cached("SELECT 1 FROM suppressions WHERE address = ?1")?
-                    .query_row([&bare], |_| Ok(true))
+                    .query_row([bare], |_| Ok(true))
                     .optional()?
                     .unwrap_or(false);
                 if is_suppressed {
-                    suppressed.push(bare);
-                } else {
-                    kept.push(r);
+                    suppressed_here.push(bare.clone());
                 }
             }
-            *list = kept;
         }
-        if email.recipients().next().is_none() {
+        let trimmed = if suppressed_here.is_empty() {
+            None
+        } else {
+            let mut email = original.clone();
+            for list in [&mut email.to, &mut email.cc, &mut email.bcc] {
+                list.retain(|r| !suppressed_here.contains(&bare_address(r)));
+            }
+            suppressed.append(&mut suppressed_here);
+            Some(Box::new(email))
+        };
+        let no_recipients = match &trimmed {
+            Some(email) => email.recipients().next().is_none(),
+            None => pre.bare.is_empty(),
+        };
+        if no_recipients {
             fates.push(Fate::Dropped);
             continue;
         }
@@ -137,9 +225,30 @@ fn decide(c: &Connection, call: &Call, rates: &mut RateCounts) -> Result<Decided
                 keys_queued.insert(key, queued);
             }
         }
-        let json = serde_json::to_string(&email)
-            .map_err(|e| OutboxError::Policy(format!("email cannot be stored: {e}")))?;
-        fates.push(Fate::Queue(Box::new(email), json));
+        let (json, recipients) = match &trimmed {
+            None => (
+                pre.json
+                    .take()
+                    .unwrap_or_else(|| serde_json::to_string(original).map_err(|e| e.to_string())),
+                pre.bare.join(", "),
+            ),
+            Some(email) => (
+                serde_json::to_string(email).map_err(|e| e.to_string()),
+                email
+                    .recipients()
+                    .map(bare_address)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+        };
+        let json = json.map_err(|e| OutboxError::Policy(format!("email cannot be stored: {e}")))?;
+        fates.push(Fate::Queue {
+            index,
+            trimmed,
+            json,
+            recipients,
+            message_id: std::mem::take(&mut pre.message_id),
+        });
         queued += 1;
     }
 
@@ -198,14 +307,25 @@ fn write(
     counts: &mut Moves,
 ) -> Result<Committed, OutboxError> {
     let now = now_ms();
-    let mailbox = bare_address(&call.account_mailbox);
     let mut done = Committed {
         suppressed: decided.suppressed,
         ..Committed::default()
     };
     for fate in decided.fates {
-        let (email, json) = match fate {
-            Fate::Queue(email, json) => (email, json),
+        let (email, json, recipients, message_id) = match fate {
+            Fate::Queue {
+                index,
+                trimmed,
+                json,
+                recipients,
+                message_id,
+            } => {
+                let email = match trimmed {
+                    Some(e) => std::borrow::Cow::Owned(*e),
+                    None => std::borrow::Cow::Borrowed(&call.emails[index]),
+                };
+                (email, json, recipients, message_id)
+            }
             Fate::Duplicate(earlier) => {
                 done.duplicates.push(earlier);
                 continue;
@@ -218,8 +338,6 @@ fn write(
             }
             Fate::Dropped => continue,
         };
-        let message_id = sendbox_types::new_message_id(sendbox_types::domain_of(&mailbox));
-        let recipients: Vec<String> = email.recipients().map(bare_address).collect();
         c.prepare_cached("INSERT INTO messages (message_id, plugin, trigger, event_id, account, state, attempts, \
              next_attempt_ms, created_ms, updated_ms, recipients, bytes, idempotency_key) \
              VALUES (?1, ?2, ?3, ?4, ?5, 'queued', 0, ?6, ?6, ?6, ?7, ?8, ?9)")?
@@ -230,7 +348,7 @@ fn write(
                 call.event_id,
                 call.account,
                 now,
-                recipients.join(", "),
+                recipients,
                 email.content_bytes() as i64,
                 email.idempotency_key
             ])?;

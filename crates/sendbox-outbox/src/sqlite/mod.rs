@@ -160,7 +160,8 @@ impl Outbox {
     /// `Ok`. On `Err` nothing of the call was stored.
     pub fn commit(&self, call: Call) -> Result<Committed, OutboxError> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.send(Write::Commit(Box::new(call), Answer::Blocking(tx)))?;
+        let prepared = Box::new(commit::Prepared::new(call));
+        self.send(Write::Commit(prepared, Answer::Blocking(tx)))?;
         rx.recv().map_err(|_| OutboxError::Closed)?
     }
 
@@ -171,7 +172,8 @@ impl Outbox {
         self: &std::sync::Arc<Self>,
         call: Call,
     ) -> Result<Committed, OutboxError> {
-        self.write_async(|tx| Write::Commit(Box::new(call), Answer::Async(tx)))
+        let prepared = Box::new(commit::Prepared::new(call));
+        self.write_async(|tx| Write::Commit(prepared, Answer::Async(tx)))
             .await
     }
 

@@ -12,7 +12,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::checkpoint::CatchUp;
 use super::rates::RateCounts;
 use super::{Claim, claim_in, commit, transition_in};
-use crate::{Call, Committed, Mark, Message, OutboxError, State, StorageError};
+use crate::{Committed, Mark, Message, OutboxError, State, StorageError};
 
 pub(super) type Reply<T> = mpsc::SyncSender<Result<T, OutboxError>>;
 
@@ -20,7 +20,7 @@ pub(super) type Reply<T> = mpsc::SyncSender<Result<T, OutboxError>>;
 pub(super) type WriteFn = Box<dyn FnOnce(&mut Connection) -> Result<(), OutboxError> + Send>;
 
 pub(super) enum Write {
-    Commit(Box<Call>, Answer<Committed>),
+    Commit(Box<commit::Prepared>, Answer<Committed>),
     /// Delivery results: each mark's own answer, or the group's failure.
     Marks(Vec<Mark>, Answer<Vec<Result<(), OutboxError>>>),
     /// A delivery worker's claim.
@@ -90,7 +90,7 @@ type MarkResults = Vec<Result<(), OutboxError>>;
 /// claims (which may take what the commits just queued).
 #[derive(Default)]
 struct Group {
-    commits: Vec<(Box<Call>, Answer<Committed>)>,
+    commits: Vec<(Box<commit::Prepared>, Answer<Committed>)>,
     marks: Vec<(Vec<Mark>, Answer<MarkResults>)>,
     claims: Vec<(Claim, Answer<Vec<Message>>)>,
 }
@@ -123,7 +123,7 @@ fn commit_group(conn: &mut Connection, group: Group, rates: &mut RateCounts) {
     }
 }
 
-fn write_group(conn: &mut Connection, group: Group, rates: &mut RateCounts) {
+fn write_group(conn: &mut Connection, mut group: Group, rates: &mut RateCounts) {
     let mut committed: Vec<Result<Committed, OutboxError>> =
         Vec::with_capacity(group.commits.len());
     let mut marked: Vec<Vec<Result<(), OutboxError>>> = Vec::with_capacity(group.marks.len());
@@ -131,18 +131,25 @@ fn write_group(conn: &mut Connection, group: Group, rates: &mut RateCounts) {
         Vec::with_capacity(group.claims.len());
     let outcome = (|| -> Result<(), OutboxError> {
         let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if group.commits.iter().any(|(call, _)| {
-            call.policy.emails_per_hour.is_some() || call.policy.emails_per_day.is_some()
+        if group.commits.iter().any(|(prepared, _)| {
+            let p = &prepared.call.policy;
+            p.emails_per_hour.is_some() || p.emails_per_day.is_some()
         }) {
             rates.begin_group(&tx)?;
         }
+        // No recipient is looked up while the list is empty (no other
+        // process can add to it while this transaction holds the lock).
+        let any_suppressed = !group.commits.is_empty()
+            && tx
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM suppressions)")?
+                .query_row([], |r| r.get::<_, bool>(0))?;
         // What the group queues and moves, counted once for all of it.
         let mut counts = super::Moves::default();
-        for (call, _) in &group.commits {
+        for (prepared, _) in &mut group.commits {
             // No savepoint: a call is refused before its first write (see
             // `commit`), so a refusal leaves nothing to roll back.
             let changes_before = tx.total_changes();
-            match commit::apply(&tx, call, rates, &mut counts) {
+            match commit::apply(&tx, prepared, any_suppressed, rates, &mut counts) {
                 Ok(done) => committed.push(Ok(done)),
                 // A storage failure (disk full, I/O) may already have rolled
                 // the whole transaction back: fail the group with it.
