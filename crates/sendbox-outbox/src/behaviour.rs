@@ -344,8 +344,8 @@ pub async fn suppressed_recipients_are_removed_at_enqueue(store: impl Store) {
     assert!(store.unsuppress("bounced@x.org").await.unwrap());
     assert!(!store.unsuppress("bounced@x.org").await.unwrap());
     assert!(store.suppressions().await.unwrap().is_empty());
-    // Unsuppressed, the address is a recipient again; a large email (past
-    // what is serialized before the writer) is stored as made too.
+    // Unsuppressed, the address is a recipient again; a large email is
+    // stored as made too.
     let mut large = email("Bounced <bounced@x.org>", "large");
     large.text = Some("x".repeat(200 << 10));
     let done = store

@@ -9,10 +9,13 @@
 //! leaves nothing behind and the writer needs no savepoint per call (a
 //! savepoint copies every page the call touches once more).
 //!
-//! What needs no store — the policy's shape check, each email's JSON, its
-//! Message-ID and bare recipients — is worked out by the caller
-//! ([`Prepared::new`]) before the call reaches the writer thread, the one
-//! thread every commit waits on.
+//! What needs no store — the policy's shape check, each email's Message-ID
+//! and bare recipients — is worked out by the caller ([`Prepared::new`])
+//! before the call reaches the writer thread, the one thread every commit
+//! waits on. The email's JSON is made on the writer, as it is stored: made
+//! earlier, every commit waiting for the writer would hold its emails
+//! twice (and more, for text JSON escapes), past what the daemon's outcome
+//! budget counts.
 
 use std::collections::HashMap;
 
@@ -22,9 +25,6 @@ use sendbox_types::{Email, StateChange, bare_address};
 use super::counts::Moves;
 use super::rates::RateCounts;
 use crate::{Call, Committed, OutboxError, Queued, State, now_ms};
-
-/// Largest email content serialized before the call reaches the writer.
-const PREPARED_JSON_MAX_BYTES: u64 = 64 << 10;
 
 /// A call with what its commit needs that does not depend on what is
 /// stored, worked out on the caller's thread.
@@ -42,12 +42,6 @@ pub(crate) struct Prepared {
 struct PreparedEmail {
     /// Its recipients' bare addresses (to, cc, bcc in order).
     bare: Vec<String>,
-    /// Its JSON as the plugin made it, when it is small: stored as is
-    /// unless a recipient is suppressed. A larger email is serialized on
-    /// the writer, as it is stored, so that a commit waiting for the
-    /// writer does not hold its email twice. An email that cannot be
-    /// serialized is refused.
-    json: Option<Result<String, String>>,
     /// The Message-ID it carries if it is queued.
     message_id: String,
 }
@@ -62,8 +56,6 @@ impl Prepared {
                 .iter()
                 .map(|e| PreparedEmail {
                     bare: e.recipients().map(bare_address).collect(),
-                    json: (e.content_bytes() <= PREPARED_JSON_MAX_BYTES)
-                        .then(|| serde_json::to_string(e).map_err(|e| e.to_string())),
                     message_id: sendbox_types::new_message_id(domain),
                 })
                 .collect()
@@ -225,15 +217,10 @@ fn decide(
                 keys_queued.insert(key, queued);
             }
         }
-        let (json, recipients) = match &trimmed {
-            None => (
-                pre.json
-                    .take()
-                    .unwrap_or_else(|| serde_json::to_string(original).map_err(|e| e.to_string())),
-                pre.bare.join(", "),
-            ),
+        let (stored, recipients) = match &trimmed {
+            None => (original, pre.bare.join(", ")),
             Some(email) => (
-                serde_json::to_string(email).map_err(|e| e.to_string()),
+                &**email,
                 email
                     .recipients()
                     .map(bare_address)
@@ -241,7 +228,8 @@ fn decide(
                     .join(", "),
             ),
         };
-        let json = json.map_err(|e| OutboxError::Policy(format!("email cannot be stored: {e}")))?;
+        let json = serde_json::to_string(stored)
+            .map_err(|e| OutboxError::Policy(format!("email cannot be stored: {e}")))?;
         fates.push(Fate::Queue {
             index,
             trimmed,
