@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 
 use rusqlite::{Connection, OptionalExtension, params};
-use sendbox_types::{Email, StateChange, bare_address};
+use sendbox_types::{StateChange, bare_address};
 
 use super::counts::Moves;
 use super::rates::RateCounts;
@@ -72,12 +72,10 @@ impl Prepared {
 
 /// What becomes of one email of the call.
 enum Fate {
-    /// Queued: the email (its index in the call, or a copy without its
-    /// suppressed recipients), its JSON, its recipients joined, its
-    /// Message-ID.
+    /// Queued: the email's index in the call, its JSON (without its
+    /// suppressed recipients), its recipients joined, its Message-ID.
     Queue {
         index: usize,
-        trimmed: Option<Box<Email>>,
         json: String,
         recipients: String,
         message_id: String,
@@ -232,7 +230,6 @@ fn decide(
             .map_err(|e| OutboxError::Policy(format!("email cannot be stored: {e}")))?;
         fates.push(Fate::Queue {
             index,
-            trimmed,
             json,
             recipients,
             message_id: std::mem::take(&mut pre.message_id),
@@ -301,19 +298,14 @@ fn write(
     };
     for fate in decided.fates {
         let (email, json, recipients, message_id) = match fate {
+            // Its size and idempotency key are the plugin's email's (a
+            // suppressed recipient changes neither).
             Fate::Queue {
                 index,
-                trimmed,
                 json,
                 recipients,
                 message_id,
-            } => {
-                let email = match trimmed {
-                    Some(e) => std::borrow::Cow::Owned(*e),
-                    None => std::borrow::Cow::Borrowed(&call.emails[index]),
-                };
-                (email, json, recipients, message_id)
-            }
+            } => (&call.emails[index], json, recipients, message_id),
             Fate::Duplicate(earlier) => {
                 done.duplicates.push(earlier);
                 continue;
