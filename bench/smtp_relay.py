@@ -11,8 +11,10 @@ connection each, kept open), relayed with at most 3 upstream connections by
 all. The clock starts at the first connect and stops when the SMTP peer has
 all N; the time from the end of the hand-in (DATA, or the POST) to its
 answer is recorded per message (sendbox answers after its own durable
-commit, emailproxy after the upstream server's answer). Runs rotate the
-order; min/median/max and each ratio to emailproxy are printed.
+commit, emailproxy after the upstream server's answer), and each
+process's CPU time per message (sendbox, emailproxy, the node peer, the
+clients: all share the machine's cores). Runs rotate the order;
+min/median/max and each ratio to emailproxy are printed.
 
 Usage (scripts/bench-smtp-relay.sh sets this up):
   smtp_relay.py --sendbox BIN --emailproxy BIN --plugin webhook_bridge.wasm
@@ -199,10 +201,19 @@ def run_smtp_clients(port, n, clients, login):
                        lambda s: s.quit())
 
 
-def one_run(name, port, info, n, clients, login):
+def cpu_seconds(pid):
+    """User + system CPU time a process has used, from /proc (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def one_run(name, port, info, n, clients, login, pids):
     # /stats counts what the peer has (cheap: /messages would serialise
     # every message so far while the peer is still receiving).
     before = control(info, "/stats")["messages"]
+    cpu_before = {k: cpu_seconds(pid) for k, pid in pids.items()}
+    clients_before = sum(os.times()[:2])
     start = time.perf_counter()
     if name == "sendbox-webhook":
         latencies = run_webhook_clients(port, n, clients)
@@ -214,9 +225,14 @@ def one_run(name, port, info, n, clients, login):
             raise SystemExit(f"{name}: not all messages arrived")
         time.sleep(0.005)
     total = time.perf_counter() - start
+    # CPU per message of each process, whoever relayed (the idle one's
+    # share shows what just being up costs).
+    cpu = {k: (cpu_seconds(pid) - cpu_before[k]) / n for k, pid in pids.items()}
+    cpu["clients"] = (sum(os.times()[:2]) - clients_before) / n
     latencies.sort()
     return {
         "name": name,
+        "cpu_us": {k: v * 1e6 for k, v in cpu.items()},
         "msg_per_s": n / total,
         "handed_in_s": handed_in,
         "p50_ms": 1000 * latencies[len(latencies) // 2],
@@ -240,25 +256,32 @@ def main():
     # (name, port, SMTP login)
     contenders = [("sendbox-smtp", smtp_port, False), ("sendbox-webhook", http_port, False),
                   ("emailproxy", proxy_port, True)]
+    pids = {"sendbox": sendbox.pid, "emailproxy": proxy.pid, "smtp/oauth peer": peers.pid}
     try:
         # Warm all up (tokens, connections, the plugin) before measuring.
         for name, port, login in contenders:
-            one_run(name, port, info, 20, 1, login)
+            one_run(name, port, info, 20, 1, login, pids)
         results = {name: [] for name, _, _ in contenders}
         for r in range(args.runs):
             order = contenders[r % 3:] + contenders[:r % 3]
             for name, port, login in order:
-                res = one_run(name, port, info, args.messages, args.clients, login)
+                res = one_run(name, port, info, args.messages, args.clients, login, pids)
                 results[name].append(res)
+                cpu = ", ".join(f"{k} {v:.0f}" for k, v in res["cpu_us"].items())
                 print(f"run {r + 1} {name:15} {res['msg_per_s']:7.0f} msg/s  handed in {res['handed_in_s']:.2f} s  "
-                      f"answered after p50 {res['p50_ms']:.2f} ms p99 {res['p99_ms']:.2f} ms", flush=True)
+                      f"answered after p50 {res['p50_ms']:.2f} ms p99 {res['p99_ms']:.2f} ms  "
+                      f"CPU µs/msg: {cpu}", flush=True)
         print(f"\n{args.messages} messages of ~2 KB, {args.clients} clients, <= 3 upstream connections, "
               f"{args.runs} runs in rotating order; load average {os.getloadavg()[0]:.2f}")
         for name, rs in results.items():
             rates = sorted(x["msg_per_s"] for x in rs)
             p50 = statistics.median(x["p50_ms"] for x in rs)
+            relay = "emailproxy" if name == "emailproxy" else "sendbox"
+            relay_cpu = statistics.median(x["cpu_us"][relay] for x in rs)
+            all_cpu = statistics.median(sum(x["cpu_us"].values()) for x in rs)
             print(f"{name:15} msg/s min {rates[0]:.0f} median {statistics.median(rates):.0f} max {rates[-1]:.0f}; "
-                  f"median time to answer {p50:.2f} ms")
+                  f"median time to answer {p50:.2f} ms; CPU per message: {relay} {relay_cpu:.0f} µs, "
+                  f"all processes {all_cpu:.0f} µs")
         proxy_rate = statistics.median(x["msg_per_s"] for x in results["emailproxy"])
         for name in ("sendbox-smtp", "sendbox-webhook"):
             ratio = statistics.median(x["msg_per_s"] for x in results[name]) / proxy_rate
