@@ -22,6 +22,7 @@ use writer::{Answer, Write, writer_loop};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError, mpsc};
 
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use crate::{
@@ -75,6 +76,10 @@ fn open_conn(path: &Path) -> Result<Connection, OutboxError> {
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     // Every statement the writer and the reader run stays prepared.
     conn.set_prepared_statement_cache_capacity(64);
+    // Plans never look at bound values (no statistics are gathered, and no
+    // query matches a bound pattern): otherwise a statement whose `LIMIT ?`
+    // takes another value — a claim's, each time — is compiled again.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // FULL: the WAL is fsynced at every commit; see the crate docs.
     conn.pragma_update(None, "synchronous", "FULL")?;
@@ -505,6 +510,14 @@ pub(super) struct Claim {
     pub(super) max_bytes: u64,
 }
 
+/// The messages a claim takes, due first: (account, now, limit).
+pub(super) fn claim_query() -> String {
+    format!(
+        "SELECT {COLUMNS}, bytes FROM {MESSAGES} WHERE account = ?1 AND state IN ('queued','retry') \
+         AND next_attempt_ms <= ?2 ORDER BY next_attempt_ms, id LIMIT ?3"
+    )
+}
+
 /// Claims inside `tx` (see [`Outbox::claim_within`]).
 pub(super) fn claim_in(tx: &Connection, claim: &Claim) -> Result<Vec<Message>, OutboxError> {
     let now = now_ms();
@@ -514,10 +527,7 @@ pub(super) fn claim_in(tx: &Connection, claim: &Claim) -> Result<Vec<Message>, O
     let msgs: Vec<Message> = {
         // `bytes` comes last, after the message's columns, so a row past
         // the budget is never decoded.
-        let mut st = tx.prepare_cached(&format!(
-            "SELECT {COLUMNS}, bytes FROM {MESSAGES} WHERE account = ?1 AND state IN ('queued','retry') \
-             AND next_attempt_ms <= ?2 ORDER BY next_attempt_ms, id LIMIT ?3"
-        ))?;
+        let mut st = tx.prepare_cached(&claim_query())?;
         let mut rows = st.query(params![claim.account, now, claim.limit as i64])?;
         let (mut msgs, mut total) = (Vec::new(), 0u64);
         while let Some(row) = rows.next()? {

@@ -260,4 +260,29 @@ mod tests {
         o.mark_many(vec![]).unwrap();
         assert_eq!(synchronous(&o), 2, "back to FULL for the next commit");
     }
+
+    #[test]
+    fn a_claim_of_another_size_is_not_compiled_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(&dir.path().join("o.db")).unwrap();
+        // Delivery claims as many as it has room for: the bound LIMIT
+        // changes from one claim to the next.
+        for limit in [1, 3, 2, 64, 1, 5] {
+            o.claim("alerts", limit).unwrap();
+        }
+        let (runs, recompiled) = o
+            .write(|c| {
+                let st = c.prepare_cached(&super::super::claim_query())?;
+                Ok((
+                    st.get_status(rusqlite::StatementStatus::Run),
+                    st.get_status(rusqlite::StatementStatus::RePrepare),
+                ))
+            })
+            .unwrap();
+        assert_eq!(
+            runs, 6,
+            "the writer's cached claim statement ran each claim"
+        );
+        assert_eq!(recompiled, 0, "and was never compiled again");
+    }
 }
