@@ -17,7 +17,7 @@ mod writer;
 
 use counts::Moves;
 use read::{COLUMNS, MESSAGES, row_to_message};
-use writer::{Answer, Write, writer_loop};
+use writer::{Answer, Write, WriteFn, writer_loop};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError, mpsc};
@@ -237,12 +237,31 @@ impl Outbox {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, OutboxError> + Send + 'static,
     ) -> Result<T, OutboxError> {
+        self.on_writer(Write::Run, f)
+    }
+
+    /// Sends `f` to the writer thread as `kind` and waits for its result.
+    fn on_writer<T: Send + 'static>(
+        &self,
+        kind: fn(WriteFn) -> Write,
+        f: impl FnOnce(&mut Connection) -> Result<T, OutboxError> + Send + 'static,
+    ) -> Result<T, OutboxError> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.send(Write::Run(Box::new(move |conn| {
+        self.send(kind(Box::new(move |conn| {
             let _ = tx.send(f(conn));
             Ok(())
         })))?;
         rx.recv().map_err(|_| OutboxError::Closed)?
+    }
+
+    /// Runs `f` on the writer's connection as the groups before left it
+    /// (a write also makes the level durable first): for tests.
+    #[cfg(test)]
+    fn peek<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, OutboxError> + Send + 'static,
+    ) -> Result<T, OutboxError> {
+        self.on_writer(Write::Peek, f)
     }
 
     /// After a crash: messages left in `sending` go back to `queued`, keeping
@@ -579,7 +598,7 @@ pub(super) fn claim_in(tx: &Connection, claim: &Claim) -> Result<Vec<Message>, O
 /// and adds the move to `moves` (for the caller to apply); checks before it
 /// writes, so a refusal leaves `tx` untouched.
 fn transition_in(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     id: i64,
     from_any: &[State],
     to: State,

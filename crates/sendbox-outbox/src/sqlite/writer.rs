@@ -2,12 +2,12 @@
 //! results and claims waiting together are grouped into one transaction
 //! (a refused call writes nothing; a claim runs in its own savepoint) that
 //! pays one fsync — and a group with no commit in it pays none (see
-//! `commit_group`) — so delivery's writes never make the commits behind
+//! `SyncLevel`) — so delivery's writes never make the commits behind
 //! them wait for fsyncs of their own.
 
 use std::sync::mpsc;
 
-use rusqlite::{Connection, TransactionBehavior};
+use rusqlite::Connection;
 
 use super::checkpoint::CatchUp;
 use super::rates::RateCounts;
@@ -26,6 +26,9 @@ pub(super) enum Write {
     /// A delivery worker's claim.
     Claim(Claim, Answer<Vec<Message>>),
     Run(WriteFn),
+    /// A test's look at the connection, run at once (see `Outbox::peek`).
+    #[cfg(test)]
+    Peek(WriteFn),
 }
 
 /// Where a write's result goes: a blocked thread or an awaiting task (which
@@ -53,6 +56,8 @@ pub(super) const MAX_GROUP: usize = 512;
 
 pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Write>, catch_up: CatchUp) {
     let mut rates = RateCounts::default();
+    // The connection opens with `synchronous = FULL`.
+    let mut sync = SyncLevel { full: true };
     while let Ok(first) = rx.recv() {
         catch_up.finish_on_writer(&conn);
         let mut batch = vec![first];
@@ -70,10 +75,22 @@ pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Write>, catch
                 Write::Marks(m, r) => group.marks.push((m, r)),
                 Write::Claim(c, r) => group.claims.push((c, r)),
                 Write::Run(f) => others.push(f),
+                #[cfg(test)]
+                Write::Peek(f) => {
+                    let _ = f(&mut conn);
+                }
             }
         }
         if !group.is_empty() {
-            commit_group(&mut conn, group, &mut rates);
+            // Only a commit is acknowledged to someone who was promised
+            // durability; see `SyncLevel`.
+            let durable = !group.commits.is_empty();
+            let level_set = sync.set(&conn, durable);
+            write_group(&conn, group, &mut rates, durable && !level_set);
+        }
+        // An operator's change (retry, drop, pause, ...) is kept durably.
+        if !others.is_empty() {
+            sync.set(&conn, true);
         }
         for f in others {
             // It may drop or prune messages: counts cannot follow.
@@ -101,36 +118,126 @@ impl Group {
     }
 }
 
-/// Writes a group in one transaction (one fsync). A refused call or mark
-/// writes nothing, so it needs no savepoint; a claim runs in its own, so
-/// an unreadable row fails only that claim; a storage failure fails the
-/// group.
-fn commit_group(conn: &mut Connection, group: Group, rates: &mut RateCounts) {
-    // Only a commit is acknowledged to someone who was promised
-    // durability. Claims and results alone are written without an fsync:
-    // a crash of sendbox loses nothing (the OS has the pages), and a power
-    // cut loses at most what came after the last fsync (the next commit's,
-    // or the checkpointer's within 100 ms) — a claim that is lost leaves
-    // its message queued, a result that is lost sends it again with the
-    // same Message-ID, as after any crash.
-    let durable = !group.commits.is_empty();
-    if !durable {
-        let _ = conn.pragma_update(None, "synchronous", "NORMAL");
-    }
-    write_group(conn, group, rates);
-    if !durable {
-        let _ = conn.pragma_update(None, "synchronous", "FULL");
+/// Whether the writer's connection syncs the WAL at each commit, changed
+/// only when a group needs the other level: claims and delivery results
+/// alone are written without an fsync (a crash of sendbox loses nothing,
+/// the OS has the pages; a power cut loses at most what came after the
+/// last fsync — the next commit's, or the checkpointer's within 100 ms — and
+/// a claim that is lost leaves its message queued, a result that is lost
+/// sends it again with the same Message-ID, as after any crash), a group
+/// with a commit in it pays one. Setting the level is a `PRAGMA` that
+/// SQLite parses again at every run, so a run of groups of one kind does
+/// not pay it at each group. In WAL mode the two levels differ only in
+/// that sync: checkpoints and a new WAL's header are synced at both.
+struct SyncLevel {
+    full: bool,
+}
+
+impl SyncLevel {
+    /// Sets the level; `false` if it could not be changed (and stays as
+    /// it was).
+    fn set(&mut self, conn: &Connection, full: bool) -> bool {
+        if self.full == full {
+            return true;
+        }
+        let sql = if full {
+            "PRAGMA synchronous = FULL"
+        } else {
+            "PRAGMA synchronous = NORMAL"
+        };
+        match run(conn, sql) {
+            Ok(()) => {
+                self.full = full;
+                true
+            }
+            // Left as it was: FULL stays FULL (never less durable); a
+            // failed switch back to FULL fails the group that needed it
+            // and is tried again at the next.
+            Err(e) => {
+                tracing::error!(error = %e, "{sql} failed");
+                false
+            }
+        }
     }
 }
 
-fn write_group(conn: &mut Connection, mut group: Group, rates: &mut RateCounts) {
+/// Runs one statement that returns no rows, prepared once per connection:
+/// what begins and ends a group runs a few times per group, and rusqlite's
+/// `Transaction`, `Savepoint` and `pragma_update` parse their SQL each time.
+fn run(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
+/// A group's transaction: rolled back when dropped before [`GroupTx::commit`]
+/// (a failure on the way), as rusqlite's `Transaction` would be.
+struct GroupTx<'c>(&'c Connection);
+
+impl<'c> GroupTx<'c> {
+    fn begin(conn: &'c Connection) -> rusqlite::Result<Self> {
+        run(conn, "BEGIN IMMEDIATE")?;
+        Ok(GroupTx(conn))
+    }
+
+    fn commit(self) -> rusqlite::Result<()> {
+        let r = run(self.0, "COMMIT");
+        // A failed COMMIT leaves the transaction open: dropping rolls it back.
+        if r.is_ok() {
+            std::mem::forget(self);
+        }
+        r
+    }
+
+    /// Runs `f` in a savepoint of its own, kept when it returns `Ok` and
+    /// undone when it returns `Err` (the transaction goes on either way).
+    fn savepoint<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, OutboxError>,
+    ) -> Result<Result<T, OutboxError>, OutboxError> {
+        run(self.0, "SAVEPOINT one")?;
+        let r = f(self.0);
+        if r.is_err() {
+            run(self.0, "ROLLBACK TO one")?;
+        }
+        run(self.0, "RELEASE one")?;
+        Ok(r)
+    }
+}
+
+impl std::ops::Deref for GroupTx<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.0
+    }
+}
+
+impl Drop for GroupTx<'_> {
+    fn drop(&mut self) {
+        // An I/O failure may already have rolled it back.
+        if !self.0.is_autocommit() {
+            let _ = run(self.0, "ROLLBACK");
+        }
+    }
+}
+
+/// Writes a group in one transaction. A refused call or mark writes
+/// nothing, so it needs no savepoint; a claim runs in its own, so an
+/// unreadable row fails only that claim; a storage failure fails the
+/// group, as does `not_durable` (its commits could not be synced).
+fn write_group(conn: &Connection, mut group: Group, rates: &mut RateCounts, not_durable: bool) {
     let mut committed: Vec<Result<Committed, OutboxError>> =
         Vec::with_capacity(group.commits.len());
     let mut marked: Vec<Vec<Result<(), OutboxError>>> = Vec::with_capacity(group.marks.len());
     let mut claimed: Vec<Result<Vec<Message>, OutboxError>> =
         Vec::with_capacity(group.claims.len());
     let outcome = (|| -> Result<(), OutboxError> {
-        let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if not_durable {
+            return Err(OutboxError::Storage(StorageError(
+                "the database cannot be set to sync at commit (PRAGMA synchronous = FULL failed)"
+                    .into(),
+            )));
+        }
+        let tx = GroupTx::begin(conn)?;
         if group.commits.iter().any(|(prepared, _)| {
             let p = &prepared.call.policy;
             p.emails_per_hour.is_some() || p.emails_per_day.is_some()
@@ -189,18 +296,7 @@ fn write_group(conn: &mut Connection, mut group: Group, rates: &mut RateCounts) 
         // A claim that fails (an unreadable row) fails alone; after an I/O
         // failure the rollback or the commit fails, and with it the group.
         for (claim, _) in &group.claims {
-            let mut sp = tx.savepoint()?;
-            match claim_in(&sp, claim) {
-                Ok(messages) => {
-                    sp.commit()?;
-                    claimed.push(Ok(messages));
-                }
-                Err(e) => {
-                    sp.rollback()?;
-                    drop(sp);
-                    claimed.push(Err(e));
-                }
-            }
+            claimed.push(tx.savepoint(|c| claim_in(c, claim))?);
         }
         Ok(tx.commit()?)
     })();
@@ -245,20 +341,30 @@ fn write_group(conn: &mut Connection, mut group: Group, rates: &mut RateCounts) 
 #[cfg(test)]
 mod tests {
     use crate::Outbox;
+    use crate::behaviour::{call, email};
 
+    /// The writer connection's `synchronous` level: 2 FULL, 1 NORMAL.
     fn synchronous(o: &Outbox) -> i64 {
-        o.write(|c| Ok(c.pragma_query_value(None, "synchronous", |r| r.get(0))?))
+        o.peek(|c| Ok(c.pragma_query_value(None, "synchronous", |r| r.get(0))?))
             .unwrap()
     }
 
     #[test]
-    fn commits_are_fsynced_again_after_a_group_of_claims_and_results() {
+    fn commits_and_operators_writes_are_synced_and_claims_and_results_alone_are_not() {
         let dir = tempfile::tempdir().unwrap();
         let o = Outbox::open(&dir.path().join("o.db")).unwrap();
-        assert_eq!(synchronous(&o), 2, "FULL");
+        assert_eq!(synchronous(&o), 2, "FULL from the start");
         o.claim("alerts", 10).unwrap();
         o.mark_many(vec![]).unwrap();
-        assert_eq!(synchronous(&o), 2, "back to FULL for the next commit");
+        assert_eq!(synchronous(&o), 1, "claims and results: no fsync");
+        o.claim("alerts", 10).unwrap();
+        assert_eq!(synchronous(&o), 1, "and it stays so for the next");
+        o.commit(call(vec![email("a@x.org", "s")], vec![])).unwrap();
+        assert_eq!(synchronous(&o), 2, "a commit is synced");
+        o.claim("alerts", 10).unwrap();
+        assert_eq!(synchronous(&o), 1);
+        o.write(|_| Ok(())).unwrap();
+        assert_eq!(synchronous(&o), 2, "an operator's write is synced");
     }
 
     #[test]
@@ -284,5 +390,33 @@ mod tests {
             "the writer's cached claim statement ran each claim"
         );
         assert_eq!(recompiled, 0, "and was never compiled again");
+    }
+
+    #[test]
+    fn a_groups_transaction_and_savepoints_run_prepared_statements() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(&dir.path().join("o.db")).unwrap();
+        for limit in 1..=5 {
+            o.claim("alerts", limit).unwrap();
+        }
+        let runs = o
+            .write(|c| {
+                let mut runs = Vec::new();
+                for sql in ["BEGIN IMMEDIATE", "SAVEPOINT one", "RELEASE one", "COMMIT"] {
+                    let st = c.prepare_cached(sql)?;
+                    runs.push(st.get_status(rusqlite::StatementStatus::Run));
+                }
+                Ok(runs)
+            })
+            .unwrap();
+        assert_eq!(
+            runs,
+            [5, 5, 5, 5],
+            "one prepared statement each, run per claim"
+        );
+        assert!(
+            o.write(|c| Ok(c.is_autocommit())).unwrap(),
+            "no transaction is left open"
+        );
     }
 }
