@@ -2,7 +2,9 @@
 //! connections, side by side with a bare POST route of the same server that
 //! runs no plugin and commits nothing: requests/s, p50 and p99 of each, and
 //! the ratios (at 64, four alternated pairs of 4-second runs and their
-//! medians); then the same committed route on a PostgreSQL outbox (the
+//! medians), with the writer's synced groups a second and commits per
+//! group for each committed run; then the same committed route on a
+//! PostgreSQL outbox (the
 //! local server, `synchronous_commit` on) against SQLite.
 //! The committed route runs `webhook-bridge` on an Alertmanager payload in a
 //! fresh instance and commits its email with fsync on.
@@ -339,6 +341,7 @@ fn main() {
                 false,
             )
             .await;
+            let synced_before = outbox.synced_groups();
             let committed = load(
                 format!("http://{addr}/hooks/alerts"),
                 body.clone(),
@@ -347,6 +350,8 @@ fn main() {
                 false,
             )
             .await;
+            let synced = outbox.synced_groups();
+            let (groups, commits) = (synced.0 - synced_before.0, synced.1 - synced_before.1);
             let label = if rounds > 1 {
                 format!("{conns:>2} connections, round {}", round + 1)
             } else {
@@ -355,6 +360,12 @@ fn main() {
             for (name, r) in [("bare POST", &bare), ("committed", &committed)] {
                 println!("  {label}  {name:<10} {r}");
             }
+            // One fsync per group: how well group commit shared them.
+            println!(
+                "  {label}  committed: {:.0} synced groups/s of {:.1} commits each",
+                groups as f64 / each,
+                commits as f64 / groups.max(1) as f64
+            );
             println!(
                 "  {label}  committed / bare: {:.2} of the requests/s, p99 {:.1}× the bare p99, {:.1}× the CPU per request",
                 committed.per_second / bare.per_second,

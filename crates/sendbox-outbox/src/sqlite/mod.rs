@@ -17,10 +17,10 @@ mod writer;
 
 use counts::Moves;
 use read::{COLUMNS, MESSAGES, row_to_message};
-use writer::{Answer, Write, WriteFn, writer_loop};
+use writer::{Answer, SyncedGroups, Write, WriteFn, writer_loop};
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError, mpsc};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
 
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
@@ -54,6 +54,8 @@ pub struct Outbox {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     reader: Mutex<Connection>,
     checkpointer: Mutex<Option<checkpoint::Checkpointer>>,
+    /// What the writer's synced groups held, for benchmarks.
+    synced: Arc<SyncedGroups>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -128,9 +130,13 @@ impl Outbox {
         let catch_up = checkpoint::CatchUp::new(catch_up);
         let checkpointer = checkpoint::Checkpointer::start(path, catch_up.clone())?;
         let (tx, rx) = mpsc::sync_channel::<Write>(4096);
+        let synced = Arc::new(SyncedGroups::default());
         let thread = std::thread::Builder::new()
             .name("outbox-writer".into())
-            .spawn(move || writer_loop(writer, rx, catch_up))
+            .spawn({
+                let synced = synced.clone();
+                move || writer_loop(writer, rx, catch_up, &synced)
+            })
             .map_err(|e| OutboxError::Open {
                 path: path.to_owned(),
                 message: format!("cannot start the writer thread: {e}"),
@@ -142,7 +148,16 @@ impl Outbox {
             thread: Mutex::new(Some(thread)),
             reader: Mutex::new(reader),
             checkpointer: Mutex::new(Some(checkpointer)),
+            synced,
         })
+    }
+
+    /// How many groups the writer has synced (one fsync each) and how many
+    /// commits they held, since it opened: a benchmark's view of group
+    /// commit.
+    #[doc(hidden)]
+    pub fn synced_groups(&self) -> (u64, u64) {
+        self.synced.read()
     }
 
     /// The database file.

@@ -5,6 +5,7 @@
 //! `SyncLevel`) — so delivery's writes never make the commits behind
 //! them wait for fsyncs of their own.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 
 use rusqlite::Connection;
@@ -54,7 +55,29 @@ impl<T> Answer<T> {
 /// Largest group of calls committed in one transaction.
 pub(super) const MAX_GROUP: usize = 512;
 
-pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Write>, catch_up: CatchUp) {
+/// Groups with a commit in them (one fsync each) and the commits they
+/// held, counted by the writer.
+#[derive(Default)]
+pub(super) struct SyncedGroups {
+    groups: AtomicU64,
+    commits: AtomicU64,
+}
+
+impl SyncedGroups {
+    pub(super) fn read(&self) -> (u64, u64) {
+        (
+            self.groups.load(Ordering::Relaxed),
+            self.commits.load(Ordering::Relaxed),
+        )
+    }
+}
+
+pub(super) fn writer_loop(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Write>,
+    catch_up: CatchUp,
+    synced: &SyncedGroups,
+) {
     let mut rates = RateCounts::default();
     // The connection opens with `synchronous = FULL`.
     let mut sync = SyncLevel { full: true };
@@ -85,6 +108,12 @@ pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Write>, catch
             // Only a commit is acknowledged to someone who was promised
             // durability; see `SyncLevel`.
             let durable = !group.commits.is_empty();
+            if durable {
+                synced.groups.fetch_add(1, Ordering::Relaxed);
+                synced
+                    .commits
+                    .fetch_add(group.commits.len() as u64, Ordering::Relaxed);
+            }
             let level_set = sync.set(&conn, durable);
             write_group(&conn, group, &mut rates, durable && !level_set);
         }
@@ -359,8 +388,10 @@ mod tests {
         assert_eq!(synchronous(&o), 1, "claims and results: no fsync");
         o.claim("alerts", 10).unwrap();
         assert_eq!(synchronous(&o), 1, "and it stays so for the next");
+        assert_eq!(o.synced_groups(), (0, 0), "claims and results: none");
         o.commit(call(vec![email("a@x.org", "s")], vec![])).unwrap();
         assert_eq!(synchronous(&o), 2, "a commit is synced");
+        assert_eq!(o.synced_groups(), (1, 1), "one synced group of one commit");
         o.claim("alerts", 10).unwrap();
         assert_eq!(synchronous(&o), 1);
         o.write(|_| Ok(())).unwrap();
