@@ -4,8 +4,8 @@
 //! the ratios (at 64, four alternated pairs of 4-second runs and their
 //! medians), with the writer's synced groups a second and commits per
 //! group for each committed run; then the same committed route on a
-//! PostgreSQL outbox (the
-//! local server, `synchronous_commit` on) against SQLite.
+//! PostgreSQL outbox (the local server, `synchronous_commit` on) against
+//! SQLite.
 //! The committed route runs `webhook-bridge` on an Alertmanager payload in a
 //! fresh instance and commits its email with fsync on.
 //!

@@ -269,8 +269,9 @@ impl Outbox {
         rx.recv().map_err(|_| OutboxError::Closed)?
     }
 
-    /// Runs `f` on the writer's connection as the groups before left it
-    /// (a write also makes the level durable first): for tests.
+    /// Runs `f` on the writer's connection as the groups before it left
+    /// it (unlike `write`, which first sets `synchronous = FULL`): for
+    /// tests.
     #[cfg(test)]
     fn peek<T: Send + 'static>(
         &self,

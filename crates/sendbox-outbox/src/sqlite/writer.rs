@@ -64,6 +64,11 @@ pub(super) struct SyncedGroups {
 }
 
 impl SyncedGroups {
+    fn add(&self, commits: usize) {
+        self.groups.fetch_add(1, Ordering::Relaxed);
+        self.commits.fetch_add(commits as u64, Ordering::Relaxed);
+    }
+
     pub(super) fn read(&self) -> (u64, u64) {
         (
             self.groups.load(Ordering::Relaxed),
@@ -109,10 +114,7 @@ pub(super) fn writer_loop(
             // durability; see `SyncLevel`.
             let durable = !group.commits.is_empty();
             if durable {
-                synced.groups.fetch_add(1, Ordering::Relaxed);
-                synced
-                    .commits
-                    .fetch_add(group.commits.len() as u64, Ordering::Relaxed);
+                synced.add(group.commits.len());
             }
             let level_set = sync.set(&conn, durable);
             write_group(&conn, group, &mut rates, durable && !level_set);
