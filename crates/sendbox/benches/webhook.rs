@@ -3,9 +3,9 @@
 //! runs no plugin and commits nothing: requests/s, p50 and p99 of each, and
 //! the ratios (at 64, four alternated pairs of 4-second runs and their
 //! medians), with the writer's synced groups a second and commits per
-//! group for each committed run; then the same committed route on a
-//! PostgreSQL outbox (the local server, `synchronous_commit` on) against
-//! SQLite.
+//! group for each committed run (also printed by `--only`); then the same
+//! committed route on a PostgreSQL outbox (the local server,
+//! `synchronous_commit` on) against SQLite.
 //! The committed route runs `webhook-bridge` on an Alertmanager payload in a
 //! fresh instance and commits its email with fsync on.
 //!
@@ -158,6 +158,17 @@ async fn load(url: String, body: Vec<u8>, conns: usize, secs: f64, vary: bool) -
         writer_cpu,
         load_cpu,
     }
+}
+
+/// One fsync per group: how well group commit shared them, from the
+/// writer's counts (`Outbox::synced_groups`) before and after a run.
+fn print_groups(label: &str, route: &str, before: (u64, u64), after: (u64, u64), secs: f64) {
+    let (groups, commits) = (after.0 - before.0, after.1 - before.1);
+    println!(
+        "  {label}  {route}: {:.0} synced groups/s of {:.1} commits each",
+        groups as f64 / secs,
+        commits as f64 / groups.max(1) as f64
+    );
 }
 
 fn main() {
@@ -317,8 +328,13 @@ fn main() {
         // `unique`: the committed route with every alert its own
         // idempotency key, as distinct webhooks are.
         let unique = route == "unique";
+        let synced_before = outbox.synced_groups();
         let r = load(format!("http://{addr}{path}"), body, only_conns, only_secs, unique).await;
-        println!("  {only_conns:>2} connections  {route:<10} {r}");
+        let label = format!("{only_conns:>2} connections");
+        println!("  {label}  {route:<10} {r}");
+        if route != "bare" {
+            print_groups(&label, &route, synced_before, outbox.synced_groups(), only_secs);
+        }
         return false;
     }
     // At 16 connections one pair of runs; at 64, where the targets are,
@@ -351,7 +367,6 @@ fn main() {
             )
             .await;
             let synced = outbox.synced_groups();
-            let (groups, commits) = (synced.0 - synced_before.0, synced.1 - synced_before.1);
             let label = if rounds > 1 {
                 format!("{conns:>2} connections, round {}", round + 1)
             } else {
@@ -360,12 +375,7 @@ fn main() {
             for (name, r) in [("bare POST", &bare), ("committed", &committed)] {
                 println!("  {label}  {name:<10} {r}");
             }
-            // One fsync per group: how well group commit shared them.
-            println!(
-                "  {label}  committed: {:.0} synced groups/s of {:.1} commits each",
-                groups as f64 / each,
-                commits as f64 / groups.max(1) as f64
-            );
+            print_groups(&label, "committed", synced_before, synced, each);
             println!(
                 "  {label}  committed / bare: {:.2} of the requests/s, p99 {:.1}× the bare p99, {:.1}× the CPU per request",
                 committed.per_second / bare.per_second,
