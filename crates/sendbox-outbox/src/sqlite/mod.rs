@@ -263,8 +263,7 @@ impl Outbox {
     ) -> Result<T, OutboxError> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.send(kind(Box::new(move |conn| {
-            let _ = tx.send(f(conn));
-            Ok(())
+            let _ = tx.send(conn.and_then(f));
         })))?;
         rx.recv().map_err(|_| OutboxError::Closed)?
     }

@@ -17,8 +17,9 @@ use crate::{Committed, Mark, Message, OutboxError, State, StorageError};
 
 pub(super) type Reply<T> = mpsc::SyncSender<Result<T, OutboxError>>;
 
-/// A write run on the writer thread's connection.
-pub(super) type WriteFn = Box<dyn FnOnce(&mut Connection) -> Result<(), OutboxError> + Send>;
+/// A write run on the writer thread's connection, or told why it cannot
+/// run (and answering for itself either way).
+pub(super) type WriteFn = Box<dyn FnOnce(Result<&mut Connection, OutboxError>) + Send>;
 
 pub(super) enum Write {
     Commit(Box<commit::Prepared>, Answer<Committed>),
@@ -104,9 +105,7 @@ pub(super) fn writer_loop(
                 Write::Claim(c, r) => group.claims.push((c, r)),
                 Write::Run(f) => others.push(f),
                 #[cfg(test)]
-                Write::Peek(f) => {
-                    let _ = f(&mut conn);
-                }
+                Write::Peek(f) => f(Ok(&mut conn)),
             }
         }
         if !group.is_empty() {
@@ -119,14 +118,17 @@ pub(super) fn writer_loop(
             let level_set = sync.set(&conn, durable);
             write_group(&conn, group, &mut rates, durable && !level_set);
         }
-        // An operator's change (retry, drop, pause, ...) is kept durably.
-        if !others.is_empty() {
-            sync.set(&conn, true);
-        }
+        // An operator's change (retry, drop, pause, ...) is kept durably,
+        // or not made: answered as a group with commits would be.
+        let durable = others.is_empty() || sync.set(&conn, true);
         for f in others {
             // It may drop or prune messages: counts cannot follow.
             rates.forget();
-            let _ = f(&mut conn);
+            if durable {
+                f(Ok(&mut conn));
+            } else {
+                f(Err(sync_failed()));
+            }
         }
     }
 }
@@ -182,8 +184,9 @@ impl SyncLevel {
                 true
             }
             // Left as it was: FULL stays FULL (never less durable); a
-            // failed switch back to FULL fails the group that needed it
-            // and is tried again at the next.
+            // failed switch back to FULL fails the group, or the
+            // operator's writes, that needed it, and is tried again at
+            // the next.
             Err(e) => {
                 tracing::error!(error = %e, "{sql} failed");
                 false
@@ -198,6 +201,13 @@ impl SyncLevel {
 fn run(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([])?;
     Ok(())
+}
+
+/// Why a write that must be synced was not made.
+fn sync_failed() -> OutboxError {
+    OutboxError::Storage(StorageError(
+        "the database cannot be set to sync at commit (PRAGMA synchronous = FULL failed)".into(),
+    ))
 }
 
 /// A group's transaction: rolled back when dropped before [`GroupTx::commit`]
@@ -263,10 +273,7 @@ fn write_group(conn: &Connection, mut group: Group, rates: &mut RateCounts, not_
         Vec::with_capacity(group.claims.len());
     let outcome = (|| -> Result<(), OutboxError> {
         if not_durable {
-            return Err(OutboxError::Storage(StorageError(
-                "the database cannot be set to sync at commit (PRAGMA synchronous = FULL failed)"
-                    .into(),
-            )));
+            return Err(sync_failed());
         }
         let tx = GroupTx::begin(conn)?;
         if group.commits.iter().any(|(prepared, _)| {
@@ -398,6 +405,82 @@ mod tests {
         assert_eq!(synchronous(&o), 1);
         o.write(|_| Ok(())).unwrap();
         assert_eq!(synchronous(&o), 2, "an operator's write is synced");
+    }
+
+    /// Makes SQLite refuse (or, with `false`, allow again) every
+    /// `PRAGMA synchronous` on the writer's connection: an authorizer, and
+    /// the statements already prepared forgotten so the next is prepared
+    /// (and refused) anew.
+    fn refuse_sync_changes(o: &Outbox, refuse: bool) {
+        use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+        o.peek(move |c| {
+            if refuse {
+                c.authorizer(Some(|ctx: AuthContext<'_>| match ctx.action {
+                    AuthAction::Pragma {
+                        pragma_name: "synchronous",
+                        ..
+                    } => Authorization::Deny,
+                    _ => Authorization::Allow,
+                }));
+            } else {
+                c.authorizer(None::<fn(AuthContext<'_>) -> Authorization>);
+            }
+            c.flush_prepared_statement_cache();
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn when_the_writer_cannot_sync_commits_and_operators_writes_fail_and_claims_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(&dir.path().join("o.db")).unwrap();
+        o.claim("alerts", 10).unwrap();
+        assert_eq!(synchronous(&o), 1, "NORMAL after a claim");
+        refuse_sync_changes(&o, true);
+
+        let committed = o.commit(call(vec![email("a@x.org", "s")], vec![]));
+        let err = committed.expect_err("a commit that cannot be synced fails");
+        assert!(
+            err.to_string().contains("synchronous = FULL failed"),
+            "{err}"
+        );
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ran.clone();
+        let written = o.write(move |_| {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        });
+        let err = written.expect_err("an operator's write that cannot be synced fails");
+        assert!(
+            err.to_string().contains("synchronous = FULL failed"),
+            "{err}"
+        );
+        assert!(
+            !ran.load(std::sync::atomic::Ordering::SeqCst),
+            "and is not run"
+        );
+        assert_eq!(o.synced_groups(), (1, 1), "the commit's group was tried");
+        assert!(o.claim("alerts", 10).is_ok(), "claims need no sync: go on");
+        assert_eq!(
+            o.write(|c| Ok(
+                c.query_row("SELECT COUNT(*) FROM messages", [], |r| r.get::<_, i64>(0))?
+            ))
+            .ok(),
+            None,
+            "still refused while the level cannot be raised"
+        );
+
+        refuse_sync_changes(&o, false);
+        let rows = o
+            .write(
+                |c| Ok(c.query_row("SELECT COUNT(*) FROM messages", [], |r| r.get::<_, i64>(0))?),
+            )
+            .unwrap();
+        assert_eq!(rows, 0, "nothing of the failed commit was stored");
+        assert_eq!(synchronous(&o), 2, "raised again at the next write");
+        o.commit(call(vec![email("a@x.org", "s")], vec![]))
+            .expect("and commits go through again");
     }
 
     #[test]
