@@ -10,7 +10,8 @@
 //! - SIGTERM → a clean exit with nothing left mid-send; SIGINT the same;
 //!   in-flight work is waited for only up to `shutdown_grace_secs`;
 //! - runs missed while down: skipped, or once at start (`catch_up`);
-//! - `sendbox check` lists what `run` will serve, watch and fire.
+//! - `sendbox check` lists what `run` will serve, watch and fire;
+//! - one worker thread per core, or as many as `TOKIO_WORKER_THREADS` says.
 
 use crate::support::daemon;
 use sendbox_test_support::wasm;
@@ -262,6 +263,39 @@ fn check_lists_what_run_will_serve_watch_and_fire() {
     assert!(!text.contains(SECRET));
     // Checking creates nothing: the watched folder appears when `run` starts.
     assert!(!dir.path().join("incoming").exists());
+}
+
+/// Worker threads the daemon at `config` runs with, as `/metrics` reports
+/// them; `TOKIO_WORKER_THREADS` set to `asked`, or unset.
+async fn worker_threads(config: &Path, asked: Option<&str>) -> Option<u64> {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sendbox"));
+    cmd.args(["run", "--config"])
+        .arg(config)
+        .env("SENDBOX_TEST_WEBHOOK_SECRET", SECRET)
+        .env_remove("TOKIO_WORKER_THREADS");
+    if let Some(n) = asked {
+        cmd.env("TOKIO_WORKER_THREADS", n);
+    }
+    let d = Daemon::spawn(cmd);
+    daemon::metric(&d.metrics().await, "sendbox_worker_threads")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_runs_a_worker_per_core_or_as_many_as_the_operator_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = daemon::write_examples_config(dir.path());
+    let cores = std::thread::available_parallelism().unwrap().get() as u64;
+    assert_eq!(
+        worker_threads(&cfg, None).await,
+        Some(cores),
+        "one per core"
+    );
+    let asked = cores + 1;
+    assert_eq!(
+        worker_threads(&cfg, Some(&asked.to_string())).await,
+        Some(asked),
+        "TOKIO_WORKER_THREADS wins"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

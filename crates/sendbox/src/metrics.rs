@@ -216,6 +216,19 @@ impl Metrics {
             );
             let _ = writeln!(out, "sendbox_outcome_bytes_max {}", b.max_bytes());
         }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            family(
+                &mut out,
+                "sendbox_worker_threads",
+                "Threads running triggers, plugins and delivery (one per core, or TOKIO_WORKER_THREADS).",
+                "gauge",
+            );
+            let _ = writeln!(
+                out,
+                "sendbox_worker_threads {}",
+                runtime.metrics().num_workers()
+            );
+        }
         family(
             &mut out,
             "sendbox_outbox_messages",

@@ -48,11 +48,12 @@ pub fn transport(
     }
 }
 
-/// The tokio runtime every async command uses: two workers, as the
-/// machines this runs on have two cores.
+/// The tokio runtime every async command uses: one worker per core this
+/// process may run on (its CPU affinity and cgroup quota count), or as many
+/// as `TOKIO_WORKER_THREADS` says. `/metrics` shows the number
+/// (`sendbox_worker_threads`).
 pub fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
         .enable_all()
         .build()?)
 }
