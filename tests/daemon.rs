@@ -11,7 +11,8 @@
 //!   in-flight work is waited for only up to `shutdown_grace_secs`;
 //! - runs missed while down: skipped, or once at start (`catch_up`);
 //! - `sendbox check` lists what `run` will serve, watch and fire;
-//! - one worker thread per core, or as many as `TOKIO_WORKER_THREADS` says.
+//! - one worker thread per core, or as many as `TOKIO_WORKER_THREADS` says
+//!   (a bad number refused by name, exit 78).
 
 use crate::support::daemon;
 use sendbox_test_support::wasm;
@@ -296,6 +297,28 @@ async fn the_daemon_runs_a_worker_per_core_or_as_many_as_the_operator_says() {
         Some(asked),
         "TOKIO_WORKER_THREADS wins"
     );
+}
+
+#[test]
+fn a_bad_worker_thread_count_is_refused_by_name_not_with_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = daemon::write_examples_config(dir.path());
+    for bad in ["two", "0", "100000"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sendbox"))
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("SENDBOX_TEST_WEBHOOK_SECRET", SECRET)
+            .env("TOKIO_WORKER_THREADS", bad)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{bad}: {err}");
+        assert!(
+            err.contains(&format!("TOKIO_WORKER_THREADS=\"{bad}\"")) && err.contains("1 to 1024"),
+            "{bad}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{bad}: {err}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -48,14 +48,36 @@ pub fn transport(
     }
 }
 
+/// The most worker threads `TOKIO_WORKER_THREADS` may ask for.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
 /// The tokio runtime every async command uses: one worker per core this
 /// process may run on (its CPU affinity and cgroup quota count), or as many
 /// as `TOKIO_WORKER_THREADS` says. `/metrics` shows the number
 /// (`sendbox_worker_threads`).
 pub fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    let workers = match std::env::var_os("TOKIO_WORKER_THREADS") {
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        Some(asked) => {
+            worker_threads(&asked.to_string_lossy()).map_err(|e| coded(exit::EX_CONFIG, e))?
+        }
+    };
     Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()?)
+}
+
+/// `TOKIO_WORKER_THREADS` read as a number of threads, or why not (tokio
+/// itself would panic on a bad value).
+fn worker_threads(asked: &str) -> Result<usize, String> {
+    match asked.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_WORKER_THREADS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "TOKIO_WORKER_THREADS={asked:?}: expected a whole number of worker threads \
+             from 1 to {MAX_WORKER_THREADS}; unset it for one per core"
+        )),
+    }
 }
 
 /// Opens the outbox the config names — its SQLite file, or the shared
@@ -114,4 +136,31 @@ pub fn listener_senders(cfg: &crate::config::Config) -> HashMap<String, Vec<Stri
         .values()
         .map(|l| (l.source(), l.policy.allowed_from.clone()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_threads_takes_a_number_in_range_and_names_the_variable_otherwise() {
+        assert_eq!(worker_threads("3"), Ok(3));
+        assert_eq!(worker_threads(" 1 "), Ok(1));
+        assert_eq!(worker_threads("1024"), Ok(1024));
+        for bad in [
+            "",
+            "0",
+            "-1",
+            "two",
+            "1.5",
+            "1025",
+            "99999999999999999999999",
+        ] {
+            let e = worker_threads(bad).unwrap_err();
+            assert!(
+                e.contains("TOKIO_WORKER_THREADS") && e.contains("1 to 1024"),
+                "{bad}: {e}"
+            );
+        }
+    }
 }
