@@ -49,7 +49,7 @@ pub fn transport(
 }
 
 /// The most worker threads `TOKIO_WORKER_THREADS` may ask for.
-pub const MAX_WORKER_THREADS: usize = 1024;
+const MAX_WORKER_THREADS: usize = 1024;
 
 /// The tokio runtime every async command uses: one worker per core this
 /// process may run on (its CPU affinity and cgroup quota count), or as many
