@@ -97,11 +97,14 @@ pub fn engine_config(max_concurrent_instances: u32) -> wasmtime::Config {
         // shoots down TLB entries on every core (IPIs), which dominated
         // profiles under load; instead reset the pages actually touched
         // (PAGEMAP_SCAN, Linux 6.7+) or the first `KEEP_RESIDENT` bytes
-        // with memset, and batch the remaining decommits.
+        // with memset, and batch the remaining decommits where there are
+        // any: with PAGEMAP_SCAN an instance that touched less than
+        // `KEEP_RESIDENT` leaves none, and a batch of such empty ranges
+        // would still cost a `process_madvise` call every few events.
         .linear_memory_keep_resident(KEEP_RESIDENT)
         .table_keep_resident(KEEP_RESIDENT / 8)
         .pagemap_scan(wasmtime::Enabled::Auto)
-        .decommit_batch_size(8)
+        .decommit_batch_size(if kernel_has_pagemap_scan() { 1 } else { 8 })
         // A call runs on a fiber whose stack comes from the pool; one per
         // instance that can be alive.
         .total_stacks(n);
@@ -111,6 +114,27 @@ pub fn engine_config(max_concurrent_instances: u32) -> wasmtime::Config {
         .epoch_interruption(true)
         .memory_init_cow(true);
     config
+}
+
+/// Whether this kernel resets memory page by page (`PAGEMAP_SCAN`, Linux
+/// 6.7 and later); wasmtime probes for it itself and falls back to memset
+/// and `madvise` without it.
+fn kernel_has_pagemap_scan() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .is_ok_and(|release| linux_release_at_least(&release, (6, 7)))
+}
+
+/// Whether a kernel release such as `6.18.0-1-amd64` is at least
+/// `major.minor`; `false` for anything that does not read as one.
+fn linux_release_at_least(release: &str, at_least: (u32, u32)) -> bool {
+    let mut numbers = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(str::parse::<u32>);
+    match (numbers.next(), numbers.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= at_least,
+        _ => false,
+    }
 }
 
 impl Runtime {
@@ -159,5 +183,22 @@ impl Runtime {
     /// The wasmtime engine (for benchmarks and tools).
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::linux_release_at_least;
+
+    #[test]
+    fn a_kernel_release_is_compared_by_major_and_minor() {
+        assert!(linux_release_at_least("6.18.0-1-amd64\n", (6, 7)));
+        assert!(linux_release_at_least("6.7", (6, 7)));
+        assert!(linux_release_at_least("7.0.0", (6, 7)));
+        assert!(!linux_release_at_least("6.1.0-28-cloud-amd64", (6, 7)));
+        assert!(!linux_release_at_least("5.15.0", (6, 7)));
+        assert!(!linux_release_at_least("6", (6, 7)));
+        assert!(!linux_release_at_least("", (6, 7)));
+        assert!(!linux_release_at_least("Darwin", (6, 7)));
     }
 }
