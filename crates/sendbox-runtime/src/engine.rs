@@ -116,12 +116,14 @@ pub fn engine_config(max_concurrent_instances: u32) -> wasmtime::Config {
     config
 }
 
-/// Whether this kernel resets memory page by page (`PAGEMAP_SCAN`, Linux
-/// 6.7 and later); wasmtime probes for it itself and falls back to memset
-/// and `madvise` without it.
+/// Whether memory can be reset page by page here (`PAGEMAP_SCAN`, Linux
+/// 6.7 and later, on `/proc/self/pagemap`, which a container may hide);
+/// wasmtime probes the ioctl itself and falls back to memset and `madvise`
+/// without it. Read once, when the engine is built.
 fn kernel_has_pagemap_scan() -> bool {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .is_ok_and(|release| linux_release_at_least(&release, (6, 7)))
+        && std::fs::File::open("/proc/self/pagemap").is_ok()
 }
 
 /// Whether a kernel release such as `6.18.0-1-amd64` is at least
