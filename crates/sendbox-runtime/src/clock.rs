@@ -30,6 +30,8 @@ const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
 /// CPU time the calling thread has used since it started
 /// (`CLOCK_THREAD_CPUTIME_ID`); zero if the clock cannot be read.
 pub(crate) fn thread_cpu_time() -> Duration {
+    #[cfg(test)]
+    CPU_CLOCK_READS.with(|n| n.set(n.get() + 1));
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -43,6 +45,12 @@ pub(crate) fn thread_cpu_time() -> Duration {
         u64::try_from(now.tv_sec).unwrap_or(0),
         u32::try_from(now.tv_nsec).unwrap_or(0),
     )
+}
+
+#[cfg(test)]
+thread_local! {
+    /// How often this thread has read its CPU clock (a system call each).
+    pub(crate) static CPU_CLOCK_READS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// A plugin's monotonic clock: nanoseconds since its instance started.
