@@ -113,7 +113,8 @@ pub fn new_message_id(domain: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let mut random = [0u64; 2];
     for (i, part) in random.iter_mut().enumerate() {
-        // Each RandomState is keyed afresh from the OS's randomness.
+        // Keys from the OS's randomness, read once per thread and stepped
+        // for each RandomState (no system call here).
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u64(n);
         h.write_usize(i);
