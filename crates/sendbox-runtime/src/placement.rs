@@ -14,11 +14,14 @@
 //! thread, so its CPU time is summed over the polls of its future, each on
 //! the thread that ran it ([`Meter`]). Reading a thread's CPU clock is a
 //! system call, which every event would pay at its start although almost
-//! none runs until a check: so a poll's start is noted on the wall clock
-//! (read without one), and its CPU clock is first read at its first check,
-//! counting the time before as the wall time it took — an upper bound of
-//! its CPU time, off by what the thread waited for a core in at most one
-//! epoch tick. A poll that waits before any check is counted the same way.
+//! none runs until a check. On a worker the first check comes at the next
+//! epoch tick, so a call's first poll there is timed on the wall clock
+//! (read without one) until that check reads the CPU clock: what ran
+//! before it counts as the wall time it took, an upper bound of its CPU
+//! time, high by at most what the thread waited for a core within one
+//! tick. Every later poll, and every poll of a call that starts off the
+//! workers (whose first check may be far away), reads the CPU clock when
+//! it begins.
 
 use std::future::Future;
 use std::pin::pin;
@@ -49,9 +52,12 @@ pub(crate) struct Meter {
     /// When the current poll began, in nanoseconds since `origin`.
     poll_began_ns: AtomicU64,
     /// The running thread's CPU clock reading from which the current poll
-    /// is counted, once its first check has read the clock ([`UNREAD`]
-    /// until then).
+    /// is counted ([`UNREAD`] in a first poll on a worker until its first
+    /// check).
     poll_cpu_from_ns: AtomicU64,
+    /// The next poll is the call's first, on a worker: timed on the wall
+    /// clock until its first check.
+    first_poll_on_worker: AtomicBool,
     /// The call is running on a worker and may still move off it.
     inline: AtomicBool,
     /// Set by the epoch callback: the call has run past a tick on the
@@ -74,6 +80,7 @@ impl Meter {
             poll_began_ns: AtomicU64::new(0),
             poll_cpu_from_ns: AtomicU64::new(UNREAD),
             inline: AtomicBool::new(placement == Placement::Worker),
+            first_poll_on_worker: AtomicBool::new(placement == Placement::Worker),
             wants_thread: AtomicBool::new(false),
         }
     }
@@ -88,8 +95,8 @@ impl Meter {
     pub(crate) fn used(&self) -> Duration {
         let cpu_now = nanos(thread_cpu_time());
         let from = match self.poll_cpu_from_ns.load(Ordering::Relaxed) {
-            // The poll's first check: what it ran before counts as the
-            // wall time it took.
+            // The first check of a first poll on a worker (at most a tick
+            // after it began): what ran before counts as its wall time.
             UNREAD => {
                 let ran = self
                     .wall_ns()
@@ -120,8 +127,13 @@ impl Meter {
         fut: std::pin::Pin<&mut F>,
         cx: &mut Context<'_>,
     ) -> Poll<F::Output> {
-        self.poll_began_ns.store(self.wall_ns(), Ordering::Relaxed);
-        self.poll_cpu_from_ns.store(UNREAD, Ordering::Relaxed);
+        if self.first_poll_on_worker.swap(false, Ordering::Relaxed) {
+            self.poll_began_ns.store(self.wall_ns(), Ordering::Relaxed);
+            self.poll_cpu_from_ns.store(UNREAD, Ordering::Relaxed);
+        } else {
+            self.poll_cpu_from_ns
+                .store(nanos(thread_cpu_time()), Ordering::Relaxed);
+        }
         let polled = fut.poll(cx);
         if polled.is_pending() {
             // Only a call that waits is polled again, perhaps on another
@@ -196,31 +208,31 @@ mod tests {
     }
 
     #[test]
-    fn a_poll_counts_from_its_start_and_reads_the_cpu_clock_only_when_checked() {
+    fn a_first_poll_on_a_worker_reads_the_cpu_clock_only_when_checked() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("a runtime");
-        let meter = Meter::new(Placement::Blocking);
+        // A call that ends before its first check reads no clock at all.
+        let meter = Meter::new(Placement::Worker);
         let before = clock_reads();
+        rt.block_on(drive(&meter, async { spin(Duration::from_millis(5)) }));
+        assert_eq!(
+            clock_reads(),
+            before,
+            "a call no check saw read the CPU clock"
+        );
+        // One that is checked: what ran before the check is counted.
+        let meter = Meter::new(Placement::Worker);
         rt.block_on(drive(&meter, async {
-            // A poll that waits before any check: its wall time is counted,
-            // and no clock is read for it.
-            spin(Duration::from_millis(20));
-            tokio::task::yield_now().await;
-            assert_eq!(
-                clock_reads(),
-                before,
-                "a poll without a check read the CPU clock"
-            );
-            // The next poll's first check counts what ran before it.
             spin(Duration::from_millis(30));
+            let reads = clock_reads();
             let used = meter.used();
+            assert_eq!(clock_reads(), reads + 1, "a check reads the clock once");
             assert!(
-                used >= Duration::from_millis(50),
-                "{used:?} counted after 50 ms of work"
+                used >= Duration::from_millis(30),
+                "{used:?} counted after 30 ms of work"
             );
-            assert_eq!(clock_reads(), before + 1, "a check reads the clock once");
-            // From the first check on, the thread's CPU clock counts.
+            // From the check on, the thread's CPU clock counts.
             let cpu = crate::clock::thread_cpu_time();
             spin(Duration::from_millis(20));
             let spent = crate::clock::thread_cpu_time().saturating_sub(cpu);
@@ -229,6 +241,34 @@ mod tests {
                 later >= used + spent.saturating_sub(Duration::from_millis(1)),
                 "{later:?} after {used:?} and {spent:?} more of CPU"
             );
+        }));
+    }
+
+    #[test]
+    fn a_first_poll_that_waits_counts_its_wall_time_and_later_polls_read_the_cpu_clock() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        let meter = Meter::new(Placement::Worker);
+        let before = clock_reads();
+        rt.block_on(drive(&meter, async {
+            spin(Duration::from_millis(20));
+            tokio::task::yield_now().await;
+            // The first poll was counted without the clock; this second
+            // one read it as it began.
+            assert_eq!(clock_reads(), before + 1);
+            let used = meter.used();
+            assert!(
+                used >= Duration::from_millis(20),
+                "{used:?} counted after 20 ms of work before the wait"
+            );
+        }));
+        // Off the workers the first check may be a long way off: the clock
+        // is read as the first poll begins.
+        let meter = Meter::new(Placement::Blocking);
+        let before = clock_reads();
+        rt.block_on(drive(&meter, async {
+            assert_eq!(clock_reads(), before + 1, "read as the poll began");
         }));
     }
 }
