@@ -203,15 +203,21 @@ mod tests {
         }
     }
 
+    /// A runtime that polls on the test's own thread, whose clock reads
+    /// `clock_reads` counts.
+    fn one_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime")
+    }
+
     fn clock_reads() -> u64 {
         CPU_CLOCK_READS.with(|n| n.get())
     }
 
     #[test]
     fn a_first_poll_on_a_worker_reads_the_cpu_clock_only_when_checked() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("a runtime");
+        let rt = one_thread();
         // A call that ends before its first check reads no clock at all.
         let meter = Meter::new(Placement::Worker);
         let before = clock_reads();
@@ -246,9 +252,7 @@ mod tests {
 
     #[test]
     fn a_first_poll_that_waits_counts_its_wall_time_and_later_polls_read_the_cpu_clock() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("a runtime");
+        let rt = one_thread();
         let meter = Meter::new(Placement::Worker);
         let before = clock_reads();
         rt.block_on(drive(&meter, async {
