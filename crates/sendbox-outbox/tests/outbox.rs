@@ -244,7 +244,8 @@ fn a_process_killed_while_its_wal_starts_over_recovers_every_commit() {
 /// also write the WAL's inode (its timestamps) on every group commit: one
 /// more synchronous write each (`.cargo/config.toml` builds SQLite so).
 /// Seen from outside with strace: this same test, run as a child, commits
-/// three calls.
+/// three calls. Also seen there: each commit's WAL frames go out in one
+/// `pwrite` (`sqlite::wal_writes`), not two per frame.
 #[test]
 fn a_commit_is_made_durable_with_fdatasync() {
     const CHILD: &str = "SENDBOX_OUTBOX_TEST_SYNC_DB";
@@ -262,7 +263,14 @@ fn a_commit_is_made_durable_with_fdatasync() {
     let path = dir_path.join("sendbox.db");
     let log = dir_path.join("strace.log");
     let status = std::process::Command::new("strace")
-        .args(["-f", "-qq", "-y", "-e", "trace=fsync,fdatasync", "-o"])
+        .args([
+            "-f",
+            "-qq",
+            "-y",
+            "-e",
+            "trace=fsync,fdatasync,pwrite64",
+            "-o",
+        ])
         .arg(&log)
         .arg(std::env::current_exe().unwrap())
         .args([
@@ -294,6 +302,26 @@ fn a_commit_is_made_durable_with_fdatasync() {
         on_wal("fsync"),
         0,
         "no commit syncs the WAL with fsync; strace saw:\n{text}"
+    );
+    // Each commit's frames (two writes each, header and page, as SQLite
+    // makes them) reach the WAL in one write before its sync.
+    let mut writes_before_sync = Vec::new();
+    let mut writes = 0;
+    for line in text.lines().filter(|l| l.contains(&wal)) {
+        if line.contains(" pwrite64(") {
+            writes += 1;
+        } else if line.contains(" fdatasync(") {
+            writes_before_sync.push(writes);
+            writes = 0;
+        }
+    }
+    assert!(
+        writes_before_sync.iter().filter(|&&n| n > 0).count() >= 3,
+        "the 3 commits wrote the WAL; strace saw:\n{text}"
+    );
+    assert!(
+        writes_before_sync.iter().all(|&n| n <= 1),
+        "WAL writes before each sync: {writes_before_sync:?}; strace saw:\n{text}"
     );
 }
 

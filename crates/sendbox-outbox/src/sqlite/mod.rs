@@ -2,7 +2,8 @@
 //! writer thread that group-commits, a reader connection, versioned
 //! migrations (`schema`), the commit of a call (`commit`) with the writer's
 //! counts of each rate limit's window (`rates`), plugin state
-//! (`plugin_state`), and [`crate::Store`] on `Arc<Outbox>` (`store`).
+//! (`plugin_state`), each commit's WAL frames written in one call
+//! (`wal_writes`), and [`crate::Store`] on `Arc<Outbox>` (`store`).
 
 mod checkpoint;
 mod commit;
@@ -13,6 +14,7 @@ mod rates;
 mod read;
 mod schema;
 mod store;
+mod wal_writes;
 mod writer;
 
 use counts::Moves;
@@ -65,16 +67,21 @@ impl std::fmt::Debug for Outbox {
 }
 
 fn open_conn(path: &Path) -> Result<Connection, OutboxError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|e| OutboxError::Open {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    // SQLite's own VFS, with each commit's WAL frames written in one call.
+    wal_writes::register().map_err(|e| OutboxError::Open {
         path: path.to_owned(),
-        message: format!("{e} (check that the folder exists and is writable by sendbox)"),
+        message: format!("cannot set up SQLite's file access: {e}"),
     })?;
+    let conn =
+        Connection::open_with_flags_and_vfs(path, flags, wal_writes::VFS_NAME).map_err(|e| {
+            OutboxError::Open {
+                path: path.to_owned(),
+                message: format!("{e} (check that the folder exists and is writable by sendbox)"),
+            }
+        })?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     // Every statement the writer and the reader run stays prepared.
     conn.set_prepared_statement_cache_capacity(64);
