@@ -116,12 +116,18 @@ impl PgOutbox {
         }
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await.map_err(pg_err)?;
-        let mut answers = Vec::with_capacity(marks.len());
-        for m in &marks {
-            answers.push(self.mark_in(&tx, m).await?);
+        // Rows are locked in id order, as the lease keeper's renewal locks
+        // them: two transactions that take the same rows in opposite
+        // orders deadlock, and PostgreSQL fails one of them.
+        let mut order: Vec<usize> = (0..marks.len()).collect();
+        order.sort_by_key(|&i| marks[i].id);
+        let mut answers: Vec<Option<Result<(), OutboxError>>> =
+            std::iter::repeat_with(|| None).take(marks.len()).collect();
+        for i in order {
+            answers[i] = Some(self.mark_in(&tx, &marks[i]).await?);
         }
         tx.commit().await.map_err(pg_err)?;
-        Ok(answers)
+        Ok(answers.into_iter().flatten().collect())
     }
 
     /// One result inside `tx`: `Ok(Err(_))` is a refusal that changed
@@ -296,7 +302,9 @@ impl PgOutbox {
         let conn = self.pool.get().await?;
         let until = now_ms().saturating_add(self.lease_ms());
         conn.execute(
-            "UPDATE messages SET lease_until_ms = $2 WHERE state = 'sending' AND lease_node = $1",
+            // In id order, as results are recorded (see `mark_many`).
+            "UPDATE messages SET lease_until_ms = $2 WHERE id IN (SELECT id FROM messages \
+             WHERE state = 'sending' AND lease_node = $1 ORDER BY id FOR UPDATE)",
             &[&self.node, &until],
         )
         .await
