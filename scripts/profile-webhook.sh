@@ -2,16 +2,27 @@
 # Where a webhook request's CPU goes: runs one route of the webhook bench
 # (committed, unique or bare) alone at 64 connections, records it with `perf` (call graphs,
 # after a warm-up), and prints each owner's share of the samples and its
-# microseconds per request (bench/perf_owners.py).
-#   ./scripts/profile-webhook.sh [committed|unique|bare] [--seconds 5]
+# microseconds per request (bench/perf_owners.py). With --idle it records
+# the scheduler instead (`perf sched`, all cores) and prints where the idle
+# CPU time went: with nothing to run, or while a thread of the bench was
+# ready and queued on the other core (bench/idle_while_runnable.py).
+#   ./scripts/profile-webhook.sh [committed|unique|bare] [--seconds 5] [--idle]
 # (`unique`: the committed route with every alert its own idempotency key)
 # Needs perf (Debian's linux-perf) and a PostgreSQL server, as the bench does
 # (scripts/postgres-for-tests.sh finds or starts one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-route="${1:-committed}"
+route=committed
 seconds=5
-if [ "${2:-}" = "--seconds" ]; then seconds="${3:-}"; fi
+idle=false
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seconds) seconds="${2:-}"; shift 2 || shift ;;
+    --idle) idle=true; shift ;;
+    -*) echo "unknown option $1 (--seconds N, --idle)" >&2; exit 2 ;;
+    *) route="$1"; shift ;;
+  esac
+done
 [[ "$seconds" =~ ^[1-9][0-9]*$ ]] || { echo "--seconds takes a whole number of seconds, not '$seconds'" >&2; exit 2; }
 case "$route" in committed|unique|bare) ;; *) echo "route: committed, unique or bare, not $route" >&2; exit 2 ;; esac
 command -v perf >/dev/null || { echo "perf not found: apt-get install linux-perf" >&2; exit 1; }
@@ -40,6 +51,14 @@ until grep -q "ready:" "$out/bench.txt" 2>/dev/null; do
   sleep 0.2
 done
 sleep "$warmup"
+if $idle; then
+  perf sched record -q -a -o "$out/sched.data" -- sleep "$seconds" 2>/dev/null
+  wait "$bench"
+  bench=""
+  grep "CPU/req" "$out/bench.txt"
+  perf sched timehist -i "$out/sched.data" 2>/dev/null | python3 bench/idle_while_runnable.py
+  exit
+fi
 perf record -q -F 499 --call-graph dwarf,16384 -p "$bench" -o "$out/perf.data" -- sleep "$seconds" 2>/dev/null
 wait "$bench"
 bench=""
