@@ -53,15 +53,16 @@ done
 sleep "$warmup"
 if $idle; then
   perf sched record -q -a -o "$out/sched.data" -- sleep "$seconds" 2>/dev/null
-  wait "$bench"
-  bench=""
+else
+  perf record -q -F 499 --call-graph dwarf,16384 -p "$bench" -o "$out/perf.data" -- sleep "$seconds" 2>/dev/null
+fi
+wait "$bench"
+bench=""
+if $idle; then
   grep "CPU/req" "$out/bench.txt"
   perf sched timehist -i "$out/sched.data" 2>/dev/null | python3 bench/idle_while_runnable.py
   exit
 fi
-perf record -q -F 499 --call-graph dwarf,16384 -p "$bench" -o "$out/perf.data" -- sleep "$seconds" 2>/dev/null
-wait "$bench"
-bench=""
 line=$(grep "CPU/req" "$out/bench.txt")
 echo "$line"
 cpu_us=$(sed -E 's/.*CPU\/req +([0-9.]+) µs.*/\1/' <<<"$line")
