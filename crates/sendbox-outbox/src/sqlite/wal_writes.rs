@@ -236,7 +236,9 @@ unsafe extern "C" fn write(
         // A frame header whose "database size after commit" is not zero
         // starts the frame that ends a transaction.
         g.commit_header = len == FRAME_HEADER && data[4..8] != [0, 0, 0, 0];
-        if ends_commit || g.bytes.len() > MAX_GATHERED {
+        // What is gathered stays within MAX_GATHERED: a write that would
+        // take it past went out first (SQLite writes at most a 64 KiB page).
+        if ends_commit {
             return write_out(real, g);
         }
         ffi::SQLITE_OK
