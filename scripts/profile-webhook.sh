@@ -5,8 +5,11 @@
 # microseconds per request (bench/perf_owners.py). With --idle it records
 # the scheduler instead (`perf sched`, all cores) and prints where the idle
 # CPU time went: with nothing to run, or while a thread of the bench was
-# ready and queued on the other core (bench/idle_while_runnable.py).
-#   ./scripts/profile-webhook.sh [committed|unique|bare] [--seconds 5] [--idle]
+# ready and queued on the other core (bench/idle_while_runnable.py). With
+# --threads it reads each thread's scheduler counters instead
+# (/proc/<pid>/task/<tid>/schedstat, no perf needed) and prints, per thread,
+# its time on a core, its time ready but waiting for one, and its slices.
+#   ./scripts/profile-webhook.sh [committed|unique|bare] [--seconds 5] [--idle | --threads]
 # (`unique`: the committed route with every alert its own idempotency key)
 # Needs perf (Debian's linux-perf) and a PostgreSQL server, as the bench does
 # (scripts/postgres-for-tests.sh finds or starts one).
@@ -15,17 +18,20 @@ cd "$(dirname "$0")/.."
 route=committed
 seconds=5
 idle=false
+threads=false
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) seconds="${2:-}"; shift 2 || shift ;;
     --idle) idle=true; shift ;;
-    -*) echo "unknown option $1 (--seconds N, --idle)" >&2; exit 2 ;;
+    --threads) threads=true; shift ;;
+    -*) echo "unknown option $1 (--seconds N, --idle, --threads)" >&2; exit 2 ;;
     *) route="$1"; shift ;;
   esac
 done
 [[ "$seconds" =~ ^[1-9][0-9]*$ ]] || { echo "--seconds takes a whole number of seconds, not '$seconds'" >&2; exit 2; }
 case "$route" in committed|unique|bare) ;; *) echo "route: committed, unique or bare, not $route" >&2; exit 2 ;; esac
-command -v perf >/dev/null || { echo "perf not found: apt-get install linux-perf" >&2; exit 1; }
+$idle && $threads && { echo "--idle and --threads are two different recordings: take one" >&2; exit 2; }
+$threads || command -v perf >/dev/null || { echo "perf not found: apt-get install linux-perf" >&2; exit 1; }
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sendbox-target}"
 source scripts/postgres-for-tests.sh
 
@@ -51,13 +57,35 @@ until grep -q "ready:" "$out/bench.txt" 2>/dev/null; do
   sleep 0.2
 done
 sleep "$warmup"
-if $idle; then
+# Each thread of the bench: tid, name, then its counters (ns on a core, ns
+# ready and waiting for one, slices), sorted by tid for `join`.
+schedstat() {
+  for t in /proc/"$bench"/task/*; do
+    printf '%s %s %s\n' "${t##*/}" "$(tr ' ' _ <"$t/comm")" "$(cat "$t/schedstat")"
+  done 2>/dev/null | sort
+}
+if $threads; then
+  schedstat >"$out/before"
+  sleep "$seconds"
+  schedstat >"$out/after"
+elif $idle; then
   perf sched record -q -a -o "$out/sched.data" -- sleep "$seconds" 2>/dev/null
 else
   perf record -q -F 499 --call-graph dwarf,16384 -p "$bench" -o "$out/perf.data" -- sleep "$seconds" 2>/dev/null
 fi
 wait "$bench"
 bench=""
+if $threads; then
+  grep "CPU/req" "$out/bench.txt"
+  # Threads that started or ended between the two readings are left out.
+  join "$out/before" "$out/after" | awk -v s="$seconds" '
+    { on = ($7 - $3) / 1e6 / s; ready = ($8 - $4) / 1e6 / s; slices = ($9 - $5) / s
+      if (on < 1) next
+      printf "  %-16s %6.0f ms/s on a core  %6.0f ms/s ready, waiting for one  %6.0f slices/s\n", $2, on, ready, slices
+      tot_on += on; tot_ready += ready }
+    END { printf "  %-16s %6.0f ms/s on a core  %6.0f ms/s ready, waiting for one\n", "all", tot_on, tot_ready }'
+  exit
+fi
 if $idle; then
   grep "CPU/req" "$out/bench.txt"
   perf sched timehist -i "$out/sched.data" 2>/dev/null | python3 bench/idle_while_runnable.py
