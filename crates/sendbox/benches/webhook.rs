@@ -13,9 +13,11 @@
 //! Smoke run:  cargo test -p sendbox --bench webhook
 //! One route:  cargo bench -p sendbox --bench webhook -- --only committed --secs 20
 //!             (`committed`, `unique` — the committed route with every alert
-//!             its own idempotency key — or `bare`; 64 connections, one line:
-//!             the load a profiler attaches to; see `scripts/profile-webhook.sh`;
-//!             `--conns N` for another number of connections, up to 256)
+//!             its own idempotency key — or `bare`; 64 connections, one line,
+//!             and for a committed route its writer's groups and the time its
+//!             requests spent in the dispatcher: the load a profiler attaches
+//!             to; see `scripts/profile-webhook.sh`; `--conns N` for another
+//!             number of connections, up to 256)
 //!
 //! Targets (issue 12): at 64 connections the committed route's p99 ≤ 10 ms,
 //! ≥ 10,000 requests/s and ≥ 0.3× the bare route's.
@@ -160,6 +162,32 @@ async fn load(url: String, body: Vec<u8>, conns: usize, secs: f64, vary: bool) -
     }
 }
 
+/// Time the committed route's requests spend in the dispatcher (the plugin
+/// run, then the wait for their commit), summed over a run: set against
+/// the mean latency it says how much of a request's time is the writer's.
+#[derive(Default)]
+struct InDispatch {
+    nanos: std::sync::atomic::AtomicU64,
+    calls: std::sync::atomic::AtomicU64,
+}
+
+impl InDispatch {
+    fn add(&self, took: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.nanos.fetch_add(took.as_nanos() as u64, Relaxed);
+        self.calls.fetch_add(1, Relaxed);
+    }
+
+    /// (calls, total time) so far.
+    fn read(&self) -> (u64, Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.calls.load(Relaxed),
+            Duration::from_nanos(self.nanos.load(Relaxed)),
+        )
+    }
+}
+
 /// One fsync per group: how well group commit shared them, from the
 /// writer's counts (`Outbox::synced_groups`) before and after a run.
 fn print_groups(label: &str, route: &str, before: (u64, u64), after: (u64, u64), secs: f64) {
@@ -212,6 +240,7 @@ fn main() {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let in_dispatch = Arc::new(InDispatch::default());
     let (addr, outbox, pg, _db) = server.block_on(async {
         let outbox = Arc::new(Outbox::open(&dir.path().join("bench.db")).unwrap());
         let runtime = Runtime::new(RuntimeOptions {
@@ -268,6 +297,7 @@ fn main() {
                 sendbox::config::DEFAULT_MAX_HELD_OUTCOME_BYTES,
             )),
         );
+        let timed = in_dispatch.clone();
         let dispatch: Dispatch = Arc::new(move |job: Job| {
             if job.plugin == "webhook-bridge-pg" {
                 on_pg(job)
@@ -280,7 +310,12 @@ fn main() {
                     }
                 })
             } else {
-                real(job)
+                let (started, run, timed) = (Instant::now(), real(job), timed.clone());
+                Box::pin(async move {
+                    let done = run.await;
+                    timed.add(started.elapsed());
+                    done
+                })
             }
         });
         let route = |plugin: &str| Route {
@@ -329,11 +364,22 @@ fn main() {
         // idempotency key, as distinct webhooks are.
         let unique = route == "unique";
         let synced_before = outbox.synced_groups();
+        let dispatched_before = in_dispatch.read();
         let r = load(format!("http://{addr}{path}"), body, only_conns, only_secs, unique).await;
         let label = format!("{only_conns:>2} connections");
         println!("  {label}  {route:<10} {r}");
         if route != "bare" {
             print_groups(&label, &route, synced_before, outbox.synced_groups(), only_secs);
+            let (calls, took) = in_dispatch.read();
+            let calls = calls - dispatched_before.0;
+            let took = (took - dispatched_before.1) / calls.max(1) as u32;
+            // Little's law: with every connection always waiting on one
+            // request, the mean time a request takes is connections / rate.
+            let latency = Duration::from_secs_f64(only_conns as f64 / r.per_second);
+            println!(
+                "  {label}  {route}: {:.2?} of the mean {:.2?} a request took was in the dispatcher (plugin run, then the wait for its commit)",
+                took, latency
+            );
         }
         return false;
     }
