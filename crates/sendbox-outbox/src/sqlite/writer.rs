@@ -1,10 +1,12 @@
 //! The one writer thread: every write runs there, and the commits, delivery
 //! results and claims waiting together are grouped into one transaction
-//! (a refused call writes nothing; a claim runs in its own savepoint) that
+//! (a refused call writes nothing; a claim runs in its own savepoint; the
+//! commits that arrive while the group's own are applied join it) that
 //! pays one fsync — and a group with no commit in it pays none (see
 //! `SyncLevel`) — so delivery's writes never make the commits behind
 //! them wait for fsyncs of their own.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 
@@ -87,13 +89,17 @@ pub(super) fn writer_loop(
     let mut rates = RateCounts::default();
     // The connection opens with `synchronous = FULL`.
     let mut sync = SyncLevel { full: true };
-    while let Ok(first) = rx.recv() {
+    let mut arrivals = Arrivals {
+        rx,
+        deferred: VecDeque::new(),
+    };
+    while let Some(first) = arrivals.wait() {
         catch_up.finish_on_writer(&conn);
         let mut batch = vec![first];
         while batch.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(w) => batch.push(w),
-                Err(_) => break,
+            match arrivals.next() {
+                Some(w) => batch.push(w),
+                None => break,
             }
         }
         let mut group = Group::default();
@@ -112,11 +118,17 @@ pub(super) fn writer_loop(
             // Only a commit is acknowledged to someone who was promised
             // durability; see `SyncLevel`.
             let durable = !group.commits.is_empty();
-            if durable {
-                synced.add(group.commits.len());
-            }
             let level_set = sync.set(&conn, durable);
-            write_group(&conn, group, &mut rates, durable && !level_set);
+            let commits = write_group(
+                &conn,
+                group,
+                &mut rates,
+                durable && !level_set,
+                &mut arrivals,
+            );
+            if durable {
+                synced.add(commits);
+            }
         }
         // An operator's change (retry, drop, pause, ...) is kept durably,
         // or not made: answered as a group with commits would be.
@@ -128,6 +140,44 @@ pub(super) fn writer_loop(
                 f(Ok(&mut conn));
             } else {
                 f(Err(sync_failed()));
+            }
+        }
+    }
+}
+
+/// The writer's queue, and the writes it took off it while a group was
+/// being written but left for the next group (everything but commits; see
+/// [`Arrivals::join_late_commits`]), first in first out.
+struct Arrivals {
+    rx: mpsc::Receiver<Write>,
+    deferred: VecDeque<Write>,
+}
+
+impl Arrivals {
+    /// The next write, waiting for one; `None` once every sender is gone.
+    fn wait(&mut self) -> Option<Write> {
+        self.deferred.pop_front().or_else(|| self.rx.recv().ok())
+    }
+
+    /// The next write if there is one now.
+    fn next(&mut self) -> Option<Write> {
+        self.deferred
+            .pop_front()
+            .or_else(|| self.rx.try_recv().ok())
+    }
+
+    /// Commits that arrived while the group's own were being applied join
+    /// it, up to [`MAX_GROUP`]; any other write waits for the next group.
+    /// A group's replies go out only after its fsync, so the calls they
+    /// wake reach the queue just after the writer has taken the next
+    /// group: without this they would wait for all of that group's cycle
+    /// (statements, sync) before theirs began.
+    fn join_late_commits(&mut self, commits: &mut Vec<(Box<commit::Prepared>, Answer<Committed>)>) {
+        while commits.len() < MAX_GROUP {
+            match self.rx.try_recv() {
+                Ok(Write::Commit(c, r)) => commits.push((c, r)),
+                Ok(other) => self.deferred.push_back(other),
+                Err(_) => break,
             }
         }
     }
@@ -261,11 +311,18 @@ impl Drop for GroupTx<'_> {
     }
 }
 
-/// Writes a group in one transaction. A refused call or mark writes
-/// nothing, so it needs no savepoint; a claim runs in its own, so an
-/// unreadable row fails only that claim; a storage failure fails the
+/// Writes a group in one transaction, with the commits that join it
+/// meanwhile, and says how many commits it held. A refused call or mark
+/// writes nothing, so it needs no savepoint; a claim runs in its own, so
+/// an unreadable row fails only that claim; a storage failure fails the
 /// group, as does `not_durable` (its commits could not be synced).
-fn write_group(conn: &Connection, mut group: Group, rates: &mut RateCounts, not_durable: bool) {
+fn write_group(
+    conn: &Connection,
+    mut group: Group,
+    rates: &mut RateCounts,
+    not_durable: bool,
+    arrivals: &mut Arrivals,
+) -> usize {
     let mut committed: Vec<Result<Committed, OutboxError>> =
         Vec::with_capacity(group.commits.len());
     let mut marked: Vec<Vec<Result<(), OutboxError>>> = Vec::with_capacity(group.marks.len());
@@ -276,12 +333,9 @@ fn write_group(conn: &Connection, mut group: Group, rates: &mut RateCounts, not_
             return Err(sync_failed());
         }
         let tx = GroupTx::begin(conn)?;
-        if group.commits.iter().any(|(prepared, _)| {
-            let p = &prepared.call.policy;
-            p.emails_per_hour.is_some() || p.emails_per_day.is_some()
-        }) {
-            rates.begin_group(&tx)?;
-        }
+        // Read before the first commit with a rate limit (no other
+        // connection can commit while this transaction holds the lock).
+        let mut rates_current = false;
         // No recipient is looked up while the list is empty (no other
         // process can add to it while this transaction holds the lock).
         let any_suppressed = !group.commits.is_empty()
@@ -290,7 +344,14 @@ fn write_group(conn: &Connection, mut group: Group, rates: &mut RateCounts, not_
                 .query_row([], |r| r.get::<_, bool>(0))?;
         // What the group queues and moves, counted once for all of it.
         let mut counts = super::Moves::default();
-        for (prepared, _) in &mut group.commits {
+        let mut next = 0;
+        while let Some((prepared, _)) = group.commits.get_mut(next) {
+            next += 1;
+            let p = &prepared.call.policy;
+            if !rates_current && (p.emails_per_hour.is_some() || p.emails_per_day.is_some()) {
+                rates.begin_group(&tx)?;
+                rates_current = true;
+            }
             // No savepoint: a call is refused before its first write (see
             // `commit`), so a refusal leaves nothing to roll back.
             let changes_before = tx.total_changes();
@@ -307,6 +368,9 @@ fn write_group(conn: &Connection, mut group: Group, rates: &mut RateCounts, not_
                     ))));
                 }
                 Err(e) => committed.push(Err(e)),
+            }
+            if next == group.commits.len() {
+                arrivals.join_late_commits(&mut group.commits);
             }
         }
         for (marks, _) in &group.marks {
@@ -343,6 +407,7 @@ fn write_group(conn: &Connection, mut group: Group, rates: &mut RateCounts, not_
         marks,
         claims,
     } = group;
+    let held = commits.len();
     match outcome {
         Ok(()) => {
             for ((_, reply), r) in commits.into_iter().zip(committed) {
@@ -374,6 +439,7 @@ fn write_group(conn: &Connection, mut group: Group, rates: &mut RateCounts, not_
             }
         }
     }
+    held
 }
 
 #[cfg(test)]
@@ -534,6 +600,83 @@ mod tests {
         assert!(
             o.write(|c| Ok(c.is_autocommit())).unwrap(),
             "no transaction is left open"
+        );
+    }
+
+    /// A commit for the queue, and where its answer would go.
+    fn queued_commit() -> super::Write {
+        let prepared = super::commit::Prepared::new(call(vec![email("a@x.org", "s")], vec![]));
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        super::Write::Commit(Box::new(prepared), super::Answer::Async(tx))
+    }
+
+    fn is_run(w: &super::Write) -> bool {
+        matches!(w, super::Write::Run(_))
+    }
+
+    #[test]
+    fn commits_that_arrive_during_a_group_join_it_and_other_writes_wait_their_turn() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut arrivals = super::Arrivals {
+            rx,
+            deferred: Default::default(),
+        };
+        let mut group = Vec::new();
+        tx.send(queued_commit()).unwrap();
+        tx.send(super::Write::Run(Box::new(|_| {}))).unwrap();
+        tx.send(queued_commit()).unwrap();
+        arrivals.join_late_commits(&mut group);
+        assert_eq!(group.len(), 2, "both commits joined the group");
+        assert_eq!(arrivals.deferred.len(), 1, "the operator's write waits");
+        // What waited comes before anything that arrived after it.
+        tx.send(queued_commit()).unwrap();
+        assert!(arrivals.next().as_ref().is_some_and(is_run));
+        assert!(matches!(arrivals.next(), Some(super::Write::Commit(..))));
+        assert!(arrivals.next().is_none());
+
+        // A full group takes no more.
+        let mut full: Vec<_> = (0..super::MAX_GROUP)
+            .map(|_| match queued_commit() {
+                super::Write::Commit(c, r) => (c, r),
+                _ => unreachable!(),
+            })
+            .collect();
+        tx.send(queued_commit()).unwrap();
+        arrivals.join_late_commits(&mut full);
+        assert_eq!(full.len(), super::MAX_GROUP);
+        assert!(
+            matches!(arrivals.wait(), Some(super::Write::Commit(..))),
+            "left for the next group"
+        );
+    }
+
+    #[test]
+    fn every_commit_of_a_busy_queue_is_answered_once_whatever_group_it_joined() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = std::sync::Arc::new(Outbox::open(&dir.path().join("o.db")).unwrap());
+        let threads: Vec<_> = (0..16)
+            .map(|t| {
+                let o = o.clone();
+                std::thread::spawn(move || {
+                    (0..50)
+                        .map(|i| {
+                            let done = o
+                                .commit(call(vec![email("a@x.org", &format!("{t}-{i}"))], vec![]))
+                                .unwrap();
+                            done.queued.len()
+                        })
+                        .sum::<usize>()
+                })
+            })
+            .collect();
+        let answered: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(answered, 16 * 50);
+        assert_eq!(messages(&o).unwrap(), 16 * 50, "each stored once");
+        let (groups, commits) = o.synced_groups();
+        assert_eq!(commits, 16 * 50, "every commit synced in a group");
+        assert!(
+            groups < commits,
+            "16 callers share groups ({groups} for {commits})"
         );
     }
 }
