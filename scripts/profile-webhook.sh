@@ -11,8 +11,9 @@
 # its time on a core, its time ready but waiting for one, and its slices.
 #   ./scripts/profile-webhook.sh [committed|unique|bare] [--seconds 5] [--idle | --threads]
 # (`unique`: the committed route with every alert its own idempotency key)
-# Needs perf (Debian's linux-perf) and a PostgreSQL server, as the bench does
-# (scripts/postgres-for-tests.sh finds or starts one).
+# Needs perf (Debian's linux-perf; not for --threads) and a PostgreSQL
+# server, as the bench does (scripts/postgres-for-tests.sh finds or starts
+# one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 route=committed
@@ -75,8 +76,9 @@ else
 fi
 wait "$bench"
 bench=""
+line=$(grep "CPU/req" "$out/bench.txt")
+echo "$line"
 if $threads; then
-  grep "CPU/req" "$out/bench.txt"
   # Threads that started or ended between the two readings are left out.
   join "$out/before" "$out/after" | awk -v s="$seconds" '
     { on = ($7 - $3) / 1e6 / s; ready = ($8 - $4) / 1e6 / s; slices = ($9 - $5) / s
@@ -87,12 +89,9 @@ if $threads; then
   exit
 fi
 if $idle; then
-  grep "CPU/req" "$out/bench.txt"
   perf sched timehist -i "$out/sched.data" 2>/dev/null | python3 bench/idle_while_runnable.py
   exit
 fi
-line=$(grep "CPU/req" "$out/bench.txt")
-echo "$line"
 cpu_us=$(sed -E 's/.*CPU\/req +([0-9.]+) µs.*/\1/' <<<"$line")
 echo "(perf's unwinding adds to the CPU per request while it records)"
 perf script -i "$out/perf.data" -F comm,tid,ip,sym 2>/dev/null | python3 bench/perf_owners.py --cpu-us "$cpu_us"
