@@ -15,6 +15,10 @@
 //!
 //! Full run:   cargo bench -p sendbox-delivery --bench deliver
 //! Smoke run:  cargo test -p sendbox-delivery --bench deliver
+//! One side:   cargo bench -p sendbox-delivery --bench deliver -- --only outbox
+//!             (or `transport`: its runs alone, a line each with the CPU per
+//!             message of sendbox, of the outbox's writer thread and of the
+//!             SMTP peer; the load a profiler attaches to)
 
 /// The daemon's allocator (`crates/sendbox/src/lib.rs`), so this measures
 /// what the daemon runs.
@@ -99,8 +103,15 @@ async fn transport_only(smtp: SmtpTransport, total: usize, run: usize) -> (Syste
     (started, start.elapsed())
 }
 
+/// What one outbox run measured besides its clock: the CPU time of the
+/// whole process and of the outbox's writer thread while it delivered.
+struct OutboxCpu {
+    process: Duration,
+    writer: Duration,
+}
+
 /// One worker delivering a filled outbox until every message is `sent`.
-async fn from_outbox(smtp: SmtpTransport, total: usize) -> (Duration, SystemTime, Duration) {
+async fn from_outbox(smtp: SmtpTransport, total: usize) -> (OutboxCpu, SystemTime, Duration) {
     let dir = tempfile::tempdir().unwrap();
     let outbox = Arc::new(Outbox::open(&dir.path().join("bench.db")).unwrap());
     for chunk in 0..total / 10 {
@@ -135,6 +146,7 @@ async fn from_outbox(smtp: SmtpTransport, total: usize) -> (Duration, SystemTime
     let stop = Arc::new(tokio::sync::Notify::new());
     let s = stop.clone();
     let (started, start, cpu) = (SystemTime::now(), Instant::now(), cpu::process());
+    let writer = cpu::threads_named("outbox-writer");
     let handle = tokio::spawn(worker.run(async move { s.notified().await }));
     loop {
         let depth = outbox.depth().await.unwrap();
@@ -152,9 +164,17 @@ async fn from_outbox(smtp: SmtpTransport, total: usize) -> (Duration, SystemTime
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let (elapsed, cpu) = (start.elapsed(), cpu::process() - cpu);
+    let writer = cpu::threads_named("outbox-writer") - writer;
     stop.notify_one();
     handle.await.unwrap();
-    (cpu, started, elapsed)
+    (
+        OutboxCpu {
+            process: cpu,
+            writer,
+        },
+        started,
+        elapsed,
+    )
 }
 
 fn rate(total: usize, d: Duration) -> f64 {
@@ -172,6 +192,18 @@ async fn main() {
     // 10,000 messages: a run of a few thousand lasts under half a second,
     // which this machine's scheduling swings by a factor of two or three.
     let (total, runs) = if full { (10_000, 9) } else { (30, 1) };
+    let args: Vec<String> = std::env::args().collect();
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .map(|i| args.get(i + 1).map(String::as_str).unwrap_or_default());
+    if let Some(side) = only {
+        assert!(
+            side == "outbox" || side == "transport",
+            "--only takes `outbox` or `transport`, not {side:?}"
+        );
+        return one_side(side == "outbox", total, runs).await;
+    }
     let p = peers::Peers::start();
     let (mut bare, mut ours) = (Vec::new(), Vec::new());
     let mut max_connections = 0;
@@ -199,7 +231,7 @@ async fn main() {
             } else {
                 let (cpu, started, elapsed) = from_outbox(smtp, total).await;
                 ours.push(rate(total, elapsed));
-                ours_cpu += cpu;
+                ours_cpu += cpu.process;
                 (started, elapsed)
             };
             let stats = p.stats().await;
@@ -280,4 +312,44 @@ async fn main() {
         oe.1
     );
     assert!(max_connections <= 3, "the connection cap held");
+}
+
+/// `--only`: one side's runs, a line each: messages/s and the CPU per
+/// message of sendbox, of the outbox's writer (outbox runs) and of the peer.
+async fn one_side(outbox: bool, total: usize, runs: usize) {
+    let p = peers::Peers::start();
+    let side = if outbox {
+        "outbox -> SMTP"
+    } else {
+        "transport only"
+    };
+    println!("{side}: {total} messages of 2 KB, 3 connections max, {runs} runs");
+    let us = |d: Duration| d.as_secs_f64() * 1e6 / total as f64;
+    for run in 0..runs {
+        let smtp = warm_transport(&p).await;
+        p.reset().await;
+        let peer = cpu::processes_named("node");
+        let (per_second, sendbox, writer) = if outbox {
+            let (cpu, _, elapsed) = from_outbox(smtp, total).await;
+            (rate(total, elapsed), cpu.process, Some(cpu.writer))
+        } else {
+            let cpu = cpu::process();
+            let (_, elapsed) = transport_only(smtp, total, run).await;
+            (rate(total, elapsed), cpu::process() - cpu, None)
+        };
+        let peer = cpu::processes_named("node") - peer;
+        assert_eq!(
+            p.stats().await.messages,
+            total as u64,
+            "every message arrived, once"
+        );
+        let writer = writer.map_or(String::new(), |w| {
+            format!(" (outbox writer {:>4.1})", us(w))
+        });
+        println!(
+            "  {side}  {per_second:>6.0} messages/s  CPU per message: sendbox {:>4.1} µs{writer}, SMTP peer {:>4.1} µs",
+            us(sendbox),
+            us(peer)
+        );
+    }
 }
