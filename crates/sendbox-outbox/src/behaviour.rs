@@ -79,6 +79,14 @@ pub fn call(emails: Vec<Email>, state: Vec<StateChange>) -> Call {
     }
 }
 
+/// A trail as its moves, (from, to), oldest first.
+pub fn moves(trail: &[crate::AuditEntry]) -> Vec<(Option<&str>, &str)> {
+    trail
+        .iter()
+        .map(|e| (e.from.as_deref(), e.to.as_str()))
+        .collect()
+}
+
 /// A plugin state write.
 pub fn set(key: &str, value: &str) -> StateChange {
     StateChange::Set {
@@ -451,19 +459,30 @@ pub async fn states_move_with_their_replies_on_record(store: impl Store) {
     assert_eq!(m.last_reply.as_deref(), Some("550 5.1.1 User unknown"));
     store.retry_now(b).await.unwrap();
     assert_eq!(store.claim("alerts", 10).await.unwrap()[0].id, b);
-    let trail: Vec<String> = store
-        .audit_trail(b)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.to)
-        .collect();
+    let trail = store.audit_trail(b).await.unwrap();
     assert_eq!(
-        trail,
+        moves(&trail),
         [
-            "queued", "sending", "retry", "queued", "sending", "dead", "queued", "sending"
+            (None, "queued"),
+            (Some("queued"), "sending"),
+            (Some("sending"), "retry"),
+            (Some("retry"), "queued"),
+            (Some("queued"), "sending"),
+            (Some("sending"), "dead"),
+            (Some("dead"), "queued"),
+            (Some("queued"), "sending"),
         ]
     );
+    assert!(
+        trail.windows(2).all(|w| w[0].at_ms <= w[1].at_ms),
+        "oldest first: {trail:?}"
+    );
+    // Leaving `sending` says why.
+    for (i, e) in trail.iter().enumerate() {
+        if e.from.as_deref() == Some("sending") {
+            assert!(e.detail.is_some(), "entry {i}: {e:?}");
+        }
+    }
     // A sent message put back in the queue by the operator.
     store.retry_now(a).await.unwrap();
     counts_are_exact(&store).await;

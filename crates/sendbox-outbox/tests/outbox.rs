@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use sendbox_outbox::behaviour::{call, email, set};
+use sendbox_outbox::behaviour::{call, email, moves, set};
 use sendbox_outbox::{Outbox, OutboxError, State};
 
 /// A fresh outbox in a temporary folder (the guard).
@@ -52,11 +52,124 @@ fn a_message_left_sending_by_a_crash_is_queued_again_with_its_message_id() {
     assert_eq!(again[0].message_id, queued.message_id);
     assert_eq!(again[0].attempts, 2);
     let trail = outbox.audit_trail(queued.id).unwrap();
-    assert!(trail.iter().any(|a| {
-        a.detail
+    assert_eq!(
+        moves(&trail),
+        [
+            (None, "queued"),
+            (Some("queued"), "sending"),
+            (Some("sending"), "queued"),
+            (Some("queued"), "sending"),
+        ],
+        "the attempt the crash cut short is on record: {trail:?}"
+    );
+    assert!(
+        trail[2]
+            .detail
             .as_deref()
             .is_some_and(|d| d.contains("recovered after restart"))
-    }));
+    );
+    assert!(trail.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
+}
+
+/// Schema v9: a claim writes no audit row, and each result one, which
+/// keeps when its message went `sending`; the trail shows both entries.
+#[test]
+fn a_delivery_attempt_is_one_audit_row_and_its_trail_still_shows_it_going_sending() {
+    let (dir, outbox) = open();
+    let done = outbox
+        .commit(call(
+            vec![email("a@x.org", "one"), email("b@x.org", "two")],
+            vec![],
+        ))
+        .unwrap();
+    let db = rusqlite::Connection::open(dir.path().join("var/sendbox.db")).unwrap();
+    let rows = |db: &rusqlite::Connection| -> Vec<(i64, String, String, Option<i64>)> {
+        db.prepare("SELECT message, from_state, to_state, started_ms FROM audit ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let claimed = outbox.claim("alerts", 10).unwrap();
+    assert_eq!(claimed.len(), 2);
+    assert!(rows(&db).is_empty(), "a claim writes no audit row");
+    let went_sending: Vec<i64> = claimed
+        .iter()
+        .map(|m| {
+            db.query_row(
+                "SELECT updated_ms FROM messages WHERE id = ?1",
+                [m.id],
+                |r| r.get(0),
+            )
+            .unwrap()
+        })
+        .collect();
+    let trail = outbox.audit_trail(claimed[0].id).unwrap();
+    assert_eq!(
+        (
+            trail[1].from.as_deref(),
+            trail[1].to.as_str(),
+            trail[1].at_ms
+        ),
+        (Some("queued"), "sending", went_sending[0]),
+        "while sending, the entry comes from the message's row: {trail:?}"
+    );
+    let answers = outbox
+        .mark_many(
+            claimed
+                .iter()
+                .map(|m| sendbox_outbox::Mark {
+                    id: m.id,
+                    to: State::Sent,
+                    next_attempt_ms: None,
+                    detail: format!("250 OK {}", m.id),
+                })
+                .collect(),
+        )
+        .unwrap();
+    assert!(answers.iter().all(Result::is_ok));
+    let ids: Vec<i64> = done.queued.iter().map(|q| q.id).collect();
+    assert_eq!(
+        rows(&db),
+        vec![
+            (
+                ids[0],
+                "sending".into(),
+                "sent".into(),
+                Some(went_sending[0])
+            ),
+            (
+                ids[1],
+                "sending".into(),
+                "sent".into(),
+                Some(went_sending[1])
+            ),
+        ],
+        "one row per result, keeping when the message went sending"
+    );
+    for (id, at) in ids.iter().zip(&went_sending) {
+        let trail = outbox.audit_trail(*id).unwrap();
+        let moves: Vec<(Option<&str>, &str, Option<&str>)> = trail
+            .iter()
+            .map(|e| (e.from.as_deref(), e.to.as_str(), e.detail.as_deref()))
+            .collect();
+        let reply = format!("250 OK {id}");
+        assert_eq!(
+            moves[1..],
+            [
+                (Some("queued"), "sending", None),
+                (Some("sending"), "sent", Some(reply.as_str())),
+            ]
+        );
+        assert_eq!(trail[1].at_ms, *at);
+    }
+    // A stale result (the message is no longer `sending`) writes nothing.
+    assert!(matches!(
+        outbox.mark(ids[0], State::Dead, None, "stale"),
+        Err(OutboxError::WrongState { .. })
+    ));
+    assert_eq!(rows(&db).len(), 2);
 }
 
 #[test]

@@ -304,23 +304,26 @@ impl Outbox {
         }
         self.write(|conn| {
             let tx = conn.transaction()?;
-            let ids: Vec<i64> = {
-                let mut st = tx.prepare("SELECT id FROM messages WHERE state = 'sending'")?;
-                st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
+            // Each with the time it went `sending` (see `leave_sending`).
+            let ids: Vec<(i64, i64)> = {
+                let mut st =
+                    tx.prepare("SELECT id, updated_ms FROM messages WHERE state = 'sending'")?;
+                st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?
             };
             let now = now_ms();
-            for id in &ids {
+            for (id, started_ms) in &ids {
                 tx.execute(
                     "UPDATE messages SET state = 'queued', updated_ms = ?2 WHERE id = ?1",
                     params![id, now],
                 )?;
-                audit(
-                    &tx,
-                    *id,
-                    Some("sending"),
+                tx.prepare_cached(AUDIT_LEAVING_SENDING)?.execute(params![
+                    id,
+                    now,
                     "queued",
-                    Some("recovered after restart: was being sent when sendbox stopped"),
-                )?;
+                    "recovered after restart: was being sent when sendbox stopped",
+                    started_ms
+                ])?;
             }
             let mut moves = Moves::default();
             moves.moved_n(State::Sending, State::Queued, ids.len() as i64);
@@ -600,9 +603,11 @@ pub(super) fn claim_in(tx: &Connection, claim: &Claim) -> Result<Vec<Message>, O
     let mut update = tx.prepare_cached(
         "UPDATE messages SET state = 'sending', attempts = attempts + 1, updated_ms = ?2 WHERE id = ?1",
     )?;
+    // No audit row: while a message is `sending` its row says since when,
+    // and the row written when it leaves `sending` keeps that time (schema
+    // v9, `audit_trail`).
     for m in &msgs {
         update.execute(params![m.id, now])?;
-        audit(tx, m.id, Some(m.state.as_str()), "sending", None)?;
         moves.moved(m.state, State::Sending);
     }
     moves.apply(tx)?;
@@ -630,8 +635,19 @@ fn transition_in(
 ) -> Result<(), OutboxError> {
     let now = now_ms();
     let from = match from_any {
-        // One state it may come from (a delivery result: `sending`): the
-        // update checks it, and only a refusal reads the row.
+        // A delivery result: the row leaving `sending` is written first,
+        // with the time the message went `sending` read off its row (see
+        // `claim_in`); it finds no row when the message is no longer
+        // `sending`, and only then is the message read again.
+        [State::Sending] => {
+            if leave_sending(tx, id, to, next_attempt_ms, detail, now)? {
+                moves.moved(State::Sending, to);
+                return Ok(());
+            }
+            return Err(refusal(tx, id, from_any));
+        }
+        // One state it may come from: the update checks it, and only a
+        // refusal reads the row.
         [only] => {
             let n = tx
                 .prepare_cached(
@@ -662,6 +678,12 @@ fn transition_in(
             if !from_any.iter().any(|s| s.as_str() == from) {
                 return Err(crate::policy::wrong_state(id, from, from_any));
             }
+            if from == State::Sending.as_str()
+                && leave_sending(tx, id, to, next_attempt_ms, detail, now)?
+            {
+                moves.moved(State::Sending, to);
+                return Ok(());
+            }
             tx.prepare_cached(
                 "UPDATE messages SET state = ?2, updated_ms = ?3, last_reply = ?4, \
                  next_attempt_ms = COALESCE(?5, next_attempt_ms) WHERE id = ?1",
@@ -673,6 +695,31 @@ fn transition_in(
     moves.moved(from, to);
     audit(tx, id, Some(from.as_str()), to.as_str(), Some(detail))?;
     Ok(())
+}
+
+/// Moves message `id` out of `sending` to `to`, if it is `sending`: its
+/// audit row first, keeping when it went `sending` (read off its row, see
+/// `claim_in`), then the row. Whether it was.
+fn leave_sending(
+    tx: &Connection,
+    id: i64,
+    to: State,
+    next_attempt_ms: Option<i64>,
+    detail: &str,
+    now: i64,
+) -> Result<bool, OutboxError> {
+    let n = tx
+        .prepare_cached(AUDIT_LEAVING_SENDING_IF_SENDING)?
+        .execute(params![id, now, to.as_str(), detail])?;
+    if n == 0 {
+        return Ok(false);
+    }
+    tx.prepare_cached(
+        "UPDATE messages SET state = ?2, updated_ms = ?3, last_reply = ?4, \
+         next_attempt_ms = COALESCE(?5, next_attempt_ms) WHERE id = ?1",
+    )?
+    .execute(params![id, to.as_str(), now, detail, next_attempt_ms])?;
+    Ok(true)
 }
 
 /// Why message `id` could not move from one of `from_any`: it is gone, or
@@ -687,6 +734,17 @@ fn refusal(tx: &Connection, id: i64, from_any: &[State]) -> OutboxError {
         Err(e) => e.into(),
     }
 }
+
+/// The audit row of a message leaving `sending` (recovery): ?1 message,
+/// ?2 now, ?3 the state it goes to, ?4 why, ?5 when it went `sending`.
+const AUDIT_LEAVING_SENDING: &str = "INSERT INTO audit (message, at_ms, from_state, to_state, detail, started_ms) \
+     VALUES (?1, ?2, 'sending', ?3, ?4, ?5)";
+
+/// The audit row of a delivery result, written only if message ?1 is
+/// `sending`, with the time it went so off its row: ?2 now, ?3 the state it
+/// goes to, ?4 the reply.
+const AUDIT_LEAVING_SENDING_IF_SENDING: &str = "INSERT INTO audit (message, at_ms, from_state, to_state, detail, started_ms) \
+     SELECT id, ?2, 'sending', ?3, ?4, updated_ms FROM messages WHERE id = ?1 AND state = 'sending'";
 
 fn audit(
     tx: &Connection,

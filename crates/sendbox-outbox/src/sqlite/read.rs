@@ -97,28 +97,44 @@ impl Outbox {
     /// A message's audit trail, oldest first. Its first entry, queued by
     /// a plugin's event, comes from the message's own row (schema v7 on:
     /// the commit writes no audit row for it); databases from before v7
-    /// have it as an audit row, which is read instead.
+    /// have it as an audit row, which is read instead. Each entry going
+    /// `sending` comes from the row written when the message left
+    /// `sending` (its `started_ms`), or from the message's own row while it
+    /// still is (schema v9 on: a claim writes no audit row).
     pub fn audit_trail(&self, id: i64) -> Result<Vec<AuditEntry>, OutboxError> {
         self.read(|c| {
             let mut st = c.prepare(
-                "SELECT at_ms, from_state, to_state, detail FROM ( \
+                "SELECT at_ms, from_state, to_state, detail, started_ms FROM ( \
                    SELECT 0 AS seq, created_ms AS at_ms, NULL AS from_state, 'queued' AS to_state, \
-                          'plugin ' || plugin || ' event ' || event_id || ' (' || trigger || ')' AS detail \
+                          'plugin ' || plugin || ' event ' || event_id || ' (' || trigger || ')' AS detail, \
+                          NULL AS started_ms \
                    FROM messages WHERE id = ?1 AND NOT EXISTS \
                      (SELECT 1 FROM audit WHERE message = ?1 AND from_state IS NULL) \
                    UNION ALL \
-                   SELECT id, at_ms, from_state, to_state, detail FROM audit WHERE message = ?1 \
+                   SELECT id, at_ms, from_state, to_state, detail, started_ms FROM audit WHERE message = ?1 \
                  ) ORDER BY seq",
             )?;
-            st.query_map([id], |r| {
-                Ok(AuditEntry {
-                    at_ms: r.get(0)?,
-                    from: r.get(1)?,
-                    to: r.get(2)?,
-                    detail: r.get(3)?,
-                })
-            })?
-            .collect()
+            let rows = st
+                .query_map([id], |r| {
+                    Ok((
+                        AuditEntry {
+                            at_ms: r.get(0)?,
+                            from: r.get(1)?,
+                            to: r.get(2)?,
+                            detail: r.get(3)?,
+                        },
+                        r.get(4)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            let now: Option<(String, i64)> = c
+                .query_row(
+                    "SELECT state, updated_ms FROM messages WHERE id = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            Ok(with_sending_entries(rows, now))
         })
     }
     /// Count of messages per state, from counters kept at every change
@@ -156,5 +172,84 @@ impl Outbox {
     /// Bytes of keys and values a plugin keeps.
     pub fn plugin_state_usage(&self, plugin: &str) -> Result<u64, OutboxError> {
         self.read(|c| plugin_state::usage(c, plugin))
+    }
+}
+
+/// A trail's stored entries (each with the time the message went
+/// `sending`, on a row written when it left `sending`) with the entries for
+/// going `sending` put back in place; `now`: the message's state and its
+/// time, for a message still `sending`. An entry going `sending` comes
+/// from the entry before it; a row stored before schema v9 that already
+/// says the message went `sending` gets no second one.
+fn with_sending_entries(
+    rows: Vec<(AuditEntry, Option<i64>)>,
+    now: Option<(String, i64)>,
+) -> Vec<AuditEntry> {
+    fn went_sending(trail: &mut Vec<AuditEntry>, at_ms: i64) {
+        let from = trail.last().map(|e| e.to.clone());
+        if from.as_deref() != Some(State::Sending.as_str()) {
+            trail.push(AuditEntry {
+                at_ms,
+                from,
+                to: State::Sending.as_str().to_owned(),
+                detail: None,
+            });
+        }
+    }
+    let mut trail = Vec::with_capacity(2 * rows.len() + 1);
+    for (entry, started_ms) in rows {
+        if let Some(at_ms) = started_ms {
+            went_sending(&mut trail, at_ms);
+        }
+        trail.push(entry);
+    }
+    if let Some((state, since)) = now
+        && state == State::Sending.as_str()
+    {
+        went_sending(&mut trail, since);
+    }
+    trail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_sending_entries;
+    use crate::AuditEntry;
+
+    fn entry(at_ms: i64, from: Option<&str>, to: &str) -> AuditEntry {
+        AuditEntry {
+            at_ms,
+            from: from.map(str::to_owned),
+            to: to.to_owned(),
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn an_attempt_recorded_before_v9_is_not_shown_twice() {
+        // Claimed before the upgrade (its own row), its result after (a row
+        // keeping when it went sending), then claimed again and still
+        // sending.
+        let rows = vec![
+            (entry(1, None, "queued"), None),
+            (entry(2, Some("queued"), "sending"), None),
+            (entry(3, Some("sending"), "retry"), Some(2)),
+            (entry(4, Some("retry"), "queued"), None),
+        ];
+        let trail = with_sending_entries(rows, Some(("sending".into(), 5)));
+        let moves: Vec<(i64, Option<&str>, &str)> = trail
+            .iter()
+            .map(|e| (e.at_ms, e.from.as_deref(), e.to.as_str()))
+            .collect();
+        assert_eq!(
+            moves,
+            [
+                (1, None, "queued"),
+                (2, Some("queued"), "sending"),
+                (3, Some("sending"), "retry"),
+                (4, Some("retry"), "queued"),
+                (5, Some("queued"), "sending"),
+            ]
+        );
     }
 }

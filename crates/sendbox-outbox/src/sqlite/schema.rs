@@ -160,6 +160,15 @@ const MIGRATIONS: &[&str] = &[
     r#"
     DROP TRIGGER messages_counted_moved;
     "#,
+    // v9: a claim writes no audit row. A message's row says when it went
+    // `sending` (its `updated_ms`) for as long as it is; the row written
+    // when it leaves `sending` keeps that time in `started_ms`, and the
+    // trail shows the entry from it (`audit_trail`). One insert fewer per
+    // delivery attempt, and the audit pages are no longer written by the
+    // claims' transactions as well as by the results'.
+    r#"
+    ALTER TABLE audit ADD COLUMN started_ms INTEGER;
+    "#,
 ];
 
 /// The `messages.state` CHECK as v1 wrote it, and as v7 rewrites it: the
