@@ -304,26 +304,25 @@ impl Outbox {
         }
         self.write(|conn| {
             let tx = conn.transaction()?;
-            // Each with the time it went `sending` (see `leave_sending`).
-            let ids: Vec<(i64, i64)> = {
-                let mut st =
-                    tx.prepare("SELECT id, updated_ms FROM messages WHERE state = 'sending'")?;
-                st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<Result<_, _>>()?
+            let ids: Vec<i64> = {
+                let mut st = tx.prepare("SELECT id FROM messages WHERE state = 'sending'")?;
+                st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
             };
             let now = now_ms();
-            for (id, started_ms) in &ids {
-                tx.execute(
-                    "UPDATE messages SET state = 'queued', updated_ms = ?2 WHERE id = ?1",
-                    params![id, now],
-                )?;
+            for id in &ids {
+                // The audit row first: it keeps when the message went
+                // `sending`, off its row (see `leave_sending`). The reply
+                // of its last attempt stays its `last_reply`.
                 tx.prepare_cached(AUDIT_LEAVING_SENDING)?.execute(params![
                     id,
                     now,
                     "queued",
-                    "recovered after restart: was being sent when sendbox stopped",
-                    started_ms
+                    "recovered after restart: was being sent when sendbox stopped"
                 ])?;
+                tx.execute(
+                    "UPDATE messages SET state = 'queued', updated_ms = ?2 WHERE id = ?1",
+                    params![id, now],
+                )?;
             }
             let mut moves = Moves::default();
             moves.moved_n(State::Sending, State::Queued, ids.len() as i64);
@@ -684,11 +683,13 @@ fn transition_in(
                 moves.moved(State::Sending, to);
                 return Ok(());
             }
-            tx.prepare_cached(
-                "UPDATE messages SET state = ?2, updated_ms = ?3, last_reply = ?4, \
-                 next_attempt_ms = COALESCE(?5, next_attempt_ms) WHERE id = ?1",
-            )?
-            .execute(params![id, to.as_str(), now, detail, next_attempt_ms])?;
+            tx.prepare_cached(MOVE_MESSAGE)?.execute(params![
+                id,
+                to.as_str(),
+                now,
+                detail,
+                next_attempt_ms
+            ])?;
             State::parse(&from)
         }
     };
@@ -708,17 +709,19 @@ fn leave_sending(
     detail: &str,
     now: i64,
 ) -> Result<bool, OutboxError> {
-    let n = tx
-        .prepare_cached(AUDIT_LEAVING_SENDING_IF_SENDING)?
-        .execute(params![id, now, to.as_str(), detail])?;
+    let n =
+        tx.prepare_cached(AUDIT_LEAVING_SENDING)?
+            .execute(params![id, now, to.as_str(), detail])?;
     if n == 0 {
         return Ok(false);
     }
-    tx.prepare_cached(
-        "UPDATE messages SET state = ?2, updated_ms = ?3, last_reply = ?4, \
-         next_attempt_ms = COALESCE(?5, next_attempt_ms) WHERE id = ?1",
-    )?
-    .execute(params![id, to.as_str(), now, detail, next_attempt_ms])?;
+    tx.prepare_cached(MOVE_MESSAGE)?.execute(params![
+        id,
+        to.as_str(),
+        now,
+        detail,
+        next_attempt_ms
+    ])?;
     Ok(true)
 }
 
@@ -735,16 +738,16 @@ fn refusal(tx: &Connection, id: i64, from_any: &[State]) -> OutboxError {
     }
 }
 
-/// The audit row of a message leaving `sending` (recovery): ?1 message,
-/// ?2 now, ?3 the state it goes to, ?4 why, ?5 when it went `sending`.
-const AUDIT_LEAVING_SENDING: &str = "INSERT INTO audit (message, at_ms, from_state, to_state, detail, started_ms) \
-     VALUES (?1, ?2, 'sending', ?3, ?4, ?5)";
-
-/// The audit row of a delivery result, written only if message ?1 is
+/// The audit row of message ?1 leaving `sending`, written only if it is
 /// `sending`, with the time it went so off its row: ?2 now, ?3 the state it
-/// goes to, ?4 the reply.
-const AUDIT_LEAVING_SENDING_IF_SENDING: &str = "INSERT INTO audit (message, at_ms, from_state, to_state, detail, started_ms) \
+/// goes to, ?4 the reply or the reason.
+const AUDIT_LEAVING_SENDING: &str = "INSERT INTO audit (message, at_ms, from_state, to_state, detail, started_ms) \
      SELECT id, ?2, 'sending', ?3, ?4, updated_ms FROM messages WHERE id = ?1 AND state = 'sending'";
+
+/// Moves message ?1 to state ?2 at ?3 with reply ?4, and its next attempt
+/// to ?5 when given.
+const MOVE_MESSAGE: &str = "UPDATE messages SET state = ?2, updated_ms = ?3, last_reply = ?4, \
+     next_attempt_ms = COALESCE(?5, next_attempt_ms) WHERE id = ?1";
 
 fn audit(
     tx: &Connection,
