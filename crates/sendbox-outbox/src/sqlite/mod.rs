@@ -683,13 +683,7 @@ fn transition_in(
                 moves.moved(State::Sending, to);
                 return Ok(());
             }
-            tx.prepare_cached(MOVE_MESSAGE)?.execute(params![
-                id,
-                to.as_str(),
-                now,
-                detail,
-                next_attempt_ms
-            ])?;
+            move_message(tx, id, to, now, detail, next_attempt_ms)?;
             State::parse(&from)
         }
     };
@@ -715,14 +709,25 @@ fn leave_sending(
     if n == 0 {
         return Ok(false);
     }
-    tx.prepare_cached(MOVE_MESSAGE)?.execute(params![
-        id,
-        to.as_str(),
-        now,
-        detail,
-        next_attempt_ms
-    ])?;
+    move_message(tx, id, to, now, detail, next_attempt_ms)?;
     Ok(true)
+}
+
+/// Moves message `id` to `to` at `now` with its reply, and its next
+/// attempt when given.
+fn move_message(
+    tx: &Connection,
+    id: i64,
+    to: State,
+    now: i64,
+    detail: &str,
+    next_attempt_ms: Option<i64>,
+) -> rusqlite::Result<usize> {
+    tx.prepare_cached(
+        "UPDATE messages SET state = ?2, updated_ms = ?3, last_reply = ?4, \
+         next_attempt_ms = COALESCE(?5, next_attempt_ms) WHERE id = ?1",
+    )?
+    .execute(params![id, to.as_str(), now, detail, next_attempt_ms])
 }
 
 /// Why message `id` could not move from one of `from_any`: it is gone, or
@@ -743,11 +748,6 @@ fn refusal(tx: &Connection, id: i64, from_any: &[State]) -> OutboxError {
 /// goes to, ?4 the reply or the reason.
 const AUDIT_LEAVING_SENDING: &str = "INSERT INTO audit (message, at_ms, from_state, to_state, detail, started_ms) \
      SELECT id, ?2, 'sending', ?3, ?4, updated_ms FROM messages WHERE id = ?1 AND state = 'sending'";
-
-/// Moves message ?1 to state ?2 at ?3 with reply ?4, and its next attempt
-/// to ?5 when given.
-const MOVE_MESSAGE: &str = "UPDATE messages SET state = ?2, updated_ms = ?3, last_reply = ?4, \
-     next_attempt_ms = COALESCE(?5, next_attempt_ms) WHERE id = ?1";
 
 fn audit(
     tx: &Connection,
