@@ -36,6 +36,7 @@ pub(crate) fn released(m: &Message, why: &str) -> Mark {
         to: State::Queued,
         next_attempt_ms: Some(now_ms()),
         detail: why.to_owned(),
+        attempted: false,
     }
 }
 
@@ -100,6 +101,7 @@ pub(crate) fn settle(
         to,
         next_attempt_ms,
         detail,
+        attempted: true,
     };
     (mark, pause)
 }

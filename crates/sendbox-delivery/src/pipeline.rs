@@ -244,7 +244,12 @@ impl AccountWorker {
                     || flush_at.is_some_and(|t| t <= Instant::now())
                     || sending.is_empty()
                     || ending.is_some());
-            if recording.is_none() && !results.is_empty() && flush {
+            // Once refused, the round hands back what it holds: not while
+            // one of its claims is under way, which could take the
+            // handed-back messages again (a claim and a group sent together
+            // may be written in either order).
+            let claim_under_way = refused && claiming.is_some();
+            if recording.is_none() && !results.is_empty() && flush && !claim_under_way {
                 let group: Vec<Mark> = results.drain(..results.len().min(MAX_GROUP)).collect();
                 oldest_result = (!results.is_empty()).then(Instant::now);
                 recording_n = group.len();
@@ -395,7 +400,7 @@ impl AccountWorker {
                         }
                     }
                 }
-                _ = sleep_until(flush_at), if recording.is_none() && !results.is_empty() => {}
+                _ = sleep_until(flush_at), if recording.is_none() && !results.is_empty() && !claim_under_way => {}
                 written = finished(&mut recording) => {
                     recording = None;
                     recording_n = 0;

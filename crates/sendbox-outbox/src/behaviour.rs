@@ -35,6 +35,7 @@ macro_rules! store_behaviour_tests {
             a_message_left_sending_is_queued_again_with_its_message_id,
             states_move_with_their_replies_on_record,
             results_recorded_together_are_answered_one_by_one,
+            a_message_handed_back_unattempted_gets_its_attempt_back,
             a_claim_stops_at_its_byte_budget,
             concurrent_commits_are_all_stored,
             a_call_whose_reads_changed_commits_nothing,
@@ -514,6 +515,7 @@ pub async fn results_recorded_together_are_answered_one_by_one(store: impl Store
         to,
         next_attempt_ms: next,
         detail: detail.into(),
+        attempted: true,
     };
     let later = now_ms() + 60_000;
     let answers = store
@@ -572,6 +574,56 @@ pub async fn results_recorded_together_are_answered_one_by_one(store: impl Store
     assert_eq!(again, [ids[3], ids[4]]);
     counts_are_exact(&store).await;
     assert!(store.mark_many(vec![]).await.unwrap().is_empty());
+}
+
+/// A claimed message handed back before its turn (the account paused
+/// meanwhile) was not attempted: the attempt its claim counted is taken
+/// back, however often that happens; an attempt that reached the account
+/// stays counted, and a stale hand-back takes nothing.
+pub async fn a_message_handed_back_unattempted_gets_its_attempt_back(store: impl Store) {
+    let emails = (0..3).map(|i| email("a@x.org", &format!("m{i}"))).collect();
+    let ids: Vec<i64> = store
+        .commit(call(emails, vec![]))
+        .await
+        .unwrap()
+        .queued
+        .iter()
+        .map(|q| q.id)
+        .collect();
+    let back = |id, attempted| Mark {
+        id,
+        to: State::Queued,
+        next_attempt_ms: Some(now_ms()),
+        detail: "not attempted: the account is paused".into(),
+        attempted,
+    };
+    for round in 1..=3 {
+        let claimed = store.claim("alerts", 10).await.unwrap();
+        assert_eq!(claimed.len(), 3, "round {round}");
+        let answers = store
+            .mark_many(vec![
+                back(ids[0], true),
+                back(ids[1], false),
+                back(ids[2], false),
+            ])
+            .await
+            .unwrap();
+        assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+        let mut now = Vec::new();
+        for id in &ids {
+            now.push(store.get(*id).await.unwrap().attempts);
+        }
+        // The first went to the account each round; the others never did.
+        assert_eq!(now, [round, 0, 0], "round {round}");
+    }
+    // Not `sending` any more: refused, and nothing taken back.
+    let stale = store.mark_many(vec![back(ids[0], false)]).await.unwrap();
+    assert!(
+        matches!(stale[0], Err(OutboxError::WrongState { .. })),
+        "{stale:?}"
+    );
+    assert_eq!(store.get(ids[0]).await.unwrap().attempts, 3);
+    counts_are_exact(&store).await;
 }
 
 /// A claim with a byte budget takes due messages in order until the next
@@ -639,6 +691,7 @@ pub async fn concurrent_commits_are_all_stored(store: impl Store) {
                 to: State::Sent,
                 next_attempt_ms: None,
                 detail: "250 ok".into(),
+                attempted: true,
             })
             .collect();
         let answers = store.mark_many(marks).await.unwrap();

@@ -216,6 +216,10 @@ pub struct Mark {
     /// The server's reply or the reason, kept as `last_reply` and in the
     /// audit trail.
     pub detail: String,
+    /// Whether it was attempted. `false` for a message handed back before
+    /// its turn (the account paused meanwhile): the attempt its claim
+    /// counted is taken back, so `attempts` counts only real attempts.
+    pub attempted: bool,
 }
 
 /// One entry of a message's audit trail.

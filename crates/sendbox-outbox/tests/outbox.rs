@@ -124,6 +124,7 @@ fn a_delivery_attempt_is_one_audit_row_and_its_trail_still_shows_it_going_sendin
                     to: State::Sent,
                     next_attempt_ms: None,
                     detail: format!("250 OK {}", m.id),
+                    attempted: true,
                 })
                 .collect(),
         )

@@ -160,6 +160,7 @@ async fn a_live_nodes_leases_are_renewed_while_it_sends() {
             to: State::Sent,
             next_attempt_ms: None,
             detail: "250 ok".into(),
+            attempted: true,
         }])
         .await
         .unwrap();

@@ -140,8 +140,11 @@ impl PgOutbox {
         let now = now_ms();
         let done = tx
             .query_opt(
+                // A message handed back unattempted gets back the
+                // attempt its claim counted.
                 "UPDATE messages SET state = $2, updated_ms = $3, last_reply = $4, \
-                 next_attempt_ms = COALESCE($5, next_attempt_ms), lease_node = NULL, lease_until_ms = NULL \
+                 next_attempt_ms = COALESCE($5, next_attempt_ms), lease_node = NULL, lease_until_ms = NULL, \
+                 attempts = CASE WHEN $7 THEN attempts ELSE GREATEST(attempts - 1, 0) END \
                  WHERE id = $1 AND state = 'sending' AND lease_node = $6 RETURNING id",
                 &[
                     &m.id,
@@ -150,6 +153,7 @@ impl PgOutbox {
                     &m.detail,
                     &m.next_attempt_ms,
                     &self.node,
+                    &m.attempted,
                 ],
             )
             .await

@@ -460,6 +460,7 @@ impl Store for Arc<PgOutbox> {
             to,
             next_attempt_ms,
             detail: detail.to_owned(),
+            attempted: true,
         };
         let o = self.clone();
         async move {

@@ -713,6 +713,13 @@ fn leave_sending(
     Ok(true)
 }
 
+/// Takes back the attempt a claim counted for message `id`, which was
+/// handed back unattempted.
+pub(super) fn take_back_attempt(tx: &Connection, id: i64) -> rusqlite::Result<usize> {
+    tx.prepare_cached("UPDATE messages SET attempts = MAX(attempts - 1, 0) WHERE id = ?1")?
+        .execute([id])
+}
+
 /// Moves message `id` to `to` at `now` with its reply, and its next
 /// attempt when given.
 fn move_message(

@@ -14,7 +14,7 @@ use rusqlite::Connection;
 
 use super::checkpoint::CatchUp;
 use super::rates::RateCounts;
-use super::{Claim, claim_in, commit, transition_in};
+use super::{Claim, claim_in, commit, take_back_attempt, transition_in};
 use crate::{Committed, Mark, Message, OutboxError, State, StorageError};
 
 pub(super) type Reply<T> = mpsc::SyncSender<Result<T, OutboxError>>;
@@ -384,7 +384,13 @@ fn write_group(
                     m.next_attempt_ms,
                     &m.detail,
                     &mut counts,
-                );
+                )
+                .and_then(|()| {
+                    if !m.attempted {
+                        take_back_attempt(&tx, m.id)?;
+                    }
+                    Ok(())
+                });
                 if let Err(e @ OutboxError::Storage(_)) = answer {
                     return Err(e);
                 }
