@@ -496,19 +496,18 @@ pub async fn states_move_with_their_replies_on_record(store: impl Store) {
     ));
 }
 
+/// Queues `n` emails ("m0", "m1", …) in one call; their ids in order.
+async fn queue(store: &impl Store, n: usize) -> Vec<i64> {
+    let emails = (0..n).map(|i| email("a@x.org", &format!("m{i}"))).collect();
+    let committed = store.commit(call(emails, vec![])).await.unwrap();
+    committed.queued.iter().map(|q| q.id).collect()
+}
+
 /// Many delivery results recorded in one step: each lands with its reply
 /// and its audit row, and a result for a message no longer `sending` is
 /// refused alone without holding back the others.
 pub async fn results_recorded_together_are_answered_one_by_one(store: impl Store) {
-    let emails = (0..5).map(|i| email("a@x.org", &format!("m{i}"))).collect();
-    let ids: Vec<i64> = store
-        .commit(call(emails, vec![]))
-        .await
-        .unwrap()
-        .queued
-        .iter()
-        .map(|q| q.id)
-        .collect();
+    let ids = queue(&store, 5).await;
     assert_eq!(store.claim("alerts", 4).await.unwrap().len(), 4);
     let mark = |id, to, next, detail: &str| Mark {
         id,
@@ -581,15 +580,7 @@ pub async fn results_recorded_together_are_answered_one_by_one(store: impl Store
 /// back, however often that happens; an attempt that reached the account
 /// stays counted, and a stale hand-back takes nothing.
 pub async fn a_message_handed_back_unattempted_gets_its_attempt_back(store: impl Store) {
-    let emails = (0..3).map(|i| email("a@x.org", &format!("m{i}"))).collect();
-    let ids: Vec<i64> = store
-        .commit(call(emails, vec![]))
-        .await
-        .unwrap()
-        .queued
-        .iter()
-        .map(|q| q.id)
-        .collect();
+    let ids = queue(&store, 3).await;
     let back = |id, attempted| Mark {
         id,
         to: State::Queued,
