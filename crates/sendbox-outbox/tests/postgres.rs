@@ -225,3 +225,125 @@ async fn looking_at_a_database_changes_nothing_and_says_what_is_missing() {
     let looked = PgOutbox::connect_as_tool(&db.url, None).await.unwrap();
     assert!(looked.paused_accounts().await.unwrap().is_empty());
 }
+
+/// `n` calls of plugin `plugin` committed at once, each of one email with
+/// idempotency key `{plugin}{i}`, then changed by `shape(i, call)`: the
+/// number of emails queued, and the errors of the calls refused.
+async fn commit_at_once(
+    store: &Arc<PgOutbox>,
+    plugin: &str,
+    n: usize,
+    shape: fn(usize, &mut sendbox_outbox::Call),
+) -> (usize, Vec<OutboxError>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (store, plugin) = (store.clone(), plugin.to_owned());
+        tasks.spawn(async move {
+            let mut e = email("a@x.org", &format!("{plugin} {i}"));
+            e.idempotency_key = Some(format!("{plugin}{i}"));
+            let mut c = call(vec![e], vec![]);
+            c.plugin = plugin;
+            shape(i, &mut c);
+            store.commit(c).await
+        });
+    }
+    let mut stored = 0;
+    let mut errors = Vec::new();
+    for r in tasks.join_all().await {
+        match r {
+            Ok(done) => stored += done.queued.len(),
+            Err(e) => errors.push(e),
+        }
+    }
+    (stored, errors)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_committed_at_once_share_transactions_and_each_is_stored_once() {
+    let (_db, store) = fresh_postgres().await;
+    let (stored, errors) = commit_at_once(&store, "p", 64, |_, _| {}).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(stored, 64);
+    assert_eq!(store.list(None, 100).await.unwrap().len(), 64);
+    let (groups, calls) = store.commit_groups();
+    assert_eq!(calls, 64, "every call counted once");
+    assert!(
+        groups < calls / 2,
+        "calls waiting together share a transaction: {groups} for {calls}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_the_server_refuses_fail_alone_and_their_groups_are_stored() {
+    let (_db, store) = fresh_postgres().await;
+    // A text column cannot hold a NUL byte. Every fourth call's event id
+    // has one: the server refuses its row inside its group's transaction.
+    // Every other fourth call's idempotency key has one: a lock the group
+    // cannot try with the others.
+    let (stored, errors) = commit_at_once(&store, "p", 64, |i, c| match i % 4 {
+        0 => c.event_id = format!("evt\0{i}"),
+        2 => c.emails[0].idempotency_key = Some(format!("bad\0{i}")),
+        _ => {}
+    })
+    .await;
+    assert_eq!(errors.len(), 32, "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .all(|e| matches!(e, OutboxError::Storage(_)) && e.to_string().contains("22021")),
+        "{errors:?}"
+    );
+    assert_eq!(
+        stored, 32,
+        "the calls grouped with a refused one are stored"
+    );
+    assert_eq!(store.list(None, 100).await.unwrap().len(), 32);
+    let (groups, calls) = store.commit_groups();
+    assert_eq!(calls, 32);
+    assert!(groups < calls / 2, "{groups} groups for {calls} calls");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_held_elsewhere_holds_up_only_the_call_that_needs_it() {
+    let db = Database::create().await;
+    // A pool of two: one runner of groups.
+    let a = PgOutbox::connect(&db.url, None, "a", 2, sendbox_outbox::DEFAULT_LEASE)
+        .await
+        .unwrap();
+    let b = node(&db, "b", sendbox_outbox::DEFAULT_LEASE).await;
+    // Node b runs plugin `p` alone: its lock is held until `alone` drops.
+    let alone = b.plugin_alone("p").await.unwrap();
+    let writer = a.clone();
+    let needs_lock = tokio::spawn(async move {
+        writer
+            .commit(call(
+                vec![email("a@x.org", "p waits")],
+                vec![sendbox_outbox::behaviour::set("k", "v")],
+            ))
+            .await
+    });
+    // Calls of plugin `q` committed meanwhile, some in the same groups as
+    // `p`'s: none waits for `p`'s lock.
+    for round in 0..3 {
+        let (stored, errors) = tokio::time::timeout(
+            Duration::from_secs(20),
+            commit_at_once(&a, "q", 16, |_, _| {}),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: q's calls waited for p's lock"));
+        assert!(errors.is_empty(), "{errors:?}");
+        // The same keys each round: queued the first time, duplicates after.
+        assert_eq!(stored, if round == 0 { 16 } else { 0 });
+    }
+    assert!(!needs_lock.is_finished(), "p's call waits for its lock");
+    drop(alone);
+    let done = tokio::time::timeout(Duration::from_secs(20), needs_lock)
+        .await
+        .expect("p's call is committed once the lock is free")
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.queued.len(), 1);
+    let (value, _) = a.plugin_state_get("p", "k").await.unwrap().unwrap();
+    assert_eq!(value, b"v");
+    assert_eq!(a.list(None, 100).await.unwrap().len(), 17);
+}

@@ -13,15 +13,22 @@
 //! server's WAL flush (a lock held across the flush would let one commit
 //! through per flush). Other calls need no lock.
 //!
-//! The statements go out with their parameter types given (`*_typed`):
-//! parse, bind and execute in one round trip, where a statement given as
-//! text is first prepared in a round trip of its own.
+//! Statements whose plan cannot depend on their values (an insert, a
+//! lookup or update by primary key, the locks) are prepared once per
+//! connection (`pool::Statements`): after the first commit on a connection
+//! each is bound and run in one round trip, and the server neither parses
+//! nor plans it again. Lookups of several values (`= ANY($1)`) and ranges
+//! are sent with their text and types at every run, and planned for their
+//! values: a prepared statement's one plan is made from the statistics of
+//! the moment, and one made while a table was empty (a new database, before
+//! its first analyze) reads the whole table at every commit once it is not.
 
 use sendbox_types::{ReadSet, StateChange, bare_address};
 use tokio_postgres::Transaction;
 use tokio_postgres::types::Type;
 
 use super::pg_err;
+use super::pool::Statements;
 use crate::{Call, Committed, OutboxError, Queued, now_ms};
 
 /// Whether the call's checks read something another commit of the same
@@ -37,7 +44,7 @@ fn needs_plugin_lock(call: &Call) -> bool {
 /// The advisory locks a call takes, in the one order every commit takes
 /// them (the plugin's first, then its keys sorted), so two commits never
 /// wait on each other in a circle.
-fn locks(call: &Call) -> Vec<String> {
+pub(super) fn locks(call: &Call) -> Vec<String> {
     let mut keys: Vec<String> = call
         .emails
         .iter()
@@ -57,6 +64,7 @@ async fn count_since(
     plugin: &str,
     since_ms: i64,
 ) -> Result<u64, OutboxError> {
+    // Planned for its values at every run (see the module's note).
     let row = tx
         .query_typed_one(
             "SELECT COUNT(*) FROM messages WHERE plugin = $1 AND created_ms > $2",
@@ -73,7 +81,11 @@ type Earlier = (i64, i64, Option<String>);
 
 /// Checks the call against its policy and stores it inside `tx`; on `Err`
 /// the caller rolls back.
-pub(super) async fn apply(tx: &Transaction<'_>, call: &Call) -> Result<Committed, OutboxError> {
+pub(super) async fn apply(
+    tx: &Transaction<'_>,
+    st: &mut Statements,
+    call: &Call,
+) -> Result<Committed, OutboxError> {
     let locks = locks(call);
     // Every recipient and every idempotency key of the call, looked up at
     // once.
@@ -89,6 +101,17 @@ pub(super) async fn apply(tx: &Transaction<'_>, call: &Call) -> Result<Committed
         .collect();
     keys.sort_unstable();
     keys.dedup();
+    // Prepared before the three go out, so they go out in one round trip.
+    // The lookups are not prepared (see the module's note).
+    let lock = st
+        .get(
+            tx,
+            // One statement takes them all, in order.
+            "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) \
+             FROM unnest($1::text[]) WITH ORDINALITY AS l(k, n) ORDER BY n",
+            &[Type::TEXT_ARRAY],
+        )
+        .await?;
     // The locks and both lookups go out together (one round trip instead
     // of three): the server runs them in the order sent, each lookup with a
     // snapshot taken once the locks are held, so it sees every commit that
@@ -99,13 +122,7 @@ pub(super) async fn apply(tx: &Transaction<'_>, call: &Call) -> Result<Committed
             if locks.is_empty() {
                 return Ok(0);
             }
-            // One statement takes them all, in order.
-            tx.execute_typed(
-                "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) \
-                 FROM unnest($1::text[]) WITH ORDINALITY AS l(k, n) ORDER BY n",
-                &[(&locks, Type::TEXT_ARRAY)],
-            )
-            .await
+            tx.execute(&lock, &[&locks]).await
         },
         async {
             tx.query_typed(
@@ -141,7 +158,7 @@ pub(super) async fn apply(tx: &Transaction<'_>, call: &Call) -> Result<Committed
         .collect();
     // Is what the call read still what is stored? If not, its outcome may
     // be wrong; the caller runs the event again.
-    validate(tx, &call.plugin, &call.reads).await?;
+    validate(tx, st, &call.plugin, &call.reads).await?;
     // The shape (pure, shared by every backend); any violation refuses the
     // whole call.
     crate::policy::check(call)?;
@@ -211,8 +228,9 @@ pub(super) async fn apply(tx: &Transaction<'_>, call: &Call) -> Result<Committed
         );
         // The message, its first audit row and its idempotency key in one
         // statement (the key's lock is held, so no other commit writes it).
-        let row = tx
-            .query_typed_one(
+        let insert = st
+            .get(
+                tx,
                 "WITH m AS (INSERT INTO messages (message_id, plugin, trigger, event_id, account, state, attempts, \
                  next_attempt_ms, created_ms, updated_ms, recipients, bytes, idempotency_key, email_json) \
                  VALUES ($1, $2, $3, $4, $5, 'queued', 0, $6, $6, $6, $7, $8, $9, $10) RETURNING id), \
@@ -223,17 +241,35 @@ pub(super) async fn apply(tx: &Transaction<'_>, call: &Call) -> Result<Committed
                  ON CONFLICT (plugin, key) DO UPDATE SET message = excluded.message, created_ms = excluded.created_ms) \
                  SELECT id FROM m",
                 &[
-                    (&message_id, Type::TEXT),
-                    (&call.plugin, Type::TEXT),
-                    (&call.trigger, Type::TEXT),
-                    (&call.event_id, Type::TEXT),
-                    (&call.account, Type::TEXT),
-                    (&now, Type::INT8),
-                    (&recipients.join(", "), Type::TEXT),
-                    (&bytes, Type::INT8),
-                    (&email.idempotency_key, Type::TEXT),
-                    (&json, Type::TEXT),
-                    (&detail, Type::TEXT),
+                    Type::TEXT,
+                    Type::TEXT,
+                    Type::TEXT,
+                    Type::TEXT,
+                    Type::TEXT,
+                    Type::INT8,
+                    Type::TEXT,
+                    Type::INT8,
+                    Type::TEXT,
+                    Type::TEXT,
+                    Type::TEXT,
+                ],
+            )
+            .await?;
+        let row = tx
+            .query_one(
+                &insert,
+                &[
+                    &message_id,
+                    &call.plugin,
+                    &call.trigger,
+                    &call.event_id,
+                    &call.account,
+                    &now,
+                    &recipients.join(", "),
+                    &bytes,
+                    &email.idempotency_key,
+                    &json,
+                    &detail,
                 ],
             )
             .await
@@ -252,6 +288,7 @@ pub(super) async fn apply(tx: &Transaction<'_>, call: &Call) -> Result<Committed
 
     apply_state(
         tx,
+        st,
         &call.plugin,
         &call.state_changes,
         call.state_quota_bytes,
@@ -280,13 +317,22 @@ pub(super) async fn keys(
 
 /// Refuses the call with [`OutboxError::Conflict`] if anything it read
 /// changed since: a key's version, or the keys under a listed prefix.
-async fn validate(tx: &Transaction<'_>, plugin: &str, reads: &ReadSet) -> Result<(), OutboxError> {
+async fn validate(
+    tx: &Transaction<'_>,
+    st: &mut Statements,
+    plugin: &str,
+    reads: &ReadSet,
+) -> Result<(), OutboxError> {
     for (key, seen) in &reads.keys {
-        let now = tx
-            .query_typed_opt(
+        let version = st
+            .get(
+                tx,
                 "SELECT version FROM plugin_state WHERE plugin = $1 AND key = $2",
-                &[(&plugin, Type::TEXT), (key, Type::TEXT)],
+                &[Type::TEXT, Type::TEXT],
             )
+            .await?;
+        let now = tx
+            .query_opt(&version, &[&plugin, key])
             .await
             .map_err(pg_err)?
             .map_or(0, |r| r.get::<_, i64>(0) as u64);
@@ -311,6 +357,7 @@ async fn validate(tx: &Transaction<'_>, plugin: &str, reads: &ReadSet) -> Result
 /// as a conflict, as in SQLite.
 async fn apply_state(
     tx: &Transaction<'_>,
+    st: &mut Statements,
     plugin: &str,
     changes: &[StateChange],
     quota: Option<u64>,
@@ -318,52 +365,58 @@ async fn apply_state(
     if changes.is_empty() {
         return Ok(());
     }
-    let row = tx
-        .query_typed_one(
+    let usage = st
+        .get(
+            tx,
             "INSERT INTO plugin_usage (plugin, bytes, seq) VALUES ($1, 0, 1) \
              ON CONFLICT (plugin) DO UPDATE SET seq = plugin_usage.seq + 1 RETURNING seq, bytes",
-            &[(&plugin, Type::TEXT)],
+            &[Type::TEXT],
         )
-        .await
-        .map_err(pg_err)?;
+        .await?;
+    let row = tx.query_one(&usage, &[&plugin]).await.map_err(pg_err)?;
     let (seq, before): (i64, i64) = (row.get(0), row.get(1));
     let mut delta: i64 = 0;
     for change in changes {
         let key = match change {
             StateChange::Set { key, .. } | StateChange::Delete { key } => key,
         };
-        let old: Option<i32> = tx
-            .query_typed_opt(
+        let length = st
+            .get(
+                tx,
                 "SELECT octet_length(value) FROM plugin_state WHERE plugin = $1 AND key = $2",
-                &[(&plugin, Type::TEXT), (key, Type::TEXT)],
+                &[Type::TEXT, Type::TEXT],
             )
+            .await?;
+        let old: Option<i32> = tx
+            .query_opt(&length, &[&plugin, key])
             .await
             .map_err(pg_err)?
             .map(|r| r.get(0));
         delta -= old.map_or(0, |n| key.len() as i64 + i64::from(n));
         match change {
             StateChange::Set { key, value } => {
-                tx.execute_typed(
-                    "INSERT INTO plugin_state (plugin, key, value, version) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value, version = excluded.version",
-                    &[
-                        (&plugin, Type::TEXT),
-                        (key, Type::TEXT),
-                        (&value.0, Type::BYTEA),
-                        (&seq, Type::INT8),
-                    ],
-                )
-                .await
-                .map_err(pg_err)?;
+                let set = st
+                    .get(
+                        tx,
+                        "INSERT INTO plugin_state (plugin, key, value, version) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value, version = excluded.version",
+                        &[Type::TEXT, Type::TEXT, Type::BYTEA, Type::INT8],
+                    )
+                    .await?;
+                tx.execute(&set, &[&plugin, key, &value.0, &seq])
+                    .await
+                    .map_err(pg_err)?;
                 delta += (key.len() + value.0.len()) as i64;
             }
             StateChange::Delete { key } => {
-                tx.execute_typed(
-                    "DELETE FROM plugin_state WHERE plugin = $1 AND key = $2",
-                    &[(&plugin, Type::TEXT), (key, Type::TEXT)],
-                )
-                .await
-                .map_err(pg_err)?;
+                let delete = st
+                    .get(
+                        tx,
+                        "DELETE FROM plugin_state WHERE plugin = $1 AND key = $2",
+                        &[Type::TEXT, Type::TEXT],
+                    )
+                    .await?;
+                tx.execute(&delete, &[&plugin, key]).await.map_err(pg_err)?;
             }
         }
     }
@@ -371,11 +424,15 @@ async fn apply_state(
     if let Some(refused) = crate::policy::over_quota(delta, after, quota) {
         return Err(refused);
     }
-    tx.execute_typed(
-        "UPDATE plugin_usage SET bytes = $2 WHERE plugin = $1",
-        &[(&plugin, Type::TEXT), (&after, Type::INT8)],
-    )
-    .await
-    .map_err(pg_err)?;
+    let update = st
+        .get(
+            tx,
+            "UPDATE plugin_usage SET bytes = $2 WHERE plugin = $1",
+            &[Type::TEXT, Type::INT8],
+        )
+        .await?;
+    tx.execute(&update, &[&plugin, &after])
+        .await
+        .map_err(pg_err)?;
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! The PostgreSQL backend: one database shared by several sendbox nodes.
-//! A small pool of connections (`pool`), versioned migrations run under an
-//! advisory lock so nodes starting together migrate once (`schema`), the
-//! commit of a call in one transaction (`commit`), claims with leases and
+//! A small pool of connections, each with the statements prepared on it
+//! (`pool`), versioned migrations run under an advisory lock so nodes
+//! starting together migrate once (`schema`), the commit of a call
+//! (`commit`) and of the calls waiting together, in one transaction
+//! (`group`), claims with leases and
 //! fenced results (`delivery`), an account's rate and connections shared
 //! by every node (`limits`), and [`crate::Store`] on `Arc<PgOutbox>`
 //! (`store`).
@@ -17,6 +19,7 @@
 
 mod commit;
 mod delivery;
+mod group;
 mod limits;
 mod pool;
 mod schema;
@@ -58,7 +61,9 @@ pub struct NodeSeen {
 
 /// The outbox in a PostgreSQL database, as one node sees it.
 pub struct PgOutbox {
-    pool: Pool,
+    pool: Arc<Pool>,
+    /// Commits waiting to be written together.
+    commits: Arc<group::Commits>,
     /// This node's id: written on every lease it holds.
     node: String,
     lease: Duration,
@@ -102,13 +107,14 @@ impl PgOutbox {
         pool_size: usize,
         lease: Duration,
     ) -> Result<Arc<PgOutbox>, OutboxError> {
-        let pool = Pool::new(url, password, pool_size)?;
+        let pool = Arc::new(Pool::new(url, password, pool_size)?);
         {
             let mut client = pool.get().await?;
             schema::migrate(&mut client).await?;
         }
         let outbox = Arc::new(PgOutbox {
             pool,
+            commits: group::Commits::new(pool_size),
             node: node.to_owned(),
             lease,
             keeper: std::sync::Mutex::new(None),
@@ -129,13 +135,14 @@ impl PgOutbox {
         url: &str,
         password: Option<&str>,
     ) -> Result<Arc<PgOutbox>, OutboxError> {
-        let pool = Pool::new(url, password, 1)?;
+        let pool = Arc::new(Pool::new(url, password, 1)?);
         {
             let client = pool.get().await?;
             schema::check_current(&client).await?;
         }
         Ok(Arc::new(PgOutbox {
             pool,
+            commits: group::Commits::new(1),
             node: String::new(),
             lease: DEFAULT_LEASE,
             keeper: std::sync::Mutex::new(None),

@@ -14,15 +14,18 @@ use crate::{
 const PRUNE_BATCH: i64 = 1000;
 
 impl PgOutbox {
-    /// Commits one plugin call in one transaction; durable (the server has
-    /// fsynced it) when this returns `Ok`, nothing of it stored on `Err`.
+    /// Commits one plugin call; durable (the server has fsynced it) when
+    /// this returns `Ok`, nothing of it stored on `Err`. Calls committed
+    /// while others are being written wait and go together, in one
+    /// transaction (see `group`).
     pub async fn commit(&self, call: Call) -> Result<Committed, OutboxError> {
-        let mut conn = self.pool.get().await?;
-        let tx = conn.transaction().await.map_err(pg_err)?;
-        // On `Err` the transaction is dropped, which rolls it back.
-        let done = commit::apply(&tx, &call).await?;
-        tx.commit().await.map_err(pg_err)?;
-        Ok(done)
+        self.commits.commit(&self.pool, call).await
+    }
+
+    /// Transactions that committed calls, and the calls they held: fewer
+    /// transactions than calls when commits were grouped.
+    pub fn commit_groups(&self) -> (u64, u64) {
+        self.commits.counts()
     }
 
     /// Makes the next run of `plugin` the only one committing across all
@@ -41,7 +44,10 @@ impl PgOutbox {
             )
             .await
             .map_err(pg_err)?;
-        Ok(PluginAlone { client })
+        Ok(PluginAlone {
+            client,
+            statements: Default::default(),
+        })
     }
 
     /// One message.
@@ -361,16 +367,14 @@ impl PgOutbox {
 /// connection closes).
 pub struct PluginAlone {
     client: tokio_postgres::Client,
+    statements: super::pool::Statements,
 }
 
 impl PluginAlone {
     /// Commits the plugin's call under the held lock (taken again by the
     /// commit in the same session, so it does not wait for itself).
     pub async fn commit(&mut self, call: Call) -> Result<Committed, OutboxError> {
-        let tx = self.client.transaction().await.map_err(pg_err)?;
-        let done = commit::apply(&tx, &call).await?;
-        tx.commit().await.map_err(pg_err)?;
-        Ok(done)
+        super::group::alone(&mut self.client, &mut self.statements, &call).await
     }
 }
 
