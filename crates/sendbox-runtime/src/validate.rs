@@ -110,6 +110,17 @@ fn email(i: usize, e: &Email) -> Result<(), RunFailure> {
             k.len()
         )));
     }
+    // A PostgreSQL outbox cannot store one (text holds no NUL), and the
+    // commit would fail with a storage error instead of this reason.
+    if e.idempotency_key
+        .as_deref()
+        .is_some_and(|k| k.contains('\0'))
+    {
+        return Err(invalid(format!(
+            "{} contains a NUL byte",
+            at("idempotency_key")
+        )));
+    }
     Ok(())
 }
 
@@ -186,6 +197,20 @@ mod tests {
     #[test]
     fn accepts_a_plain_email() {
         check(ok_email()).unwrap();
+    }
+
+    #[test]
+    fn refuses_a_nul_byte_in_an_idempotency_key() {
+        let mut e = ok_email();
+        e.idempotency_key = Some("alert\0firing".into());
+        let err = check(e).unwrap_err().to_string();
+        assert!(
+            err.contains("emails[0].idempotency_key contains a NUL byte"),
+            "{err}"
+        );
+        let mut e = ok_email();
+        e.idempotency_key = Some("alert firing".into());
+        check(e).unwrap();
     }
 
     #[test]
