@@ -134,7 +134,7 @@ async fn run(commits: Arc<Commits>, pool: Arc<Pool>) {
     loop {
         let conn = pool.get().await;
         // What waits once the connection is ours joins this group.
-        let group: Vec<(Call, Answer)> = {
+        let mut group: Vec<(Call, Answer)> = {
             let mut q = commits.queue();
             let n = q.waiting.len().min(MAX_GROUP);
             q.waiting.drain(..n).collect()
@@ -153,22 +153,16 @@ async fn run(commits: Arc<Commits>, pool: Arc<Pool>) {
             }
         };
         let calls = group.len() as u64;
+        let (client, statements) = conn.parts();
         // A call alone that needs no lock cannot wait on one: it needs no
         // savepoint either.
-        let (committed, deferred) = match <[_; 1]>::try_from(group) {
-            Ok([(call, answer)]) if commit::locks(&call).is_empty() => {
-                let (client, statements) = conn.parts();
+        let (committed, deferred) = match group.as_slice() {
+            [(call, _)] if commit::locks(call).is_empty() => {
+                let (call, answer) = group.swap_remove(0);
                 let r = alone(client, statements, &call).await;
                 (vec![(answer, r)], Vec::new())
             }
-            Ok(one) => {
-                let (client, statements) = conn.parts();
-                together(client, statements, one.into()).await
-            }
-            Err(group) => {
-                let (client, statements) = conn.parts();
-                together(client, statements, group).await
-            }
+            _ => together(client, statements, group).await,
         };
         drop(conn);
         let stored = committed.iter().filter(|(_, r)| r.is_ok()).count() as u64;
