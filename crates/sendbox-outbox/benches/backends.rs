@@ -3,8 +3,10 @@
 //! and from 64 concurrent callers, on SQLite (a file here, one writer, group
 //! commit) and on PostgreSQL (the test server: `DATABASE_URL`, else
 //! localhost:5432; a fresh database, a pool of 16, `synchronous_commit`
-//! on). Rounds alternate; medians and the PostgreSQL / SQLite ratios are
-//! printed.
+//! on); then 64 callers committing the same alert again and again (one
+//! plugin, one idempotency key, no state: one email queued, the rest
+//! duplicates), where every commit waits on the key's lock. Rounds
+//! alternate; medians and the PostgreSQL / SQLite ratios are printed.
 //!
 //! Full run:   cargo bench -p sendbox-outbox --bench backends
 //! Smoke run:  cargo test -p sendbox-outbox --bench backends
@@ -21,8 +23,22 @@ fn call(i: usize) -> Call {
     common::call(i, format!("bench-{}", i % 8))
 }
 
-/// `callers` tasks committing `each` calls; commits/s and p50/p99.
-async fn run(store: &AnyStore, callers: usize, each: usize) -> (f64, Duration, Duration) {
+/// The same alert again: one plugin, one idempotency key, no state.
+fn same_alert(i: usize) -> Call {
+    let mut c = common::call(i, "alerts".into());
+    c.state_changes.clear();
+    c.emails[0].idempotency_key = Some("alert-1234-firing".into());
+    c
+}
+
+/// `callers` tasks committing `each` calls made by `call`; commits/s and
+/// p50/p99.
+async fn run(
+    store: &AnyStore,
+    callers: usize,
+    each: usize,
+    call: fn(usize) -> Call,
+) -> (f64, Duration, Duration) {
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for t in 0..callers {
@@ -58,7 +74,7 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         let (serial_n, par_n, rounds) = if full { (1000, 100, 3) } else { (10, 2, 1) };
-        let mut results: [[Vec<(f64, Duration, Duration)>; 2]; 2] = Default::default();
+        let mut results: [[Vec<(f64, Duration, Duration)>; 3]; 2] = Default::default();
         for _ in 0..rounds {
             for (k, backend) in ["sqlite", "postgres"].iter().enumerate() {
                 let dir = tempfile::tempdir().unwrap();
@@ -71,27 +87,29 @@ fn main() {
                         .unwrap()
                         .into()
                 };
-                results[k][0].push(run(&store, 1, serial_n).await);
-                results[k][1].push(run(&store, 64, par_n).await);
+                results[k][0].push(run(&store, 1, serial_n, call).await);
+                results[k][1].push(run(&store, 64, par_n, call).await);
+                results[k][2].push(run(&store, 64, par_n, same_alert).await);
                 store.close();
             }
         }
         println!(
             "durable commits, 1 email + 1 state write each, SQLite (file, group commit) vs PostgreSQL ({rounds} alternated rounds, medians)"
         );
-        let mut med = [[(0.0, Duration::ZERO, Duration::ZERO); 2]; 2];
+        let mut med = [[(0.0, Duration::ZERO, Duration::ZERO); 3]; 2];
+        let cases = ["1 caller(s)", "64 caller(s)", "64 callers, one key"];
         for (k, name) in ["SQLite    ", "PostgreSQL"].iter().enumerate() {
-            for (c, callers) in [1, 64].iter().enumerate() {
+            for (c, case) in cases.iter().enumerate() {
                 let (rate, p50, p99) = median(&mut results[k][c]);
                 med[k][c] = (rate, p50, p99);
                 println!(
-                    "  {name} {callers:>2} caller(s): {rate:>8.0} commits/s  p50 {p50:>9.2?}  p99 {p99:>9.2?}"
+                    "  {name} {case:>19}: {rate:>8.0} commits/s  p50 {p50:>9.2?}  p99 {p99:>9.2?}"
                 );
             }
         }
-        for (c, callers) in [1, 64].iter().enumerate() {
+        for (c, case) in cases.iter().enumerate() {
             println!(
-                "  PostgreSQL / SQLite at {callers:>2} caller(s): {:.2}x commits/s",
+                "  PostgreSQL / SQLite at {case:>19}: {:.2}x commits/s",
                 med[1][c].0 / med[0][c].0
             );
         }

@@ -347,3 +347,78 @@ async fn a_lock_held_elsewhere_holds_up_only_the_call_that_needs_it() {
     assert_eq!(value, b"v");
     assert_eq!(a.list(None, 100).await.unwrap().len(), 17);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_waiting_on_locks_wait_together_and_leave_the_pool_to_the_others() {
+    let db = Database::create().await;
+    // A pool of four: two runners of groups, the pool shared in turn.
+    let a = node(&db, "a", sendbox_outbox::DEFAULT_LEASE).await;
+    let b = node(&db, "b", sendbox_outbox::DEFAULT_LEASE).await;
+    // Node b runs six plugins alone: their locks are held until dropped.
+    let mut held = Vec::new();
+    for p in 0..6 {
+        held.push(b.plugin_alone(&format!("p{p}")).await.unwrap());
+    }
+    // Six calls of each that change its state: each needs its plugin's
+    // lock. Waiting one by one on a connection each, or each plugin's on
+    // one, they would hold every connection of the pool.
+    let mut waiting = tokio::task::JoinSet::new();
+    for i in 0..36 {
+        let a = a.clone();
+        waiting.spawn(async move {
+            let mut c = call(
+                vec![email("a@x.org", &format!("waits {i}"))],
+                vec![sendbox_outbox::behaviour::set(&format!("k{i}"), "v")],
+            );
+            c.plugin = format!("p{}", i % 6);
+            a.commit(c).await
+        });
+    }
+    for round in 0..3 {
+        let (stored, errors) = tokio::time::timeout(
+            Duration::from_secs(20),
+            commit_at_once(&a, "q", 16, |_, _| {}),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: q's calls found no connection"));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(stored, if round == 0 { 16 } else { 0 });
+    }
+    // Claims, results and reads find a connection too.
+    let listed = tokio::time::timeout(Duration::from_secs(20), a.list(None, 100))
+        .await
+        .expect("a read found a connection")
+        .unwrap();
+    assert_eq!(listed.len(), 16);
+    assert_eq!(waiting.len(), 36);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), waiting.join_next())
+            .await
+            .is_err(),
+        "the calls wait for their plugins' locks"
+    );
+    let q_only = a.commit_groups();
+    drop(held);
+    let done = tokio::time::timeout(Duration::from_secs(20), waiting.join_all())
+        .await
+        .expect("the calls are committed once the locks are free");
+    for r in done {
+        assert_eq!(r.unwrap().queued.len(), 1);
+    }
+    for i in 0..36 {
+        let (value, _) = a
+            .plugin_state_get(&format!("p{}", i % 6), &format!("k{i}"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(value, b"v");
+    }
+    // Calls of one plugin that waited together were committed together.
+    let (groups, calls) = a.commit_groups();
+    assert_eq!(calls - q_only.1, 36, "every call counted once");
+    assert!(
+        groups - q_only.0 < 36,
+        "36 calls waiting on six locks took {} transactions",
+        groups - q_only.0
+    );
+}

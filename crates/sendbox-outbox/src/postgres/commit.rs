@@ -59,6 +59,11 @@ pub(super) fn locks(call: &Call) -> Vec<String> {
     keys
 }
 
+/// Takes the advisory locks of its one parameter, a text array, in its
+/// order, waiting for each.
+pub(super) const LOCK_ALL: &str = "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) \
+     FROM unnest($1::text[]) WITH ORDINALITY AS l(k, n) ORDER BY n";
+
 async fn count_since(
     tx: &Transaction<'_>,
     plugin: &str,
@@ -103,15 +108,7 @@ pub(super) async fn apply(
     keys.dedup();
     // Prepared before the three go out, so they go out in one round trip.
     // The lookups are not prepared (see the module's note).
-    let lock = st
-        .get(
-            tx,
-            // One statement takes them all, in order.
-            "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) \
-             FROM unnest($1::text[]) WITH ORDINALITY AS l(k, n) ORDER BY n",
-            &[Type::TEXT_ARRAY],
-        )
-        .await?;
+    let lock = st.get(tx, LOCK_ALL, &[Type::TEXT_ARRAY]).await?;
     // The locks and both lookups go out together (one round trip instead
     // of three): the server runs them in the order sent, each lookup with a
     // snapshot taken once the locks are held, so it sees every commit that

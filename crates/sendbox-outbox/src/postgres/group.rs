@@ -6,11 +6,16 @@
 //!
 //! A few runner tasks (half the pool) take what is waiting, up to
 //! [`MAX_GROUP`] calls, each on one pool connection. A group never waits on
-//! a lock: it tries every lock its calls need at once, and a call whose
-//! lock another transaction holds (another node's commit of that key, a
-//! plugin run alone on another node) is committed on its own, waiting as
-//! any single call waits, while its group goes on — so one busy key or
-//! plugin never holds up the calls of others.
+//! a lock: it tries every lock its calls need at once, and the calls whose
+//! locks another transaction holds (another node's commit of that key, a
+//! plugin run alone on another node) are set aside while their group goes
+//! on — so one busy key or plugin never holds up the calls of others.
+//! Calls set aside that need the same locks wait for them together, in one
+//! transaction on one connection; at most all but two of the pool's
+//! connections (one, on a smaller pool) wait on locks at once, and the pool serves its callers in turn, so
+//! however many calls wait on a lock held for long (another node's run of
+//! a plugin, a node that died holding one until the server notices), the
+//! node's other commits, claims and results still get a connection.
 //!
 //! A caller that stops waiting does not take its call back: it is
 //! committed or refused like the others of its group, as SQLite's writer
@@ -38,6 +43,8 @@ type Answer = oneshot::Sender<Result<Committed, OutboxError>>;
 pub(super) struct Commits {
     queue: Mutex<Queue>,
     max_runners: usize,
+    /// Connections that may wait on locks held elsewhere at once.
+    waiters: Arc<tokio::sync::Semaphore>,
     groups: AtomicU64,
     grouped: AtomicU64,
 }
@@ -50,12 +57,16 @@ struct Queue {
 
 impl Commits {
     /// For a pool of `pool_size` connections: half of them may be
-    /// committing groups at once, the rest are left for claims, results
-    /// and reads.
+    /// committing groups at once, all but two waiting on locks; the pool
+    /// serves claims, results and reads in turn with them.
     pub(super) fn new(pool_size: usize) -> Arc<Commits> {
+        let max_runners = (pool_size / 2).max(1);
         Arc::new(Commits {
             queue: Mutex::default(),
-            max_runners: (pool_size / 2).max(1),
+            max_runners,
+            waiters: Arc::new(tokio::sync::Semaphore::new(
+                pool_size.saturating_sub(2).max(1),
+            )),
             groups: AtomicU64::new(0),
             grouped: AtomicU64::new(0),
         })
@@ -71,6 +82,14 @@ impl Commits {
 
     fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts a transaction that stored `stored` calls.
+    fn count(&self, stored: usize) {
+        if stored > 0 {
+            self.groups.fetch_add(1, Ordering::Relaxed);
+            self.grouped.fetch_add(stored as u64, Ordering::Relaxed);
+        }
     }
 
     /// Queues the call and waits for its group's answer.
@@ -162,33 +181,54 @@ async fn run(commits: Arc<Commits>, pool: Arc<Pool>) {
                 let r = alone(client, statements, &call).await;
                 (vec![(answer, r)], Vec::new())
             }
-            _ => together(client, statements, group).await,
+            _ => together(client, statements, group, Locks::Try).await,
         };
         drop(conn);
-        let stored = committed.iter().filter(|(_, r)| r.is_ok()).count() as u64;
-        if stored > 0 {
-            commits.groups.fetch_add(1, Ordering::Relaxed);
-            commits.grouped.fetch_add(stored, Ordering::Relaxed);
-        }
+        commits.count(committed.iter().filter(|(_, r)| r.is_ok()).count());
         tracing::trace!(calls, deferred = deferred.len(), "postgres commit group");
         for (answer, r) in committed {
             let _ = answer.send(r);
         }
-        // Each waits for its locks on a connection of its own; the runner
-        // goes on with the next group meanwhile.
-        for (call, answer) in deferred {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                let r = match pool.get().await {
-                    Ok(mut conn) => {
-                        let (client, statements) = conn.parts();
-                        alone(client, statements, &call).await
-                    }
-                    Err(e) => Err(e),
-                };
-                let _ = answer.send(r);
-            });
+        // Calls that wait on the same locks wait for them together; the
+        // runner goes on with the next group meanwhile.
+        for waiting in deferred {
+            tokio::spawn(wait_for_locks(commits.clone(), pool.clone(), waiting));
         }
+    }
+}
+
+/// Commits calls set aside for the same busy locks on one connection once
+/// they are free: one call in a transaction of its own, several in one
+/// transaction that waits for all their locks.
+async fn wait_for_locks(commits: Arc<Commits>, pool: Arc<Pool>, waiting: Waiting) {
+    let answer_all = |waiting: Waiting, e: &OutboxError| {
+        for (_, answer) in waiting {
+            let _ = answer.send(Err(again(e)));
+        }
+    };
+    // The semaphore lives as long as `commits` and is never closed.
+    let Ok(_permit) = commits.waiters.clone().acquire_owned().await else {
+        answer_all(waiting, &storage("the commit queue closed".into()));
+        return;
+    };
+    let mut conn = match pool.get().await {
+        Ok(c) => c,
+        Err(e) => return answer_all(waiting, &e),
+    };
+    let (client, statements) = conn.parts();
+    let (committed, left) = match <[_; 1]>::try_from(waiting) {
+        Ok([one]) => (Vec::new(), vec![vec![one]]),
+        Err(waiting) => together(client, statements, waiting, Locks::Wait).await,
+    };
+    commits.count(committed.iter().filter(|(_, r)| r.is_ok()).count());
+    for (answer, r) in committed {
+        let _ = answer.send(r);
+    }
+    // One call alone, or one the group could not take (a NUL in a key).
+    for (call, answer) in left.into_iter().flatten() {
+        let r = alone(client, statements, &call).await;
+        commits.count(usize::from(r.is_ok()));
+        let _ = answer.send(r);
     }
 }
 
@@ -206,21 +246,35 @@ pub(super) async fn alone(
     Ok(done)
 }
 
-/// Calls answered by the group, and calls left to commit alone.
-type Outcome = (
-    Vec<(Answer, Result<Committed, OutboxError>)>,
-    Vec<(Call, Answer)>,
-);
+/// Calls that wait on the same locks, with where each is answered.
+type Waiting = Vec<(Call, Answer)>;
 
-/// Several calls in one transaction. The locks of every call are tried
-/// at once; a call whose locks are not all free is handed back to be
-/// committed alone. Each call runs in a savepoint, rolled back if it is
-/// refused or fails; a failure of the transaction itself (the savepoint,
-/// its rollback, the commit) fails every call the group would have stored.
+/// Calls answered by the group, and calls set aside for their locks, in
+/// sets that wait on the same busy locks.
+type Outcome = (Vec<(Answer, Result<Committed, OutboxError>)>, Vec<Waiting>);
+
+/// How a group takes its calls' locks.
+#[derive(Clone, Copy, PartialEq)]
+enum Locks {
+    /// Takes those that are free; a call whose locks are not all free is
+    /// set aside.
+    Try,
+    /// Waits for all of them, in the one order every commit takes locks
+    /// (`commit::locks`: sorted, the plugin before its keys), so no two
+    /// transactions wait on each other in a circle.
+    Wait,
+}
+
+/// Several calls in one transaction, their locks taken at once as `locks`
+/// says. Each call runs in a savepoint, rolled back if it is refused or
+/// fails; a failure of the transaction itself (the savepoint, its rollback,
+/// the commit) fails every call the group would have stored. A call with a
+/// NUL in a lock key (the server refuses it) is set aside to fail alone.
 async fn together(
     conn: &mut tokio_postgres::Client,
     statements: &mut Statements,
     group: Vec<(Call, Answer)>,
+    locks: Locks,
 ) -> Outcome {
     let failed = |group: Vec<(Call, Answer)>, e: &OutboxError| -> Outcome {
         let answered = group.into_iter().map(|(_, a)| (a, Err(again(e)))).collect();
@@ -229,9 +283,10 @@ async fn together(
     // A key with a NUL byte is refused by the server (text cannot hold
     // one): tried with the others, it would fail the statement that locks
     // them all. Such a call fails alone.
-    let (group, mut deferred): (Vec<_>, Vec<_>) = group
+    let (group, refused): (Vec<_>, Vec<_>) = group
         .into_iter()
         .partition(|(c, _)| commit::locks(c).iter().all(|l| !l.contains('\0')));
+    let mut deferred: Vec<Vec<_>> = refused.into_iter().map(|c| vec![c]).collect();
     let tx = match conn.transaction().await {
         Ok(tx) => tx,
         Err(e) => {
@@ -244,6 +299,19 @@ async fn together(
     wanted.dedup();
     let taken: HashSet<String> = if wanted.is_empty() {
         HashSet::new()
+    } else if locks == Locks::Wait {
+        let taken = match statements
+            .get(&tx, commit::LOCK_ALL, &[Type::TEXT_ARRAY])
+            .await
+        {
+            Ok(lock) => tx.execute(&lock, &[&wanted]).await.map_err(pg_err),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = taken {
+            let (answered, _) = failed(group, &e);
+            return (answered, deferred);
+        }
+        wanted.into_iter().collect()
     } else {
         // Never waits: a lock held elsewhere is simply not taken.
         match tx
@@ -259,15 +327,26 @@ async fn together(
             // meets whatever failed on its own.
             Err(e) => {
                 tracing::debug!(error = %pg_err(e), "a group's locks could not be tried; its calls commit one by one");
-                deferred.extend(group);
+                deferred.extend(group.into_iter().map(|c| vec![c]));
                 return (Vec::new(), deferred);
             }
         }
     };
-    let (ready, busy): (Vec<_>, Vec<_>) = group
-        .into_iter()
-        .partition(|(c, _)| commit::locks(c).iter().all(|l| taken.contains(l)));
-    deferred.extend(busy);
+    // Calls set aside in sets that wait on the same busy locks.
+    let mut ready = Vec::with_capacity(group.len());
+    let mut busy: Vec<(Vec<String>, Waiting)> = Vec::new();
+    for (call, answer) in group {
+        let mut locks = commit::locks(&call);
+        locks.retain(|l| !taken.contains(l));
+        if locks.is_empty() {
+            ready.push((call, answer));
+        } else if let Some((_, set)) = busy.iter_mut().find(|(l, _)| *l == locks) {
+            set.push((call, answer));
+        } else {
+            busy.push((locks, vec![(call, answer)]));
+        }
+    }
+    deferred.extend(busy.into_iter().map(|(_, set)| set));
 
     let mut results: Vec<Result<Committed, OutboxError>> = Vec::with_capacity(ready.len());
     for (i, (call, _)) in ready.iter().enumerate() {

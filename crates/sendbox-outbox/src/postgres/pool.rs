@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use std::collections::HashMap;
 
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::{Mutex, MutexGuard, Semaphore, SemaphorePermit};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Config, GenericClient, NoTls, Statement};
@@ -28,6 +28,10 @@ pub(crate) struct Pool {
     /// `host:port/database`, for messages (never the credentials).
     server: String,
     slots: Vec<Mutex<Option<Pooled>>>,
+    /// One permit per slot: who holds one finds a slot free. Callers wait
+    /// their turn for whichever connection frees first, never behind one
+    /// that is held for long (a commit waiting on another node's lock).
+    free: Semaphore,
     next: AtomicUsize,
 }
 
@@ -68,12 +72,18 @@ impl Statements {
     }
 }
 
-/// A connection in use; back in the pool when dropped.
-pub(crate) struct Conn<'a>(MutexGuard<'a, Option<Pooled>>);
+/// A connection in use; back in the pool when dropped (the slot before
+/// its permit, so a caller holding a permit always finds a slot free).
+pub(crate) struct Conn<'a> {
+    slot: MutexGuard<'a, Option<Pooled>>,
+    _permit: SemaphorePermit<'a>,
+}
 
 impl Conn<'_> {
     fn pooled(&mut self) -> &mut Pooled {
-        self.0.as_mut().expect("a pooled connection is connected")
+        self.slot
+            .as_mut()
+            .expect("a pooled connection is connected")
     }
 
     /// The connection and its prepared statements, to use together.
@@ -87,7 +97,7 @@ impl std::ops::Deref for Conn<'_> {
     type Target = Client;
     fn deref(&self) -> &Client {
         &self
-            .0
+            .slot
             .as_ref()
             .expect("a pooled connection is connected")
             .client
@@ -134,6 +144,7 @@ impl Pool {
             tls,
             server,
             slots: (0..size.max(1)).map(|_| Mutex::new(None)).collect(),
+            free: Semaphore::new(size.max(1)),
             next: AtomicUsize::new(0),
         })
     }
@@ -142,15 +153,21 @@ impl Pool {
         &self.server
     }
 
-    /// A connection of its own: a free one if any, else the next in turn
-    /// when it frees; (re)connected if the server dropped it.
+    /// A connection of its own: a free one if any, else the first to free,
+    /// callers served in the order they came; (re)connected if the server
+    /// dropped it.
     pub(crate) async fn get(&self) -> Result<Conn<'_>, OutboxError> {
+        let permit = self.free.acquire().await.map_err(|_| {
+            OutboxError::Storage(StorageError("the connection pool is closed".into()))
+        })?;
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let n = self.slots.len();
         let free = (0..n).find_map(|i| self.slots[(start + i) % n].try_lock().ok());
-        let mut slot = match free {
-            Some(s) => s,
-            None => self.slots[start % n].lock().await,
+        // Each slot taken holds a permit until it is free again.
+        let Some(mut slot) = free else {
+            return Err(OutboxError::Storage(StorageError(
+                "no free connection although one was counted free (a bug in the pool)".into(),
+            )));
         };
         if slot.as_ref().is_none_or(|p| p.client.is_closed()) {
             *slot = None;
@@ -159,7 +176,10 @@ impl Pool {
                 statements: Statements::default(),
             });
         }
-        Ok(Conn(slot))
+        Ok(Conn {
+            slot,
+            _permit: permit,
+        })
     }
 
     /// A connection of its own, outside the pool (closed when dropped).
@@ -233,6 +253,36 @@ mod tests {
             .unwrap()
             .get(0);
         (on_server, conn.parts().1.len())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_held_for_long_holds_up_no_caller_while_others_free() {
+        let db = sendbox_test_support::postgres::Database::create().await;
+        let pool = std::sync::Arc::new(super::Pool::new(&db.url, None, 2).unwrap());
+        // One connection held as a commit waiting on another node's lock
+        // holds it; the other serves everyone else, one after the other.
+        let held = pool.get().await.unwrap();
+        let mut callers = tokio::task::JoinSet::new();
+        for i in 0..8 {
+            let pool = pool.clone();
+            callers.spawn(async move {
+                let conn = pool.get().await.unwrap();
+                let n: i32 = conn
+                    .query_one("SELECT $1::int", &[&i])
+                    .await
+                    .unwrap()
+                    .get(0);
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                n
+            });
+        }
+        let mut answered =
+            tokio::time::timeout(std::time::Duration::from_secs(10), callers.join_all())
+                .await
+                .expect("every caller got the free connection in turn");
+        answered.sort_unstable();
+        assert_eq!(answered, (0..8).collect::<Vec<i32>>());
+        drop(held);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
