@@ -336,14 +336,14 @@ async fn together(
     let mut ready = Vec::with_capacity(group.len());
     let mut busy: Vec<(Vec<String>, Waiting)> = Vec::new();
     for (call, answer) in group {
-        let mut locks = commit::locks(&call);
-        locks.retain(|l| !taken.contains(l));
-        if locks.is_empty() {
+        let mut not_taken = commit::locks(&call);
+        not_taken.retain(|l| !taken.contains(l));
+        if not_taken.is_empty() {
             ready.push((call, answer));
-        } else if let Some((_, set)) = busy.iter_mut().find(|(l, _)| *l == locks) {
+        } else if let Some((_, set)) = busy.iter_mut().find(|(l, _)| *l == not_taken) {
             set.push((call, answer));
         } else {
-            busy.push((locks, vec![(call, answer)]));
+            busy.push((not_taken, vec![(call, answer)]));
         }
     }
     deferred.extend(busy.into_iter().map(|(_, set)| set));
