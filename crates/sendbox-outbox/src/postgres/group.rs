@@ -10,12 +10,13 @@
 //! locks another transaction holds (another node's commit of that key, a
 //! plugin run alone on another node) are set aside while their group goes
 //! on — so one busy key or plugin never holds up the calls of others.
-//! Calls set aside that need the same locks wait for them together, in one
-//! transaction on one connection; at most all but two of the pool's
-//! connections (one, on a smaller pool) wait on locks at once, and the pool serves its callers in turn, so
-//! however many calls wait on a lock held for long (another node's run of
-//! a plugin, a node that died holding one until the server notices), the
-//! node's other commits, claims and results still get a connection.
+//! Calls set aside for the same busy locks wait for them together, in one
+//! transaction on one connection that takes all their locks; at most all
+//! but two of the pool's connections (one, on a smaller pool) wait on
+//! locks at once, and the pool serves its callers in turn, so however many
+//! calls wait on a lock held for long (another node's run of a plugin, a
+//! node that died holding one until the server notices), the node's other
+//! commits, claims and results still get a connection.
 //!
 //! A caller that stops waiting does not take its call back: it is
 //! committed or refused like the others of its group, as SQLite's writer
